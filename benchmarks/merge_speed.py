@@ -1,0 +1,164 @@
+"""Merge speed and memory against the I/O floor, measured in the same run.
+
+Builds N checkpoints with the tensor shapes of a Llama-style transformer (default 4 x ~1 GB fp32), then
+measures, each in a fresh subprocess:
+  * the I/O floor: read every input file once + write one output-sized file (with fsync, as the merge does);
+  * `soup merge` for linear, ties and slerp: wall time, peak RSS above the process baseline.
+and prints the ratios to the floor. Inputs are read from the page cache in every measurement (they are
+warmed first), so the ratios compare like with like.
+
+    python benchmarks/merge_speed.py                   # 4 x ~1 GB
+    python benchmarks/merge_speed.py --size-gb 0.25    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+CHILD = r"""
+import json, os, resource, sys, time
+def rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+import torch, modelsoup  # imports are part of the baseline
+from modelsoup import merge
+args = json.loads(sys.argv[1])
+base_rss = rss_mb()
+t0 = time.perf_counter()
+if args["what"] == "floor":
+    buf = bytearray(64 << 20)
+    for p in args["inputs"]:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    fd = os.open(args["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    left = args["out_bytes"]
+    while left > 0:
+        left -= os.write(fd, memoryview(buf)[: min(left, len(buf))])
+    os.fsync(fd); os.close(fd)
+else:
+    kw = {"base": args["base"]} if args.get("base") else {}
+    merge(models=args["inputs"], output=args["output"], method=args["what"], parameters=args.get("params") or {},
+          progress=False, hash_files=args["hash"], workers=args.get("workers"), **kw)
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": dt, "peak_rss_mb": peak, "baseline_rss_mb": base_rss}))
+"""
+
+
+def shapes(target_bytes: float, hidden: int = 2048, ffn: int = 5632, vocab: int = 32000) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a Llama-style model with as many layers as fit ``target_bytes`` (fp32)."""
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    per_layer = 4 * hidden * hidden + 3 * hidden * ffn + 2 * hidden
+    layers = max(1, round((target_bytes / 4 - 2 * vocab * hidden) / per_layer))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[p + f"self_attn.{n}.weight"] = (hidden, hidden)
+        out[p + "mlp.gate_proj.weight"] = (ffn, hidden)
+        out[p + "mlp.up_proj.weight"] = (ffn, hidden)
+        out[p + "mlp.down_proj.weight"] = (hidden, ffn)
+        out[p + "input_layernorm.weight"] = (hidden,)
+        out[p + "post_attention_layernorm.weight"] = (hidden,)
+    out["model.norm.weight"] = (hidden,)
+    out["lm_head.weight"] = (vocab, hidden)
+    return out
+
+
+def build(folder: Path, n: int, target_bytes: float, dtype: torch.dtype) -> list[Path]:
+    spec = shapes(target_bytes)
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(1000 + i)
+        sd = {}
+        for name, shape in spec.items():
+            base = torch.randn(shape, generator=torch.Generator().manual_seed(hash(name) % (2**31)))
+            sd[name] = (base + 0.01 * torch.randn(shape, generator=g)).to(dtype)
+        p = folder / f"ft-{i}.safetensors"
+        save_file(sd, p)
+        paths.append(p)
+        del sd
+    return paths
+
+
+def run_child(args: dict) -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"child failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=int, default=4)
+    ap.add_argument("--size-gb", type=float, default=1.0, help="size of each checkpoint")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary folder)")
+    ap.add_argument("--repeats", type=int, default=2, help="take the best of this many runs per measurement")
+    ap.add_argument("--workers", type=int, default=None)
+    a = ap.parse_args()
+    scratch = Path(a.dir or tempfile.mkdtemp(prefix="soup-bench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, a.dtype)
+    t0 = time.perf_counter()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    inputs = build(scratch, a.models, a.size_gb * 1e9 * 4 / itemsize, dtype)  # shapes() counts fp32 bytes
+    in_bytes = sum(p.stat().st_size for p in inputs)
+    out_bytes = inputs[0].stat().st_size
+    print(f"built {a.models} checkpoints of {out_bytes / 1e9:.2f} GB ({a.dtype}) in {time.perf_counter() - t0:.0f} s in {scratch}")
+    run_child({"what": "floor", "inputs": [str(p) for p in inputs], "output": str(scratch / "warm.bin"), "out_bytes": out_bytes})  # warm the page cache
+
+    def best(args: dict) -> dict:
+        runs = []
+        for _ in range(a.repeats):
+            out = scratch / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            (scratch / "floor.bin").unlink(missing_ok=True)
+            runs.append(run_child(args))
+        shutil.rmtree(scratch / "out", ignore_errors=True)
+        return min(runs, key=lambda r: r["seconds"]) | {"peak_over_baseline_mb": max(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in runs)}
+
+    common = {"inputs": [str(p) for p in inputs], "workers": a.workers}
+    floor = best({"what": "floor", "output": str(scratch / "floor.bin"), "out_bytes": out_bytes, "inputs": common["inputs"]})
+    rows = [("I/O floor (read inputs + write output)", floor, None)]
+    cases = [
+        ("linear", {}, None, True),
+        ("linear (no hashing)", {}, None, False),
+        ("ties density=0.5", {"density": 0.5}, str(inputs[0]), True),
+        ("slerp t=0.5", {"t": 0.5}, None, True),
+    ]
+    for label, params, base, hashing in cases:
+        method = label.split()[0]
+        ins = common["inputs"][1:] if base else common["inputs"]
+        if method == "slerp":
+            ins = common["inputs"][:2]
+        r = best({"what": method, "inputs": ins, "base": base, "params": params, "output": str(scratch / "out"), "hash": hashing, "workers": a.workers})
+        rows.append((f"soup merge {label}" + (f" ({len(ins)} models)" if method == "slerp" else ""), r, r["seconds"] / floor["seconds"]))
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}")
+    print(f"inputs: {a.models} x {out_bytes / 1e9:.2f} GB {a.dtype} ({in_bytes / 1e9:.2f} GB read, {out_bytes / 1e9:.2f} GB written)")
+    print()
+    print("| measurement | wall s | ratio to floor | peak RSS above baseline (MB) |")
+    print("|---|---:|---:|---:|")
+    for label, r, ratio in rows:
+        print(f"| {label} | {r['seconds']:.2f} | {'' if ratio is None else f'{ratio:.2f}x'} | {r['peak_over_baseline_mb']:.0f} |")
+    if a.dir is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

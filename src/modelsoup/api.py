@@ -1,0 +1,256 @@
+"""Public Python API: merge checkpoints to a folder, or state dicts / modules in memory."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import Recipe, load_recipe, recipe_from_dict
+from .engine import MergeSession, run_jobs
+from .io import Checkpoint, open_checkpoint
+from .io.card import model_card, write_manifest
+from .io.output import check_output, copy_model_files, sha256_file, staged_output
+from .io.writer import SafetensorsWriter
+
+log = logging.getLogger("modelsoup")
+TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass
+class MergeResult:
+    """What a merge wrote.
+
+    Attributes:
+        output: the output folder or file.
+        files: output files with their sha256 (empty digests when hashing was off).
+        tensors: number of output tensors.
+        bytes: bytes of tensor data written.
+        seconds: wall time.
+        notes: what was detected or decided along the way (also logged).
+    """
+
+    output: Path
+    files: dict[str, str]
+    tensors: int
+    bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, models: Sequence[Any] | None, options: dict[str, Any]) -> Recipe:
+    if recipe is not None:
+        if models is not None:
+            raise TypeError("pass either a recipe or models, not both")
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, Mapping):
+            return recipe_from_dict(dict(recipe))
+        return load_recipe(recipe)
+    if not models:
+        raise TypeError("pass a recipe or a list of models")
+
+    def ref(m: Any) -> dict[str, Any]:
+        return {"path": str(m)} if isinstance(m, (str, Path)) else {"source": m}
+
+    weights = options.pop("weights", None)
+    data: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    data["models"] = [ref(m) | ({"weight": float(weights[i])} if weights is not None else {}) for i, m in enumerate(models)]
+    if data.get("base") is not None:
+        data["base"] = ref(data["base"])
+    return recipe_from_dict(data)
+
+
+def _open_all(recipe: Recipe) -> tuple[list[Checkpoint], Checkpoint | None, list[bool]]:
+    def open_ref(ref: Any, label: str) -> Checkpoint:
+        src = ref.source if getattr(ref, "source", None) is not None else ref.resolved
+        return open_checkpoint(src, label=label if getattr(ref, "source", None) is not None else str(ref.path), key=ref.key, strip_prefix=ref.strip_prefix)
+
+    models = [open_ref(m, f"model[{i}]") for i, m in enumerate(recipe.models)]
+    base = open_ref(recipe.base, "base") if recipe.base is not None else None
+
+    def same(m: Any) -> bool:
+        b = recipe.base
+        if b is None:
+            return False
+        if getattr(m, "source", None) is not None or getattr(b, "source", None) is not None:
+            return getattr(m, "source", None) is getattr(b, "source", None)
+        return bool(Path(m.resolved).resolve() == Path(b.resolved).resolve() and m.key == b.key and m.strip_prefix == b.strip_prefix)
+
+    return models, base, [same(m) for m in recipe.models]
+
+
+def merge(
+    recipe: Recipe | str | Path | Mapping[str, Any] | None = None,
+    output: str | Path | None = None,
+    *,
+    models: Sequence[Any] | None = None,
+    method: str = "linear",
+    base: Any = None,
+    weights: Sequence[float] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    overrides: Sequence[Mapping[str, Any]] | None = None,
+    dtype: str | None = None,
+    keys: str | None = None,
+    seed: int | None = None,
+    allow_nonfinite: bool | None = None,
+    overwrite: bool = False,
+    workers: int | None = None,
+    progress: bool | None = None,
+    hash_files: bool = True,
+) -> MergeResult:
+    """Merge checkpoints into a new checkpoint on disk, streaming tensor by tensor.
+
+    Either give a ``recipe`` (a :class:`Recipe`, a YAML path, native or mergekit form, or a dict), or
+    ``models`` plus options. ``output`` is a folder (Hugging Face layout: sharded safetensors, config and
+    tokenizer files copied from the base or first model, ``recipe.yaml``, ``README.md`` model card and
+    ``soup_manifest.json`` with sha256 of every input and output file) or a single file
+    (``x.safetensors``, or ``x.pt`` for a torch pickle nested like the first input).
+
+    Returns:
+        What was written.
+
+    Raises:
+        RecipeError, CheckpointError, KeyMismatchError, TensorMismatchError, NonFiniteError, MethodError,
+        OutputExistsError: bad input; nothing is written.
+    """
+    if output is None:
+        raise TypeError("merge() needs an output path")
+    out = Path(output)
+    options = {"method": method, "base": base, "weights": weights, "parameters": dict(parameters) if parameters else None,
+               "overrides": list(overrides) if overrides else None, "dtype": dtype, "keys": keys, "seed": seed, "allow_nonfinite": allow_nonfinite}
+    rec = _recipe(recipe, models, options)
+    check_output(out, overwrite)
+    t0 = time.perf_counter()
+    cks, base_ck, same = _open_all(rec)
+    try:
+        session = MergeSession.plan(rec, cks, base_ck, same)
+        inputs = [("model", m, ck) for m, ck in zip(rec.models, cks)] + ([("base", rec.base, base_ck)] if base_ck else [])
+        unique_files = list(dict.fromkeys(f for _, _, ck in inputs for f in ck.files))
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash") if hash_files else None
+        digests = {f: hasher.submit(sha256_file, f) for f in unique_files} if hasher else {}
+        try:
+            with staged_output(out, overwrite) as tmp:
+                files, nbytes = _write(rec, session, tmp, out, workers, progress)
+                hf_src = next((ck.folder for ck in ([base_ck] if base_ck else []) + cks if ck.folder is not None), None)
+                out_hashes = {f.name: (sha256_file(f) if hash_files else "") for f in files}
+                if not out.suffix:
+                    copied = copy_model_files(hf_src, tmp) if (hf_src is not None and rec.output.copy_files) else []
+                    _write_records(rec, session, tmp, out, inputs, {f: d.result() for f, d in digests.items()}, out_hashes, copied, hf_src is not None)
+        finally:
+            if hasher:
+                hasher.shutdown(cancel_futures=True)
+    finally:
+        for ck in cks + ([base_ck] if base_ck else []):
+            ck.close()
+    dt = time.perf_counter() - t0
+    log.info("wrote %s: %d tensors, %.1f MB in %.1f s", out, len(session.jobs), nbytes / 1e6, dt)
+    return MergeResult(out, out_hashes, len(session.jobs), nbytes, dt, session.notes)
+
+
+def _write(rec: Recipe, session: MergeSession, tmp: Path, out: Path, workers: int | None, progress: bool | None) -> tuple[list[Path], int]:
+    plan = [(j.name, j.dtype, j.shape) for j in session.jobs]
+    nbytes = sum(j.nbytes for j in session.jobs)
+    torch_out = out.suffix in TORCH_OUTPUT_SUFFIXES or (not out.suffix and rec.output.format == "torch")
+    if torch_out:
+        tensors: dict[str, torch.Tensor] = {}
+        lock = threading.Lock()
+
+        def keep(name: str, t: torch.Tensor) -> None:
+            with lock:
+                tensors[name] = t
+
+        run_jobs(session, keep, workers=workers, progress=progress)
+        layout = session.models[0].layout
+        sd = {layout.get("prefix", "") + j.name: tensors[j.name] for j in session.jobs}
+        obj: Any = {layout["key"]: sd} if layout.get("key") else sd
+        path = tmp / (out.name if out.suffix else "pytorch_model.bin")
+        torch.save(obj, path)
+        return [path], nbytes
+    meta = {"modelsoup_version": __version__, "modelsoup_method": rec.method}
+    if out.suffix:
+        meta["modelsoup_recipe"] = rec.to_yaml()
+    writer = SafetensorsWriter(tmp, plan, rec.output.shard_size, meta, file_name=out.name if out.suffix else None)
+    try:
+        run_jobs(session, writer.write, workers=workers, progress=progress)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close(), nbytes
+
+
+def _write_records(rec: Recipe, session: MergeSession, tmp: Path, out: Path, inputs: list[tuple[str, Any, Checkpoint]],
+                   in_hashes: dict[Path, str], out_hashes: dict[str, str], copied: list[str], hf: bool) -> None:
+    recipe_yaml = rec.to_yaml()
+    (tmp / "recipe.yaml").write_text(recipe_yaml)
+    records = [
+        {"role": role, "path": str(ref.path) if getattr(ref, "source", None) is None else "(in memory)",
+         "format": ck.kind, "files": {str(f.name): in_hashes.get(f, "") for f in ck.files}, "notes": ck.notes}
+        for role, ref, ck in inputs
+    ]
+    m = session.method
+    base_model = str(rec.base.path) if rec.base is not None and getattr(rec.base, "source", None) is None else (records[0]["path"] if records else None)
+    if rec.output.model_card:
+        (tmp / "README.md").write_text(model_card(name=out.name, method=m.name, summary=m.summary, paper=m.paper, base_model=base_model,
+                                                   inputs=records, outputs=out_hashes, recipe_yaml=recipe_yaml, version=__version__, hf=hf))
+    write_manifest(tmp / "soup_manifest.json", {"modelsoup_version": __version__, "method": m.name, "recipe": "recipe.yaml", "inputs": records,
+                                                "outputs": out_hashes, "copied_files": copied, "notes": session.notes})
+
+
+def merge_state_dicts(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    method: str = "linear",
+    base: Mapping[str, torch.Tensor] | None = None,
+    weights: Sequence[float] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    overrides: Sequence[Mapping[str, Any]] | None = None,
+    dtype: str | None = None,
+    keys: str | None = None,
+    seed: int | None = None,
+    allow_nonfinite: bool | None = None,
+    workers: int | None = 1,
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts (or ``nn.Module``s) and return the merged tensors.
+
+    Same methods, parameters, overrides, key handling and numerics as :func:`merge`; inputs are never
+    modified and the result shares no memory with them.
+
+    Raises:
+        RecipeError, KeyMismatchError, TensorMismatchError, NonFiniteError, MethodError: bad input.
+    """
+    options = {"method": method, "base": base, "weights": weights, "parameters": dict(parameters) if parameters else None,
+               "overrides": list(overrides) if overrides else None, "dtype": dtype, "keys": keys, "seed": seed, "allow_nonfinite": allow_nonfinite}
+    rec = _recipe(None, list(state_dicts), options)
+    cks, base_ck, same = _open_all(rec)
+    session = MergeSession.plan(rec, cks, base_ck, same)
+    result: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()
+
+    def keep(name: str, t: torch.Tensor) -> None:
+        with lock:
+            result[name] = t
+
+    run_jobs(session, keep, workers=workers, progress=False)
+    return {j.name: result[j.name] for j in session.jobs}
+
+
+def merge_modules(modules: Sequence[torch.nn.Module], *, base: torch.nn.Module | None = None, **options: Any) -> torch.nn.Module:
+    """Merge modules of one architecture and return a new module (a deep copy of the base or first one).
+
+    Takes the options of :func:`merge_state_dicts`. Tied parameters stay tied; integer buffers follow
+    the non-floating rule (copied, never averaged).
+    """
+    merged = merge_state_dicts([m.state_dict() for m in modules], base=base.state_dict() if base is not None else None, **options)
+    out = copy.deepcopy(base if base is not None else modules[0])
+    out.load_state_dict(merged, strict=True)
+    return out

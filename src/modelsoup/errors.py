@@ -1,0 +1,52 @@
+"""Exception classes. Every message names the file/tensor/key, what was found, what was expected and the fix."""
+
+from __future__ import annotations
+
+
+class SoupError(Exception):
+    """Base class for every error modelsoup raises on bad input."""
+
+
+class CheckpointError(SoupError):
+    """A checkpoint file or folder cannot be read (missing, truncated, corrupt, unsafe)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that would need to run code to load; refused without running it."""
+
+
+class KeyMismatchError(SoupError):
+    """The models do not hold the same tensor names."""
+
+
+class TensorMismatchError(SoupError):
+    """A tensor has different shapes or dtypes across models."""
+
+
+class NonFiniteError(SoupError):
+    """An input tensor holds NaN or Inf."""
+
+
+class MethodError(SoupError):
+    """A merge method was asked for something it cannot do (unknown name, bad parameter, wrong model count)."""
+
+
+class RecipeError(SoupError):
+    """A recipe has one or more problems; all of them are listed at once.
+
+    Attributes:
+        problems: one line per problem, each starting with its place in the file.
+    """
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        head = f"recipe {source} has" if source else "recipe has"
+        n = len(self.problems)
+        lines = [f"{head} {n} problem{'s' if n != 1 else ''}:"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class OutputExistsError(SoupError):
+    """The output path exists and overwriting was not asked for."""

@@ -1,0 +1,124 @@
+"""Streaming safetensors writer: the layout is planned up front, tensors are written in any order.
+
+Every output tensor's name, dtype and shape are known before the merge starts, so shard assignment,
+byte offsets and headers are fixed first and each merged tensor is written with ``os.pwrite`` at its
+offset as soon as it is ready, from any thread, with no buffering of the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .safetensors_format import encode_header, tensor_bytes
+
+
+@dataclass(frozen=True)
+class _Slot:
+    fd_index: int
+    offset: int
+    nbytes: int
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def shard_names(n: int, stem: str = "model") -> list[str]:
+    """Hugging Face shard file names."""
+    if n == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+class SafetensorsWriter:
+    """Writes tensors into pre-laid-out safetensors shards.
+
+    Args:
+        folder: where the files go (a temporary folder; the caller moves it into place).
+        tensors: (name, dtype, shape) of every output tensor, in the order they should be grouped.
+        shard_size: start a new shard before a shard would exceed this many bytes of tensor data.
+        metadata: ``__metadata__`` for every file (``format: pt`` is added, as transformers expects).
+        file_name: force a single file with this name (no sharding, no index).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+        shard_size: int,
+        metadata: dict[str, str] | None = None,
+        file_name: str | None = None,
+    ) -> None:
+        self.folder = folder
+        meta = {"format": "pt", **(metadata or {})}
+        shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        used = 0
+        for name, dtype, shape in tensors:
+            nb = _nbytes(dtype, shape)
+            if file_name is None and shards[-1] and used + nb > shard_size:
+                shards.append([])
+                used = 0
+            shards[-1].append((name, dtype, shape))
+            used += nb
+        names = [file_name] if file_name else shard_names(len(shards))
+        self.files = [folder / n for n in names]
+        self.slots: dict[str, _Slot] = {}
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self._fds: list[int] = []
+        for i, (path, shard) in enumerate(zip(self.files, shards)):
+            # widest dtypes first keeps every tensor aligned to its element size (the header is 8-aligned)
+            ordered = sorted(shard, key=lambda e: -torch.empty((), dtype=e[1]).element_size())
+            entries, pos = [], 0
+            for name, dtype, shape in ordered:
+                nb = _nbytes(dtype, shape)
+                entries.append((name, dtype, shape, pos, pos + nb))
+                pos += nb
+            header = encode_header(entries, meta)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, len(header) + pos)
+            for name, _, _, b, e in entries:
+                self.slots[name] = _Slot(i, len(header) + b, e - b)
+                self.weight_map[name] = path.name
+            self.total_size += pos
+        self._sharded = len(self.files) > 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor at its reserved place (thread-safe)."""
+        slot = self.slots[name]
+        data = tensor_bytes(tensor)
+        if len(data) != slot.nbytes:
+            raise ValueError(f"tensor '{name}' has {len(data)} bytes, {slot.nbytes} were planned")
+        fd, done = self._fds[slot.fd_index], 0
+        while done < slot.nbytes:
+            done += os.pwrite(fd, data[done:], slot.offset + done)
+
+    def close(self) -> list[Path]:
+        """Close the files and write the shard index if sharded; return every file written."""
+        for fd in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        self._fds = []
+        out = list(self.files)
+        if self._sharded:
+            index = self.folder / "model.safetensors.index.json"
+            index.write_text(json.dumps({"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}, indent=2) + "\n")
+            out.append(index)
+        return out
+
+    def abort(self) -> None:
+        """Close file handles without finishing (the caller deletes the folder)."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

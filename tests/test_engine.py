@@ -1,0 +1,235 @@
+"""The streaming engine and the Python API: equal to in-memory, atomic output, errors before writing."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelsoup import merge, merge_modules, merge_state_dicts
+from modelsoup.errors import KeyMismatchError, MethodError, NonFiniteError, OutputExistsError, TensorMismatchError
+from modelsoup.io import open_checkpoint
+
+from .conftest import TinyNet, make_state
+from .tolerances import FP32_VS_LIBRARY, HALF
+
+
+def _files(tmp_path: Path, states, dtype=None) -> list[Path]:
+    paths = []
+    for i, sd in enumerate(states):
+        p = tmp_path / f"m{i}.safetensors"
+        save_file({k: (v.to(dtype) if dtype and v.is_floating_point() else v) for k, v in sd.items()}, p)
+        paths.append(p)
+    return paths
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    ck = open_checkpoint(path)
+    return {k: ck.read(k) for k in ck.names()}
+
+
+def test_linear_is_the_mean_and_integer_buffers_are_not_averaged(states, caplog):
+    with caplog.at_level(logging.INFO, logger="modelsoup"):
+        out = merge_state_dicts(states)
+    for k, v in out.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, sum(s[k] for s in states) / 3, **FP32_VS_LIBRARY)
+    assert out["bn.num_batches_tracked"].dtype == torch.int64
+    assert int(out["bn.num_batches_tracked"]) == 10  # first model's, never averaged
+    assert "bn.num_batches_tracked" in caplog.text and "not averaged" in caplog.text
+
+
+def test_same_checkpoint_twice_counts_twice(states):
+    a, b = states[0], states[1]
+    out = merge_state_dicts([a, a, b])
+    torch.testing.assert_close(out["fc.weight"], (2 * a["fc.weight"] + b["fc.weight"]) / 3, **FP32_VS_LIBRARY)
+
+
+@pytest.mark.parametrize(
+    "method, params, with_base",
+    [("linear", {}, False), ("ties", {"density": 0.4}, True), ("dare_ties", {"density": 0.6}, True), ("slerp", {"t": 0.3}, False), ("task_arithmetic", {"scale": 0.7}, True)],
+)
+def test_streaming_equals_in_memory_bit_for_bit(tmp_path, states, method, params, with_base):
+    models = states[:2] if method == "slerp" else states
+    base = make_state(7) if with_base else None
+    paths = _files(tmp_path, models)
+    base_path = None
+    if base is not None:
+        base_path = tmp_path / "base.safetensors"
+        save_file(base, base_path)
+    expected = merge_state_dicts(models, method=method, base=base, parameters=params, seed=5)
+    for shard_size, workers in [("200B", 1), ("1KB", 3), ("5GB", 8)]:
+        out = tmp_path / f"out-{shard_size}-{workers}"
+        merge(models=paths, output=out, method=method, base=base_path, parameters=params, seed=5, workers=workers, progress=False,
+              **({}))  # noqa: PIE804
+        got = _read_all(out)
+        assert list(got) == list(expected) or set(got) == set(expected)
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), (k, shard_size, workers)
+
+
+def test_random_methods_reproducible_and_seed_dependent(states):
+    base = make_state(9)
+    a = merge_state_dicts(states, method="dare_linear", base=base, parameters={"density": 0.5}, seed=1, workers=1)
+    b = merge_state_dicts(states, method="dare_linear", base=base, parameters={"density": 0.5}, seed=1, workers=4)
+    c = merge_state_dicts(states, method="dare_linear", base=base, parameters={"density": 0.5}, seed=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fc.weight"], c["fc.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_keep_their_dtype(tmp_path, states, dtype):
+    paths = _files(tmp_path, states, dtype)
+    merge(models=paths, output=tmp_path / "out", progress=False)
+    got = _read_all(tmp_path / "out")
+    assert got["fc.weight"].dtype == dtype
+    ref = sum(s["fc.weight"].to(dtype).float() for s in states) / 3
+    torch.testing.assert_close(got["fc.weight"], ref.to(dtype), **HALF[dtype])
+    merge(models=paths, output=tmp_path / "out32", dtype="float32", progress=False)
+    assert _read_all(tmp_path / "out32")["fc.weight"].dtype == torch.float32
+
+
+def test_key_mismatch_lists_missing_and_unexpected_per_model(states):
+    a, b = dict(states[0]), dict(states[1])
+    del b["fc.bias"]
+    b["extra.weight"] = torch.zeros(2)
+    with pytest.raises(KeyMismatchError) as e:
+        merge_state_dicts([a, b])
+    msg = str(e.value)
+    assert "model[1]: missing 1 (fc.bias); unexpected 1 (extra.weight)" in msg
+    assert "keys: intersection" in msg and "keys: base" in msg
+    inter = merge_state_dicts([a, b], keys="intersection")
+    assert "fc.bias" not in inter and "extra.weight" not in inter
+    base = make_state(5)
+    from_base = merge_state_dicts([a, b], base=base, keys="base")
+    assert torch.equal(from_base["fc.bias"], base["fc.bias"])
+    assert "extra.weight" not in from_base
+
+
+def test_shape_and_dtype_mismatches_all_reported_with_each_models_value(states):
+    a, b = dict(states[0]), dict(states[1])
+    b["fc.weight"] = torch.zeros(4, 6)
+    b["fc.bias"] = b["fc.bias"].half()
+    with pytest.raises(TensorMismatchError) as e:
+        merge_state_dicts([a, b])
+    msg = str(e.value)
+    assert "2 tensor(s) cannot be merged" in msg
+    assert "'fc.weight' has different shapes: model[0]: [5, 6], model[1]: [4, 6]" in msg
+    assert "'fc.bias' has different dtypes: model[0]: float32, model[1]: float16" in msg and "--dtype" in msg
+
+
+def test_nonfinite_input_refused_and_no_output_left(tmp_path, states):
+    bad = dict(states[2])
+    bad["head.weight"] = bad["head.weight"].clone()
+    bad["head.weight"][0, 0] = float("nan")
+    paths = _files(tmp_path, [states[0], states[1], bad])
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError, match=r"m2.safetensors: tensor 'head.weight' holds 1 NaN/Inf.*allow_nonfinite"):
+        merge(models=paths, output=out, workers=2, progress=False)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temporary folder removed
+    merge(models=paths, output=out, allow_nonfinite=True, progress=False)
+    assert torch.isnan(_read_all(out)["head.weight"][0, 0])
+
+
+def test_output_exists_refused_unless_overwrite(tmp_path, states):
+    paths = _files(tmp_path, states)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="already exists.*--overwrite"):
+        merge(models=paths, output=out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge(models=paths, output=out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_inputs_never_modified(tmp_path, states):
+    paths = _files(tmp_path, states)
+    before = [p.read_bytes() for p in paths]
+    copies = [{k: v.clone() for k, v in s.items()} for s in states]
+    merge(models=paths, output=tmp_path / "o", method="ties", base=paths[0], progress=False)
+    merge_state_dicts(states, method="ties", base=make_state(4))
+    assert [p.read_bytes() for p in paths] == before
+    assert all(torch.equal(s[k], c[k]) for s, c in zip(states, copies) for k in s)
+
+
+def test_merge_modules_matches_swa_averaged_model_and_keeps_ties():
+    torch.manual_seed(0)
+    nets = [TinyNet(tied=True) for _ in range(4)]
+    swa = torch.optim.swa_utils.AveragedModel(nets[0])
+    for n in nets[1:]:
+        swa.update_parameters(n)
+    soup = merge_modules(nets)
+    for (name, p), (_, q) in zip(soup.named_parameters(), swa.module.named_parameters()):
+        torch.testing.assert_close(p, q, **FP32_VS_LIBRARY), name
+    assert soup.head.weight is soup.embed.weight
+
+
+def test_overrides_take_base_and_skip(states):
+    base = make_state(8)
+    out = merge_state_dicts(states, method="task_arithmetic", base=base,
+                            overrides=[{"match": "head.*", "take": "base"}, {"match": "fc.bias", "take": "skip"}])
+    assert torch.equal(out["head.weight"], base["head.weight"])
+    assert "fc.bias" not in out
+
+
+def test_slerp_with_three_models_is_refused(states):
+    with pytest.raises(Exception, match="slerp"):
+        merge_state_dicts(states, method="slerp")
+
+
+def test_unknown_method_lists_valid(states):
+    with pytest.raises(Exception, match="unknown merge method 'soup'.*linear"):
+        merge_state_dicts(states, method="soup")
+
+
+def test_torch_output_nested_like_lightning_input(tmp_path, states):
+    paths = []
+    for i, sd in enumerate(states):
+        p = tmp_path / f"l{i}.ckpt"
+        torch.save({"state_dict": {"model." + k: v for k, v in sd.items()}, "pytorch-lightning_version": "2.4", "epoch": i}, p)
+        paths.append(p)
+    merge(models=paths, output=tmp_path / "soup.ckpt", progress=False)
+    obj = torch.load(tmp_path / "soup.ckpt", weights_only=True)
+    assert set(obj) == {"state_dict"}
+    assert set(obj["state_dict"]) == {"model." + k for k in states[0]}
+    torch.testing.assert_close(obj["state_dict"]["model.fc.weight"], sum(s["fc.weight"] for s in states) / 3, **FP32_VS_LIBRARY)
+
+
+def test_single_file_output_records_recipe(tmp_path, states):
+    paths = _files(tmp_path, states)
+    merge(models=paths, output=tmp_path / "soup.safetensors", weights=[1, 2, 3], progress=False)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "soup.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["modelsoup_method"] == "linear" and "m2.safetensors" in meta["modelsoup_recipe"]
+    torch.testing.assert_close(load_file(tmp_path / "soup.safetensors")["fc.weight"],
+                               sum(w * s["fc.weight"] for w, s in zip([1, 2, 3], states)) / 6, **FP32_VS_LIBRARY)
+
+
+def test_hf_round_trip_real_minilm(tmp_path, minilm_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "soup"
+    res = merge(models=[minilm_path, minilm_path], output=out, progress=False)
+    for f in ("config.json", "tokenizer.json", "vocab.txt", "recipe.yaml", "README.md", "soup_manifest.json", "model.safetensors"):
+        assert (out / f).exists(), f
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "- merge" in card and "- model-soup" in card
+    manifest = json.loads((out / "soup_manifest.json").read_text())
+    from modelsoup.io.output import sha256_file
+
+    assert manifest["outputs"]["model.safetensors"] == sha256_file(out / "model.safetensors") == res.files["model.safetensors"]
+    assert manifest["inputs"][0]["files"]["model.safetensors"] == sha256_file(minilm_path / "model.safetensors")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    batch = tok(["a soup of a model with itself is the model"], return_tensors="pt")
+    with torch.inference_mode():
+        want = transformers.AutoModel.from_pretrained(minilm_path)(**batch).last_hidden_state
+        got = transformers.AutoModel.from_pretrained(out)(**batch).last_hidden_state
+    assert torch.equal(got, want)

@@ -1,0 +1,347 @@
+"""mergekit recipes (whole-model form) translate to the parameters mergekit itself would use.
+
+Expected values follow mergekit's source (see the docstring of modelsoup/mergekit.py): per-method defaults
+from merge_methods/registry.py and generalized_task_arithmetic.py, gradients from config.py
+``evaluate_setting`` with layer positions from plan.py.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from modelsoup.config import Recipe, load_recipe, recipe_from_dict, recipe_from_yaml_text
+from modelsoup.errors import RecipeError
+
+from .test_config import spec_methods  # noqa: F401  (stand-ins for method modules not registered yet)
+
+LLAMA = (
+    ["model.embed_tokens.weight"]
+    + [f"model.layers.{i}.{m}.weight" for i in range(5) for m in ("self_attn.q_proj", "mlp.up_proj", "input_layernorm")]
+    + ["model.norm.weight", "lm_head.weight"]
+)
+
+
+@pytest.fixture
+def ckpts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for d in ("base", "a", "b", "c"):
+        (tmp_path / d).mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def mk(text: str) -> Recipe:
+    return recipe_from_yaml_text(textwrap.dedent(text), "mk.yaml")
+
+
+def mk_problems(text: str) -> list[str]:
+    with pytest.raises(RecipeError) as e:
+        mk(text)
+    return e.value.problems
+
+
+def test_ties(ckpts: Path) -> None:
+    r = mk(
+        """\
+        models:
+          - model: base
+          - model: a
+            parameters: {density: 0.5, weight: 0.5}
+          - model: b
+            parameters: {density: 0.3, weight: [0, 1]}
+        merge_method: ties
+        base_model: base
+        parameters: {normalize: true, int8_mask: true}
+        dtype: bfloat16
+        """
+    )
+    assert r.source_format == "mergekit" and r.method == "ties"
+    assert r.base is not None and r.base.path == "base"
+    assert [m.path for m in r.models] == ["a", "b"]  # base_model listed in models is not a task vector
+    assert r.parameters == {
+        "density": 1.0, "scale": 1.0, "sign_method": "sum", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"
+    }
+    assert r.dtype == "bfloat16"
+    rules = r.rules(LLAMA)
+    first = rules["model.layers.0.mlp.up_proj.weight"]
+    assert first.params["density"] == (0.5, 0.3) and first.weights == (0.5, 0.0)
+    assert rules["model.layers.2.mlp.up_proj.weight"].weights == (0.5, 0.5)  # t = 2/4
+    assert rules["model.layers.4.mlp.up_proj.weight"].weights == (0.5, 1.0)
+    assert rules["lm_head.weight"].weights == (0.5, 0.0)  # outside the layer stack: t = 0
+    assert any("int8_mask" in n for n in r.notes)
+
+
+def test_ties_without_density_keeps_everything(ckpts: Path) -> None:
+    # mergekit's density default is 1.0 (ours is 0.2): a mergekit recipe must get mergekit's
+    r = mk("models:\n  - model: a\n    parameters: {weight: 1}\nmerge_method: ties\nbase_model: base\n")
+    assert r.rules(["w"])["w"].params["density"] == (1.0,)
+
+
+def test_dare_ties(ckpts: Path) -> None:
+    r = mk(
+        """\
+        models:
+          - model: a
+            parameters: {weight: 0.6, density: 0.53}
+          - model: b
+            parameters: {weight: 0.4}
+        merge_method: dare_ties
+        base_model: base
+        parameters: {lambda: 1.2}
+        """
+    )
+    assert r.method == "dare_ties"
+    assert r.parameters == {
+        "density": 1.0, "scale": 1.2, "rescale": "l1", "sign_method": "sum", "sign_from": "weighted",
+        "normalize": False, "divide_by": "weight_sum",
+    }
+    rule = r.rules(["x"])["x"]
+    assert rule.params["density"] == (0.53, 1.0) and rule.weights == (0.6, 0.4)
+
+
+def test_dare_linear_rescale_false(ckpts: Path) -> None:
+    r = mk("models:\n  - model: a\n    parameters: {weight: 1, density: 0.5}\nmerge_method: dare_linear\nbase_model: base\n"
+           "parameters: {rescale: false}\n")
+    assert r.parameters == {"density": 1.0, "scale": 1.0, "rescale": "none", "normalize": False}
+
+
+def test_task_arithmetic(ckpts: Path) -> None:
+    r = mk(
+        """\
+        merge_method: task_arithmetic
+        base_model: base
+        models:
+          - model: a
+            parameters: {weight: 1.0}
+          - model: b
+            parameters: {weight: -0.5}
+        parameters: {lambda: 0.7}
+        dtype: float16
+        """
+    )
+    assert r.parameters == {"scale": 0.7, "normalize": False}
+    assert r.rules(["x"])["x"].weights == (1.0, -0.5)
+    assert r.dtype == "float16"
+
+
+def test_breadcrumbs_and_breadcrumbs_ties(ckpts: Path) -> None:
+    text = "models:\n  - model: a\n    parameters: {weight: 1, density: 0.9, gamma: 0.02}\nmerge_method: {m}\nbase_model: base\n"
+    plain = mk(text.replace("{m}", "breadcrumbs"))
+    assert plain.method == "breadcrumbs"
+    assert plain.parameters == {
+        "density": 1.0, "gamma": 0.01, "scale": 1.0, "sign_method": "none", "sign_from": "weighted", "normalize": False, "divide_by": "weight_sum"
+    }
+    assert plain.rules(["x"])["x"].params["gamma"] == (0.02,)
+    tied = mk(text.replace("{m}", "breadcrumbs_ties"))
+    assert tied.method == "breadcrumbs" and tied.parameters["sign_method"] == "sum" and tied.parameters["normalize"] is False
+
+
+def test_linear_base_listed_takes_part(ckpts: Path) -> None:
+    r = mk("models:\n  - model: base\n    parameters: {weight: 0.3}\n  - model: a\n    parameters: {weight: 0.7}\n"
+           "merge_method: linear\nbase_model: base\n")
+    assert r.method == "linear" and [m.path for m in r.models] == ["base", "a"]
+    assert r.parameters == {"normalize": True}
+    assert r.rules(["x"])["x"].weights == (0.3, 0.7)
+
+
+def test_linear_global_weight_and_unlisted_base(ckpts: Path) -> None:
+    r = mk("models:\n  - model: a\n  - model: b\n    parameters: {weight: 2}\nmerge_method: linear\nbase_model: base\n"
+           "parameters: {weight: 0.5, normalize: false}\n")
+    assert [m.path for m in r.models] == ["a", "b", "base"]  # mergekit appends the unlisted base as an input
+    assert r.rules(["x"])["x"].weights == (0.5, 2.0, 0.5)
+    assert r.parameters == {"normalize": False}
+
+
+def test_slerp_canonical_gradient_example(ckpts: Path) -> None:
+    r = mk(
+        """\
+        models:
+          - model: base
+          - model: a
+        merge_method: slerp
+        base_model: base
+        parameters:
+          t:
+            - filter: self_attn
+              value: [0, 0.5, 0.3, 0.7, 1]
+            - filter: mlp
+              value: [1, 0.5, 0.7, 0.3, 0]
+            - value: 0.5
+        dtype: bfloat16
+        """
+    )
+    assert r.method == "slerp" and r.base is not None and r.base.path == "base" and [m.path for m in r.models] == ["a"]
+    rules = r.rules(LLAMA)
+    t = {n: rules[n].params["t"] for n in LLAMA}
+    # 5 layers: layer i at position i/4, gradient of 5 points -> exactly the listed values
+    assert [t[f"model.layers.{i}.self_attn.q_proj.weight"] for i in range(5)] == pytest.approx([0, 0.5, 0.3, 0.7, 1])
+    assert [t[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(5)] == pytest.approx([1, 0.5, 0.7, 0.3, 0])
+    assert t["model.layers.3.input_layernorm.weight"] == 0.5
+    assert t["model.embed_tokens.weight"] == 0.5 and t["lm_head.weight"] == 0.5
+    assert rules["lm_head.weight"].params["dot_threshold"] == 0.9995 and rules["lm_head.weight"].params["eps"] == 1e-8
+    assert rules["lm_head.weight"].weights is None
+
+
+def test_gradient_between_points(ckpts: Path) -> None:
+    # 3-point gradient over 5 layers: layer 1 sits at t = 1/4 -> scaled 0.5 -> halfway between 0.2 and 0.6
+    r = mk("models:\n  - model: a\nmerge_method: slerp\nbase_model: base\nparameters: {t: [0.2, 0.6, 1.0]}\n")
+    rules = r.rules(LLAMA)
+    assert rules["model.layers.1.mlp.up_proj.weight"].params["t"] == pytest.approx(0.4)
+    assert rules["model.layers.3.mlp.up_proj.weight"].params["t"] == pytest.approx(0.8)
+    assert rules["model.embed_tokens.weight"].params["t"] == pytest.approx(0.2)
+
+
+def test_conditional_without_default_gets_mergekit_default(ckpts: Path) -> None:
+    r = mk("models:\n  - model: a\n    parameters: {weight: 1}\nmerge_method: ties\nbase_model: base\n"
+           "parameters:\n  density:\n    - filter: mlp\n      value: 0.4\n")
+    rules = r.rules(["layers.0.mlp.w", "layers.0.attn.w"])
+    assert rules["layers.0.mlp.w"].params["density"] == (0.4,)
+    assert rules["layers.0.attn.w"].params["density"] == (1.0,)  # mergekit's default, not ours
+
+
+def test_model_stock(ckpts: Path) -> None:
+    r = mk("models:\n  - model: a\n  - model: b\n  - model: base\nmerge_method: model_stock\nbase_model: base\n")
+    assert r.method == "model_stock" and [m.path for m in r.models] == ["a", "b"]
+    assert r.parameters == {"filter_wise": False}
+    assert r.rules(["x"])["x"].weights is None
+
+
+def test_slerp_needs_exactly_one_other_model(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a\n  - model: b\nmerge_method: slerp\nbase_model: base\nparameters: {t: 0.5}\n")
+    assert ps == ["mk.yaml:1: models: mergekit's slerp interpolates base_model (t=0) and exactly one other model (t=1); got 2 other model(s)"]
+
+
+def test_slices_form_refused(ckpts: Path) -> None:
+    ps = mk_problems(
+        """\
+        slices:
+          - sources:
+              - model: a
+                layer_range: [0, 32]
+              - model: b
+                layer_range: [0, 32]
+        merge_method: slerp
+        base_model: a
+        parameters: {t: 0.5}
+        """
+    )
+    assert ps == [
+        "mk.yaml:1: slices: the `slices:` form is not supported; modelsoup runs mergekit's whole-model form (`models:` with "
+        "`model:` entries). If every slice spans all layers of every model, list the models under `models:` instead"
+    ]
+
+
+def test_unsupported_method_lists_supported(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a\nmerge_method: della\nbase_model: base\n")
+    assert ps == [
+        "mk.yaml:3: merge_method: mergekit method 'della' is not supported; supported: linear, task_arithmetic, ties, "
+        "dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, slerp, model_stock"
+    ]
+
+
+def test_mergekit_problems_all_at_once_with_lines(ckpts: Path) -> None:
+    ps = mk_problems(
+        """\
+        models:
+          - model: a
+            parameters:
+              weight: 1
+              density: 2
+          - model: b
+            parameters: {densty: 0.5}
+          - model: org/hub-model
+            parameters: {weight: 1}
+        merge_method: ties
+        base_model: base
+        parameters:
+          lambda: abc
+          normalize: true
+        tokenizer_source: union
+        out_dtype: float8
+        """
+    )
+    assert ps == [
+        "mk.yaml:5: models[0].parameters.density: must be in (0, 1], got 2",
+        "mk.yaml:6: models[1]: mergekit's 'ties' needs a weight for every model (mergekit fails with 'Missing required "
+        "parameter weight'); give `parameters: {weight: ...}` here or a global `weight`",
+        "mk.yaml:7: models[1].parameters.densty: mergekit's 'ties' does not read a parameter 'densty' (mergekit would silently "
+        "ignore it); valid: int8_mask, normalize, rescale, lambda, weight, density",
+        ps[3],
+        "mk.yaml:13: parameters.lambda: must be a number, got 'abc'",
+        "mk.yaml:15: tokenizer_source: tokenizer_source 'union' is not supported: modelsoup copies the tokenizer files of the "
+        "base model (or the first model) unchanged; use `tokenizer_source: base` or leave it out",
+        "mk.yaml:16: out_dtype: unknown dtype 'float8'; did you mean 'float32'?; valid: float32, float16, bfloat16 (or leave it out to keep each tensor's dtype)",
+    ]
+    assert ps[3].startswith("mk.yaml:8: models[2].model: 'org/hub-model' does not exist")
+    assert "cannot fetch Hugging Face hub ids" in ps[3]
+
+
+def test_missing_weight_and_t(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a\nmerge_method: slerp\nbase_model: base\n")
+    assert ps == ["mk.yaml:3: merge_method: mergekit's 'slerp' needs the parameter 't' (it has no default)"]
+    ps = mk_problems("models:\n  - model: a\nmerge_method: linear\n")
+    assert ps[0].startswith("mk.yaml:2: models[0]: mergekit's 'linear' needs a weight for every model")
+
+
+def test_base_required(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a\n    parameters: {weight: 1}\nmerge_method: task_arithmetic\n")
+    assert ps == ["mk.yaml:4: merge_method: mergekit's 'task_arithmetic' needs `base_model:`"]
+
+
+def test_linear_unlisted_base_without_weight(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a\n    parameters: {weight: 1}\nmerge_method: linear\nbase_model: base\n")
+    assert ps[0].startswith("mk.yaml:5: base_model: mergekit's linear merge also averages base_model")
+
+
+def test_rescale_true_refused_for_ties(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a\n    parameters: {weight: 1}\nmerge_method: ties\nbase_model: base\nparameters: {rescale: true}\n")
+    assert ps == ["mk.yaml:6: parameters.rescale: rescale: true (L1-norm rescaling after pruning) is not supported for 'ties'; remove it"]
+
+
+def test_global_parameter_per_model_refused(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a\n    parameters: {weight: 1, normalize: false}\nmerge_method: ties\nbase_model: base\n")
+    assert ps == [
+        "mk.yaml:3: models[0].parameters.normalize: 'normalize' is a global parameter of mergekit's 'ties' (mergekit ignores it "
+        "per model); move it to the top-level `parameters:`"
+    ]
+
+
+def test_tokenizer_and_chat_template(ckpts: Path) -> None:
+    r = mk("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\ntokenizer_source: base\nchat_template: chatml\n")
+    assert any("tokenizer_source: base" in n for n in r.notes) and any("chat_template" in n for n in r.notes)
+    ps = mk_problems("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\ntokenizer:\n  source: union\n")
+    assert ps[0].startswith("mk.yaml:6: tokenizer: the `tokenizer:` block is not supported")
+
+
+def test_unknown_mergekit_key(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_mdoel: base\n")
+    assert ps[0] == "mk.yaml:4: merge_method: mergekit's 'model_stock' needs `base_model:`"
+    assert ps[1] == ("mk.yaml:5: base_mdoel: unknown mergekit key 'base_mdoel'; did you mean 'base_model'? (mergekit keys: merge_method, "
+                     "models, base_model, parameters, dtype, out_dtype, tokenizer_source, tokenizer, chat_template, slices, modules)")
+
+
+def test_lora_reference_refused(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a+lora\n    parameters: {weight: 1}\nmerge_method: linear\n")
+    assert ps == ["mk.yaml:2: models[0].model: LoRA references ('a+lora') are not supported; merge the adapter into its model first"]
+
+
+def test_load_file_detects_mergekit_and_round_trips(ckpts: Path) -> None:
+    (ckpts / "mk.yaml").write_text(
+        "models:\n  - model: a\n    parameters: {weight: [0.2, 1.0], density: 0.5}\n  - model: b\n    parameters: {weight: 0.5}\n"
+        "merge_method: ties\nbase_model: base\nparameters:\n  density: [{filter: mlp, value: 0.7}]\n  lambda: 1.1\nout_dtype: torch.float16\n"
+    )
+    r = load_recipe(ckpts / "mk.yaml")
+    assert r.source_format == "mergekit" and r.dtype == "float16"
+    text = r.to_yaml()
+    assert text.startswith("# translated from the mergekit recipe")
+    back = recipe_from_yaml_text(text, "native.yaml")
+    assert back.source_format == "native"
+    assert back.rules(LLAMA) == r.rules(LLAMA)
+    assert back.parameters == r.parameters
+
+
+def test_mergekit_dict_input(ckpts: Path) -> None:
+    r = recipe_from_dict({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}]})
+    assert r.source_format == "mergekit" and r.method == "linear"
