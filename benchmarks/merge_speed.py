@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 def rss_mb():
     with open("/proc/self/status") as f:
         for line in f:
@@ -55,7 +55,9 @@ else:
     merge(models=args["inputs"], output=args["output"], method=args["what"], parameters=args.get("params") or {},
           progress=False, hash_files=args["hash"], workers=args.get("workers"), **kw)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would include the parent's peak.
+with open("/proc/self/status") as f:
+    peak = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 print(json.dumps({"seconds": dt, "peak_rss_mb": peak, "baseline_rss_mb": base_rss}))
 """
 

