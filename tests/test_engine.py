@@ -233,3 +233,26 @@ def test_hf_round_trip_real_minilm(tmp_path, minilm_path, monkeypatch):
         want = transformers.AutoModel.from_pretrained(minilm_path)(**batch).last_hidden_state
         got = transformers.AutoModel.from_pretrained(out)(**batch).last_hidden_state
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_interrupted_merge_leaves_no_output_and_keeps_the_old_one(tmp_path, states, monkeypatch, workers):
+    from modelsoup.io import writer as writer_mod
+
+    paths = _files(tmp_path, states)
+    out = tmp_path / "out"
+    merge(models=paths, output=out, progress=False)
+    before = (out / "model.safetensors").read_bytes()
+    real_write, calls = writer_mod.SafetensorsWriter.write, []
+
+    def flaky(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(writer_mod.SafetensorsWriter, "write", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        merge(models=paths, output=out, overwrite=True, weights=[1, 2, 3], workers=workers, progress=False)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ import torch
 
 from . import __version__
 from .config import Recipe, load_recipe, recipe_from_dict
-from .engine import MergeSession, run_jobs
+from .engine import MergeSession, collect, run_jobs
 from .io import Checkpoint, open_checkpoint
 from .io.card import model_card, write_manifest
 from .io.output import cached_sha256, check_output, copy_model_files, sha256_file, staged_output
@@ -68,6 +67,14 @@ def _recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, models: Sequ
     if data.get("base") is not None:
         data["base"] = ref(data["base"])
     return recipe_from_dict(data)
+
+
+def _options(method: str, base: Any, weights: Sequence[float] | None, parameters: Mapping[str, Any] | None,
+             overrides: Sequence[Mapping[str, Any]] | None, dtype: str | None, keys: str | None, seed: int | None,
+             allow_nonfinite: bool | None) -> dict[str, Any]:
+    """Keyword options of the API as recipe fields (None = the recipe default)."""
+    return {"method": method, "base": base, "weights": weights, "parameters": dict(parameters) if parameters else None,
+            "overrides": list(overrides) if overrides else None, "dtype": dtype, "keys": keys, "seed": seed, "allow_nonfinite": allow_nonfinite}
 
 
 def _open_all(recipe: Recipe) -> tuple[list[Checkpoint], Checkpoint | None, list[bool]]:
@@ -126,9 +133,7 @@ def merge(
     if output is None:
         raise TypeError("merge() needs an output path")
     out = Path(output)
-    options = {"method": method, "base": base, "weights": weights, "parameters": dict(parameters) if parameters else None,
-               "overrides": list(overrides) if overrides else None, "dtype": dtype, "keys": keys, "seed": seed, "allow_nonfinite": allow_nonfinite}
-    rec = _recipe(recipe, models, options)
+    rec = _recipe(recipe, models, _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
     check_output(out, overwrite)
     t0 = time.perf_counter()
     cks, base_ck, same = _open_all(rec)
@@ -162,14 +167,7 @@ def _write(rec: Recipe, session: MergeSession, tmp: Path, out: Path, workers: in
     nbytes = sum(j.nbytes for j in session.jobs)
     torch_out = out.suffix in TORCH_OUTPUT_SUFFIXES or (not out.suffix and rec.output.format == "torch")
     if torch_out:
-        tensors: dict[str, torch.Tensor] = {}
-        lock = threading.Lock()
-
-        def keep(name: str, t: torch.Tensor) -> None:
-            with lock:
-                tensors[name] = t
-
-        run_jobs(session, keep, workers=workers, progress=progress)
+        tensors = collect(session, workers=workers, progress=progress)
         layout = session.models[0].layout
         sd = {layout.get("prefix", "") + j.name: tensors[j.name] for j in session.jobs}
         obj: Any = {layout["key"]: sd} if layout.get("key") else sd
@@ -229,20 +227,10 @@ def merge_state_dicts(
     Raises:
         RecipeError, KeyMismatchError, TensorMismatchError, NonFiniteError, MethodError: bad input.
     """
-    options = {"method": method, "base": base, "weights": weights, "parameters": dict(parameters) if parameters else None,
-               "overrides": list(overrides) if overrides else None, "dtype": dtype, "keys": keys, "seed": seed, "allow_nonfinite": allow_nonfinite}
-    rec = _recipe(None, list(state_dicts), options)
+    rec = _recipe(None, list(state_dicts), _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
     cks, base_ck, same = _open_all(rec)
     session = MergeSession.plan(rec, cks, base_ck, same)
-    result: dict[str, torch.Tensor] = {}
-    lock = threading.Lock()
-
-    def keep(name: str, t: torch.Tensor) -> None:
-        with lock:
-            result[name] = t
-
-    run_jobs(session, keep, workers=workers, progress=False)
-    return {j.name: result[j.name] for j in session.jobs}
+    return collect(session, workers=workers, progress=False)
 
 
 def merge_modules(modules: Sequence[torch.nn.Module], *, base: torch.nn.Module | None = None, **options: Any) -> torch.nn.Module:

@@ -39,6 +39,12 @@ def tensor_seed(seed: int, name: str) -> int:
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
+# Inputs of a tensor at least this large are read concurrently (one read per model), so the few
+# embedding-sized tensors that run alone under the memory budget still use every core.
+PARALLEL_READ_BYTES = 16 << 20
+_READ_POOL = ThreadPoolExecutor(4, thread_name_prefix="soup-read")
+
+
 def default_workers() -> int:
     """Threads for the streaming loop: enough to overlap reading, computing and writing."""
     return max(2, min(8, (os.cpu_count() or 2) + 1))
@@ -127,7 +133,10 @@ class MergeSession:
                 with self._lock:
                     self._disagreeing.append(job.name)
             return ref.clone()
-        tensors = [self._read(ck, job.name, upcast=True) for ck in srcs]
+        if job.nbytes >= PARALLEL_READ_BYTES and len(srcs) > 1:
+            tensors = list(_READ_POOL.map(lambda ck: self._read(ck, job.name, upcast=True), srcs))
+        else:
+            tensors = [self._read(ck, job.name, upcast=True) for ck in srcs]
         base = self._read(self.base, job.name, upcast=True) if self.base is not None and self.method.base != "none" else None
         gen = torch.Generator().manual_seed(tensor_seed(self.seed, job.name)) if self.method.random else None
         out = self.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
@@ -232,3 +241,16 @@ def run_jobs(
     if tied:
         log.info("%d tied tensor name(s) share storage with another; computed once and written under each name", len(tied))
     session.finish_notes()
+
+
+def collect(session: MergeSession, *, workers: int | None = None, progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """Run a merge into memory: every output tensor by name, in plan order."""
+    result: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()
+
+    def keep(name: str, t: torch.Tensor) -> None:
+        with lock:
+            result[name] = t
+
+    run_jobs(session, keep, workers=workers, progress=progress)
+    return {j.name: result[j.name] for j in session.jobs}
