@@ -162,7 +162,7 @@ def test_merge_modules_matches_swa_averaged_model_and_keeps_ties():
     torch.manual_seed(0)
     nets = [TinyNet(tied=True) for _ in range(4)]
     swa = torch.optim.swa_utils.AveragedModel(nets[0])
-    for n in nets[1:]:
+    for n in nets:  # the first call copies, later calls keep the running mean
         swa.update_parameters(n)
     soup = merge_modules(nets)
     for (name, p), (_, q) in zip(soup.named_parameters(), swa.module.named_parameters()):

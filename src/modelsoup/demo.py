@@ -110,12 +110,12 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> list[tuple[str
         merge(models=paths, output=target, overwrite=True, progress=False, **kw)  # type: ignore[arg-type]
         sd = load_file(target)
         rows.append((name, _accuracy(sd, data["val"]), _accuracy(sd, data["test"])))
-    width = max(len(r[0]) for r in rows) + 2
+    labels = [name + (" (best on val)" if (name, va, te) == best else "") for name, va, te in rows]
+    width = max(map(len, labels)) + 1
     print(f"\nscikit-learn digits: {len(paths)} MLP ingredients fine-tuned from one start, merged by modelsoup\n")
     print(f"| {'model':<{width}}| val acc | test acc |")
     print(f"|{'-' * (width + 1)}|--------:|---------:|")
-    for name, va, te in rows:
-        mark = " (best single on val)" if (name, va, te) == best else ""
-        print(f"| {name + mark:<{width}}| {va:7.3f} | {te:8.3f} |")
+    for label, (_, va, te) in zip(labels, rows):
+        print(f"| {label:<{width}}| {va:7.3f} | {te:8.3f} |")
     print(f"\ningredients and soups in {out} ({time.perf_counter() - t0:.0f} s)")
     return rows

@@ -1,0 +1,41 @@
+"""Exponential moving average over an ordered sequence of checkpoints of one run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import MethodError
+from .registry import Param, register
+
+
+@register(
+    "ema",
+    summary="exponential moving average of checkpoints of one run, oldest first: e_k = decay e_(k-1) + (1 - decay) theta_k",
+    paper="Polyak & Juditsky 1992; as checkpoint averaging, Izmailov et al. 2018 (SWA, for the plain mean use linear)",
+    params=[Param("decay", 0.9, "weight of the running average at each step", low=0.0, high=1.0, high_open=True)],
+)
+def ema(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor | None = None,
+    weights: Sequence[float] | None = None,
+    decay: float = 0.9,
+) -> torch.Tensor:
+    """e_0 = theta_0, e_k = decay * e_(k-1) + (1 - decay) * theta_k, for checkpoints listed oldest first.
+
+    Computed in closed form, e_(n-1) = decay^(n-1) theta_0 + sum_(k>=1) (1 - decay) decay^(n-1-k) theta_k,
+    accumulated in float64.
+
+    Raises:
+        MethodError: weights were given (the order and ``decay`` define them).
+    """
+    if weights is not None:
+        raise MethodError("ema takes no weights: list the checkpoints oldest first and set `decay`")
+    n = len(tensors)
+    coef = [decay ** (n - 1)] + [(1 - decay) * decay ** (n - 1 - k) for k in range(1, n)]
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
+    for c, t in zip(coef, tensors):
+        acc.add_(t.to(torch.float64), alpha=c)
+    return acc.to(torch.float32)

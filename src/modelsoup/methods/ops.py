@@ -1,0 +1,198 @@
+"""Shared operations of the task-vector methods: trim, drop-and-rescale, sign election, combine.
+
+TIES, DARE and breadcrumbs are compositions of these: sparsify each task vector (``trim_top_k``,
+``drop_random``, ``trim_outliers``), then ``combine`` them (plain weighted sum, or sign election and a
+disjoint mean). Every function is pure: inputs are never modified.
+
+Accumulation is elementwise in a Python loop over models (never ``stack().sum(0)``), so results do not
+depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import MethodError
+from .registry import Param
+
+# A divisor smaller than this (weights of agreeing models summing to ~0) is replaced by 1, as mergekit does.
+DIVISOR_FLOOR = 1e-8
+
+
+def per_model(value: float | Sequence[float], n: int, name: str) -> list[float]:
+    """Broadcast a scalar or check a per-model sequence of length ``n``."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    vals = [float(v) for v in value]
+    if len(vals) != n:
+        raise MethodError(f"`{name}` has {len(vals)} values for {n} models")
+    return vals
+
+
+def model_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """Weights as floats (all 1.0 when None)."""
+    if weights is None:
+        return [1.0] * n
+    return per_model(weights, n, "weights")
+
+
+def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, method: str) -> list[torch.Tensor]:
+    """delta_i = theta_i - base."""
+    if base is None:
+        raise MethodError(f"method '{method}' needs a base model (set `base:` / --base)")
+    return [t - base for t in tensors]
+
+
+def trim_top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = floor(density * numel) largest magnitudes, zero the rest.
+
+    Exactly k are kept even when magnitudes tie: all entries above the k-th largest magnitude, then the
+    first (in flat index order) of those equal to it. ``kthvalue`` is a selection, not a sort.
+    """
+    n = delta.numel()
+    k = int(density * n)
+    if k >= n:
+        return delta.clone()
+    if k <= 0:
+        return torch.zeros_like(delta)
+    mag = delta.abs().reshape(-1)
+    kth = torch.kthvalue(mag, n - k + 1).values
+    keep = mag > kth
+    need = k - int(keep.sum())
+    if need > 0:
+        tied = mag == kth
+        keep |= tied & (tied.cumsum(0) <= need)
+    return delta * keep.view_as(delta)
+
+
+def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: str) -> torch.Tensor:
+    """Keep each entry with probability ``density`` (DARE), then rescale the survivors.
+
+    ``rescale``: ``density`` divides by the keep probability (the DARE paper, peft); ``l1`` scales the
+    result to the L1 norm of the original delta (mergekit's ``rescale: true``); ``none`` leaves it.
+    The mask is one ``torch.bernoulli`` call per model, as peft draws it.
+    """
+    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    kept = delta * mask
+    if rescale == "density":
+        return kept / density
+    if rescale == "l1":
+        return _match_l1(kept, delta)
+    return kept
+
+
+def _match_l1(kept: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    new = float(kept.abs().sum(dtype=torch.float64))
+    if new <= 1e-7:
+        return kept
+    return kept * (float(original.abs().sum(dtype=torch.float64)) / new)
+
+
+def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: drop the largest ``gamma`` fraction of magnitudes and the smallest, keeping ``density``.
+
+    n_top = floor(gamma n), n_keep = floor(density n), n_bottom = n - n_keep - n_top (if negative, fewer
+    top entries are dropped). At density 1 the delta is returned whole (mergekit's convention).
+    """
+    n = delta.numel()
+    if density >= 1:
+        return delta.clone()
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bot = n - n_keep - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    order = delta.abs().reshape(-1).argsort(stable=True)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[n_bot : n - n_top]] = True
+    return delta * keep.view_as(delta)
+
+
+def elect_sign(deltas: Sequence[torch.Tensor], sign_method: str) -> torch.Tensor:
+    """Per-entry majority sign (+1 or -1; +1 when the vote is exactly 0).
+
+    ``sum``: sign of the sum of the deltas (magnitude-weighted vote, TIES paper and mergekit default);
+    ``count``: sign of the sum of signs (one vote per model).
+    """
+    vote = torch.zeros_like(deltas[0])
+    for d in deltas:
+        vote += d if sign_method == "sum" else d.sign()
+    return torch.where(vote >= 0, 1.0, -1.0).to(deltas[0].dtype)
+
+
+def combine(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sign_method: str = "none",
+    sign_from: str = "weighted",
+    normalize: bool = False,
+    divide_by: str = "weight_sum",
+) -> torch.Tensor:
+    """Merge (sparsified) task vectors into one.
+
+    Without sign election (``sign_method: none``): sum_i w_i delta_i, divided by sum_i w_i if
+    ``normalize``. With it: elect a sign per entry from the weighted (``sign_from: weighted``, mergekit)
+    or unweighted (peft) deltas, keep only entries that agree with it (a zero has no sign and never
+    agrees), sum w_i delta_i over them, and if ``normalize`` divide by the sum of the agreeing weights
+    (``divide_by: weight_sum``, mergekit) or by the number of agreeing models (``count``, peft).
+
+    Raises:
+        MethodError: weights summing to zero while normalising without sign election.
+    """
+    weighted = [d * w for d, w in zip(deltas, weights)]
+    if sign_method == "none":
+        acc = torch.zeros_like(deltas[0])
+        for wd in weighted:
+            acc += wd
+        if normalize:
+            total = sum(weights)
+            if abs(total) < 1e-12:
+                raise MethodError(f"weights {list(weights)} sum to zero; cannot normalise (set normalize: false or change the weights)")
+            acc /= total
+        return acc
+    voters = weighted if sign_from == "weighted" else list(deltas)
+    sign = elect_sign(voters, sign_method)
+    acc = torch.zeros_like(deltas[0])
+    div = torch.zeros_like(deltas[0]) if normalize else None
+    for wd, v, w in zip(weighted, voters, weights):
+        agree = v.sign() == sign
+        acc += wd * agree
+        if div is not None:
+            div += agree * (w if divide_by == "weight_sum" else 1.0)
+    if div is None:
+        return acc
+    if divide_by == "weight_sum":
+        div[div.abs() < DIVISOR_FLOOR] = 1.0
+    else:
+        div.clamp_(min=1.0)
+    return acc / div
+
+
+# Parameters shared by the task-vector methods, declared once.
+SIGN_CHOICES = ("sum", "count")
+SIGN_FROM = ("weighted", "unweighted")
+DIVIDE_BY = ("weight_sum", "count")
+RESCALE = ("density", "l1", "none")
+
+
+def density_param(default: float, help: str) -> Param:
+    return Param("density", default, help, low=0.0, high=1.0, low_open=True, per_model=True)
+
+
+SCALE = Param("scale", 1.0, "lambda: multiplies the merged task vector before adding it to the base", aliases=("lambda",))
+SIGN_FROM_PARAM = Param("sign_from", "weighted", "elect signs on weighted deltas (mergekit) or unweighted ones (peft)", kind=str, choices=SIGN_FROM)
+DIVIDE_BY_PARAM = Param("divide_by", "weight_sum", "with normalize: divide by the agreeing models' weights (mergekit) or their count (peft)", kind=str, choices=DIVIDE_BY)
+
+
+def normalize_param(default: bool) -> Param:
+    return Param("normalize", default, "divide by the sum of the weights (of agreeing models, with sign election)", kind=bool)
+
+
+def sign_param(default: str, choices: tuple[str, ...] = SIGN_CHOICES) -> Param:
+    return Param("sign_method", default, "sign election: sum of deltas (sum) or of their signs (count)" + ("; none = no election" if "none" in choices else ""), kind=str, choices=choices)
+
+
+RESCALE_PARAM = Param("rescale", "density", "survivors divided by density (DARE paper, peft), scaled to the delta's L1 norm (mergekit), or none", kind=str, choices=RESCALE)
