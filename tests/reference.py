@@ -1,0 +1,161 @@
+"""Slow, obviously-correct reference implementations: explicit Python loops over elements, in float64.
+
+Each takes lists of small tensors and returns a float64 tensor. They share no code with the library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _flat(t: torch.Tensor) -> list[float]:
+    return [float(x) for x in t.double().reshape(-1)]
+
+
+def _out(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).reshape(like.shape)
+
+
+def linear(tensors, weights, normalize=True):
+    cols = [_flat(t) for t in tensors]
+    total = sum(weights)
+    out = []
+    for i in range(len(cols[0])):
+        s = sum(w * c[i] for w, c in zip(weights, cols))
+        out.append(s / total if normalize else s)
+    return _out(out, tensors[0])
+
+
+def ema(tensors, decay):
+    e = _flat(tensors[0])
+    for t in tensors[1:]:
+        x = _flat(t)
+        e = [decay * a + (1 - decay) * b for a, b in zip(e, x)]
+    return _out(e, tensors[0])
+
+
+def task_arithmetic(tensors, base, weights, scale=1.0, normalize=False):
+    b = _flat(base)
+    cols = [_flat(t) for t in tensors]
+    out = []
+    for i in range(len(b)):
+        s = sum(w * (c[i] - b[i]) for w, c in zip(weights, cols))
+        if normalize:
+            s /= sum(weights)
+        out.append(b[i] + scale * s)
+    return _out(out, base)
+
+
+def top_k_mask(delta, density):
+    """Keep the k largest |values|; ties broken by lower flat index first (by sorting index pairs)."""
+    vals = _flat(delta)
+    k = int(density * len(vals))
+    ranked = sorted(range(len(vals)), key=lambda i: (-abs(vals[i]), i))
+    keep = set(ranked[:k])
+    return [1.0 if i in keep else 0.0 for i in range(len(vals))]
+
+
+def outlier_mask(delta, density, gamma):
+    vals = _flat(delta)
+    n = len(vals)
+    if density >= 1:
+        return [1.0] * n
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bot = n - n_keep - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    ranked = sorted(range(n), key=lambda i: (abs(vals[i]), i))  # ascending, stable
+    keep = set(ranked[n_bot : n - n_top])
+    return [1.0 if i in keep else 0.0 for i in range(n)]
+
+
+def sign_merge(deltas, weights, *, sign_method="sum", sign_from="weighted", normalize=True, divide_by="weight_sum"):
+    """TIES election + disjoint (weighted) mean of already-sparsified deltas (lists of floats)."""
+    n = len(deltas[0])
+    out = []
+    for i in range(n):
+        voters = [(w * d[i] if sign_from == "weighted" else d[i]) for w, d in zip(weights, deltas)]
+        vote = sum(voters) if sign_method == "sum" else sum((v > 0) - (v < 0) for v in voters)
+        elected = 1 if vote >= 0 else -1
+        num, den = 0.0, 0.0
+        for w, d, v in zip(weights, deltas, voters):
+            s = (v > 0) - (v < 0)
+            if s == elected:
+                num += w * d[i]
+                den += w if divide_by == "weight_sum" else 1.0
+        if normalize:
+            if divide_by == "weight_sum":
+                den = den if abs(den) >= 1e-8 else 1.0
+            else:
+                den = max(den, 1.0)
+            num /= den
+        out.append(num)
+    return out
+
+
+def ties(tensors, base, weights, density, scale=1.0, **conv):
+    b = _flat(base)
+    deltas = []
+    for t, p in zip(tensors, density):
+        d = [x - y for x, y in zip(_flat(t), b)]
+        m = top_k_mask(t.double() - base.double(), p)
+        deltas.append([x * y for x, y in zip(d, m)])
+    merged = sign_merge(deltas, weights, **conv)
+    return _out([bi + scale * mi for bi, mi in zip(b, merged)], base)
+
+
+def dare(tensors, base, weights, masks, density, *, ties_style, scale=1.0, **conv):
+    """DARE with explicit 0/1 masks, rescaled by 1/density."""
+    b = _flat(base)
+    deltas = []
+    for t, m, p in zip(tensors, masks, density):
+        d = [x - y for x, y in zip(_flat(t), b)]
+        deltas.append([x * y / p for x, y in zip(d, _flat(m))])
+    if ties_style:
+        merged = sign_merge(deltas, weights, **conv)
+    else:
+        merged = [sum(w * d[i] for w, d in zip(weights, deltas)) for i in range(len(b))]
+    return _out([bi + scale * mi for bi, mi in zip(b, merged)], base)
+
+
+def breadcrumbs(tensors, base, weights, density, gamma, scale=1.0):
+    b = _flat(base)
+    out = [0.0] * len(b)
+    for t, w in zip(tensors, weights):
+        d = [x - y for x, y in zip(_flat(t), b)]
+        m = outlier_mask(t.double() - base.double(), density, gamma)
+        for i in range(len(b)):
+            out[i] += w * d[i] * m[i]
+    return _out([bi + scale * oi for bi, oi in zip(b, out)], base)
+
+
+def slerp(v0, v1, t, dot_threshold=0.9995):
+    a, b = _flat(v0), _flat(v1)
+    na = math.sqrt(sum(x * x for x in a))
+    nb = math.sqrt(sum(x * x for x in b))
+    cos = sum(x * y for x, y in zip(a, b)) / (na * nb)
+    if abs(cos) > dot_threshold:
+        return _out([(1 - t) * x + t * y for x, y in zip(a, b)], v0)
+    w = math.acos(cos)
+    s0, s1 = math.sin((1 - t) * w) / math.sin(w), math.sin(t * w) / math.sin(w)
+    return _out([s0 * x + s1 * y for x, y in zip(a, b)], v0)
+
+
+def model_stock(tensors, base):
+    b = _flat(base)
+    ds = [[x - y for x, y in zip(_flat(t), b)] for t in tensors]
+    n = len(ds)
+    coss = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = sum(x * y for x, y in zip(ds[i], ds[j]))
+            ni = math.sqrt(sum(x * x for x in ds[i]))
+            nj = math.sqrt(sum(x * x for x in ds[j]))
+            coss.append(dot / (ni * nj))
+    c = sum(coss) / len(coss)
+    t = n * c / (1 + (n - 1) * c)
+    cols = [_flat(x) for x in tensors]
+    return _out([t * sum(col[i] for col in cols) / n + (1 - t) * b[i] for i in range(len(b))], base)

@@ -1,0 +1,285 @@
+"""Every merge method three ways: hand-worked numbers, a slow reference loop, algebraic identities;
+plus contract tests over the whole registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from modelsoup.errors import MethodError
+from modelsoup.methods import available_methods, get_method, register
+from modelsoup.methods.ops import trim_top_k
+
+from . import reference as ref
+from .tolerances import FP32_VS_REFERENCE
+
+
+def T(*v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a.double(), b.double(), **FP32_VS_REFERENCE)
+
+
+def call(name, tensors, **kw):
+    return get_method(name)(tensors, **kw)
+
+
+# ---------------------------------------------------------------- hand-worked examples
+
+
+def test_linear_by_hand():
+    close(call("linear", [T(1, 2), T(3, 6)], weights=[1, 3]), T(2.5, 5))
+    close(call("linear", [T(1, 2), T(3, 6)], weights=[1, 3], normalize=False), T(10, 20))
+
+
+def test_ema_by_hand():
+    # e0 = 0, e1 = .5*0 + .5*2 = 1, e2 = .5*1 + .5*4 = 2.5
+    close(call("ema", [T(0), T(2), T(4)], decay=0.5), T(2.5))
+
+
+def test_task_arithmetic_by_hand():
+    close(call("task_arithmetic", [T(2, 0), T(3, 3)], base=T(1, 1), scale=0.5), T(2.5, 1.5))
+    close(call("task_arithmetic", [T(2, 0), T(3, 3)], base=T(1, 1), normalize=True), T(2.5, 1.5))
+
+
+def test_ties_by_hand():
+    # density .5 keeps 2 of 4: d1 -> [3,0,0,-2], d2 -> [0,2,0,-4]; elected signs [+,+,+,-];
+    # entry 0: 3/1, entry 1: 2/1, entry 2: nothing agrees -> 0, entry 3: (-2-4)/2
+    d1, d2 = T(3, -1, 0.5, -2), T(-1, 2, 1, -4)
+    close(call("ties", [d1, d2], base=T(0, 0, 0, 0), density=0.5), T(3, 2, 0, -3))
+    # weighted: w = [1, 3]; entry 3: (-2*1 - 4*3) / (1 + 3) = -3.5 (mergekit), (-2 - 12) / 2 = -7 (peft count)
+    close(call("ties", [d1, d2], base=T(0, 0, 0, 0), density=0.5, weights=[1, 3]), T(3, 2, 0, -3.5))
+    close(call("ties", [d1, d2], base=T(0, 0, 0, 0), density=0.5, weights=[1, 3], divide_by="count", sign_from="unweighted"), T(3, 6, 0, -7))
+
+
+def test_ties_sign_from_weighted_vs_unweighted_differ_by_hand():
+    # deltas +1 and -2 with weights 3 and 1: weighted vote 3 - 2 > 0 elects +, unweighted 1 - 2 < 0 elects -
+    a, b = T(1.0), T(-2.0)
+    close(call("ties", [a, b], base=T(0), density=1.0, weights=[3, 1]), T(1.0))
+    close(call("ties", [a, b], base=T(0), density=1.0, weights=[3, 1], sign_from="unweighted"), T(-2.0))
+    # count: one vote each, tie 0 -> +
+    close(call("ties", [a, b], base=T(0), density=1.0, sign_method="count"), T(1.0))
+
+
+def test_breadcrumbs_by_hand():
+    # n=10, density .5 keeps 5, gamma .1 drops the largest 1, so the 4 smallest and the top 1 go
+    d = torch.arange(1.0, 11.0)
+    close(call("breadcrumbs", [d], base=torch.zeros(10), density=0.5, gamma=0.1), T(0, 0, 0, 0, 5, 6, 7, 8, 9, 0))
+
+
+def test_slerp_by_hand():
+    h = math.sqrt(0.5)
+    close(call("slerp", [T(1, 0), T(0, 1)], t=0.5), T(h, h))
+    close(call("slerp", [T(0, 1)], base=T(1, 0), t=0.5), T(h, h))  # base is the t=0 end
+    # norms interpolate along the arc: |v0| = 2, |v1| = 1 at 90 degrees, t = .5 -> (2h, h)
+    close(call("slerp", [T(2, 0), T(0, 1)], t=0.5), T(2 * h, h))
+
+
+def test_model_stock_by_hand():
+    # cos(delta1, delta2) = 1/sqrt(2); t = 2c / (1 + c); result = t * mean([1,1],[1,0])
+    c = 1 / math.sqrt(2)
+    t = 2 * c / (1 + c)
+    close(call("model_stock", [T(1, 1), T(1, 0)], base=T(0, 0)), T(t, 0.5 * t))
+
+
+def test_dare_by_hand_with_known_mask():
+    g = torch.Generator().manual_seed(3)
+    mask = torch.bernoulli(torch.full((6,), 0.5), generator=g)
+    d = torch.arange(1.0, 7.0)
+    got = call("dare_linear", [d], base=torch.zeros(6), density=0.5, generator=torch.Generator().manual_seed(3))
+    close(got, d * mask / 0.5)
+    got_none = call("dare_linear", [d], base=torch.zeros(6), density=0.5, rescale="none", generator=torch.Generator().manual_seed(3))
+    close(got_none, d * mask)
+    got_l1 = call("dare_linear", [d], base=torch.zeros(6), density=0.5, rescale="l1", generator=torch.Generator().manual_seed(3))
+    close(got_l1.abs().sum(), d.abs().sum())
+
+
+# ---------------------------------------------------------------- agreement with tests/reference.py
+
+
+def _rand(seed: int, n: int, shape=(4, 5)):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + 0.3 * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_linear_ema_task_arithmetic_match_reference(seed):
+    base, ms = _rand(seed, 4)
+    w = [0.5, 1.5, -0.25, 2.0]
+    close(call("linear", ms, weights=w), ref.linear(ms, w))
+    close(call("linear", ms, weights=w, normalize=False), ref.linear(ms, w, normalize=False))
+    close(call("ema", ms, decay=0.7), ref.ema(ms, 0.7))
+    close(call("task_arithmetic", ms, base=base, weights=w, scale=0.8), ref.task_arithmetic(ms, base, w, 0.8))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "conv",
+    [{}, {"sign_method": "count"}, {"sign_from": "unweighted", "divide_by": "count"}, {"normalize": False}],
+)
+def test_ties_matches_reference(seed, conv):
+    base, ms = _rand(seed, 3)
+    w, dens = [1.0, 0.5, 2.0], [0.3, 0.6, 0.45]
+    got = call("ties", ms, base=base, weights=w, density=dens, scale=0.9, **conv)
+    full = {"sign_method": "sum", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"} | conv
+    close(got, ref.ties(ms, base, w, dens, 0.9, **full))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_matches_reference_with_the_same_masks(seed, name):
+    base, ms = _rand(seed, 3)
+    w, dens = [1.0, 0.5, 2.0], [0.5, 0.7, 0.9]
+    g = torch.Generator().manual_seed(11)
+    masks = [torch.bernoulli(torch.full_like(m, p), generator=g) for m, p in zip(ms, dens)]
+    got = call(name, ms, base=base, weights=w, density=dens, generator=torch.Generator().manual_seed(11))
+    ties_style = name == "dare_ties"
+    close(got, ref.dare(ms, base, w, masks, dens, ties_style=ties_style))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_breadcrumbs_slerp_model_stock_match_reference(seed):
+    base, ms = _rand(seed, 3, shape=(50,))
+    w = [1.0, 0.5, 2.0]
+    close(call("breadcrumbs", ms, base=base, weights=w, density=0.6, gamma=0.1), ref.breadcrumbs(ms, base, w, 0.6, 0.1))
+    close(call("slerp", ms[:2], t=0.3), ref.slerp(ms[0], ms[1], 0.3))
+    close(call("slerp", [ms[0] - base, ms[1] - base], t=0.7), ref.slerp(ms[0] - base, ms[1] - base, 0.7))
+    close(call("model_stock", ms, base=base), ref.model_stock(ms, base))
+
+
+# ---------------------------------------------------------------- identities
+
+
+def test_soup_of_identical_models_is_that_model():
+    base, (m,) = _rand(5, 1)
+    same = [m, m.clone(), m.clone()]
+    for name, kw in [
+        ("linear", {}),
+        ("ema", {}),
+        ("slerp", {"tensors": same[:2]}),
+        ("model_stock", {"base": base}),
+        ("task_arithmetic", {"base": base, "normalize": True}),
+        ("ties", {"base": base, "density": 1.0}),
+        ("breadcrumbs", {"base": base, "density": 1.0, "normalize": True}),
+        ("dare_ties", {"base": base, "density": 1.0, "generator": torch.Generator().manual_seed(0)}),
+    ]:
+        tensors = kw.pop("tensors", same)
+        close(call(name, tensors, **kw), m)
+
+
+def test_weights_one_minus_one_give_zero():
+    _, (a,) = _rand(1, 1)
+    assert torch.equal(call("linear", [a, a.clone()], weights=[1, -1], normalize=False), torch.zeros_like(a))
+
+
+def test_ties_density_one_single_model_is_task_arithmetic():
+    base, (m,) = _rand(2, 1)
+    close(call("ties", [m], base=base, density=1.0, scale=0.6), call("task_arithmetic", [m], base=base, scale=0.6))
+
+
+def test_dare_density_one_is_task_arithmetic():
+    base, ms = _rand(3, 3)
+    ta = call("task_arithmetic", ms, base=base, weights=[1, 2, 3])
+    close(call("dare_linear", ms, base=base, weights=[1, 2, 3], density=1.0), ta)
+
+
+def test_slerp_endpoints_and_parallel_fallback():
+    _, (a, b) = _rand(4, 2)
+    close(call("slerp", [a, b], t=0.0), a)
+    close(call("slerp", [a, b], t=1.0), b)
+    c = 2.0 * a  # parallel: cos = 1 -> linear interpolation
+    close(call("slerp", [a, c], t=0.25), 0.75 * a + 0.25 * c)
+
+
+def test_ema_decay_zero_is_last_model():
+    _, ms = _rand(6, 3)
+    close(call("ema", ms, decay=0.0), ms[-1])
+
+
+def test_model_stock_orthogonal_gives_base_and_identical_deltas_give_mean():
+    base = T(1, 1, 1)
+    close(call("model_stock", [T(2, 1, 1), T(1, 2, 1)], base=base), base)
+    close(call("model_stock", [T(2, 3, 1), T(2, 3, 1)], base=base), T(2, 3, 1))
+
+
+def test_exact_k_with_magnitude_ties():
+    d = T(1, -1, 1, -1, 0.5, 2)
+    # k = 3: keep 2 (above), then the first two of the tied |1| entries in index order
+    assert torch.equal(trim_top_k(d, 0.5), T(1, -1, 0, 0, 0, 2))
+    assert torch.equal(trim_top_k(d, 0.1), T(0, 0, 0, 0, 0, 0))
+    assert int((trim_top_k(torch.ones(1000), 0.37) != 0).sum()) == 370
+
+
+# ---------------------------------------------------------------- contract tests over the registry
+
+
+def _args(m):
+    base, ms = _rand(9, 3, shape=(8, 6))
+    if m.name == "slerp":
+        ms = ms[:2]
+    kw = {"base": base} if m.base == "required" else {}
+    return ms, kw
+
+
+@pytest.mark.parametrize("m", available_methods(), ids=lambda m: m.name)
+def test_contract_shape_dtype_no_mutation_deterministic(m):
+    ms, kw = _args(m)
+    copies = [t.clone() for t in ms]
+    base_copy = kw["base"].clone() if "base" in kw else None
+    gen = (lambda s: torch.Generator().manual_seed(s)) if m.random else (lambda s: None)
+    out1 = m(ms, generator=gen(1), **kw)
+    out2 = m(ms, generator=gen(1), **kw)
+    assert out1.shape == ms[0].shape and out1.dtype == torch.float32
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(a, b) for a, b in zip(ms, copies))
+    if base_copy is not None:
+        assert torch.equal(kw["base"], base_copy)
+    if m.random:
+        assert not torch.equal(out1, m(ms, generator=gen(2), **kw))
+
+
+@pytest.mark.parametrize("m", available_methods(), ids=lambda m: m.name)
+def test_contract_defaults_are_in_range_and_documented(m):
+    assert m.summary and m.paper
+    for p in m.params:
+        assert p.check(p.default) is None, (m.name, p.name)
+        assert p.help
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(MethodError, match=r"unknown merge method 'tie'; valid methods: breadcrumbs, .*ties"):
+        get_method("tie")
+
+
+def test_duplicate_registration_and_bad_signatures_rejected():
+    with pytest.raises(MethodError, match="registered twice"):
+        register("linear", summary="x", paper="y")(lambda tensors, *, base=None, weights=None: tensors[0])
+
+    with pytest.raises(MethodError, match="must be keyword-only"):
+
+        @register("bad_positional", summary="x", paper="y")
+        def f(tensors, base=None, *, weights=None):
+            return tensors[0]
+
+    with pytest.raises(MethodError, match="do not match the declared params"):
+
+        @register("bad_params", summary="x", paper="y")
+        def g(tensors, *, base=None, weights=None, alpha=1.0):
+            return tensors[0]
+
+
+def test_count_problems_name_the_method():
+    assert "exactly" not in (get_method("linear").count_problem(1, False) or "")
+    assert get_method("ties").count_problem(2, False) == "method 'ties' needs a base model (set `base:`)"
+    assert "model_stock' takes at least 2" in get_method("model_stock").count_problem(1, True)
+    with pytest.raises(MethodError, match="exactly two models"):
+        call("slerp", [T(1), T(2), T(3)])
+    with pytest.raises(MethodError, match="sum to zero"):
+        call("linear", [T(1), T(2)], weights=[1, -1])
+    with pytest.raises(MethodError, match="ema takes no weights"):
+        call("ema", [T(1), T(2)], weights=[1, 1])
