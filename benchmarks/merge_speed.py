@@ -98,7 +98,10 @@ def build(folder: Path, n: int, target_bytes: float, dtype: torch.dtype) -> list
 
 
 def run_child(args: dict) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if not args.get("hash_cache"):  # a fresh input-hash cache: the merge hashes every input, as a first run does
+        env["MODELSOUP_CACHE_DIR"] = tempfile.mkdtemp(prefix="soup-hash-cache-")
+    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise SystemExit(f"child failed: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -139,6 +142,7 @@ def main() -> None:
     rows = [("I/O floor (read inputs + write output)", floor, None)]
     cases = [
         ("linear", {}, None, True),
+        ("linear (input hashes cached, as on a rerun)", {}, None, "cached"),
         ("linear (no hashing)", {}, None, False),
         ("ties density=0.5", {"density": 0.5}, str(inputs[0]), True),
         ("slerp t=0.5", {"t": 0.5}, None, True),
@@ -148,7 +152,8 @@ def main() -> None:
         ins = common["inputs"][1:] if base else common["inputs"]
         if method == "slerp":
             ins = common["inputs"][:2]
-        r = best({"what": method, "inputs": ins, "base": base, "params": params, "output": str(scratch / "out"), "hash": hashing, "workers": a.workers})
+        r = best({"what": method, "inputs": ins, "base": base, "params": params, "output": str(scratch / "out"), "hash": bool(hashing),
+                  "hash_cache": hashing == "cached", "workers": a.workers})
         rows.append((f"soup merge {label}" + (f" ({len(ins)} models)" if method == "slerp" else ""), r, r["seconds"] / floor["seconds"]))
     print()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}")

@@ -283,3 +283,26 @@ def test_count_problems_name_the_method():
         call("linear", [T(1), T(2)], weights=[1, -1])
     with pytest.raises(MethodError, match="ema takes no weights"):
         call("ema", [T(1), T(2)], weights=[1, 1])
+
+
+@pytest.mark.parametrize("kind", ["continuous", "few_values", "one_value"])
+def test_bracketed_kth_largest_is_exact(kind):
+    from modelsoup.methods.ops import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    n = 3_000_000
+    if kind == "continuous":
+        mag = torch.randn(n, generator=g).abs()
+    elif kind == "few_values":  # like half-precision magnitudes: many exact ties
+        mag = torch.randint(0, 50, (n,), generator=g).float()
+    else:
+        mag = torch.ones(n)
+    for k in (1, 17, n // 5, n // 2, n - 3, n):
+        assert float(kth_largest(mag, k)) == float(torch.kthvalue(mag, n - k + 1).values), k
+
+
+def test_zero_weight_neither_votes_nor_counts():
+    a, b = T(1.0, -1.0), T(-3.0, 2.0)
+    got = call("ties", [a, b], base=T(0, 0), density=1.0, weights=[1.0, 0.0], divide_by="count")
+    close(got, T(1.0, -1.0))
+    close(ref.ties([a, b], T(0, 0), [1.0, 0.0], [1.0, 1.0], divide_by="count"), T(1.0, -1.0))

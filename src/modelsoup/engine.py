@@ -210,7 +210,9 @@ def run_jobs(
             readers = len(session.ingredients) + (1 if session.base is not None and session.method.base != "none" else 0)
 
             def cost(job: TensorJob) -> int:
-                return (job.nbytes * 4 // job.dtype.itemsize) * (readers + 2)
+                # inputs and result in float32, the method's own buffers, and a few temporaries
+                buffers = readers + 2 + session.method.workspace * len(session.ingredients) + (2 if session.method.workspace else 0)
+                return (job.nbytes * 4 // job.dtype.itemsize) * buffers
 
             with ThreadPoolExecutor(n, thread_name_prefix="soup") as pool:
                 pending: dict[Future[int], int] = {}

@@ -24,6 +24,7 @@ from .registry import Param, register
         DIVIDE_BY_PARAM,
     ],
     base="required",
+    workspace=2,
 )
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],

@@ -16,6 +16,7 @@ from .registry import register
     paper="Yu et al. 2024, Language models are Super Mario (DARE) (arXiv 2311.03099)",
     params=[density_param(0.5, "probability of KEEPING each entry (peft and mergekit convention)"), SCALE, RESCALE_PARAM, normalize_param(False)],
     base="required",
+    workspace=1,
 )
 def dare_linear(
     tensors: Sequence[torch.Tensor],

@@ -19,6 +19,7 @@ from .registry import register
     paper="Yu et al. 2024, Language models are Super Mario (DARE) (arXiv 2311.03099); Yadav et al. 2023 (TIES)",
     params=[density_param(0.5, "probability of KEEPING each entry"), SCALE, RESCALE_PARAM, sign_param("sum"), SIGN_FROM_PARAM, normalize_param(True), DIVIDE_BY_PARAM],
     base="required",
+    workspace=1,
 )
 def dare_ties(
     tensors: Sequence[torch.Tensor],

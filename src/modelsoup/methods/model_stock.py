@@ -27,6 +27,7 @@ def _rows(t: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     paper="Jang et al. 2024, Model Stock: all we need is just a few fine-tuned models (arXiv 2403.19522)",
     params=[Param("filter_wise", False, "one t per output row instead of per tensor", kind=bool)],
     base="required",
+    workspace=2,
     min_models=2,
 )
 def model_stock(

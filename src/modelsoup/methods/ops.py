@@ -45,11 +45,41 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, met
     return [t - base for t in tensors]
 
 
+# Tensors larger than this find their k-th magnitude by bracketing it from a strided sample first.
+BRACKET_ABOVE = 1 << 20
+_SAMPLE = 1 << 18
+
+
+def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest value of a flat tensor (1 <= k <= numel).
+
+    For large tensors a deterministic strided sample brackets it between two values, and ``kthvalue``
+    runs on the few elements inside the bracket only; if the bracket misses (it cannot be wrong, only
+    unlucky), the full ``kthvalue`` runs instead.
+    """
+    n = mag.numel()
+    if n <= BRACKET_ABOVE:
+        return torch.kthvalue(mag, n - k + 1).values
+    sample = mag[:: n // _SAMPLE].sort().values
+    m = sample.numel()
+    pos = (1 - k / n) * m
+    margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 64
+    lo = sample[max(0, int(pos - margin))]
+    hi = sample[min(m - 1, int(pos + margin))]
+    above = int(torch.count_nonzero(mag > hi))
+    if above < k:
+        band = mag[(mag >= lo) & (mag <= hi)]
+        r = k - above  # the answer is the r-th largest inside the band
+        if band.numel() >= r:
+            return torch.kthvalue(band, band.numel() - r + 1).values
+    return torch.kthvalue(mag, n - k + 1).values
+
+
 def trim_top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = floor(density * numel) largest magnitudes, zero the rest.
 
     Exactly k are kept even when magnitudes tie: all entries above the k-th largest magnitude, then the
-    first (in flat index order) of those equal to it. ``kthvalue`` is a selection, not a sort.
+    first (in flat index order) of those equal to it.
     """
     n = delta.numel()
     k = int(density * n)
@@ -58,9 +88,9 @@ def trim_top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(delta)
     mag = delta.abs().reshape(-1)
-    kth = torch.kthvalue(mag, n - k + 1).values
+    kth = kth_largest(mag, k)
     keep = mag > kth
-    need = k - int(keep.sum())
+    need = k - int(torch.count_nonzero(keep))
     if need > 0:
         tied = mag == kth
         keep |= tied & (tied.cumsum(0) <= need)
@@ -142,33 +172,47 @@ def combine(
     Raises:
         MethodError: weights summing to zero while normalising without sign election.
     """
-    weighted = [d * w for d, w in zip(deltas, weights)]
     if sign_method == "none":
         acc = torch.zeros_like(deltas[0])
-        for wd in weighted:
-            acc += wd
+        for d, w in zip(deltas, weights):
+            acc.add_(d, alpha=w)
         if normalize:
             total = sum(weights)
             if abs(total) < 1e-12:
                 raise MethodError(f"weights {list(weights)} sum to zero; cannot normalise (set normalize: false or change the weights)")
             acc /= total
         return acc
-    voters = weighted if sign_from == "weighted" else list(deltas)
-    sign = elect_sign(voters, sign_method)
+    # A voter is w_i delta_i (weighted) or delta_i; its sign is sign(delta_i), flipped for negative weights.
+    flips = [(w < 0) if sign_from == "weighted" else False for w in weights]
+    # a zero weight makes a weighted voter all zeros: no sign, so it neither votes nor agrees
+    voting = [not (sign_from == "weighted" and w == 0) for w in weights]
+    vote = torch.zeros_like(deltas[0])
+    for d, w, flip, v in zip(deltas, weights, flips, voting):
+        if not v:
+            continue
+        if sign_method == "sum":
+            vote.add_(d, alpha=w if sign_from == "weighted" else 1.0)
+        else:
+            vote.add_(d.sign(), alpha=-1.0 if flip else 1.0)
+    positive = vote >= 0  # the elected sign is + where True
+    del vote
     acc = torch.zeros_like(deltas[0])
     div = torch.zeros_like(deltas[0]) if normalize else None
-    for wd, v, w in zip(weighted, voters, weights):
-        agree = v.sign() == sign
-        acc += wd * agree
+    for d, w, flip, v in zip(deltas, weights, flips, voting):
+        if not v:
+            continue
+        up, down = (d < 0, d > 0) if flip else (d > 0, d < 0)
+        agree = torch.where(positive, up, down)
+        acc.add_(d * agree, alpha=w)
         if div is not None:
-            div += agree * (w if divide_by == "weight_sum" else 1.0)
+            div.add_(agree, alpha=w if divide_by == "weight_sum" else 1.0)
     if div is None:
         return acc
     if divide_by == "weight_sum":
         div[div.abs() < DIVISOR_FLOOR] = 1.0
     else:
         div.clamp_(min=1.0)
-    return acc / div
+    return acc.div_(div)
 
 
 # Parameters shared by the task-vector methods, declared once.

@@ -100,6 +100,7 @@ class MergeMethod:
     max_models: int | None
     random: bool
     aliases: dict[str, str] = field(default_factory=dict)
+    workspace: int = 0
 
     def param(self, name: str) -> Param | None:
         """Find a parameter by name or alias."""
@@ -144,8 +145,12 @@ def register(
     base: BaseUse = "none",
     min_models: int = 1,
     max_models: int | None = None,
+    workspace: int = 0,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method; checks its signature against ``params`` at import.
+
+    ``workspace`` is how many tensor-sized float32 buffers the method holds per ingredient besides its
+    inputs (e.g. one task vector each); the engine counts it against its memory budget.
 
     Raises:
         MethodError: duplicate name, or a signature that does not follow the method contract.
@@ -188,6 +193,7 @@ def register(
             max_models=max_models,
             random=is_random,
             aliases=aliases,
+            workspace=workspace,
         )
         return fn
 

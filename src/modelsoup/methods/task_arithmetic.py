@@ -16,6 +16,7 @@ from .registry import register
     paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)",
     params=[SCALE, normalize_param(False)],
     base="required",
+    workspace=1,
 )
 def task_arithmetic(
     tensors: Sequence[torch.Tensor],

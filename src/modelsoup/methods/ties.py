@@ -24,6 +24,7 @@ from .registry import register
     paper="Yadav et al. 2023, TIES-Merging: resolving interference when merging models (arXiv 2306.01708)",
     params=[density_param(0.2, "fraction of each task vector kept (largest magnitudes, per tensor)"), SCALE, sign_param("sum"), SIGN_FROM_PARAM, normalize_param(True), DIVIDE_BY_PARAM],
     base="required",
+    workspace=1,
 )
 def ties(
     tensors: Sequence[torch.Tensor],
