@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,7 +115,11 @@ class SafetensorsWriter:
         self._next = [0] * len(self.files)
         self._held: dict[str, torch.Tensor] = {}
         self._held_bytes = 0
-        self._lock = threading.Lock()
+        # One thread hashes in file order so writers never wait on it (hashlib releases the GIL).
+        self._queue: queue.SimpleQueue[tuple[str, torch.Tensor] | None] = queue.SimpleQueue()
+        self._hasher = threading.Thread(target=self._hash_loop, name="soup-hash-out", daemon=True) if hash_files else None
+        if self._hasher is not None:
+            self._hasher.start()
         self._sharded = len(self.files) > 1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -126,14 +131,16 @@ class SafetensorsWriter:
         fd, done = self._fds[slot.fd_index], 0
         while done < slot.nbytes:
             done += os.pwrite(fd, data[done:], slot.offset + done)
-        if self._hash_files:
-            self._advance_hash(slot.fd_index, name, tensor)
+        if self._hasher is not None:
+            self._queue.put((name, tensor))
 
-    def _advance_hash(self, shard: int, name: str, tensor: torch.Tensor) -> None:
-        """Feed finished tensors to the shard's hash in file order (hashlib releases the GIL)."""
-        with self._lock:
+    def _hash_loop(self) -> None:
+        """Feed finished tensors to their shard's hash in file order; hold those that arrive early."""
+        while (item := self._queue.get()) is not None:
+            name, tensor = item
+            shard = self.slots[name].fd_index
             if self._hashers[shard] is None:
-                return
+                continue
             self._held[name] = tensor
             self._held_bytes += self.slots[name].nbytes
             order, h = self._file_order[shard], self._hashers[shard]
@@ -147,6 +154,12 @@ class SafetensorsWriter:
                     self._held_bytes -= self.slots[n].nbytes
                     del self._held[n]
                 self._hashers[shard] = None
+
+    def _stop_hashing(self) -> None:
+        if self._hasher is not None:
+            self._queue.put(None)
+            self._hasher.join()
+            self._hasher = None
 
     def digests(self) -> dict[str, str]:
         """sha256 of every file written (call after :meth:`close`)."""
@@ -162,6 +175,7 @@ class SafetensorsWriter:
 
     def close(self) -> list[Path]:
         """Close the files and write the shard index if sharded; return every file written."""
+        self._stop_hashing()
         for fd in self._fds:
             os.fsync(fd)
             os.close(fd)
@@ -175,6 +189,7 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Close file handles without finishing (the caller deletes the folder)."""
+        self._stop_hashing()
         for fd in self._fds:
             os.close(fd)
         self._fds = []

@@ -47,54 +47,108 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, met
 
 # Tensors larger than this find their k-th magnitude by bracketing it from a strided sample first.
 BRACKET_ABOVE = 1 << 20
-_SAMPLE = 1 << 18
+_SAMPLE = 1 << 16
+# Elementwise stages run on chunks of this many elements: cache-resident, no whole-tensor temporaries.
+CHUNK = 1 << 20
+
+
+def _spans(n: int) -> list[tuple[int, int]]:
+    return [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+
+
+class MagnitudeSource:
+    """|theta - base| (or |theta|) of a flat tensor, produced chunk by chunk without materialising it."""
+
+    def __init__(self, theta: torch.Tensor, base: torch.Tensor | None = None) -> None:
+        self.theta = theta.reshape(-1)
+        self.base = None if base is None else base.reshape(-1)
+        self.n = self.theta.numel()
+
+    def delta(self, i: int, j: int) -> torch.Tensor:
+        """A fresh tensor holding theta - base on [i, j)."""
+        return self.theta[i:j] - self.base[i:j] if self.base is not None else self.theta[i:j].clone()
+
+    def magnitude(self, i: int, j: int) -> torch.Tensor:
+        return self.delta(i, j).abs_()
+
+    def sample(self, stride: int) -> torch.Tensor:
+        t = self.theta[::stride]
+        return (t - self.base[::stride]).abs_() if self.base is not None else t.abs()
+
+
+def kth_largest_magnitude(src: MagnitudeSource, k: int) -> tuple[torch.Tensor, int, int]:
+    """The exact k-th largest magnitude (1 <= k <= n), how many magnitudes exceed it and how many equal it.
+
+    For large tensors a deterministic strided sample brackets the answer between two values and
+    ``kthvalue`` runs only on the magnitudes inside the bracket; if the bracket misses (it cannot be
+    wrong, only unlucky), the full selection runs instead.
+    """
+    n = src.n
+    if n > BRACKET_ABOVE:
+        sample = src.sample(n // _SAMPLE).sort().values
+        m = sample.numel()
+        pos = (1 - k / n) * m
+        margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 64
+        lo, hi = sample[max(0, int(pos - margin))], sample[min(m - 1, int(pos + margin))]
+        above, bands = 0, []
+        for i, j in _spans(n):
+            mag = src.magnitude(i, j)
+            above += int(torch.count_nonzero(mag > hi))
+            bands.append(mag[(mag >= lo) & (mag <= hi)])
+        band = torch.cat(bands)
+        r = k - above  # the answer is the r-th largest inside the band
+        if 0 < r <= band.numel():
+            kth = torch.kthvalue(band, band.numel() - r + 1).values
+            return kth, above + int(torch.count_nonzero(band > kth)), int(torch.count_nonzero(band == kth))
+    mag = src.magnitude(0, n)
+    kth = torch.kthvalue(mag, n - k + 1).values
+    return kth, int(torch.count_nonzero(mag > kth)), int(torch.count_nonzero(mag == kth))
 
 
 def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest value of a flat tensor (1 <= k <= numel).
+    """The exact k-th largest value of a flat non-negative tensor."""
+    return kth_largest_magnitude(MagnitudeSource(mag), k)[0]
 
-    For large tensors a deterministic strided sample brackets it between two values, and ``kthvalue``
-    runs on the few elements inside the bracket only; if the bracket misses (it cannot be wrong, only
-    unlucky), the full ``kthvalue`` runs instead.
+
+class TopKTrim:
+    """Keeps the k = floor(density * n) largest magnitudes of theta - base, applied chunk by chunk.
+
+    Exactly k are kept even when magnitudes tie: all entries above the k-th largest magnitude, then
+    the first (in flat index order, across chunks) of those equal to it. Apply chunks in order.
     """
-    n = mag.numel()
-    if n <= BRACKET_ABOVE:
-        return torch.kthvalue(mag, n - k + 1).values
-    sample = mag[:: n // _SAMPLE].sort().values
-    m = sample.numel()
-    pos = (1 - k / n) * m
-    margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 64
-    lo = sample[max(0, int(pos - margin))]
-    hi = sample[min(m - 1, int(pos + margin))]
-    above = int(torch.count_nonzero(mag > hi))
-    if above < k:
-        band = mag[(mag >= lo) & (mag <= hi)]
-        r = k - above  # the answer is the r-th largest inside the band
-        if band.numel() >= r:
-            return torch.kthvalue(band, band.numel() - r + 1).values
-    return torch.kthvalue(mag, n - k + 1).values
+
+    def __init__(self, src: MagnitudeSource, density: float) -> None:
+        n = src.n
+        self.k = int(density * n)
+        self.all, self.none = self.k >= n, self.k <= 0
+        if not (self.all or self.none):
+            self.kth, greater, equal = kth_largest_magnitude(src, self.k)
+            self.need = self.k - greater  # how many entries equal to the k-th magnitude to keep
+            self.keep_all_equal = self.need == equal  # usual case: no tie to break at the threshold
+            self.tied_seen = 0
+
+    def apply_(self, d: torch.Tensor) -> torch.Tensor:
+        """Trim the next chunk of deltas in place and return it."""
+        if self.all:
+            return d
+        if self.none:
+            return d.zero_()
+        mag = d.abs()
+        if self.keep_all_equal:
+            return d.mul_(mag >= self.kth)
+        keep = mag > self.kth
+        if self.need > 0:
+            tied = mag == self.kth
+            keep |= tied & ((tied.cumsum(0) + self.tied_seen) <= self.need)
+            self.tied_seen += int(torch.count_nonzero(tied))
+        return d.mul_(keep)
 
 
 def trim_top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = floor(density * numel) largest magnitudes, zero the rest.
-
-    Exactly k are kept even when magnitudes tie: all entries above the k-th largest magnitude, then the
-    first (in flat index order) of those equal to it.
-    """
-    n = delta.numel()
-    k = int(density * n)
-    if k >= n:
-        return delta.clone()
-    if k <= 0:
-        return torch.zeros_like(delta)
-    mag = delta.abs().reshape(-1)
-    kth = kth_largest(mag, k)
-    keep = mag > kth
-    need = k - int(torch.count_nonzero(keep))
-    if need > 0:
-        tied = mag == kth
-        keep |= tied & (tied.cumsum(0) <= need)
-    return delta * keep.view_as(delta)
+    """Keep the k = floor(density * numel) largest magnitudes of ``delta``, zero the rest (see :class:`TopKTrim`)."""
+    src = MagnitudeSource(delta)
+    trim = TopKTrim(src, density)
+    return torch.cat([trim.apply_(src.delta(i, j)) for i, j in _spans(src.n)]).view_as(delta) if src.n else delta.clone()
 
 
 def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: str) -> torch.Tensor:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops import DIVIDE_BY_PARAM, SCALE, SIGN_FROM_PARAM, combine, density_param, model_weights, normalize_param, per_model, sign_param, task_vectors, trim_top_k
+from ..errors import MethodError
+from .ops import CHUNK, DIVIDE_BY_PARAM, SCALE, SIGN_FROM_PARAM, MagnitudeSource, TopKTrim, combine, density_param, model_weights, normalize_param, per_model, sign_param
 from .registry import register
 
 
@@ -24,7 +25,6 @@ from .registry import register
     paper="Yadav et al. 2023, TIES-Merging: resolving interference when merging models (arXiv 2306.01708)",
     params=[density_param(0.2, "fraction of each task vector kept (largest magnitudes, per tensor)"), SCALE, sign_param("sum"), SIGN_FROM_PARAM, normalize_param(True), DIVIDE_BY_PARAM],
     base="required",
-    workspace=1,
 )
 def ties(
     tensors: Sequence[torch.Tensor],
@@ -38,10 +38,22 @@ def ties(
     normalize: bool = True,
     divide_by: str = "weight_sum",
 ) -> torch.Tensor:
-    """theta = base + scale * disjoint_mean(elect(trim(delta_i, density_i))), see :func:`ops.combine`."""
-    deltas = task_vectors(tensors, base, "ties")
-    dens = per_model(density, len(deltas), "density")
-    trimmed = [trim_top_k(d, p) for d, p in zip(deltas, dens)]
-    merged = combine(trimmed, model_weights(weights, len(deltas)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
-    assert base is not None
-    return base + scale * merged
+    """theta = base + scale * disjoint_mean(elect(trim(delta_i, density_i))), see :func:`ops.combine`.
+
+    Thresholds are found per tensor first; trimming and the merge then run chunk by chunk (the result
+    does not depend on the chunking: every stage after the threshold is elementwise).
+    """
+    if base is None:
+        raise MethodError("method 'ties' needs a base model (set `base:` / --base)")
+    dens = per_model(density, len(tensors), "density")
+    w = model_weights(weights, len(tensors))
+    srcs = [MagnitudeSource(t, base) for t in tensors]
+    trims = [TopKTrim(src, p) for src, p in zip(srcs, dens)]
+    flat_base = base.reshape(-1)
+    out = torch.empty(flat_base.shape, dtype=torch.float32)
+    for i in range(0, flat_base.numel(), CHUNK):
+        j = min(i + CHUNK, flat_base.numel())
+        trimmed = [trim.apply_(src.delta(i, j)) for trim, src in zip(trims, srcs)]
+        merged = combine(trimmed, w, sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
+        out[i:j] = flat_base[i:j] + scale * merged
+    return out.view_as(base)
