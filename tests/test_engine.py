@@ -256,3 +256,21 @@ def test_interrupted_merge_leaves_no_output_and_keeps_the_old_one(tmp_path, stat
         merge(models=paths, output=out, overwrite=True, weights=[1, 2, 3], workers=workers, progress=False)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_mergekit_recipe_runs_unchanged_and_its_notes_reach_the_manifest(tmp_path, states, monkeypatch):
+    paths = _files(tmp_path, states)
+    save_file(make_state(0), tmp_path / "base.safetensors")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mk.yaml").write_text(
+        "merge_method: ties\nbase_model: base.safetensors\nmodels:\n"
+        + "".join(f"  - model: {p.name}\n    parameters: {{weight: {w}, density: 0.5}}\n" for p, w in zip(paths, [1.0, 0.5, 2.0]))
+        + "parameters: {int8_mask: true}\ndtype: float32\n"
+    )
+    merge("mk.yaml", tmp_path / "out", progress=False)
+    manifest = json.loads((tmp_path / "out" / "soup_manifest.json").read_text())
+    assert any("int8_mask" in n for n in manifest["notes"])
+    base = make_state(0)
+    want = merge_state_dicts(states, method="ties", base=base, weights=[1.0, 0.5, 2.0], parameters={"density": 0.5})
+    got = _read_all(tmp_path / "out")
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -96,7 +96,7 @@ class MergeSession:
         names, from_base = align_names(models, base, recipe.keys, uses_base)
         rules = recipe.rules(names)
         jobs = build_jobs(names, from_base, models, ingredients, base, method, rules, recipe.dtype)
-        notes = [f"{ck.label}: {n}" for ck in [*models, *([base] if base else [])] for n in ck.notes]
+        notes = list(recipe.notes) + [f"{ck.label}: {n}" for ck in [*models, *([base] if base else [])] for n in ck.notes]
         for n in notes:
             log.info(n)
         return cls(models, base, method, ingredients, jobs, recipe.seed, recipe.allow_nonfinite, notes)
