@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import merge
+from ..api import merge
 
 log = logging.getLogger("modelsoup")
 
