@@ -50,3 +50,84 @@ def minilm_path() -> Path:
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the input-hash cache out of the user's home during tests."""
     monkeypatch.setenv("MODELSOUP_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+class DigitsRun:
+    """Five small MLPs fine-tuned from one pre-trained start on scikit-learn's digits, saved as safetensors."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        from modelsoup.demo.digits import Hyper, load_splits, make_net, train
+
+        self.folder = folder
+        self.data = load_splits(0)
+        torch.manual_seed(0)
+        base = make_net()
+        train(base, self.data["train"], Hyper(1e-3, 2, 0))
+        self.base = folder / "base.safetensors"
+        save_file(base.state_dict(), self.base)
+        self.paths = []
+        for i, (lr, ep, wd, ls) in enumerate([(3e-3, 4, 0.0, 0.0), (1e-3, 6, 0.01, 0.0), (3e-3, 4, 0.05, 0.1), (2e-3, 5, 0.0, 0.1), (5e-3, 3, 0.01, 0.0)]):
+            net = make_net()
+            net.load_state_dict(base.state_dict())
+            train(net, self.data["train"], Hyper(lr, ep, i + 1, wd, ls))
+            p = folder / f"ft-{i}.safetensors"
+            save_file(net.state_dict(), p)
+            self.paths.append(p)
+        # the data as files too, for the command line's own scoring function
+        for split in ("val", "test"):
+            x, y = self.data[split]
+            save_file({"x": x.contiguous(), "y": y.contiguous()}, folder / f"{split}.safetensors")
+
+    def evaluator(self, split: str, name: str | None = None):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from modelsoup.demo.digits import make_net
+        from modelsoup.eval import ClassificationEvaluator
+
+        return ClassificationEvaluator(make_net(), DataLoader(TensorDataset(*self.data[split]), batch_size=128), name=name or f"digits-{split}", progress=False)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> DigitsRun:
+    return DigitsRun(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def minilm_classifier(minilm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real MiniLM body with a (randomly initialised, seeded) two-class head, saved as an HF folder."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        minilm_path, num_labels=2, id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1}, local_files_only=True)
+    out = tmp_path_factory.mktemp("minilm-cls")
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(minilm_path, local_files_only=True).save_pretrained(out)
+    return out
+
+
+REVIEWS = [
+    ("a gorgeous, witty and deeply moving film", "fresh"),
+    ("tedious and overlong, with nothing to say", "rotten"),
+    ("the best performance of the year", "fresh"),
+    ("a mess", "rotten"),
+    ("smart, funny and surprisingly tender; one of those rare comedies that earns every laugh it gets", "fresh"),
+    ("i wanted to walk out after twenty minutes", "rotten"),
+    ("charming", "fresh"),
+    ("a lifeless, by-the-numbers sequel that squanders a fine cast and a promising premise", "rotten"),
+    ("it works, against the odds", "fresh"),
+    ("dull", "rotten"),
+]
+
+
+@pytest.fixture(scope="session")
+def reviews_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import csv
+
+    p = tmp_path_factory.mktemp("reviews") / "reviews.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(REVIEWS)
+    return p

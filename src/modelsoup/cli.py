@@ -104,6 +104,137 @@ def _cmd_methods(a: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluators(a: argparse.Namespace, default_model: str | None) -> tuple[Any, Any]:
+    from .eval.factory import make_evaluators
+
+    return make_evaluators(a.eval, heldout=a.heldout, test=a.test, model=a.model or default_model, text_column=a.text_column,
+                           label_column=a.label_column, text_pair_column=a.text_pair_column, max_length=a.max_length,
+                           batch_size=a.batch_size, limit=a.limit, device=a.device, progress=False if a.no_progress else None)
+
+
+def _first_folder(paths: list[str]) -> str | None:
+    return next((p for p in paths if (Path(p) / "config.json").is_file()), None)
+
+
+def _pantry(a: argparse.Namespace, paths: list[str]) -> Any:
+    from .eval.cache import EvalCache
+    from .recipes import Pantry
+
+    return Pantry(paths, key=a.key, strip_prefix=a.strip_prefix, cache=EvalCache(a.cache_dir, enabled=not a.no_cache))
+
+
+def _cmd_cook(a: argparse.Namespace) -> int:
+    from .config import parse_size
+    from .recipes import cook
+
+    recipes = a.recipes if a.recipes is not None else [r.strip().replace("-", "_") for r in a.soups.split(",") if r.strip()]
+    save = None if a.save in (None, "all") else ([] if a.save == "none" else [s.strip() for s in a.save.split(",") if s.strip()])
+    learned = {"by": a.learn_by, "lr": a.lr, "epochs": a.epochs, "temperature": a.temperature, "optimizer": a.optimizer}
+    if a.max_memory:
+        size = parse_size(a.max_memory)
+        if size is None:
+            raise SoupError(f"--max-memory {a.max_memory!r}: give a size like 8GB")
+        learned["max_memory"] = size
+    heldout, test = _evaluators(a, _first_folder(a.inputs))
+    with _pantry(a, a.inputs) as pantry:
+        result = cook(pantry, heldout, test=test, recipes=recipes, output=a.output, save=save, overwrite=a.overwrite, allow_equal=a.allow_equal,
+                      learned_options=learned, progress=False if a.no_progress else None)
+    print(result.to_markdown())
+    if a.output:
+        print(f"results and soups in {a.output} ({result.seconds:.0f} s)")
+    return 0
+
+
+def _cmd_interpolate(a: argparse.Namespace) -> int:
+    from .io.output import check_output
+    from .recipes import interpolate
+    from .recipes.cook import write_results
+    from .recipes.interpolate import parse_alphas
+
+    try:
+        alphas = parse_alphas(a.alphas)
+    except ValueError as e:
+        raise SoupError(str(e)) from None
+    check_output(Path(a.output), a.overwrite)
+    heldout, test = _evaluators(a, _first_folder([a.a, a.b]))
+    progress = False if a.no_progress else None
+    with _pantry(a, [a.a, a.b]) as pantry:
+        res = interpolate(pantry, None, heldout, alphas=alphas, test=test, progress=progress)
+        write_results(Path(a.output), {"interpolated": res.recipe}, res.to_markdown, res.to_json, overwrite=a.overwrite, progress=progress)
+    print(res.to_markdown())
+    print(f"alpha {res.best_alpha:g} chosen on held-out data; written to {Path(a.output) / 'interpolated'}")
+    return 0
+
+
+def _cmd_topk(a: argparse.Namespace) -> int:
+    from .io.output import check_output
+    from .recipes import metrics_from_log, metrics_from_names, topk_average
+    from .recipes.cook import write_results
+
+    check_output(Path(a.output), a.overwrite)
+    sources = sum(x is not None for x in (a.log, a.from_names, a.heldout))
+    if sources != 1:
+        raise SoupError("rank the checkpoints by exactly one of: --log FILE --metric COLUMN, --from-names KEY, or an evaluator (--heldout FILE)")
+    with _pantry(a, a.inputs) as pantry:
+        if a.log:
+            if not a.metric:
+                raise SoupError("--log needs --metric COLUMN (e.g. --metric eval_top1)")
+            res = topk_average(pantry, a.k, metrics=metrics_from_log(a.inputs, a.log, a.metric, epoch_column=a.epoch_column),
+                               lower_is_better=a.lower_is_better, metric_name=a.metric)
+        elif a.from_names:
+            res = topk_average(pantry, a.k, metrics=metrics_from_names(a.inputs, a.from_names), lower_is_better=a.lower_is_better, metric_name=a.from_names)
+        else:
+            heldout, _ = _evaluators(a, _first_folder(a.inputs))
+            res = topk_average(pantry, a.k, evaluator=heldout)
+        write_results(Path(a.output), {"topk": res.recipe}, res.to_markdown, res.to_json, overwrite=a.overwrite, progress=False if a.no_progress else None)
+    print(res.to_markdown())
+    print(f"average of {len(res.members)} written to {Path(a.output) / 'topk'}")
+    return 0
+
+
+def _add_eval_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = p.add_argument_group("evaluation (held-out data chooses; test data is only reported)")
+    g.add_argument("--eval", default="text-classification",
+                   help="text-classification (default), perplexity, or your own package.module:function / file.py:function")
+    g.add_argument("--heldout", required=required, metavar="FILE", help="held-out data: CSV/JSONL (text classification), text file (perplexity), or passed to your function")
+    g.add_argument("--test", metavar="FILE", help="test data, reported only")
+    g.add_argument("--model", metavar="FOLDER", help="Hugging Face folder giving architecture, config and tokenizer (default: the first input folder)")
+    g.add_argument("--text-column", help="text column (default text)")
+    g.add_argument("--label-column", help="label column (default label)")
+    g.add_argument("--text-pair-column", help="second text column, for sentence-pair tasks")
+    g.add_argument("--max-length", type=int, help="tokens per example/block (default 128 / 512)")
+    g.add_argument("--batch-size", type=int, help="examples per forward pass")
+    g.add_argument("--limit", type=int, help="use only the first N rows (tokens, for perplexity)")
+    g.add_argument("--device", help="cpu (default), cuda, cuda:1 ...")
+    g.add_argument("--cache-dir", help="evaluation cache (default ~/.cache/modelsoup/evals)")
+    g.add_argument("--no-cache", action="store_true", help="re-evaluate everything, store nothing")
+    g.add_argument("--key", help="entry of nested torch checkpoints holding the weights")
+    g.add_argument("--strip-prefix", help="tensor name prefix to remove (e.g. module.)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, output_required: bool = True) -> argparse.ArgumentParser:
+    c = sub.add_parser(name, help=help, description=help)
+    c.add_argument("inputs", nargs="+", help="the ingredients: checkpoint files or model folders")
+    c.add_argument("-o", "--output", required=output_required, help="folder for results.md, results.json and one subfolder per soup")
+    if recipes is None:
+        c.add_argument("--soups", default="uniform,greedy,learned,ensemble,greedy-ensemble",
+                       help="what to cook: uniform, greedy, learned, ensemble, greedy-ensemble (comma-separated)")
+        c.add_argument("--save", help="soups to write: all (default), none, or a list like greedy,learned")
+    c.add_argument("--allow-equal", action="store_true", help="greedy: keep a candidate when the held-out score ties (>=), not only when it improves")
+    if recipes is None or "learned" in recipes:
+        c.add_argument("--learn-by", choices=["model", "tensor"], default="model", help="learned soup: one coefficient per model, or per model and tensor")
+        c.add_argument("--lr", type=float, default=0.05, help="learned soup learning rate (default 0.05)")
+        c.add_argument("--epochs", type=int, default=5, help="learned soup epochs over the held-out data (default 5)")
+        c.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the coefficients")
+        c.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
+        c.add_argument("--max-memory", help="memory the learned soup may use, e.g. 20GB (default: what is free)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_eval_options(c)
+    c.set_defaults(fn=_cmd_cook, recipes=recipes, save=None, learn_by="model", lr=0.05, epochs=5, temperature=1.0, optimizer="adamw", max_memory=None)
+    return c
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -146,6 +277,35 @@ def build_parser() -> argparse.ArgumentParser:
     ms = sub.add_parser("methods", help="list merge methods with their parameters, defaults and papers")
     ms.add_argument("name", nargs="?")
     ms.set_defaults(fn=_cmd_methods)
+
+    _add_cook_parser(sub, "cook", "score ingredients and cook uniform, greedy and learned soups and ensembles on held-out data; table and soups", None)
+    _add_cook_parser(sub, "greedy", "greedy soup: add ingredients best first while the held-out score improves", ["greedy"])
+    _add_cook_parser(sub, "learn", "learned soup: mixing coefficients optimised on held-out data", ["learned"])
+    _add_cook_parser(sub, "ensemble", "logit and greedy ensembles of the ingredients (N forward passes; no model is written)", ["ensemble", "greedy_ensemble"],
+                     output_required=False)
+
+    ip = sub.add_parser("interpolate", help="score the line between two models and keep the best mixing value (WiSE-FT)",
+                        description="theta(alpha) = (1 - alpha) A + alpha B on a grid; the best alpha on held-out data is written")
+    ip.add_argument("a", help="model at alpha 0 (for WiSE-FT: the zero-shot / pre-trained model)")
+    ip.add_argument("b", help="model at alpha 1 (for WiSE-FT: the fine-tuned model)")
+    ip.add_argument("-o", "--output", required=True, help="folder for results and the chosen model (subfolder interpolated/)")
+    ip.add_argument("--alphas", default="0:1:0.1", help="mixing values: 0,0.5,1 or start:stop:step (default 0:1:0.1)")
+    ip.add_argument("--overwrite", action="store_true")
+    _add_eval_options(ip)
+    ip.set_defaults(fn=_cmd_interpolate)
+
+    tk = sub.add_parser("topk", help="average the k best checkpoints of one training run (by a logged metric or an evaluator)")
+    tk.add_argument("inputs", nargs="+", help="checkpoints of one run")
+    tk.add_argument("-k", "--k", type=int, required=True, help="how many to average")
+    tk.add_argument("-o", "--output", required=True, help="folder for results and the average (subfolder topk/)")
+    tk.add_argument("--log", help="training log (CSV/JSONL, one row per epoch: timm summary.csv, Lightning metrics.csv)")
+    tk.add_argument("--metric", help="the log column to rank by (e.g. eval_top1, val_acc)")
+    tk.add_argument("--epoch-column", default="epoch", help="the log column with the epoch number (default epoch)")
+    tk.add_argument("--from-names", metavar="KEY", help="read KEY=value from checkpoint file names (Lightning), e.g. val_acc")
+    tk.add_argument("--lower-is-better", action="store_true", help="rank ascending (losses)")
+    tk.add_argument("--overwrite", action="store_true")
+    _add_eval_options(tk, required=False)
+    tk.set_defaults(fn=_cmd_topk)
 
     d = sub.add_parser("demo", help="fine-tune small ingredients on real data and merge them with every method")
     d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")

@@ -50,3 +50,11 @@ class RecipeError(SoupError):
 
 class OutputExistsError(SoupError):
     """The output path exists and overwriting was not asked for."""
+
+
+class EvaluatorError(SoupError):
+    """An evaluator cannot be built or returned something unusable (bad data file, unknown label, bad return value)."""
+
+
+class InsufficientMemoryError(SoupError):
+    """A computation that needs every ingredient resident (the learned soup) would not fit in memory."""

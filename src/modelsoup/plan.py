@@ -55,9 +55,20 @@ class TensorJob:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _listing(names: Sequence[str]) -> str:
+def short_list(names: Sequence[str]) -> str:
+    """The first few names, comma-separated, with a count of the rest."""
     shown = ", ".join(names[:MAX_LISTED])
     return shown + (f", ... ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
+
+
+def name_mismatch(missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    """``missing N (a, b, ...); unexpected M (...)``, leaving out an empty side."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} ({short_list(missing)})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} ({short_list(unexpected)})")
+    return "; ".join(parts)
 
 
 def align_names(models: Sequence[Checkpoint], base: Checkpoint | None, keys: str, base_needed: bool) -> tuple[list[str], set[str]]:
@@ -80,12 +91,7 @@ def align_names(models: Sequence[Checkpoint], base: Checkpoint | None, keys: str
             missing = [n for n in ref_names if n not in have]
             extra = [n for n in ck.names() if n not in ref_set]
             if missing or extra:
-                parts = []
-                if missing:
-                    parts.append(f"missing {len(missing)} ({_listing(missing)})")
-                if extra:
-                    parts.append(f"unexpected {len(extra)} ({_listing(extra)})")
-                problems.append(f"  {ck.label}: " + "; ".join(parts))
+                problems.append(f"  {ck.label}: " + name_mismatch(missing, extra))
         if problems:
             raise KeyMismatchError(
                 f"tensor names do not line up across models (compared with {ref.label}):\n"
@@ -98,15 +104,15 @@ def align_names(models: Sequence[Checkpoint], base: Checkpoint | None, keys: str
     if keys == "intersection":
         dropped = sorted(set().union(*(set(ck.names()) for ck in everyone)) - shared)
         if dropped:
-            log.warning("keys: intersection: leaving out %d tensor(s) not in every model: %s", len(dropped), _listing(dropped))
+            log.warning("keys: intersection: leaving out %d tensor(s) not in every model: %s", len(dropped), short_list(dropped))
         return [n for n in ref_names if n in shared], set()
     assert base is not None  # keys: base without a base is refused by recipe validation
     from_base = {n for n in ref_names if n not in shared}
     dropped = sorted(set().union(*(set(ck.names()) for ck in models)) - ref_set)
     if from_base:
-        log.warning("keys: base: %d tensor(s) missing from some model are taken from the base: %s", len(from_base), _listing(sorted(from_base)))
+        log.warning("keys: base: %d tensor(s) missing from some model are taken from the base: %s", len(from_base), short_list(sorted(from_base)))
     if dropped:
-        log.warning("keys: base: leaving out %d tensor(s) the base does not have: %s", len(dropped), _listing(dropped))
+        log.warning("keys: base: leaving out %d tensor(s) the base does not have: %s", len(dropped), short_list(dropped))
     return ref_names, from_base
 
 

@@ -22,7 +22,8 @@ from ..api import merge
 log = logging.getLogger("modelsoup")
 
 
-def _net() -> nn.Module:
+def make_net() -> nn.Module:
+    """The demo's classifier: a small MLP on 8x8 digit images."""
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
@@ -35,7 +36,8 @@ class Hyper:
     label_smoothing: float = 0.0
 
 
-def _data(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_splits(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's 1,797 digits, scaled to [0, 1], split by ``seed`` into train (900), val (400) and test (497)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - exercised only without the demo extra
@@ -49,7 +51,8 @@ def _data(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {k: (x[i], y[i]) for k, i in parts.items()}
 
 
-def _train(net: nn.Module, data: tuple[torch.Tensor, torch.Tensor], h: Hyper) -> None:
+def train(net: nn.Module, data: tuple[torch.Tensor, torch.Tensor], h: Hyper) -> None:
+    """Train ``net`` in place with AdamW on (x, y), batches of 32 shuffled by ``h.seed``."""
     g = torch.Generator().manual_seed(h.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=h.lr, weight_decay=h.weight_decay)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=h.label_smoothing)
@@ -63,7 +66,7 @@ def _train(net: nn.Module, data: tuple[torch.Tensor, torch.Tensor], h: Hyper) ->
 
 @torch.inference_mode()
 def _accuracy(state: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    net = _net()
+    net = make_net()
     net.load_state_dict(state)
     x, y = data
     return float((net(x).argmax(1) == y).float().mean())
@@ -72,10 +75,10 @@ def _accuracy(state: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Te
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> list[tuple[str, float, float]]:
     """Train ingredients, merge them with each method, print and return (name, val acc, test acc) rows."""
     t0 = time.perf_counter()
-    data = _data(seed)
+    data = load_splits(seed)
     torch.manual_seed(seed)
-    base = _net()
-    _train(base, data["train"], Hyper(lr=1e-3, epochs=1 if quick else 2, seed=seed))
+    base = make_net()
+    train(base, data["train"], Hyper(lr=1e-3, epochs=1 if quick else 2, seed=seed))
     ing_dir = out / "ingredients"
     ing_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, ing_dir / "base.safetensors")
@@ -86,9 +89,9 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> list[tuple[str
         sweep = [Hyper(h.lr, 1, h.seed, h.weight_decay, h.label_smoothing) for h in sweep[:3]]
     paths = []
     for i, h in enumerate(sweep):
-        net = _net()
+        net = make_net()
         net.load_state_dict(base.state_dict())
-        _train(net, data["train"], h)
+        train(net, data["train"], h)
         p = ing_dir / f"ft-{i}.safetensors"
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, p)
         paths.append(p)

@@ -93,9 +93,14 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 _CACHE_LOCK = threading.Lock()
 
 
-def _cache_file() -> Path:
+def cache_root() -> Path:
+    """modelsoup's cache folder: ``$MODELSOUP_CACHE_DIR``, else ``$XDG_CACHE_HOME/modelsoup`` or ``~/.cache/modelsoup``."""
     root = os.environ.get("MODELSOUP_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "modelsoup")
-    return Path(root) / "sha256.json"
+    return Path(root)
+
+
+def _cache_file() -> Path:
+    return cache_root() / "sha256.json"
 
 
 def cached_sha256(path: Path) -> str:

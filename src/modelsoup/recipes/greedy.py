@@ -1,0 +1,161 @@
+"""Greedy soup (Wortsman et al. 2022, Recipe 1) and the greedy selection rule it shares with the greedy ensemble.
+
+Score every ingredient on held-out data, sort them best first, start from the best one, and try adding
+each next one to the running soup: keep it only if the soup's held-out score strictly improves
+(``allow_equal=True`` keeps it on a tie too). The soup's score is therefore never below its best
+ingredient's, on the held-out data that chose it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..config import Recipe
+from ..eval.base import Evaluator, Score
+from .pantry import Pantry
+
+log = logging.getLogger("modelsoup")
+
+
+@dataclass(frozen=True)
+class GreedyStep:
+    """One candidate tried.
+
+    Attributes:
+        ingredient: its label.
+        ingredient_score: its own held-out score.
+        score: held-out score of the soup with it added (for the first, its own score).
+        kept: whether it stayed in the soup.
+        size: soup size after this step.
+        seconds: wall time of the step.
+    """
+
+    ingredient: str
+    ingredient_score: float
+    score: float
+    kept: bool
+    size: int
+    seconds: float
+
+
+@dataclass
+class GreedyResult:
+    """A greedy soup (or greedy ensemble).
+
+    Attributes:
+        members: ingredient indices in the soup, in the order they were added.
+        labels: their labels.
+        score: held-out score of the final soup.
+        history: every candidate tried, best-scoring ingredient first.
+        recipe: the soup as a ``linear`` recipe (write it with :func:`modelsoup.merge`); None for ensembles.
+        seconds: wall time, ingredient scoring included.
+    """
+
+    members: list[int]
+    labels: list[str]
+    score: Score
+    history: list[GreedyStep]
+    recipe: Recipe | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def rank(scores: Sequence[Score]) -> list[int]:
+    """Indices best first; equal scores keep their input order."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i].value)
+
+
+def greedy_select(
+    labels: Sequence[str],
+    scores: Sequence[Score],
+    try_with: Callable[[list[int]], Score],
+    *,
+    allow_equal: bool = False,
+    progress: bool | None = None,
+    desc: str = "greedy soup",
+) -> tuple[list[int], Score, list[GreedyStep]]:
+    """The greedy rule over any way of combining members.
+
+    Args:
+        labels: names of the candidates.
+        scores: each candidate's own held-out score.
+        try_with: scores the combination of the given members (the last one is the candidate).
+        allow_equal: keep a candidate when the score ties (``>=``) instead of only when it improves.
+        progress: tqdm bar over candidates; None = only on a terminal.
+
+    Returns:
+        (members in the order added, the final score, the history).
+    """
+    order = rank(scores)
+    first = order[0]
+    members = [first]
+    current = scores[first]
+    history = [GreedyStep(labels[first], scores[first].value, scores[first].value, True, 1, 0.0)]
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(order[1:], desc=desc, unit="candidate", disable=not show, leave=False) as bar:
+        for i in bar:
+            t0 = time.perf_counter()
+            s = try_with([*members, i])
+            better = s.value > current.value or (allow_equal and s.value >= current.value)
+            if better:
+                members.append(i)
+                current = s
+            history.append(GreedyStep(labels[i], scores[i].value, s.value, better, len(members), time.perf_counter() - t0))
+            log.info("%s: %s %s (with it: %s; %d members)", desc, "kept" if better else "skipped", labels[i], s, len(members))
+            bar.set_postfix_str(f"{len(members)} kept, {current}")
+    return members, current, history
+
+
+def as_pantry(ingredients: Pantry | Sequence[Any], **options: Any) -> tuple[Pantry, bool]:
+    """(a pantry, whether the caller made it here and must close it)."""
+    if isinstance(ingredients, Pantry):
+        return ingredients, False
+    return Pantry(list(ingredients), **options), True
+
+
+def greedy_soup(
+    ingredients: Pantry | Sequence[Any],
+    evaluator: Evaluator,
+    *,
+    allow_equal: bool = False,
+    progress: bool | None = None,
+    **pantry_options: Any,
+) -> GreedyResult:
+    """Greedy soup of checkpoints (paths) or in-memory models, chosen on ``evaluator``'s data.
+
+    Each candidate soup is computed lazily by the merge engine while the evaluator loads it: memory is
+    the evaluator's model plus one tensor per member; a soup of k members reads k checkpoints (from
+    the page cache after the first time). The score of each soup is the score of exactly the weights
+    :func:`modelsoup.merge` writes for ``result.recipe``.
+
+    Args:
+        ingredients: a :class:`Pantry`, or paths / state dicts / modules (then ``pantry_options`` are
+            passed to :class:`Pantry`: labels, key, strip_prefix, keys, cache).
+        evaluator: held-out scorer, higher is better.
+        allow_equal: keep a candidate on a tie in score (``>=``) instead of only on a strict improvement.
+        progress: progress bars; None = only on a terminal.
+
+    Returns:
+        The soup's members, held-out score, history and recipe.
+    """
+    t0 = time.perf_counter()
+    pantry, own = as_pantry(ingredients, **pantry_options)
+    try:
+        scores = [pantry.score(i, evaluator) for i in range(len(pantry))]
+
+        def try_with(members: list[int]) -> Score:
+            _, state = pantry.soup(members)
+            return evaluator.evaluate(state, label=f"soup of {len(members)}")
+
+        members, score, history = greedy_select(pantry.labels, scores, try_with, allow_equal=allow_equal, progress=progress)
+        return GreedyResult(members, [pantry.labels[i] for i in members], score, history, pantry.recipe(members), time.perf_counter() - t0)
+    finally:
+        if own:
+            pantry.close()

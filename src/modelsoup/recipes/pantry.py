@@ -1,0 +1,257 @@
+"""The ingredients of a soup: each checkpoint opened once, soups of any subset as lazy states, scores cached.
+
+Every soup these recipes build is a :class:`~modelsoup.config.Recipe` of the ``linear`` method over some
+ingredients (with per-model or per-tensor weights). :meth:`Pantry.state` evaluates a recipe lazily:
+each tensor is computed by the merge engine's own per-tensor code (:meth:`MergeSession.compute`) when an
+evaluator reads it, so memory stays at one model (the evaluator's) plus one tensor per ingredient, and
+the weights scored are bit for bit the weights that :func:`modelsoup.merge` writes for the same recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Recipe, recipe_from_dict
+from ..engine import MergeSession
+from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
+from ..eval.cache import EvalCache
+from ..io import Checkpoint, open_checkpoint
+from ..io.output import cached_sha256
+
+log = logging.getLogger("modelsoup")
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    """One candidate model.
+
+    Attributes:
+        label: its name in tables and logs.
+        source: a checkpoint path, or an in-memory state dict / module.
+        key: entry of a nested torch pickle holding the weights.
+        strip_prefix: tensor-name prefix to remove.
+    """
+
+    label: str
+    source: Any
+    key: str | None = None
+    strip_prefix: str | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.source) if isinstance(self.source, (str, Path)) else None
+
+    def model_ref(self) -> dict[str, Any]:
+        ref: dict[str, Any] = {"path": str(self.source)} if self.path is not None else {"source": self.source}
+        if self.key:
+            ref["key"] = self.key
+        if self.strip_prefix:
+            ref["strip_prefix"] = self.strip_prefix
+        return ref
+
+
+def _labels(sources: Sequence[Any]) -> list[str]:
+    """Short unique names: the file or folder name without a weight suffix, else the path as given
+    (in-memory models: ``model[i]``); a source listed again gets ``#2``, ``#3``..."""
+    short = []
+    for i, s in enumerate(sources):
+        if isinstance(s, (str, Path)):
+            p = Path(s)
+            short.append(p.name[: -len(p.suffix)] if p.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt") else p.name)
+        else:
+            short.append(f"model[{i}]")
+    names = [s if short.count(s) == 1 else str(src) for s, src in zip(short, sources)]
+    out: list[str] = []
+    for n in names:
+        k = out.count(n) + sum(1 for o in out if o.startswith(n + "#"))
+        out.append(n if k == 0 else f"{n}#{k + 1}")
+    return out
+
+
+class SoupState(Mapping[str, torch.Tensor]):
+    """The tensors of a merge, each computed when it is read (nothing is kept).
+
+    ``immutable`` tells evaluators that the same object always yields the same tensors, so a module
+    that already holds them need not reload them.
+    """
+
+    immutable = True
+
+    def __init__(self, session: MergeSession) -> None:
+        self.session = session
+        self._jobs = {j.name: j for j in session.jobs}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.session.compute(self._jobs[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._jobs)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+
+class Pantry:
+    """Ingredients opened once, with their evaluation results cached in memory and on disk.
+
+    Args:
+        sources: checkpoint paths (files or folders) or in-memory state dicts / modules.
+        labels: names for tables (default: file names).
+        key, strip_prefix: applied to every path ingredient (see :func:`modelsoup.io.open_checkpoint`).
+        keys: how tensor names must line up (``exact``, ``intersection``).
+        cache: on-disk evaluation cache (default: the user cache); ``EvalCache(enabled=False)`` turns it off.
+    """
+
+    def __init__(self, sources: Sequence[Any], *, labels: Sequence[str] | None = None, key: str | None = None,
+                 strip_prefix: str | None = None, keys: str = "exact", cache: EvalCache | None = None) -> None:
+        if not sources:
+            raise ValueError("a soup needs at least one ingredient")
+        names = list(labels) if labels is not None else _labels(sources)
+        if len(names) != len(sources) or len(set(names)) != len(names):
+            raise ValueError(f"labels must be unique, one per ingredient; got {names}")
+        self.items = [Ingredient(n, s, key if isinstance(s, (str, Path)) else None, strip_prefix if isinstance(s, (str, Path)) else None) for n, s in zip(names, sources)]
+        self.keys = keys
+        self.cache = cache if cache is not None else EvalCache()
+        self._open: dict[int, Checkpoint] = {}
+        self._fingerprints: dict[int, str | None] = {}
+        self._memo: dict[tuple[int, int], tuple[Score, Predictions | None]] = {}
+        self.seconds: dict[tuple[int, int], float] = {}
+        self._evaluators: dict[int, Evaluator] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> list[str]:
+        return [it.label for it in self.items]
+
+    def checkpoint(self, i: int) -> Checkpoint:
+        """Ingredient ``i``, opened on first use and kept open."""
+        if i not in self._open:
+            it = self.items[i]
+            self._open[i] = open_checkpoint(it.source, label=it.label if it.path is None else str(it.source), key=it.key, strip_prefix=it.strip_prefix)
+        return self._open[i]
+
+    def fingerprint(self, i: int) -> str | None:
+        """sha256 of ingredient ``i``'s weight files and loading options; None for in-memory models."""
+        if i not in self._fingerprints:
+            it = self.items[i]
+            ck = self.checkpoint(i)
+            if it.path is None or not ck.files:
+                self._fingerprints[i] = None
+            else:
+                files = {f.name: cached_sha256(f) for f in ck.files}
+                self._fingerprints[i] = json.dumps({"files": files, "key": it.key, "strip_prefix": it.strip_prefix}, sort_keys=True)
+        return self._fingerprints[i]
+
+    def recipe(self, members: Sequence[int], weights: Sequence[float] | None = None, *,
+               tensor_weights: Mapping[str, Sequence[float]] | None = None) -> Recipe:
+        """The linear recipe of a soup: ``members`` (indices, repeats allowed) with optional weights.
+
+        Args:
+            members: ingredient indices, in the order the soup sums them.
+            weights: one per member (normalised by the merge); None = uniform.
+            tensor_weights: per-tensor weights (one per member) for some tensors, e.g. a learned soup by layer.
+        """
+        models = []
+        for j, i in enumerate(members):
+            ref = self.items[i].model_ref()
+            if weights is not None:
+                ref["weight"] = float(weights[j])
+            models.append(ref)
+        data: dict[str, Any] = {"method": "linear", "models": models, "keys": self.keys}
+        if tensor_weights:
+            import re
+
+            data["overrides"] = [{"match": "re:^" + re.escape(name) + "$", "weights": [float(x) for x in w]} for name, w in tensor_weights.items()]
+        return recipe_from_dict(data)
+
+    def state(self, recipe: Recipe) -> SoupState:
+        """A lazy state of a recipe built by :meth:`recipe` (its models must be this pantry's ingredients)."""
+        index = {self._ref_id(it.model_ref()): i for i, it in enumerate(self.items)}
+        cks = []
+        for m in recipe.models:
+            ref: dict[str, Any] = {"path": str(m.path)} if m.source is None else {"source": m.source}
+            if m.key:
+                ref["key"] = m.key
+            if m.strip_prefix:
+                ref["strip_prefix"] = m.strip_prefix
+            i = index.get(self._ref_id(ref))
+            if i is None:
+                raise ValueError(f"{m.label()} is not an ingredient of this pantry")
+            cks.append(self.checkpoint(i))
+        session = MergeSession.plan(recipe, cks, None, [False] * len(cks))
+        return SoupState(session)
+
+    @staticmethod
+    def _ref_id(ref: Mapping[str, Any]) -> tuple[Any, ...]:
+        src = ref.get("path") if "path" in ref else id(ref["source"])
+        return (src, ref.get("key"), ref.get("strip_prefix"))
+
+    def soup(self, members: Sequence[int], weights: Sequence[float] | None = None, **kw: Any) -> tuple[Recipe, SoupState]:
+        """(recipe, lazy state) of a soup of ``members``."""
+        rec = self.recipe(members, weights, **kw)
+        return rec, self.state(rec)
+
+    # -- evaluation with caching ------------------------------------------------------------------
+    def _result(self, i: int, evaluator: Evaluator, need_predictions: bool) -> tuple[Score, Predictions | None]:
+        memo_key = (i, id(evaluator))
+        self._evaluators[id(evaluator)] = evaluator  # keeps the id from being reused while memoised
+        got = self._memo.get(memo_key)
+        if got is not None and (got[1] is not None or not need_predictions):
+            return got
+        fp = self.fingerprint(i)
+        disk_key = EvalCache.key(evaluator.identity(), fp) if fp is not None else None
+        wants_preds = isinstance(evaluator, PredictionEvaluator)
+        if disk_key is not None:
+            hit = self.cache.get(disk_key, need_predictions=wants_preds)
+            if hit is not None:
+                log.info("%s: %s (cached)", self.items[i].label, hit[0])
+                self._memo[memo_key] = hit
+                self.seconds[memo_key] = 0.0
+                return hit
+        label = self.items[i].label
+        _, state = self.soup([i])
+        t0 = time.perf_counter()
+        preds: Predictions | None = None
+        if wants_preds:
+            assert isinstance(evaluator, PredictionEvaluator)
+            preds = evaluator.predict(state, label=label)
+            score = evaluator.score(preds, seconds=time.perf_counter() - t0)
+        else:
+            score = evaluator.evaluate(state, label=label)
+        self.seconds[memo_key] = time.perf_counter() - t0
+        log.info("%s: %s", label, score)
+        if disk_key is not None:
+            self.cache.put(disk_key, score, preds, about={"ingredient": label, "evaluator": evaluator.identity()})
+        self._memo[memo_key] = (score, preds)
+        return score, preds
+
+    def score(self, i: int, evaluator: Evaluator) -> Score:
+        """Score of ingredient ``i`` (from the cache when its files and the evaluator are unchanged)."""
+        return self._result(i, evaluator, False)[0]
+
+    def predictions(self, i: int, evaluator: PredictionEvaluator) -> Predictions:
+        """Logits of ingredient ``i`` on the evaluator's data (cached like scores)."""
+        preds = self._result(i, evaluator, True)[1]
+        assert preds is not None
+        return preds
+
+    def close(self) -> None:
+        for ck in self._open.values():
+            ck.close()
+        self._open.clear()
+
+    def __enter__(self) -> Pantry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,249 @@
+"""Soups that look at data: greedy, learned, ensembles, interpolation, top-k, and the cooked table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelsoup import merge, merge_state_dicts
+from modelsoup.errors import EvaluatorError, InsufficientMemoryError
+from modelsoup.eval import EvalCache, FunctionEvaluator, Score
+from modelsoup.recipes import Pantry, cook, ensemble_predictions, greedy_ensemble, greedy_soup, interpolate, learned_soup, topk_average
+from modelsoup.recipes import metrics_from_log, metrics_from_names
+from modelsoup.recipes.greedy import greedy_select
+
+from .tolerances import FP32_VS_LIBRARY
+
+
+def scripted(values: dict[tuple[int, ...], float], scores: list[float]):
+    """A `try_with` that looks the score of a member list up in a table (members sorted as added)."""
+    calls = []
+
+    def try_with(members):
+        calls.append(tuple(members))
+        return Score(values[tuple(members)], "acc")
+
+    return [Score(s, "acc") for s in scores], try_with, calls
+
+
+# -- the greedy rule, by hand ---------------------------------------------------------------------
+
+def test_greedy_orders_best_first_and_keeps_strict_improvements():
+    # ingredient scores 0.5, 0.9, 0.7, 0.6 -> order 1, 2, 3, 0
+    scores, try_with, calls = scripted({(1, 2): 0.92, (1, 2, 3): 0.91, (1, 2, 0): 0.95}, [0.5, 0.9, 0.7, 0.6])
+    members, final, history = greedy_select(["a", "b", "c", "d"], scores, try_with, progress=False)
+    assert calls == [(1, 2), (1, 2, 3), (1, 2, 0)]
+    assert members == [1, 2, 0] and final.value == 0.95
+    assert [(h.ingredient, h.kept, h.size) for h in history] == [("b", True, 1), ("c", True, 2), ("d", False, 2), ("a", True, 3)]
+
+
+def test_greedy_strict_rejects_a_tie_and_allow_equal_keeps_it():
+    table = {(0, 1): 0.8, (0, 2): 0.8, (0, 1, 2): 0.8}
+    scores, try_with, _ = scripted(table, [0.8, 0.7, 0.6])
+    assert greedy_select(list("abc"), scores, try_with, progress=False)[0] == [0]
+    scores, try_with, _ = scripted(table, [0.8, 0.7, 0.6])
+    assert greedy_select(list("abc"), scores, try_with, allow_equal=True, progress=False)[0] == [0, 1, 2]
+
+
+def test_greedy_ties_in_ingredient_score_keep_input_order():
+    scores, try_with, calls = scripted({(1, 2): 0.1, (1, 0): 0.1, (1, 3): 0.1}, [0.5, 0.7, 0.5, 0.5])
+    greedy_select(list("abcd"), scores, try_with, progress=False)
+    assert calls == [(1, 0), (1, 2), (1, 3)]  # 0, 2, 3 tie at 0.5: input order
+
+
+def test_greedy_first_ingredient_that_nothing_improves_is_the_soup():
+    scores, try_with, _ = scripted({(2, 0): 0.5, (2, 1): 0.4}, [0.6, 0.5, 0.9])
+    members, final, history = greedy_select(list("abc"), scores, try_with, progress=False)
+    assert members == [2] and final.value == 0.9 and [h.kept for h in history] == [True, False, False]
+
+
+# -- greedy soup over real merges -----------------------------------------------------------------
+
+def _scalar_models(values):
+    return [{"w": torch.tensor([v], dtype=torch.float32), "step": torch.tensor(7)} for v in values]
+
+
+def test_greedy_soup_on_a_closed_form_evaluator():
+    # score = -|w - 1|; ingredients w = 0, 3, 1.5, -1 -> own scores -1, -2, -0.5, -2
+    # order: 1.5 (-0.5), 0 (-1), 3 (-2), -1 (-2, later in input order)
+    # + 0  -> 0.75: -0.25 kept; + 3 -> 1.5: -0.5 rejected; + -1 -> 0.1667: -0.833 rejected
+    ev = FunctionEvaluator(lambda sd: -abs(float(sd["w"]) - 1.0), "closed-form")
+    res = greedy_soup(_scalar_models([0.0, 3.0, 1.5, -1.0]), ev, progress=False, cache=EvalCache(enabled=False))
+    assert res.labels == ["model[2]", "model[0]"]
+    assert res.score.value == pytest.approx(-0.25)
+    assert [h.kept for h in res.history] == [True, True, False, False]
+    assert [h.score for h in res.history] == pytest.approx([-0.5, -0.25, -0.5, -(1 - 0.5 / 3)])
+
+
+def test_greedy_score_is_the_score_of_the_written_soup(digits_run, tmp_path):
+    val = digits_run.evaluator("val")
+    res = greedy_soup(digits_run.paths, val, allow_equal=True, progress=False, cache=EvalCache(tmp_path / "c"))
+    best_ingredient = max(val.evaluate(load_file(p)).value for p in digits_run.paths)
+    assert res.score.value >= best_ingredient
+    merge(res.recipe, tmp_path / "soup", progress=False)
+    written = load_file(tmp_path / "soup" / "model.safetensors")
+    again = val.evaluate(written)
+    assert again.value == res.score.value and again.metrics["loss"] == res.score.metrics["loss"]
+    want = merge_state_dicts([load_file(digits_run.paths[digits_run.paths.index(Path(p.path))]) for p in res.recipe.models])
+    assert all(torch.equal(written[k], want[k]) for k in want)
+
+
+def test_in_memory_modules_soup_like_files(digits_run):
+    from modelsoup.demo.digits import make_net
+
+    nets = []
+    for p in digits_run.paths:
+        net = make_net()
+        net.load_state_dict(load_file(p))
+        nets.append(net)
+    val = digits_run.evaluator("val")
+    a = greedy_soup(nets, val, progress=False, cache=EvalCache(enabled=False))
+    b = greedy_soup(digits_run.paths, val, progress=False, cache=EvalCache(enabled=False))
+    assert [m.replace("model[", "ft-").rstrip("]") for m in a.labels] == b.labels
+    assert (a.score.value, a.score.metrics["loss"]) == (b.score.value, b.score.metrics["loss"])
+
+
+# -- learned soup --------------------------------------------------------------------------------
+
+def _corrupted(path: Path, out: Path, scale: float, seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in load_file(path).items()}
+    save_file(sd, out)
+    return out
+
+
+@pytest.mark.parametrize("by", ["model", "tensor"])
+def test_learned_soup_concentrates_on_the_clearly_best_and_never_ends_below_uniform(digits_run, tmp_path, by):
+    good = digits_run.paths[3]
+    bad = [_corrupted(digits_run.base, tmp_path / f"bad{i}.safetensors", 0.15, i) for i in range(2)]
+    val = digits_run.evaluator("val")
+    res = learned_soup([bad[0], good, bad[1]], val, by=by, epochs=4, lr=0.1, progress=False, cache=EvalCache(enabled=False))
+    assert res.score.value >= res.start_score.value
+    assert res.epoch > 0
+    if by == "model":
+        assert res.weights[1] > 0.5 and res.weights[1] == max(res.weights)
+    else:
+        mean_good = sum(w[1] for w in res.weights.values()) / len(res.weights)
+        assert mean_good > 0.45
+    # the reported score is that of the recipe's weights, as merge would write them
+    again = val.evaluate(merge_state_dicts([load_file(p) for p in (bad[0], good, bad[1])],
+                                           weights=res.weights if by == "model" else None,
+                                           overrides=[{"match": o.match, "weights": list(o.weights)} for o in res.recipe.overrides] or None))
+    assert again.value == res.score.value
+
+
+def test_learned_soup_refuses_what_will_not_fit_and_function_evaluators(digits_run):
+    val = digits_run.evaluator("val")
+    with pytest.raises(InsufficientMemoryError, match=r"about .* GB.*greedy soup"):
+        learned_soup(digits_run.paths, val, max_memory=1000, progress=False, cache=EvalCache(enabled=False))
+    with pytest.raises(EvaluatorError, match="greedy soup"):
+        learned_soup(digits_run.paths, FunctionEvaluator(lambda sd: 0.0, "f"), progress=False, cache=EvalCache(enabled=False))
+
+
+# -- ensembles, interpolation, top-k -------------------------------------------------------------
+
+def test_logit_ensemble_is_the_mean_of_logits(digits_run):
+    from modelsoup.demo.digits import make_net
+
+    val = digits_run.evaluator("val")
+    with Pantry(digits_run.paths[:3], cache=EvalCache(enabled=False)) as pantry:
+        got = ensemble_predictions(pantry, val, [0, 1, 2])
+    x, y = digits_run.data["val"]
+    want = torch.zeros(len(y), 10)
+    for p in digits_run.paths[:3]:
+        net = make_net()
+        net.load_state_dict(load_file(p))
+        with torch.no_grad():
+            want += net(x) / 3
+    torch.testing.assert_close(got.logits, want, **FP32_VS_LIBRARY)
+    assert torch.equal(got.labels, y)
+    ge = greedy_ensemble(digits_run.paths, val, progress=False, cache=EvalCache(enabled=False))
+    assert ge.score.value >= max(h.ingredient_score for h in ge.history)
+
+
+def test_interpolation_endpoints_are_the_models_and_the_best_alpha_is_chosen(digits_run):
+    ev = FunctionEvaluator(lambda sd: -abs(float(sd["w"]) - 2.2), "closed-form")
+    res = interpolate(*_scalar_models([1.0, 3.0]), ev, alphas=[0, 0.25, 0.5, 0.75, 1.0], progress=False, cache=EvalCache(enabled=False))
+    assert [s.value for s in res.scores] == pytest.approx([-1.2, -0.7, -0.2, -0.3, -0.8])
+    assert res.best_alpha == 0.5 and res.recipe.models[1].weight == 0.5
+    val = digits_run.evaluator("val")
+    res = interpolate(digits_run.base, digits_run.paths[0], val, alphas=[0.0, 1.0], progress=False, cache=EvalCache(enabled=False))
+    for s, p in zip(res.scores, (digits_run.base, digits_run.paths[0])):
+        direct = val.evaluate(load_file(p))
+        assert (s.value, s.metrics["loss"]) == (direct.value, direct.metrics["loss"])
+
+
+def test_topk_from_a_timm_log_lightning_log_and_file_names(tmp_path):
+    sds = _scalar_models([1.0, 2.0, 4.0, 8.0])
+    paths = []
+    for e, sd in enumerate(sds):
+        p = tmp_path / f"checkpoint-{e}.safetensors"
+        save_file(sd, p)
+        paths.append(p)
+    (tmp_path / "summary.csv").write_text("epoch,train_loss,eval_top1\n0,1.0,70.0\n1,0.9,75.5\n2,0.8,75.0\n3,0.7,71.0\n")
+    assert metrics_from_log(paths, tmp_path / "summary.csv", "eval_top1") == [70.0, 75.5, 75.0, 71.0]
+    res = topk_average(paths, 2, metrics=metrics_from_log(paths, tmp_path / "summary.csv", "eval_top1"), cache=EvalCache(enabled=False))
+    assert res.labels == ["checkpoint-1", "checkpoint-2"]
+    assert float(merge_state_dicts([load_file(m.path) for m in res.recipe.models])["w"]) == 3.0
+    # Lightning writes validation metrics on their own rows, with blanks elsewhere; and val_loss ranks ascending
+    (tmp_path / "metrics.csv").write_text("epoch,step,train_loss,val_loss\n0,10,1.0,\n0,10,,0.5\n1,20,0.9,\n1,20,,0.4\n2,30,,0.6\n3,40,,0.45\n")
+    res = topk_average(paths, 2, metrics=metrics_from_log(paths, tmp_path / "metrics.csv", "val_loss"), lower_is_better=True, cache=EvalCache(enabled=False))
+    assert res.labels == ["checkpoint-1", "checkpoint-3"]
+    named = [tmp_path / "epoch=3-val_acc=0.91.ckpt", tmp_path / "epoch=4-val_acc=0.935.ckpt"]
+    assert metrics_from_names(named, "val_acc") == [0.91, 0.935]
+    with pytest.raises(EvaluatorError, match="epoch 7 has no 'eval_top1'"):
+        metrics_from_log([tmp_path / "checkpoint-7.pt"], tmp_path / "summary.csv", "eval_top1")
+
+
+# -- cook: the whole table -----------------------------------------------------------------------
+
+def test_cook_on_digits_table_is_consistent_and_soups_are_written(digits_run, tmp_path):
+    val, test = digits_run.evaluator("val"), digits_run.evaluator("test")
+    test.share_module(val)
+    cache = EvalCache(tmp_path / "cache")
+    out = tmp_path / "cooked"
+    res = cook(digits_run.paths, val, test=test, output=out, learned_options={"epochs": 2}, cache=cache, progress=False)
+    names = [r.name for r in res.rows]
+    assert names[:5] == [f"ft-{i}" for i in range(5)]
+    assert names[5].startswith("best individual: ")
+    assert names[6:] == ["uniform soup", "greedy soup", "learned soup", "logit ensemble", "greedy ensemble"]
+    best = max(res.rows[:5], key=lambda r: r.heldout.value)
+    assert res.row("greedy soup").heldout.value >= best.heldout.value
+    assert res.row("learned soup").heldout.value >= res.row("uniform soup").heldout.value
+    assert res.row("logit ensemble").cost == 5 and res.row("greedy soup").cost == 1
+    assert all(r.test is not None for r in res.rows)
+    for soup in ("uniform", "greedy", "learned"):
+        written = load_file(out / soup / "model.safetensors")
+        row = res.row(f"{soup} soup")
+        assert test.evaluate(written).value == row.test.value, soup
+        assert val.evaluate(written).value == row.heldout.value, soup
+    data = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in data["rows"]] == names and data["greedy_history"][0]["kept"] is True
+    md = (out / "results.md").read_text()
+    assert "| greedy soup | soup |" in md and "candidates best first" in md
+    # a rerun scores no ingredient again
+    misses = cache.misses
+    hits = cache.hits
+    cook(digits_run.paths, val, test=test, recipes=["uniform"], cache=cache, progress=False)
+    assert cache.misses == misses and cache.hits == hits + 10
+
+
+def test_cook_notes_what_a_function_evaluator_cannot_do(digits_run):
+    from modelsoup.demo.digits import make_net
+
+    x, y = digits_run.data["val"]
+
+    def acc(sd):
+        net = make_net()
+        net.load_state_dict(sd)
+        with torch.no_grad():
+            return float((net(x).argmax(1) == y).float().mean())
+
+    res = cook(digits_run.paths[:3], FunctionEvaluator(acc, "acc"), cache=EvalCache(enabled=False), progress=False, learned_options={"epochs": 1})
+    assert res.row("learned soup").note.startswith("skipped:") and res.row("learned soup").heldout is None
+    assert "skipped" in res.row("logit ensemble").note
+    assert res.row("greedy soup").heldout.value >= max(r.heldout.value for r in res.rows[:3])
