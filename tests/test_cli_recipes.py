@@ -81,3 +81,24 @@ def test_topk_from_a_training_log(tmp_path, capsys):
     assert float(load_file(out / "topk" / "model.safetensors")["w"]) == 1.5
     assert main(["-q", "topk", *paths, "-k", "2", "-o", str(tmp_path / "x")]) == 2
     assert "exactly one of" in capsys.readouterr().err
+
+
+def test_greedy_on_causal_lms_by_perplexity(minilm_path, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path, local_files_only=True)
+    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        f = tmp_path / f"lm{seed}"
+        transformers.GPT2LMHeadModel(cfg).save_pretrained(f)
+        tok.save_pretrained(f)
+        folders.append(str(f))
+    (tmp_path / "val.txt").write_text("a witty and moving film. a dull and tedious sequel. " * 4)
+    assert main(["-q", "greedy", *folders, "--eval", "perplexity", "--heldout", str(tmp_path / "val.txt"), "--max-length", "16",
+                 "-o", str(tmp_path / "out"), "--no-cache", "--no-progress"]) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert data["metric"] == "neg_perplexity"
+    assert rows["greedy soup"]["heldout"]["metrics"]["perplexity"] <= min(rows[f"lm{s}"]["heldout"]["metrics"]["perplexity"] for s in (0, 1))
+    assert (tmp_path / "out" / "greedy" / "config.json").is_file()

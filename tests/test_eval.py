@@ -94,7 +94,7 @@ def test_evaluator_with_bn_loader_scores_recalibrated_weights(caplog):
     net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
     loader, _, _ = _loader(n=50)
     ClassificationEvaluator(net, loader, name="bn", progress=False)
-    assert "batch-norm" in caplog.text and "--bn-data" in caplog.text
+    assert "batch-norm" in caplog.text and "bn_loader=" in caplog.text
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     sd["1.running_mean"] += 100.0  # averaged statistics that are badly off
     plain = ClassificationEvaluator(net, loader, name="bn", progress=False).evaluate(sd)

@@ -157,7 +157,7 @@ class ModuleEvaluator(Evaluator):
         if bns and bn_loader is None:
             log.warning(
                 "%s has %d batch-norm layer(s) (e.g. %s): the running statistics of a soup are averages of the ingredients', "
-                "which do not match the soup's activations; pass bn_loader= (--bn-data) to recompute them", type(module).__name__, len(bns), bns[0])
+                "which do not match the soup's activations; pass bn_loader= to the evaluator to recompute them (modelsoup.eval.recalibrate_bn)", type(module).__name__, len(bns), bns[0])
 
     # -- data and loss ---------------------------------------------------------------------------
     @abstractmethod
