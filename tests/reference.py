@@ -159,3 +159,42 @@ def model_stock(tensors, base):
     t = n * c / (1 + (n - 1) * c)
     cols = [_flat(x) for x in tensors]
     return _out([t * sum(col[i] for col in cols) / n + (1 - t) * b[i] for i in range(len(b))], base)
+
+
+def ece_equal_width(probs, labels, bins):
+    """ECE over bins (b/B, (b+1)/B], confidence 0 in the first bin; one example at a time."""
+    rows = [[float(x) for x in r] for r in probs]
+    sums = [[0, 0.0, 0.0] for _ in range(bins)]  # count, correct, confidence
+    for r, y in zip(rows, [int(v) for v in labels]):
+        conf = max(r)
+        pred = r.index(conf)
+        b = 0
+        while b < bins - 1 and conf > (b + 1) / bins:
+            b += 1
+        sums[b][0] += 1
+        sums[b][1] += 1.0 if pred == y else 0.0
+        sums[b][2] += conf
+    n = len(rows)
+    return sum(c / n * abs(k / c - s / c) for c, k, s in sums if c)
+
+
+def ece_equal_mass(probs, labels, bins):
+    """ECE over groups of the confidence-sorted examples, sizes differing by at most one, larger first."""
+    rows = [[float(x) for x in r] for r in probs]
+    items = []
+    for i, (r, y) in enumerate(zip(rows, [int(v) for v in labels])):
+        conf = max(r)
+        items.append((conf, i, 1.0 if r.index(conf) == y else 0.0))
+    items.sort()
+    n = len(items)
+    base, extra = divmod(n, bins)
+    total, start = 0.0, 0
+    for b in range(bins):
+        size = base + (1 if b < extra else 0)
+        group = items[start : start + size]
+        start += size
+        if group:
+            acc = sum(g[2] for g in group) / len(group)
+            conf = sum(g[0] for g in group) / len(group)
+            total += len(group) / n * abs(acc - conf)
+    return total

@@ -210,11 +210,12 @@ def test_cook_on_digits_table_is_consistent_and_soups_are_written(digits_run, tm
     names = [r.name for r in res.rows]
     assert names[:5] == [f"ft-{i}" for i in range(5)]
     assert names[5].startswith("best individual: ")
-    assert names[6:] == ["uniform soup", "greedy soup", "learned soup", "logit ensemble", "greedy ensemble"]
+    assert names[6:] == ["uniform soup", "greedy soup", "learned soup", "logit ensemble", "probability ensemble", "majority vote",
+                         "greedy ensemble", "stacking"]
     best = max(res.rows[:5], key=lambda r: r.heldout.value)
     assert res.row("greedy soup").heldout.value >= best.heldout.value
     assert res.row("learned soup").heldout.value >= res.row("uniform soup").heldout.value
-    assert res.row("logit ensemble").cost == 5 and res.row("greedy soup").cost == 1
+    assert res.row("logit ensemble").cost == 5 and res.row("greedy soup").cost == 1 and res.row("stacking").cost == 5
     assert all(r.test is not None for r in res.rows)
     for soup in ("uniform", "greedy", "learned"):
         written = load_file(out / soup / "model.safetensors")
@@ -224,12 +225,54 @@ def test_cook_on_digits_table_is_consistent_and_soups_are_written(digits_run, tm
     data = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in data["rows"]] == names and data["greedy_history"][0]["kept"] is True
     md = (out / "results.md").read_text()
-    assert "| greedy soup | soup |" in md and "candidates best first" in md
+    assert "| greedy soup | soup |" in md and "candidates best first" in md and "### Calibration on test data" in md
+    for png in ("heldout_vs_test.png", "reliability.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md
+    for r in res.rows:  # temperature fitted on held-out predictions, applied to test: NLL cannot get much worse
+        assert r.temperature is not None and r.calibrated["nll"] <= r.test.metrics["nll"] + 0.05, r.name
+    assert data["rows"][0]["test_after_temperature"]["ece"] == res.rows[0].calibrated["ece"]
     # a rerun scores no ingredient again
     misses = cache.misses
     hits = cache.hits
     cook(digits_run.paths, val, test=test, recipes=["uniform"], cache=cache, progress=False)
     assert cache.misses == misses and cache.hits == hits + 10
+
+
+def test_probability_averaging_and_majority_vote_by_hand():
+    from modelsoup.eval import Predictions
+    from modelsoup.recipes.ensemble import combine_predictions
+
+    labels = torch.tensor([0, 1])
+    a = Predictions(torch.log(torch.tensor([[0.9, 0.1], [0.4, 0.6]])), labels)
+    b = Predictions(torch.log(torch.tensor([[0.3, 0.7], [0.2, 0.8]])), labels)
+    c = Predictions(torch.log(torch.tensor([[0.6, 0.4], [0.9, 0.1]])), labels)
+    probs = combine_predictions([a, b], "probs").logits.exp()
+    torch.testing.assert_close(probs, torch.tensor([[0.6, 0.4], [0.3, 0.7]]), **FP32_VS_LIBRARY)
+    vote = combine_predictions([a, b, c], "vote").logits.exp()
+    torch.testing.assert_close(vote, torch.tensor([[2 / 3, 1 / 3], [1 / 3, 2 / 3]]), **FP32_VS_LIBRARY)
+    # a 1-1 tie goes to the class with the higher mean probability: row 0 of a, b -> class 0 (0.6 vs 0.4)
+    tie = combine_predictions([a, b], "vote").logits
+    assert tie.argmax(1).tolist() == [0, 1]
+    torch.testing.assert_close(tie.exp()[0], torch.tensor([0.5, 0.5]), rtol=0, atol=1e-6)
+
+
+def test_stacking_never_scores_an_example_with_a_model_fitted_on_it():
+    from modelsoup.eval import Predictions
+    from modelsoup.recipes.stacking import features, fit_logistic, stack
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (60,), generator=g)
+    members = [Predictions(torch.randn(60, 3, generator=g) + 2 * torch.nn.functional.one_hot(labels, 3), labels) for _ in range(3)]
+    res = stack(members, members, folds=2)
+    x = features(members)
+    w, b = fit_logistic(x[1::2], labels[1::2], 3)  # fold 0 (even examples) is predicted by a fit on the odd ones
+    torch.testing.assert_close(res.heldout.logits[0::2], (x[0::2] @ w.T + b).float(), rtol=1e-4, atol=1e-4)
+    # relabelling fold 0 leaves fold 0's predictions unchanged: they never saw those labels
+    flipped = labels.clone()
+    flipped[0::2] = (flipped[0::2] + 1) % 3
+    again = stack([Predictions(m.logits, flipped) for m in members], folds=2)
+    torch.testing.assert_close(again.heldout.logits[0::2], res.heldout.logits[0::2])
+    assert not torch.allclose(again.heldout.logits[1::2], res.heldout.logits[1::2])
 
 
 def test_cook_notes_what_a_function_evaluator_cannot_do(digits_run):

@@ -127,7 +127,12 @@ def _cmd_cook(a: argparse.Namespace) -> int:
     from .config import parse_size
     from .recipes import cook
 
+    from .recipes.cook import RECIPES
+
     recipes = a.recipes if a.recipes is not None else [r.strip().replace("-", "_") for r in a.soups.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise SoupError(f"--soups: unknown {', '.join(unknown)}; choose from {', '.join(r.replace('_', '-') for r in RECIPES)}")
     save = None if a.save in (None, "all") else ([] if a.save == "none" else [s.strip() for s in a.save.split(",") if s.strip()])
     learned = {"by": a.learn_by, "lr": a.lr, "epochs": a.epochs, "temperature": a.temperature, "optimizer": a.optimizer}
     if a.max_memory:
@@ -148,7 +153,7 @@ def _cmd_cook(a: argparse.Namespace) -> int:
 def _cmd_interpolate(a: argparse.Namespace) -> int:
     from .io.output import check_output
     from .recipes import interpolate
-    from .recipes.cook import write_results
+    from .recipes.cook import json_files, write_results
     from .recipes.interpolate import parse_alphas
 
     try:
@@ -160,7 +165,7 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
     progress = False if a.no_progress else None
     with _pantry(a, [a.a, a.b]) as pantry:
         res = interpolate(pantry, None, heldout, alphas=alphas, test=test, progress=progress)
-        write_results(Path(a.output), {"interpolated": res.recipe}, res.to_markdown, res.to_json, overwrite=a.overwrite, progress=progress)
+        write_results(Path(a.output), {"interpolated": res.recipe}, json_files(res.to_markdown, res.to_json), overwrite=a.overwrite, progress=progress)
     print(res.to_markdown())
     print(f"alpha {res.best_alpha:g} chosen on held-out data; written to {Path(a.output) / 'interpolated'}")
     return 0
@@ -169,7 +174,7 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
 def _cmd_topk(a: argparse.Namespace) -> int:
     from .io.output import check_output
     from .recipes import metrics_from_log, metrics_from_names, topk_average
-    from .recipes.cook import write_results
+    from .recipes.cook import json_files, write_results
 
     check_output(Path(a.output), a.overwrite)
     sources = sum(x is not None for x in (a.log, a.from_names, a.heldout))
@@ -186,7 +191,8 @@ def _cmd_topk(a: argparse.Namespace) -> int:
         else:
             heldout, _ = _evaluators(a, _first_folder(a.inputs))
             res = topk_average(pantry, a.k, evaluator=heldout)
-        write_results(Path(a.output), {"topk": res.recipe}, res.to_markdown, res.to_json, overwrite=a.overwrite, progress=False if a.no_progress else None)
+        write_results(Path(a.output), {"topk": res.recipe}, json_files(res.to_markdown, res.to_json), overwrite=a.overwrite,
+                      progress=False if a.no_progress else None)
     print(res.to_markdown())
     print(f"average of {len(res.members)} written to {Path(a.output) / 'topk'}")
     return 0
@@ -214,12 +220,15 @@ def _add_eval_options(p: argparse.ArgumentParser, *, required: bool = True) -> N
 
 
 def _add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, output_required: bool = True) -> argparse.ArgumentParser:
+    from .recipes.cook import RECIPES
+
     c = sub.add_parser(name, help=help, description=help)
     c.add_argument("inputs", nargs="+", help="the ingredients: checkpoint files or model folders")
     c.add_argument("-o", "--output", required=output_required, help="folder for results.md, results.json and one subfolder per soup")
     if recipes is None:
-        c.add_argument("--soups", default="uniform,greedy,learned,ensemble,greedy-ensemble",
-                       help="what to cook: uniform, greedy, learned, ensemble, greedy-ensemble (comma-separated)")
+        c.add_argument("--soups", default=",".join(r.replace("_", "-") for r in RECIPES),
+                       help="what to cook, comma-separated: " + ", ".join(r.replace("_", "-") for r in RECIPES)
+                       + " (ensemble = logit averaging, prob-ensemble = probability averaging, vote = majority vote)")
         c.add_argument("--save", help="soups to write: all (default), none, or a list like greedy,learned")
     c.add_argument("--allow-equal", action="store_true", help="greedy: keep a candidate when the held-out score ties (>=), not only when it improves")
     if recipes is None or "learned" in recipes:
@@ -281,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cook_parser(sub, "cook", "score ingredients and cook uniform, greedy and learned soups and ensembles on held-out data; table and soups", None)
     _add_cook_parser(sub, "greedy", "greedy soup: add ingredients best first while the held-out score improves", ["greedy"])
     _add_cook_parser(sub, "learn", "learned soup: mixing coefficients optimised on held-out data", ["learned"])
-    _add_cook_parser(sub, "ensemble", "logit and greedy ensembles of the ingredients (N forward passes; no model is written)", ["ensemble", "greedy_ensemble"],
+    _add_cook_parser(sub, "ensemble", "prediction ensembles of the ingredients: logit and probability averaging, majority vote, greedy, "
+                     "stacking (N forward passes; no model is written)", ["ensemble", "prob_ensemble", "vote", "greedy_ensemble", "stacking"],
                      output_required=False)
 
     ip = sub.add_parser("interpolate", help="score the line between two models and keep the best mixing value (WiSE-FT)",

@@ -111,16 +111,18 @@ class PredictionEvaluator(Evaluator):
 
 
 def classification_metrics(predictions: Predictions) -> dict[str, float]:
-    """Accuracy and mean cross-entropy (nats) of logits against labels."""
+    """Accuracy, mean cross-entropy (``loss``, nats) and the calibration metrics of :mod:`.calibration`."""
+    from .calibration import calibration_metrics
+
     logits = predictions.logits.float()
     labels = predictions.labels.long()
     if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
         raise EvaluatorError(f"predictions have logits {list(logits.shape)} and labels {list(labels.shape)}; expected (examples, classes) and (examples,)")
     if labels.numel() == 0:
         raise EvaluatorError("the evaluation data has no examples")
-    acc = float((logits.argmax(1) == labels).double().mean())
     loss = float(torch.nn.functional.cross_entropy(logits.double(), labels))
-    return {"accuracy": acc, "loss": loss, "examples": float(labels.numel())}
+    metrics = calibration_metrics(torch.softmax(logits.double(), dim=1), labels)
+    return {"accuracy": metrics.pop("accuracy"), "loss": loss, "examples": float(labels.numel()), **metrics}
 
 
 def timing(metrics: dict[str, float], seconds: float | None) -> dict[str, float]:

@@ -23,7 +23,7 @@ from .base import Predictions, Score
 
 log = logging.getLogger("modelsoup")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class EvalCache:

@@ -1,10 +1,13 @@
 """Cook every soup and baseline on one evaluator and tabulate them, as the model-soups paper does.
 
 :func:`cook` scores every ingredient on held-out (and optional test) data, then builds the uniform,
-greedy and learned soups and the logit and greedy ensembles, scores each the same way, optionally
-writes the soups as checkpoints, and returns a :class:`CookResult` whose table lists every ingredient,
-the best individual model (chosen on held-out data), each soup and ensemble with its ingredients,
-inference cost and wall time. ``results.md`` and ``results.json`` are written next to the soups.
+greedy and learned soups and the prediction ensembles (logit and probability averaging, majority vote,
+greedy ensemble, stacking), scores each the same way, and returns a :class:`CookResult` whose table
+lists every ingredient, the best individual model (chosen on held-out data), each soup and ensemble
+with its ingredients, inference cost and wall time, and, for evaluators that give predictions, the
+calibration of each (ECE, NLL, Brier, entropy) before and after temperature scaling fitted on held-out
+data. With an output folder it writes the soups (one subfolder each), ``results.md``,
+``results.json`` and figures (held-out vs test, reliability diagram).
 """
 
 from __future__ import annotations
@@ -20,19 +23,27 @@ from typing import Any
 from .. import __version__
 from ..config import Recipe
 from ..errors import EvaluatorError, InsufficientMemoryError
-from ..eval.base import Evaluator, PredictionEvaluator, Score
-from ..io.output import staged_output
-from .ensemble import ensemble_score, greedy_ensemble
-from .greedy import GreedyResult, as_pantry, greedy_soup, rank
+from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
+from ..eval.calibration import calibration_metrics, fit_temperature, reliability
+from ..io.output import check_output, staged_output
+from .ensemble import combine_predictions, greedy_ensemble
+from .greedy import GreedyResult, as_pantry, greedy_soup, rank, run_evaluator
 from .learned import LearnedResult, learned_soup
 from .pantry import Pantry
+from .stacking import stack
 
 log = logging.getLogger("modelsoup")
 
+
 SOUPS = ("uniform", "greedy", "learned")
-ENSEMBLES = ("ensemble", "greedy_ensemble")
+ENSEMBLES = ("ensemble", "prob_ensemble", "vote", "greedy_ensemble", "stacking")
 RECIPES = SOUPS + ENSEMBLES
-ENSEMBLE_NAMES = {"ensemble": "logit ensemble", "greedy_ensemble": "greedy ensemble"}
+ROW_NAMES = {"uniform": "uniform soup", "greedy": "greedy soup", "learned": "learned soup", "ensemble": "logit ensemble",
+             "prob_ensemble": "probability ensemble", "vote": "majority vote", "greedy_ensemble": "greedy ensemble", "stacking": "stacking"}
+COMBINE_OF = {"ensemble": "logits", "prob_ensemble": "probs", "vote": "vote"}
+# models compared in the reliability diagram, when present
+RELIABILITY_ROWS = ("best individual", "greedy soup", "logit ensemble")
+CALIBRATION_KEYS = ("ece", "ece_mass", "nll", "brier", "entropy", "confidence")
 
 
 @dataclass
@@ -47,6 +58,9 @@ class Row:
         cost: forward passes per input at inference (1 for a model or a soup, N for an ensemble).
         seconds: wall time of the step (building and scoring).
         note: why a step was skipped, or what was chosen.
+        heldout_predictions, test_predictions: per-example predictions, when the evaluator gives them.
+        temperature: the temperature fitted on the held-out predictions (with ``calibrate``).
+        calibrated: test metrics after dividing the logits by ``temperature``.
     """
 
     name: str
@@ -57,10 +71,18 @@ class Row:
     cost: int
     seconds: float
     note: str = ""
+    heldout_predictions: Predictions | None = field(default=None, repr=False)
+    test_predictions: Predictions | None = field(default=None, repr=False)
+    temperature: float | None = None
+    calibrated: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "members": self.members, "heldout": self.heldout.to_dict() if self.heldout else None,
-                "test": self.test.to_dict() if self.test else None, "inference_cost": self.cost, "seconds": round(self.seconds, 3), "note": self.note}
+        out = {"name": self.name, "kind": self.kind, "members": self.members, "heldout": self.heldout.to_dict() if self.heldout else None,
+               "test": self.test.to_dict() if self.test else None, "inference_cost": self.cost, "seconds": round(self.seconds, 3), "note": self.note}
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
+            out["test_after_temperature"] = self.calibrated
+        return out
 
 
 @dataclass
@@ -72,6 +94,7 @@ class CookResult:
         metric: the held-out metric.
         recipes: soup name -> recipe (``uniform``, ``greedy``, ``learned``).
         written: soup name -> folder written.
+        figures: figure name -> PNG written.
         greedy, learned, greedy_ensemble: the detailed results (history, coefficients), when cooked.
     """
 
@@ -79,6 +102,7 @@ class CookResult:
     metric: str
     recipes: dict[str, Recipe] = field(default_factory=dict)
     written: dict[str, Path] = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)
     greedy: GreedyResult | None = None
     learned: LearnedResult | None = None
     greedy_ensemble: GreedyResult | None = None
@@ -87,44 +111,27 @@ class CookResult:
     def row(self, name: str) -> Row:
         """The row called ``name``. Raises KeyError if absent."""
         for r in self.rows:
-            if r.name == name:
+            if r.name == name or (r.kind == "best individual" and name == "best individual"):
                 return r
         raise KeyError(name)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"metric": self.metric, "seconds": round(self.seconds, 3), "rows": [r.to_dict() for r in self.rows]}
+        out: dict[str, Any] = {"metric": self.metric, "seconds": round(self.seconds, 3), "rows": [r.to_dict() for r in self.rows],
+                               "figures": {k: v.name for k, v in self.figures.items()}, "written": {k: str(v) for k, v in self.written.items()}}
         if self.greedy is not None:
             out["greedy_history"] = [vars(s) for s in self.greedy.history]
         if self.greedy_ensemble is not None:
             out["greedy_ensemble_history"] = [vars(s) for s in self.greedy_ensemble.history]
         if self.learned is not None:
-            out["learned"] = {"epoch": self.learned.epoch, "history": self.learned.history,
-                              "weights": self.learned.weights}
+            out["learned"] = {"epoch": self.learned.epoch, "history": self.learned.history, "weights": self.learned.weights}
         return out
 
     def to_markdown(self) -> str:
-        """The table (and the greedy history) as Markdown."""
-        has_test = any(r.test is not None for r in self.rows)
-        has_loss = any(r.heldout is not None and "loss" in r.heldout.metrics for r in self.rows)
-        head = ["model", "kind", f"held-out {self.metric}"] + (["held-out loss"] if has_loss else [])
-        if has_test:
-            head += [f"test {self.metric}"] + (["test loss"] if has_loss else [])
-        head += ["ingredients", "inference cost", "time (s)"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 4) + ["---:", "---:"]) + "|"]
-
-        def cells(s: Score | None) -> list[str]:
-            if s is None:
-                return ["–"] + (["–"] if has_loss else [])
-            return [f"{s.value:.4f}"] + ([f"{s.metrics['loss']:.4f}" if "loss" in s.metrics else "–"] if has_loss else [])
-
-        for r in self.rows:
-            members = str(len(r.members)) if r.kind != "ingredient" else "1"
-            row = [r.name + (f" ({r.note})" if r.note else ""), r.kind, *cells(r.heldout)]
-            if has_test:
-                row += cells(r.test)
-            row += [members, f"{r.cost}x", f"{r.seconds:.1f}"]
-            lines.append("| " + " | ".join(row) + " |")
-        parts = ["\n".join(lines)]
+        """The table, the calibration table and the greedy and learned histories, as Markdown."""
+        parts = [self._main_table()]
+        cal = self._calibration_table()
+        if cal:
+            parts.append(cal)
         for title, g in (("Greedy soup", self.greedy), ("Greedy ensemble", self.greedy_ensemble)):
             if g is None:
                 continue
@@ -139,14 +146,87 @@ class CookResult:
             if isinstance(lr.weights, list):
                 hist += ["", "Coefficients: " + ", ".join(f"{w:.3f}" for w in lr.weights)]
             parts.append("\n".join(hist))
+        parts += [f"![{name}]({path.name})" for name, path in self.figures.items()]
         return "\n\n".join(parts) + "\n"
 
+    def _main_table(self) -> str:
+        has_test = any(r.test is not None for r in self.rows)
+        has_loss = any(r.heldout is not None and "loss" in r.heldout.metrics for r in self.rows)
+        head = ["model", "kind", f"held-out {self.metric}"] + (["held-out loss"] if has_loss else [])
+        if has_test:
+            head += [f"test {self.metric}"] + (["test loss"] if has_loss else [])
+        head += ["ingredients", "inference cost", "time (s)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
 
-def write_results(output: Path, soups: dict[str, Recipe], markdown: Callable[[], str], data: Callable[[], dict[str, Any]], *,
-                  overwrite: bool = False, progress: bool | None = None) -> dict[str, Path]:
-    """Write soups (one subfolder each, by :func:`modelsoup.merge`) and ``results.md``/``results.json``, atomically.
+        def cells(s: Score | None) -> list[str]:
+            if s is None:
+                return ["–"] + (["–"] if has_loss else [])
+            return [f"{s.value:.4f}"] + ([f"{s.metrics['loss']:.4f}" if "loss" in s.metrics else "–"] if has_loss else [])
 
-    ``markdown`` and ``data`` are called after the soups are written, so they can list them.
+        for r in self.rows:
+            row = [r.name + (f" ({r.note})" if r.note else ""), r.kind, *cells(r.heldout)]
+            if has_test:
+                row += cells(r.test)
+            row += [str(len(r.members)), f"{r.cost}x", f"{r.seconds:.1f}"]
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
+
+    def _calibration_table(self) -> str:
+        rows = [r for r in self.rows if (r.test or r.heldout) is not None and "ece" in (r.test or r.heldout).metrics]  # type: ignore[union-attr]
+        if not rows:
+            return ""
+        split = "test" if any(r.test is not None for r in rows) else "held-out"
+        after = any(r.calibrated for r in rows)
+        head = ["model", "ECE", "ECE (equal-mass)", "NLL", "Brier", "entropy"] + (["T", "ECE after T", "NLL after T"] if after else [])
+        lines = [f"### Calibration on {split} data (15 bins)" + (" and temperature scaling fitted on held-out data" if after else ""), "",
+                 "| " + " | ".join(head) + " |", "|---|" + "|".join(["---:"] * (len(head) - 1)) + "|"]
+        for r in rows:
+            m = (r.test or r.heldout).metrics  # type: ignore[union-attr]
+            cells = [r.name, *(f"{m[k]:.4f}" for k in ("ece", "ece_mass", "nll", "brier", "entropy"))]
+            if after:
+                c = r.calibrated
+                cells += [f"{r.temperature:.3f}", f"{c['ece']:.4f}", f"{c['nll']:.4f}"] if c and r.temperature is not None else ["–"] * 3
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def write_files(self, folder: Path) -> None:
+        """``results.md``, ``results.json`` and the figures, into ``folder``."""
+        self.figures = _figures(self, folder)
+        (folder / "results.md").write_text(self.to_markdown())
+        (folder / "results.json").write_text(json.dumps({"modelsoup_version": __version__, **self.to_json()}, indent=2) + "\n")
+
+
+def _figures(result: CookResult, folder: Path) -> dict[str, Path]:
+    try:
+        from ..analysis.figures import heldout_vs_test, pyplot, reliability_diagram
+
+        pyplot()
+    except Exception as e:  # noqa: BLE001 - figures are optional: no matplotlib means tables only
+        log.info("no figures: %s", e)
+        return {}
+    out: dict[str, Path] = {}
+    if any(r.test is not None and r.heldout is not None for r in result.rows):
+        out["held-out vs test"] = heldout_vs_test(result.rows, folder / "heldout_vs_test.png", metric=result.metric)
+    curves, eces = {}, {}
+    for name in RELIABILITY_ROWS:
+        try:
+            r = result.row(name)
+        except KeyError:
+            continue
+        preds = r.test_predictions or r.heldout_predictions
+        if preds is not None:
+            probs = preds.logits.double().softmax(1)
+            curves[r.name] = reliability(probs, preds.labels)
+            eces[r.name] = calibration_metrics(probs, preds.labels)["ece"]
+    if curves:
+        split = "test" if any(result.row(n).test_predictions is not None for n in curves) else "held-out"
+        out["reliability"] = reliability_diagram(curves, folder / "reliability.png", ece=eces, title=f"Reliability on {split} data")
+    return out
+
+
+def write_results(output: Path, soups: dict[str, Recipe], files: Callable[[Path], None], *, overwrite: bool = False,
+                  progress: bool | None = None) -> dict[str, Path]:
+    """Write soups (one subfolder each, by :func:`modelsoup.merge`), then ``files(folder)``, atomically.
 
     Returns:
         soup name -> its folder.
@@ -158,13 +238,18 @@ def write_results(output: Path, soups: dict[str, Recipe], markdown: Callable[[],
         for name, recipe in soups.items():
             merge(recipe, tmp / name, progress=progress)
             written[name] = output / name
-        (tmp / "results.md").write_text(markdown())
-        (tmp / "results.json").write_text(json.dumps({"modelsoup_version": __version__, **data(), "written": {k: str(v) for k, v in written.items()}}, indent=2) + "\n")
+        files(tmp)
     return written
 
 
-def _scores(evaluator: Evaluator | None, state: Any, label: str) -> Score | None:
-    return evaluator.evaluate(state, label=label) if evaluator is not None else None
+def json_files(markdown: Callable[[], str], data: Callable[[], dict[str, Any]]) -> Callable[[Path], None]:
+    """A ``files`` callback for :func:`write_results` writing ``results.md`` and ``results.json``."""
+
+    def write(folder: Path) -> None:
+        (folder / "results.md").write_text(markdown())
+        (folder / "results.json").write_text(json.dumps({"modelsoup_version": __version__, **data()}, indent=2) + "\n")
+
+    return write
 
 
 def cook(
@@ -177,6 +262,7 @@ def cook(
     save: Sequence[str] | None = None,
     overwrite: bool = False,
     allow_equal: bool = False,
+    calibrate: bool = True,
     learned_options: dict[str, Any] | None = None,
     progress: bool | None = None,
     **pantry_options: Any,
@@ -185,16 +271,19 @@ def cook(
 
     Args:
         ingredients: a :class:`Pantry`, or checkpoint paths / in-memory models.
-        heldout: the evaluator that chooses (greedy order and acceptance, learned coefficients, best individual).
-        test: an evaluator on separate test data, only reported (never used to choose).
-        recipes: which of ``uniform``, ``greedy``, ``learned``, ``ensemble``, ``greedy_ensemble`` to cook.
-            Ensembles need a prediction evaluator and the learned soup a module evaluator; when the
-            evaluator cannot do one, or the learned soup would not fit in memory, that row says why.
-        output: a folder for ``results.md``, ``results.json`` and the soups (one subfolder each);
-            written atomically.
+        heldout: the evaluator that chooses (greedy order and acceptance, learned coefficients, best
+            individual, stacking's meta-classifier, temperatures).
+        test: an evaluator on separate test data, only reported (never used to choose or fit).
+        recipes: which of ``uniform``, ``greedy``, ``learned``, ``ensemble`` (logits), ``prob_ensemble``,
+            ``vote``, ``greedy_ensemble``, ``stacking`` to cook. Ensembles need a prediction evaluator
+            and the learned soup a module evaluator; when the evaluator cannot do one, or the learned
+            soup would not fit in memory, that row says why.
+        output: a folder for the soups (one subfolder each), ``results.md``, ``results.json`` and
+            figures; written atomically.
         save: which soups to write into ``output`` (default: every soup cooked).
         overwrite: replace an existing ``output``.
-        allow_equal: greedy keeps a candidate on a tie.
+        allow_equal: greedy soup and greedy ensemble keep a candidate on a tie.
+        calibrate: fit a temperature on each row's held-out predictions and report test calibration after it.
         learned_options: keyword arguments of :func:`learned_soup` (by, lr, epochs, temperature...).
         progress: progress bars; None = only on a terminal.
 
@@ -208,83 +297,126 @@ def cook(
         raise ValueError(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
     out = Path(output) if output is not None else None
     if out is not None:
-        from ..io.output import check_output
-
         check_output(out, overwrite)
     pantry, own = as_pantry(ingredients, **pantry_options)
     try:
-        result = _cook(pantry, heldout, test, list(recipes), allow_equal, learned_options or {}, progress)
+        result = _Kitchen(pantry, heldout, test, allow_equal, progress).cook(list(recipes), learned_options or {})
+        if calibrate:
+            _temperature_scale(result.rows)
         result.seconds = time.perf_counter() - t_start
         if out is not None:
             to_write = {s: result.recipes[s] for s in (save if save is not None else SOUPS) if s in result.recipes}
-            result.written = write_results(out, to_write, result.to_markdown, result.to_json, overwrite=overwrite, progress=progress)
+            result.written = {name: out / name for name in to_write}
+            write_results(out, to_write, result.write_files, overwrite=overwrite, progress=progress)
+            result.figures = {k: out / v.name for k, v in result.figures.items()}
         return result
     finally:
         if own:
             pantry.close()
 
 
-def _cook(pantry: Pantry, heldout: Evaluator, test: Evaluator | None, recipes: list[str], allow_equal: bool,
-          learned_options: dict[str, Any], progress: bool | None) -> CookResult:
-    labels = pantry.labels
-    n = len(pantry)
-    rows: list[Row] = []
-    held: list[Score] = []
-    for i in range(n):
-        s = pantry.score(i, heldout)
-        t = pantry.score(i, test) if test is not None else None
-        secs = pantry.seconds.get((i, id(heldout)), 0.0) + (pantry.seconds.get((i, id(test)), 0.0) if test is not None else 0.0)
-        held.append(s)
-        rows.append(Row(labels[i], "ingredient", [labels[i]], s, t, 1, secs))
-    best = rank(held)[0]
-    rows.append(Row(f"best individual: {labels[best]}", "best individual", [labels[best]], held[best], rows[best].test, 1, 0.0, "chosen on held-out"))
-    result = CookResult(rows, heldout.metric)
+def _temperature_scale(rows: Sequence[Row]) -> None:
+    for r in rows:
+        if r.heldout_predictions is None or r.test_predictions is None:
+            continue
+        t = fit_temperature(r.heldout_predictions.logits, r.heldout_predictions.labels)
+        r.temperature = t.value
+        r.calibrated = calibration_metrics(t.probs(r.test_predictions.logits), r.test_predictions.labels)
 
-    if "uniform" in recipes:
-        t0 = time.perf_counter()
-        rec, state = pantry.soup(list(range(n)))
-        s = heldout.evaluate(state, label="uniform soup")
-        rows.append(Row("uniform soup", "soup", labels, s, _scores(test, state, "uniform soup"), 1, time.perf_counter() - t0))
-        result.recipes["uniform"] = rec
-    uniform_score = rows[-1].heldout if "uniform" in recipes else None
 
-    if "greedy" in recipes:
-        t0 = time.perf_counter()
-        g = greedy_soup(pantry, heldout, allow_equal=allow_equal, progress=progress)
-        state = pantry.state(g.recipe) if g.recipe is not None else None
-        rows.append(Row("greedy soup", "soup", g.labels, g.score, _scores(test, state, "greedy soup"), 1, time.perf_counter() - t0))
-        result.greedy = g
-        assert g.recipe is not None
-        result.recipes["greedy"] = g.recipe
+class _Kitchen:
+    """One cook() run: scores every row on held-out and test data, keeping predictions when there are any."""
 
-    if "learned" in recipes:
-        t0 = time.perf_counter()
-        try:
-            lr = learned_soup(pantry, heldout, start_score=uniform_score, progress=progress, **learned_options)
-        except (InsufficientMemoryError, EvaluatorError) as e:
-            log.warning("learned soup skipped: %s", e)
-            rows.append(Row("learned soup", "soup", labels, None, None, 1, time.perf_counter() - t0, f"skipped: {e}"))
-        else:
-            by = learned_options.get("by", "model")
-            note = f"by {by}, epoch {lr.epoch}" + (" = uniform start" if lr.epoch == 0 else "")
-            rows.append(Row("learned soup", "soup", labels, lr.score, _scores(test, pantry.state(lr.recipe), "learned soup"), 1, time.perf_counter() - t0, note))
-            result.learned = lr
-            result.recipes["learned"] = lr.recipe
+    def __init__(self, pantry: Pantry, heldout: Evaluator, test: Evaluator | None, allow_equal: bool, progress: bool | None) -> None:
+        self.pantry, self.heldout, self.test = pantry, heldout, test
+        self.allow_equal, self.progress = allow_equal, progress
+        self.predicts = isinstance(heldout, PredictionEvaluator)
 
-    wants_ensembles = [r for r in ENSEMBLES if r in recipes]
-    if wants_ensembles and not isinstance(heldout, PredictionEvaluator):
-        for r in wants_ensembles:
-            rows.append(Row(ENSEMBLE_NAMES[r], "ensemble", labels, None, None, n, 0.0, f"skipped: {type(heldout).__name__} gives no per-example predictions"))
-        wants_ensembles = []
-    if "ensemble" in wants_ensembles:
-        t0 = time.perf_counter()
-        members = list(range(n))
-        rows.append(Row(ENSEMBLE_NAMES["ensemble"], "ensemble", labels, ensemble_score(pantry, heldout, members),
-                        ensemble_score(pantry, test, members) if test is not None else None, n, time.perf_counter() - t0))
-    if "greedy_ensemble" in wants_ensembles:
-        t0 = time.perf_counter()
-        ge = greedy_ensemble(pantry, heldout, allow_equal=allow_equal, progress=progress)
-        rows.append(Row(ENSEMBLE_NAMES["greedy_ensemble"], "ensemble", ge.labels, ge.score, ensemble_score(pantry, test, ge.members) if test is not None else None,
-                        len(ge.members), time.perf_counter() - t0))
-        result.greedy_ensemble = ge
-    return result
+    def _ingredient_preds(self, ev: Evaluator | None) -> list[Predictions] | None:
+        if ev is None or not isinstance(ev, PredictionEvaluator):
+            return None
+        return [self.pantry.predictions(i, ev) for i in range(len(self.pantry))]
+
+    def _soup_row(self, name: str, members: list[str], state: Any, t0: float, held: tuple[Score, Predictions | None] | None = None,
+                  note: str = "") -> Row:
+        h_score, h_preds = held if held is not None else run_evaluator(self.heldout, state, name)
+        t_score, t_preds = run_evaluator(self.test, state, name) if self.test is not None else (None, None)
+        return Row(name, "soup", members, h_score, t_score, 1, time.perf_counter() - t0, note, h_preds, t_preds)
+
+    def _ensemble_row(self, name: str, members: list[int], how: str, t0: float) -> Row:
+        labels = [self.pantry.labels[i] for i in members]
+        held = combine_predictions([self.held_preds[i] for i in members], how)  # type: ignore[index]
+        test = combine_predictions([self.test_preds[i] for i in members], how) if self.test_preds is not None else None
+        return Row(name, "ensemble", labels, self._score(self.heldout, held), self._score(self.test, test), len(members),
+                   time.perf_counter() - t0, "", held, test)
+
+    @staticmethod
+    def _score(ev: Evaluator | None, preds: Predictions | None) -> Score | None:
+        if ev is None or preds is None:
+            return None
+        assert isinstance(ev, PredictionEvaluator)
+        return ev.score(preds)
+
+    def cook(self, recipes: list[str], learned_options: dict[str, Any]) -> CookResult:
+        pantry, labels, n = self.pantry, self.pantry.labels, len(self.pantry)
+        rows: list[Row] = []
+        held: list[Score] = []
+        self.held_preds = self._ingredient_preds(self.heldout)
+        self.test_preds = self._ingredient_preds(self.test)
+        for i in range(n):
+            s = pantry.score(i, self.heldout)
+            t = pantry.score(i, self.test) if self.test is not None else None
+            secs = pantry.seconds.get((i, id(self.heldout)), 0.0) + (pantry.seconds.get((i, id(self.test)), 0.0) if self.test is not None else 0.0)
+            held.append(s)
+            rows.append(Row(labels[i], "ingredient", [labels[i]], s, t, 1, secs, "",
+                            self.held_preds[i] if self.held_preds else None, self.test_preds[i] if self.test_preds else None))
+        best = rank(held)[0]
+        b = rows[best]
+        rows.append(Row(f"best individual: {labels[best]}", "best individual", [labels[best]], b.heldout, b.test, 1, 0.0, "chosen on held-out",
+                        b.heldout_predictions, b.test_predictions))
+        result = CookResult(rows, self.heldout.metric)
+
+        uniform: tuple[Score, Predictions | None] | None = None
+        if "uniform" in recipes:
+            t0 = time.perf_counter()
+            rec, state = pantry.soup(list(range(n)))
+            rows.append(self._soup_row(ROW_NAMES["uniform"], labels, state, t0))
+            uniform = (rows[-1].heldout, rows[-1].heldout_predictions)  # type: ignore[assignment]
+            result.recipes["uniform"] = rec
+        if "greedy" in recipes:
+            t0 = time.perf_counter()
+            g = greedy_soup(pantry, self.heldout, allow_equal=self.allow_equal, progress=self.progress)
+            assert g.recipe is not None
+            rows.append(self._soup_row(ROW_NAMES["greedy"], g.labels, pantry.state(g.recipe), t0, (g.score, g.predictions)))
+            result.greedy, result.recipes["greedy"] = g, g.recipe
+        if "learned" in recipes:
+            t0 = time.perf_counter()
+            try:
+                lr = learned_soup(pantry, self.heldout, start_score=uniform[0] if uniform else None, start_predictions=uniform[1] if uniform else None,
+                                  progress=self.progress, **learned_options)
+            except (InsufficientMemoryError, EvaluatorError) as e:
+                log.warning("learned soup skipped: %s", e)
+                rows.append(Row(ROW_NAMES["learned"], "soup", labels, None, None, 1, time.perf_counter() - t0, f"skipped: {e}"))
+            else:
+                note = f"by {learned_options.get('by', 'model')}, epoch {lr.epoch}" + (" = uniform start" if lr.epoch == 0 else "")
+                rows.append(self._soup_row(ROW_NAMES["learned"], labels, pantry.state(lr.recipe), t0, (lr.score, lr.predictions), note))
+                result.learned, result.recipes["learned"] = lr, lr.recipe
+
+        wanted = [r for r in ENSEMBLES if r in recipes]
+        if wanted and self.held_preds is None:
+            why = f"skipped: {type(self.heldout).__name__} gives no per-example predictions"
+            rows += [Row(ROW_NAMES[r], "ensemble", labels, None, None, n, 0.0, why) for r in wanted]
+            return result
+        for r in wanted:
+            t0 = time.perf_counter()
+            if r in COMBINE_OF:
+                rows.append(self._ensemble_row(ROW_NAMES[r], list(range(n)), COMBINE_OF[r], t0))
+            elif r == "greedy_ensemble":
+                ge = greedy_ensemble(pantry, self.heldout, allow_equal=self.allow_equal, progress=self.progress)
+                rows.append(self._ensemble_row(ROW_NAMES[r], ge.members, "logits", t0))
+                result.greedy_ensemble = ge
+            else:
+                st = stack(self.held_preds, self.test_preds)  # type: ignore[arg-type]
+                rows.append(Row(ROW_NAMES[r], "ensemble", labels, self._score(self.heldout, st.heldout), self._score(self.test, st.test), n,
+                                time.perf_counter() - t0, "held-out scores out-of-fold", st.heldout, st.test))
+        return result

@@ -12,13 +12,13 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..eval.base import Evaluator, Score
+from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
 from .pantry import Pantry
 
 log = logging.getLogger("modelsoup")
@@ -56,6 +56,7 @@ class GreedyResult:
         history: every candidate tried, best-scoring ingredient first.
         recipe: the soup as a ``linear`` recipe (write it with :func:`modelsoup.merge`); None for ensembles.
         seconds: wall time, ingredient scoring included.
+        predictions: the final soup's held-out predictions, when the evaluator gives them.
     """
 
     members: list[int]
@@ -64,7 +65,7 @@ class GreedyResult:
     history: list[GreedyStep]
     recipe: Recipe | None = None
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
+    predictions: Predictions | None = None
 
 
 def rank(scores: Sequence[Score]) -> list[int]:
@@ -113,6 +114,15 @@ def greedy_select(
     return members, current, history
 
 
+def run_evaluator(evaluator: Evaluator, state: Any, label: str) -> tuple[Score, Predictions | None]:
+    """Score ``state``, keeping the predictions when the evaluator gives them (for ensembles and calibration)."""
+    if isinstance(evaluator, PredictionEvaluator):
+        t0 = time.perf_counter()
+        p = evaluator.predict(state, label=label)
+        return evaluator.score(p, seconds=time.perf_counter() - t0), p
+    return evaluator.evaluate(state, label=label), None
+
+
 def as_pantry(ingredients: Pantry | Sequence[Any], **options: Any) -> tuple[Pantry, bool]:
     """(a pantry, whether the caller made it here and must close it)."""
     if isinstance(ingredients, Pantry):
@@ -149,13 +159,20 @@ def greedy_soup(
     pantry, own = as_pantry(ingredients, **pantry_options)
     try:
         scores = [pantry.score(i, evaluator) for i in range(len(pantry))]
+        preds: dict[tuple[int, ...], Predictions] = {}
 
         def try_with(members: list[int]) -> Score:
             _, state = pantry.soup(members)
-            return evaluator.evaluate(state, label=f"soup of {len(members)}")
+            s, p = run_evaluator(evaluator, state, f"soup of {len(members)}")
+            if p is not None:
+                preds[tuple(members)] = p
+            return s
 
         members, score, history = greedy_select(pantry.labels, scores, try_with, allow_equal=allow_equal, progress=progress)
-        return GreedyResult(members, [pantry.labels[i] for i in members], score, history, pantry.recipe(members), time.perf_counter() - t0)
+        final = preds.get(tuple(members))
+        if final is None and len(members) == 1 and isinstance(evaluator, PredictionEvaluator):
+            final = pantry.predictions(members[0], evaluator)
+        return GreedyResult(members, [pantry.labels[i] for i in members], score, history, pantry.recipe(members), time.perf_counter() - t0, final)
     finally:
         if own:
             pantry.close()

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe
 from ..errors import EvaluatorError, InsufficientMemoryError
-from ..eval.base import Evaluator, Score
+from ..eval.base import Evaluator, Predictions, Score
 from ..eval.module import ModuleEvaluator, load_weights, to_device
-from .greedy import as_pantry
+from .greedy import as_pantry, run_evaluator
 from .pantry import Pantry
 
 log = logging.getLogger("modelsoup")
@@ -50,6 +50,7 @@ class LearnedResult:
         history: per epoch: the held-out loss averaged over the epoch's steps (epoch 0: the uniform
             soup's) and the held-out score at the epoch's end.
         seconds: wall time.
+        predictions: the returned soup's held-out predictions, when the evaluator gives them.
     """
 
     recipe: Recipe
@@ -59,6 +60,7 @@ class LearnedResult:
     epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    predictions: Predictions | None = None
 
 
 def available_memory(device: torch.device) -> int:
@@ -110,6 +112,7 @@ def learned_soup(
     weight_decay: float = 0.0,
     max_memory: int | None = None,
     start_score: Score | None = None,
+    start_predictions: Predictions | None = None,
     progress: bool | None = None,
     **pantry_options: Any,
 ) -> LearnedResult:
@@ -124,7 +127,7 @@ def learned_soup(
         optimizer: ``adamw``, ``adam`` or ``sgd``.
         lr, epochs, weight_decay: optimiser settings.
         max_memory: bytes the ingredients may take (default: what the device has free).
-        start_score: the uniform soup's held-out score, if already known.
+        start_score: the uniform soup's held-out score, if already known (and ``start_predictions``, its predictions).
         progress: progress bar; None = only on a terminal.
 
     Raises:
@@ -149,8 +152,9 @@ def learned_soup(
         n = len(pantry)
         every = list(range(n))
         uniform_recipe, uniform_state = pantry.soup(every)
+        start_preds = start_predictions
         if start_score is None:
-            start_score = evaluator.evaluate(uniform_state, label="uniform soup")
+            start_score, start_preds = run_evaluator(evaluator, uniform_state, "uniform soup")
         learnable = [j for j in uniform_state.session.jobs if j.action == "merge" and j.alias_of is None]
         model_bytes = sum(4 * j.nbytes // j.dtype.itemsize for j in learnable)
         need = memory_estimate(model_bytes, n)
@@ -189,7 +193,7 @@ def learned_soup(
             return pantry.recipe(every, tensor_weights=per), per
 
         uniform_weights: Any = [1.0 / n] * n if by == "model" else {name: [1.0 / n] * n for name in names}
-        best: tuple[Score, int, Recipe, Any] = (start_score, 0, uniform_recipe, uniform_weights)
+        best: tuple[Score, int, Recipe, Any, Predictions | None] = (start_score, 0, uniform_recipe, uniform_weights, start_preds)
         history: list[dict[str, float]] = [{"epoch": 0.0, "loss": start_score.metrics.get("loss", float("nan")), "score": start_score.value}]
         batches = list(evaluator.batches())
         show = sys.stderr.isatty() if progress is None else progress
@@ -212,16 +216,16 @@ def learned_soup(
                     bar.update(1)
                     bar.set_postfix_str(f"epoch {epoch}, loss {total / max(count, 1):.4f}")
                 rec, w = as_recipe(coefficients())
-                score = evaluator.evaluate(pantry.state(rec), label=f"learned soup, epoch {epoch}")
+                score, preds = run_evaluator(evaluator, pantry.state(rec), f"learned soup, epoch {epoch}")
                 history.append({"epoch": float(epoch), "loss": total / max(count, 1), "score": score.value})
                 log.info("learned soup epoch %d: held-out loss %.4f while learning; %s", epoch, total / max(count, 1), score)
                 if _better(score, best[0]):
-                    best = (score, epoch, rec, w)
+                    best = (score, epoch, rec, w, preds)
         del stacks
-        score, epoch, recipe, weights = best
+        score, epoch, recipe, weights, final_preds = best
         if epoch == 0:
             log.info("learned soup: no epoch beat the uniform start on held-out data; returning the uniform soup")
-        return LearnedResult(recipe, weights, score, start_score, epoch, history, time.perf_counter() - t_start)
+        return LearnedResult(recipe, weights, score, start_score, epoch, history, time.perf_counter() - t_start, final_preds)
     finally:
         if own:
             pantry.close()

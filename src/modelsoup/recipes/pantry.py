@@ -213,6 +213,10 @@ class Pantry:
         wants_preds = isinstance(evaluator, PredictionEvaluator)
         if disk_key is not None:
             hit = self.cache.get(disk_key, need_predictions=wants_preds)
+            if hit is not None and hit[1] is not None:
+                # scores are recomputed from cached predictions, so new metrics reach old cache entries
+                assert isinstance(evaluator, PredictionEvaluator)
+                hit = (evaluator.score(hit[1], seconds=hit[0].metrics.get("seconds")), hit[1])
             if hit is not None:
                 log.info("%s: %s (cached)", self.items[i].label, hit[0])
                 self._memo[memo_key] = hit
