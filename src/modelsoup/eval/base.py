@@ -184,11 +184,13 @@ class FunctionEvaluator(Evaluator):
         out = self.fn(weights, self.data) if self._takes_data else self.fn(weights)
         seconds = time.perf_counter() - t0
         if isinstance(out, Score):
+            self.metric = out.metric
             return Score(out.value, out.metric, timing(dict(out.metrics), seconds))
         if isinstance(out, Mapping):
             if "score" not in out:
                 raise EvaluatorError(f"evaluator {self.name} returned a mapping without a 'score' key (keys: {', '.join(map(str, out))}); return a number or {{'score': ...}}")
             metric = str(out.get("metric", self.metric))
+            self.metric = metric  # tables name the score as the function does
             value = _number(out["score"], self.name)
             metrics = {str(k): float(v) for k, v in out.items() if k not in ("score", "metric") and isinstance(v, (int, float)) and not isinstance(v, bool)}
             metrics[metric] = value

@@ -51,3 +51,48 @@ def make_evaluators(spec: str, *, heldout: str, test: str | None = None, model: 
     if ":" not in spec:
         raise EvaluatorError(f"unknown evaluator '{spec}'; built-ins: {', '.join(BUILTINS)}, or name your own as package.module:function")
     return function_evaluator(spec, data=heldout), (function_evaluator(spec, data=test) if test is not None else None)
+
+
+def parse_domains(values: list[str] | None, what: str) -> dict[str, str] | None:
+    """``["FILE"]`` -> None (one domain); ``["news=a.csv", "law=b.csv"]`` -> {"news": "a.csv", "law": "b.csv"}.
+
+    Raises:
+        EvaluatorError: a mix of named and unnamed files, several unnamed files, or a name given twice.
+    """
+    if not values:
+        return None
+    named = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or Path(v).exists() or not name or "/" in name:
+            if len(values) > 1:
+                raise EvaluatorError(f"{what}: with several data files, name each domain as NAME=FILE (got {v!r})")
+            return None
+        if name in named:
+            raise EvaluatorError(f"{what}: domain '{name}' is given twice")
+        named[name] = path
+    return named
+
+
+def make_domain_evaluators(spec: str, *, heldout: dict[str, str], test: dict[str, str] | None = None, weights: dict[str, float] | None = None,
+                           model: str | Path | None = None, **options: Any) -> tuple[Evaluator, Evaluator | None]:
+    """Multi-domain held-out (and test) evaluators: one per domain, sharing one model, scored as their weighted mean.
+
+    Raises:
+        EvaluatorError: test domains that differ from the held-out ones, or a bad evaluator.
+    """
+    from .domains import multi_domain
+
+    if test is not None and set(test) != set(heldout):
+        raise EvaluatorError(f"the test domains ({', '.join(test)}) must be the held-out domains ({', '.join(heldout)})")
+    names = list(heldout)
+    first, _ = make_evaluators(spec, heldout=heldout[names[0]], model=model, **options)
+
+    def build(path: str) -> Evaluator:
+        if hasattr(first, "with_data"):
+            return first.with_data(path)  # type: ignore[no-any-return]
+        return make_evaluators(spec, heldout=path, model=model, **options)[0]
+
+    held = {n: (first if k == 0 else build(heldout[n])) for k, n in enumerate(names)}
+    tests = {n: build(test[n]) for n in names} if test is not None else None
+    return multi_domain(held, weights), (multi_domain(tests, weights) if tests is not None else None)

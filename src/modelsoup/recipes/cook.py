@@ -129,9 +129,9 @@ class CookResult:
     def to_markdown(self) -> str:
         """The table, the calibration table and the greedy and learned histories, as Markdown."""
         parts = [self._main_table()]
-        cal = self._calibration_table()
-        if cal:
-            parts.append(cal)
+        for extra in (self._domain_table(), self._calibration_table()):
+            if extra:
+                parts.append(extra)
         for title, g in (("Greedy soup", self.greedy), ("Greedy ensemble", self.greedy_ensemble)):
             if g is None:
                 continue
@@ -169,6 +169,29 @@ class CookResult:
                 row += cells(r.test)
             row += [str(len(r.members)), f"{r.cost}x", f"{r.seconds:.1f}"]
             lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
+
+    def _domain_table(self) -> str:
+        """Per-domain scores (multi-domain evaluators): what the merge costs each domain."""
+        from ..eval.domains import domain_scores
+
+        first = next((r.heldout for r in self.rows if r.heldout is not None), None)
+        domains = list(domain_scores(first)) if first is not None else []
+        if not domains:
+            return ""
+        has_test = any(r.test is not None for r in self.rows)
+        splits = [("held-out", "heldout")] + ([("test", "test")] if has_test else [])
+        head = ["model"] + [f"{d} ({split})" for split, _ in splits for d in domains] + [f"mean ({split})" for split, _ in splits]
+        lines = [f"### Per-domain {self.metric}", "", "| " + " | ".join(head) + " |", "|---|" + "|".join(["---:"] * (len(head) - 1)) + "|"]
+        for r in self.rows:
+            cells = [r.name]
+            means = []
+            for _, attr in splits:
+                s = getattr(r, attr)
+                per = domain_scores(s) if s is not None else {}
+                cells += [f"{per[d]:.4f}" if d in per else "–" for d in domains]
+                means.append(f"{s.value:.4f}" if s is not None else "–")
+            lines.append("| " + " | ".join(cells + means) + " |")
         return "\n".join(lines)
 
     def _calibration_table(self) -> str:

@@ -58,7 +58,7 @@ class Ingredient:
         return ref
 
 
-def _labels(sources: Sequence[Any]) -> list[str]:
+def short_labels(sources: Sequence[Any]) -> list[str]:
     """Short unique names: the file or folder name without a weight suffix, else the path as given
     (in-memory models: ``model[i]``); a source listed again gets ``#2``, ``#3``..."""
     short = []
@@ -114,7 +114,7 @@ class Pantry:
                  strip_prefix: str | None = None, keys: str = "exact", cache: EvalCache | None = None) -> None:
         if not sources:
             raise ValueError("a soup needs at least one ingredient")
-        names = list(labels) if labels is not None else _labels(sources)
+        names = list(labels) if labels is not None else short_labels(sources)
         if len(names) != len(sources) or len(set(names)) != len(names):
             raise ValueError(f"labels must be unique, one per ingredient; got {names}")
         self.items = [Ingredient(n, s, key if isinstance(s, (str, Path)) else None, strip_prefix if isinstance(s, (str, Path)) else None) for n, s in zip(names, sources)]
