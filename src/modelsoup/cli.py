@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import logging
 import sys
@@ -105,11 +106,24 @@ def _cmd_methods(a: argparse.Namespace) -> int:
 
 
 def _evaluators(a: argparse.Namespace, default_model: str | None) -> tuple[Any, Any]:
-    from .eval.factory import make_evaluators
+    from .eval.factory import make_domain_evaluators, make_evaluators, parse_domains
 
-    return make_evaluators(a.eval, heldout=a.heldout, test=a.test, model=a.model or default_model, text_column=a.text_column,
-                           label_column=a.label_column, text_pair_column=a.text_pair_column, max_length=a.max_length,
-                           batch_size=a.batch_size, limit=a.limit, device=a.device, progress=False if a.no_progress else None)
+    opts = dict(model=a.model or default_model, text_column=a.text_column, label_column=a.label_column, text_pair_column=a.text_pair_column,
+                max_length=a.max_length, batch_size=a.batch_size, limit=a.limit, device=a.device, progress=False if a.no_progress else None)
+    held_domains, test_domains = parse_domains(a.heldout, "--heldout"), parse_domains(a.test, "--test")
+    if held_domains is None:
+        if test_domains is not None or a.domain_weights:
+            raise SoupError("--test NAME=FILE and --domain-weights need named held-out domains too (--heldout NAME=FILE, once per domain)")
+        return make_evaluators(a.eval, heldout=a.heldout[0], test=a.test[0] if a.test else None, **opts)
+    if a.test and test_domains is None:
+        raise SoupError("with named held-out domains, name the test files too: --test NAME=FILE, once per domain")
+    weights = None
+    if a.domain_weights:
+        try:
+            weights = {k: float(v) for k, v in (item.split("=", 1) for item in a.domain_weights.split(","))}
+        except ValueError:
+            raise SoupError(f"--domain-weights {a.domain_weights!r}: give NAME=WEIGHT pairs, e.g. news=2,law=1") from None
+    return make_domain_evaluators(a.eval, heldout=held_domains, test=test_domains, weights=weights, **opts)
 
 
 def _first_folder(paths: list[str]) -> str | None:
@@ -177,7 +191,7 @@ def _cmd_topk(a: argparse.Namespace) -> int:
     from .recipes.cook import json_files, write_results
 
     check_output(Path(a.output), a.overwrite)
-    sources = sum(x is not None for x in (a.log, a.from_names, a.heldout))
+    sources = sum(bool(x) for x in (a.log, a.from_names, a.heldout))
     if sources != 1:
         raise SoupError("rank the checkpoints by exactly one of: --log FILE --metric COLUMN, --from-names KEY, or an evaluator (--heldout FILE)")
     with _pantry(a, a.inputs) as pantry:
@@ -202,8 +216,11 @@ def _add_eval_options(p: argparse.ArgumentParser, *, required: bool = True) -> N
     g = p.add_argument_group("evaluation (held-out data chooses; test data is only reported)")
     g.add_argument("--eval", default="text-classification",
                    help="text-classification (default), perplexity, or your own package.module:function / file.py:function")
-    g.add_argument("--heldout", required=required, metavar="FILE", help="held-out data: CSV/JSONL (text classification), text file (perplexity), or passed to your function")
-    g.add_argument("--test", metavar="FILE", help="test data, reported only")
+    g.add_argument("--heldout", required=required, action="append", metavar="[NAME=]FILE",
+                   help="held-out data: CSV/JSONL (text classification), text file (perplexity), or passed to your function; "
+                   "repeat as NAME=FILE for several domains (scored by their mean)")
+    g.add_argument("--test", action="append", metavar="[NAME=]FILE", help="test data, reported only (NAME=FILE per domain)")
+    g.add_argument("--domain-weights", metavar="NAME=W,...", help="weights of the domains in the mean score (default equal)")
     g.add_argument("--model", metavar="FOLDER", help="Hugging Face folder giving architecture, config and tokenizer (default: the first input folder)")
     g.add_argument("--text-column", help="text column (default text)")
     g.add_argument("--label-column", help="label column (default label)")
@@ -244,9 +261,63 @@ def _add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, 
     return c
 
 
+def _cmd_templates(a: argparse.Namespace) -> int:
+    from .analysis import templates as tp
+    from .io import open_checkpoint
+    from .io.output import check_output, staged_output
+    from .recipes.pantry import short_labels
+
+    out = Path(a.output)
+    check_output(out, a.overwrite)
+    sources = [*a.inputs, a.soup]
+    labels = short_labels(sources)
+    labels[-1] = f"{labels[-1]} (soup)"
+    states = {}
+    for label, src in zip(labels, sources):
+        with open_checkpoint(src, key=a.key, strip_prefix=a.strip_prefix) as ck:
+            states[label] = {n: ck.read(n) for n in ck.names() if len(ck.meta(n)[1]) == 2}
+    if a.vocabulary:
+        temps = {k: tp.vocabulary_templates(v) for k, v in states.items()}
+    else:
+        chain = a.chain.split(",") if a.chain else None
+        temps = {k: tp.class_templates(v, weight=a.weight, chain=chain) for k, v in states.items()}
+    corr = tp.template_correlations(temps, labels[-1])
+    lines = [f"| model | mean r with {labels[-1]} | per class |", "|---|---:|---|"]
+    lines += [f"| {k} | {sum(v) / len(v):.3f} | {', '.join(f'{x:.2f}' for x in v)} |" for k, v in corr.items()]
+    with staged_output(out, a.overwrite) as tmp:
+        if a.vocabulary:
+            from .eval.text import require_transformers
+
+            tok = require_transformers().AutoTokenizer.from_pretrained(a.tokenizer or a.soup, local_files_only=True)
+            lines += ["", f"Top {a.top} tokens per class:", ""]
+            for k, t in temps.items():
+                lines += [f"- {k}: " + " | ".join(f"class {c}: {' '.join(toks)}" for c, toks in enumerate(tp.top_tokens(t, tok, a.top)))]
+        else:
+            try:
+                rows, cols = (int(x) for x in a.shape.lower().split("x"))
+            except ValueError:
+                raise SoupError(f"--shape {a.shape!r}: give HEIGHTxWIDTH, e.g. 8x8 (or 3x32x32 flattened inputs are not images: use --vocabulary for text)") from None
+            tp.template_grid(temps, (rows, cols), tmp / "templates.png", correlations=corr, reference=labels[-1])
+        (tmp / "templates.md").write_text("\n".join(lines) + "\n")
+        (tmp / "templates.json").write_text(json.dumps({"reference": labels[-1], "correlations": corr}, indent=1))
+    print("\n".join(lines))
+    print(f"written to {out}")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if a.domains:
+        from .demo.digits import run_domains_demo
+
+        result, corr = run_domains_demo(Path(a.out), seed=a.seed, progress=False if a.quiet else None)
+        print(result.to_markdown().split("### Calibration")[0])
+        print("mean correlation of each model's class templates with the uniform soup's:")
+        for name, values in corr.items():
+            print(f"  {name:<14} {sum(values) / len(values):.3f}")
+        print(f"\nsoups, tables and figures (templates.png) in {a.out}")
+        return 0
     run_demo(Path(a.out), quick=a.quick, seed=a.seed)
     return 0
 
@@ -317,10 +388,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(tk, required=False)
     tk.set_defaults(fn=_cmd_topk)
 
+
+
+    tm = sub.add_parser("templates", help="per-class weight templates of ingredients and a soup, with their correlations",
+                        description="Class weights as images (a linear/first layer on image inputs) or projected on the vocabulary "
+                        "(BERT sequence classifiers), per model, and each model's correlation with the soup's (Wang et al. 2024).")
+    tm.add_argument("inputs", nargs="+", help="ingredients")
+    tm.add_argument("--soup", required=True, help="the soup (the reference for correlations)")
+    tm.add_argument("-o", "--output", required=True, help="folder for templates.png / templates.md / templates.json")
+    tm.add_argument("--shape", default="8x8", help="image shape of the inputs, HEIGHTxWIDTH (default 8x8: scikit-learn digits)")
+    tm.add_argument("--weight", help="the (classes x inputs) weight to draw (default: the product of the model's linear layers)")
+    tm.add_argument("--chain", help="comma-separated weights from input to output whose product gives the templates")
+    tm.add_argument("--vocabulary", action="store_true", help="text classifier: class weights projected on the word embeddings")
+    tm.add_argument("--tokenizer", help="folder of the tokenizer for --vocabulary (default: the soup)")
+    tm.add_argument("--top", type=int, default=10, help="tokens listed per class with --vocabulary")
+    tm.add_argument("--key", help="entry of nested torch checkpoints holding the weights")
+    tm.add_argument("--strip-prefix", help="tensor name prefix to remove")
+    tm.add_argument("--overwrite", action="store_true")
+    tm.set_defaults(fn=_cmd_templates)
+
     d = sub.add_parser("demo", help="fine-tune small ingredients on real data and merge them with every method")
     d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     d.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--domains", action="store_true", help="multi-domain digits: linear classifiers fine-tuned on digits 0-4 and 5-9, souped; "
+                   "per-domain table and class-template grid")
     d.set_defaults(fn=_cmd_demo)
     return p
 
