@@ -9,12 +9,14 @@ warmed first), so the ratios compare like with like.
 
     python benchmarks/merge_speed.py                   # 4 x ~1 GB
     python benchmarks/merge_speed.py --size-gb 0.25    # quicker
+    python benchmarks/merge_speed.py --dir /tmp/b --reuse --cases ties   # one method, checkpoints kept
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -115,16 +117,24 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary folder)")
     ap.add_argument("--repeats", type=int, default=2, help="take the best of this many runs per measurement")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--cases", nargs="+", choices=["linear", "ties", "slerp"], default=["linear", "ties", "slerp"], help="methods to measure")
+    ap.add_argument("--reuse", action="store_true", help="keep checkpoints already built in --dir (same count and size)")
     a = ap.parse_args()
     scratch = Path(a.dir or tempfile.mkdtemp(prefix="soup-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, a.dtype)
     t0 = time.perf_counter()
     itemsize = torch.empty((), dtype=dtype).element_size()
-    inputs = build(scratch, a.models, a.size_gb * 1e9 * 4 / itemsize, dtype)  # shapes() counts fp32 bytes
+    target = a.size_gb * 1e9 * 4 / itemsize  # shapes() counts fp32 bytes
+    built = [scratch / f"ft-{i}.safetensors" for i in range(a.models)]
+    expected = sum(math.prod(s) for s in shapes(target).values()) * itemsize
+    if a.reuse and all(p.exists() and expected < p.stat().st_size < expected + (1 << 20) for p in built):
+        inputs = built
+    else:
+        inputs = build(scratch, a.models, target, dtype)
     in_bytes = sum(p.stat().st_size for p in inputs)
     out_bytes = inputs[0].stat().st_size
-    print(f"built {a.models} checkpoints of {out_bytes / 1e9:.2f} GB ({a.dtype}) in {time.perf_counter() - t0:.0f} s in {scratch}")
+    print(f"{'reused' if inputs is built else 'built'} {a.models} checkpoints of {out_bytes / 1e9:.2f} GB ({a.dtype}) in {time.perf_counter() - t0:.0f} s in {scratch}")
     run_child({"what": "floor", "inputs": [str(p) for p in inputs], "output": str(scratch / "warm.bin"), "out_bytes": out_bytes})  # warm the page cache
 
     def best(args: dict) -> dict:
@@ -157,6 +167,8 @@ def main() -> None:
     ]
     for label, params, base, hashing in cases:
         method = label.split()[0]
+        if method not in a.cases:
+            continue
         ins = common["inputs"][1:] if base else common["inputs"]
         if method == "slerp":
             ins = common["inputs"][:2]

@@ -10,7 +10,7 @@ import torch
 
 from modelsoup.errors import MethodError
 from modelsoup.methods import available_methods, get_method, register
-from modelsoup.methods.ops import trim_top_k
+from modelsoup.methods.ops import combine, trim_top_k
 
 from . import reference as ref
 from .tolerances import FP32_VS_REFERENCE
@@ -306,3 +306,80 @@ def test_zero_weight_neither_votes_nor_counts():
     got = call("ties", [a, b], base=T(0, 0), density=1.0, weights=[1.0, 0.0], divide_by="count")
     close(got, T(1.0, -1.0))
     close(ref.ties([a, b], T(0, 0), [1.0, 0.0], [1.0, 1.0], divide_by="count"), T(1.0, -1.0))
+
+
+# ---------------------------------------------------------------- chunked trimming and sign election
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 64 elements and bracketing from 256 elements on: small tensors take the paths of large ones."""
+    import modelsoup.methods.ops as ops
+    import modelsoup.methods.ties as ties_module
+
+    monkeypatch.setattr(ops, "CHUNK", 64)
+    monkeypatch.setattr(ties_module, "CHUNK", 64)
+    monkeypatch.setattr(ops, "BRACKET_ABOVE", 256)
+    monkeypatch.setattr(ops, "_SAMPLE", 32)
+
+
+def _tricky(seed: int, n: int = 1500):
+    """Base and 3 models whose deltas (exact multiples of 1/4) tie in magnitude, hold exact zeros, and cancel."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-8, 9, (n,), generator=g).float() / 4
+    steps = torch.randint(-3, 4, (3, n), generator=g).float() / 4
+    steps[1, ::5] = -steps[0, ::5]  # votes of the first two models cancel exactly
+    steps[2, ::5] = 0.0  # and the third has nothing there: the vote is exactly 0
+    return base, [base + s for s in steps]
+
+
+TRICKY_WEIGHTS = [[1.0, 1.0, 1.0], [1.0, 0.5, 2.0], [1.0, -0.5, 2.0], [1.0, 0.0, 2.0], [1.0, -1.0, 0.5], [1e-9, 2e-9, 1.0]]
+CONVENTIONS = [{}, {"sign_method": "count"}, {"sign_from": "unweighted", "divide_by": "count"}, {"normalize": False}, {"divide_by": "count"}]
+
+
+@pytest.mark.parametrize("conv", CONVENTIONS)
+@pytest.mark.parametrize("w", TRICKY_WEIGHTS)
+def test_chunked_ties_matches_reference_on_ties_zeros_and_negative_weights(small_chunks, w, conv):
+    base, ms = _tricky(len(conv) + int(10 * w[1]))
+    dens = [0.3, 0.55, 0.8]
+    got = call("ties", ms, base=base, weights=w, density=dens, scale=0.9, **conv)
+    full = {"sign_method": "sum", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"} | conv
+    close(got, ref.ties(ms, base, w, dens, 0.9, **full))
+
+
+@pytest.mark.parametrize("conv", CONVENTIONS)
+def test_sign_election_matches_reference_on_exact_zero_votes_and_zero_deltas(conv):
+    _, ms = _tricky(3, n=400)
+    deltas = [m - ms[0] * 0 for m in ms]  # already sparse-looking: many exact zeros and ties
+    for w in TRICKY_WEIGHTS:
+        full = {"sign_method": "sum", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"} | conv
+        want = ref.sign_merge([[float(x) for x in d.double()] for d in deltas], w, **full)
+        close(combine(deltas, w, **full), torch.tensor(want, dtype=torch.float64))
+
+
+def test_ties_result_does_not_depend_on_chunking_or_threads(monkeypatch):
+    import modelsoup.methods.ops as ops
+    import modelsoup.methods.ties as ties_module
+
+    base, ms = _tricky(7, n=300_001)
+    kw = {"base": base, "weights": [1.0, -0.5, 2.0], "density": [0.3, 0.5, 0.7], "scale": 0.7}
+    want = call("ties", ms, **kw)
+    threads = torch.get_num_threads()
+    for chunk, bracket_above, n_threads in [(4096, 1 << 20, threads), (1000, 10_000, 1), (77_777, 10_000, 2)]:
+        monkeypatch.setattr(ops, "CHUNK", chunk)
+        monkeypatch.setattr(ties_module, "CHUNK", chunk)
+        monkeypatch.setattr(ops, "BRACKET_ABOVE", bracket_above)
+        torch.set_num_threads(n_threads)
+        try:
+            got = call("ties", ms, **kw)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (chunk, n_threads)
+
+
+def test_exact_k_with_magnitude_ties_across_chunks(small_chunks):
+    g = torch.Generator().manual_seed(4)
+    d = torch.randint(-2, 3, (1000,), generator=g).float()  # magnitudes 0, 1, 2: the k-th is tied across many chunks
+    for density in (0.1, 0.3, 0.45, 0.6, 0.9):
+        want = d * torch.tensor(ref.top_k_mask(d, density), dtype=torch.float32)
+        assert torch.equal(trim_top_k(d, density), want), density

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import MethodError
-from .ops import CHUNK, DIVIDE_BY_PARAM, SCALE, SIGN_FROM_PARAM, MagnitudeSource, TopKTrim, combine, density_param, model_weights, normalize_param, per_model, sign_param
+from .ops import CHUNK, DIVIDE_BY_PARAM, SCALE, SIGN_FROM_PARAM, ElectedMean, MagnitudeSource, TopKTrim, density_param, model_weights, normalize_param, per_model, sign_param
 from .registry import register
 
 
@@ -48,12 +48,18 @@ def ties(
     dens = per_model(density, len(tensors), "density")
     w = model_weights(weights, len(tensors))
     srcs = [MagnitudeSource(t, base) for t in tensors]
-    trims = [TopKTrim(src, p) for src, p in zip(srcs, dens)]
+    trims = TopKTrim.for_sources(srcs, dens)
     flat_base = base.reshape(-1)
-    out = torch.empty(flat_base.shape, dtype=torch.float32)
-    for i in range(0, flat_base.numel(), CHUNK):
-        j = min(i + CHUNK, flat_base.numel())
-        trimmed = [trim.apply_(src.delta(i, j)) for trim, src in zip(trims, srcs)]
-        merged = combine(trimmed, w, sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
-        out[i:j] = flat_base[i:j] + scale * merged
+    n = flat_base.numel()
+    out = torch.empty(n, dtype=torch.float32)
+    size = min(n, CHUNK)
+    deltas = torch.empty(len(tensors), size, dtype=torch.float32)
+    elect = ElectedMean(w, size=size, sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
+    for i in range(0, n, CHUNK):
+        j = min(i + CHUNK, n)
+        trimmed = [trim.apply_(src.delta(i, j, buf[: j - i]), i) for trim, src, buf in zip(trims, srcs, deltas)]
+        merged = elect(trimmed, out[i:j])
+        if scale != 1.0:  # base + scale * merged, rounded as written
+            merged.mul_(scale)
+        merged.add_(flat_base[i:j])
     return out.view_as(base)
