@@ -198,3 +198,43 @@ def ece_equal_mass(probs, labels, bins):
             conf = sum(g[0] for g in group) / len(group)
             total += len(group) / n * abs(acc - conf)
     return total
+
+
+def similarity_stats(models, base=None):
+    """Pairwise statistics of models given as lists of tensors (one list per model, same shapes), element by element.
+
+    Returns a dict of nested lists: cosine, distance, and with a base task_cosine, task_norm, cosine_to_base,
+    sign_conflicts (opposite signs among coordinates where both task vectors are non-zero) and
+    sign_conflict_all (coordinates with both signs among those where two or more are non-zero).
+    """
+    vecs = [[x for t in m for x in _flat(t)] for m in models]
+    n, size = len(vecs), len(vecs[0])
+
+    def dot(a, b):
+        return sum(a[k] * b[k] for k in range(size))
+
+    def cos(a, b):
+        den = math.sqrt(dot(a, a)) * math.sqrt(dot(b, b))
+        return dot(a, b) / den if den else float("nan")
+
+    out = {"norm": [math.sqrt(dot(v, v)) for v in vecs],
+           "cosine": [[cos(a, b) for b in vecs] for a in vecs],
+           "distance": [[math.sqrt(sum((a[k] - b[k]) ** 2 for k in range(size))) for b in vecs] for a in vecs]}
+    if base is None:
+        return out
+    b = [x for t in base for x in _flat(t)]
+    tv = [[v[k] - b[k] for k in range(size)] for v in vecs]
+    out["task_cosine"] = [[cos(x, y) for y in tv] for x in tv]
+    out["task_norm"] = [math.sqrt(dot(x, x)) for x in tv]
+    out["cosine_to_base"] = [cos(v, b) for v in vecs]
+    conflicts = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            both = [k for k in range(size) if tv[i][k] != 0 and tv[j][k] != 0]
+            opposite = [k for k in both if (tv[i][k] > 0) != (tv[j][k] > 0)]
+            conflicts[i][j] = len(opposite) / len(both) if both else float("nan")
+    out["sign_conflicts"] = conflicts
+    voting = [k for k in range(size) if sum(1 for x in tv if x[k] != 0) >= 2]
+    mixed = [k for k in voting if any(x[k] > 0 for x in tv) and any(x[k] < 0 for x in tv)]
+    out["sign_conflict_all"] = len(mixed) / len(voting) if voting else float("nan")
+    return out

@@ -58,3 +58,7 @@ class EvaluatorError(SoupError):
 
 class InsufficientMemoryError(SoupError):
     """A computation that needs every ingredient resident (the learned soup) would not fit in memory."""
+
+
+class AnalysisError(SoupError):
+    """A diagnostic cannot be computed from what it was given (too few models, nothing shared, no predictions)."""
