@@ -388,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(tk, required=False)
     tk.set_defaults(fn=_cmd_topk)
 
+    from .analysis.commands import add_commands
 
+    add_commands(sub)  # inspect, curve, compare, scale, report
 
     tm = sub.add_parser("templates", help="per-class weight templates of ingredients and a soup, with their correlations",
                         description="Class weights as images (a linear/first layer on image inputs) or projected on the vocabulary "
