@@ -63,7 +63,7 @@ def test_best_first_order_follows_the_held_out_scores(digits_run):
 def test_comparisons_need_predictions():
     ev = FunctionEvaluator(lambda sd: 1.0, "constant")
     models = [{"w": torch.ones(1)}, {"w": torch.zeros(1)}]
-    with pytest.raises(AnalysisError, match="soup-vs-ensemble comparison compares per-example predictions"):
+    with pytest.raises(AnalysisError, match="soup-vs-ensemble comparison needs per-example predictions"):
         soup_vs_ensemble(models, ev, **NO_CACHE)
     with pytest.raises(AnalysisError, match="weight-scaling diagnostic"):
         magnitude_stability(models, ev, **NO_CACHE)

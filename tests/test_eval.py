@@ -246,3 +246,14 @@ def test_perplexity_of_a_small_causal_lm_matches_direct_computation(minilm_path,
     assert s.metric == "neg_perplexity" and s.metrics["tokens"] == n
     assert s.metrics["perplexity"] == pytest.approx(float(torch.exp(torch.tensor(total / n))), rel=1e-5)
     assert s.value == -s.metrics["perplexity"]
+
+
+def test_an_evaluator_class_receives_the_data_path(tmp_path):
+    f = tmp_path / "cls_eval.py"
+    f.write_text(
+        "from modelsoup.eval import Evaluator, Score\n"
+        "class Split(Evaluator):\n"
+        "    def __init__(self, data):\n        self.data = data\n"
+        "    def identity(self):\n        return self.data\n"
+        "    def evaluate(self, state, *, label=None):\n        return Score(float(len(self.data)), 'len')\n")
+    assert function_evaluator(f"{f}:Split", data="abcd").evaluate({}).value == 4.0

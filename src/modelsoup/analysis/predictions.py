@@ -16,22 +16,13 @@ from typing import Any
 import torch
 
 from ..errors import AnalysisError
-from ..eval.base import Evaluator, PredictionEvaluator, Predictions
+from ..eval.base import Evaluator, PredictionEvaluator, Predictions, require_predictions
 from ..eval.calibration import entropy
 
 
 def need_predictions(evaluator: Evaluator, what: str) -> PredictionEvaluator:
-    """``evaluator`` if it gives per-example predictions.
-
-    Raises:
-        AnalysisError: it does not (e.g. a plain scoring function), naming what needs them.
-    """
-    if not isinstance(evaluator, PredictionEvaluator):
-        raise AnalysisError(
-            f"{what} compares per-example predictions, which {type(evaluator).__name__} does not give; use a classification "
-            "evaluator (the built-in text-classification, ClassificationEvaluator, or a PredictionEvaluator of your own)"
-        )
-    return evaluator
+    """``evaluator`` if it gives per-example predictions, else :class:`AnalysisError` naming ``what``."""
+    return require_predictions(evaluator, what, AnalysisError)
 
 
 def agreement(a: Predictions, b: Predictions) -> float:

@@ -93,6 +93,16 @@ class Evaluator(ABC):
         """
 
 
+def require_predictions(evaluator: Evaluator, what: str, error: type[Exception] = EvaluatorError) -> PredictionEvaluator:
+    """``evaluator`` if it gives per-example predictions, else ``error`` naming ``what`` needs them."""
+    if not isinstance(evaluator, PredictionEvaluator):
+        raise error(
+            f"{what} needs per-example predictions, which {type(evaluator).__name__} does not give; use a classification evaluator "
+            "(the built-in text-classification, ClassificationEvaluator, or a PredictionEvaluator of your own)"
+        )
+    return evaluator
+
+
 class PredictionEvaluator(Evaluator):
     """An evaluator whose score is a function of per-example logits: it supports ensembles."""
 
@@ -242,7 +252,8 @@ def load_object(spec: str) -> Any:
 
 def function_evaluator(spec: str, *, data: str | None = None) -> Evaluator:
     """An evaluator from ``package.module:name``: an :class:`Evaluator` instance, an Evaluator class
-    (instantiated without arguments), or a scoring function (wrapped in :class:`FunctionEvaluator`).
+    (instantiated with the data path if its constructor takes an argument, else without), or a scoring
+    function (wrapped in :class:`FunctionEvaluator`).
 
     Raises:
         EvaluatorError: the object cannot be found or is not callable.
@@ -251,7 +262,11 @@ def function_evaluator(spec: str, *, data: str | None = None) -> Evaluator:
     if isinstance(obj, Evaluator):
         return obj
     if isinstance(obj, type) and issubclass(obj, Evaluator):
-        return obj()
+        try:  # an Evaluator class that takes the data path gets it (held-out or test)
+            takes_data = len([p for p in inspect.signature(obj).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 1
+        except (TypeError, ValueError):
+            takes_data = False
+        return obj(data) if takes_data and data is not None else obj()
     if not callable(obj):
         raise EvaluatorError(f"evaluator '{spec}' is a {type(obj).__name__}, not a function or an Evaluator")
     return FunctionEvaluator(obj, spec, data=data)

@@ -19,18 +19,13 @@ from typing import Any
 import torch
 
 from ..errors import EvaluatorError
-from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
+from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score, require_predictions
 from .greedy import GreedyResult, as_pantry, greedy_select
 from .pantry import Pantry
 
 
 def _need_predictions(evaluator: Evaluator) -> PredictionEvaluator:
-    if not isinstance(evaluator, PredictionEvaluator):
-        raise EvaluatorError(
-            f"ensembles need per-example predictions, which {type(evaluator).__name__} does not give; use a classification "
-            "evaluator (built-in, or a PredictionEvaluator subclass of your own)"
-        )
-    return evaluator
+    return require_predictions(evaluator, "an ensemble")
 
 
 COMBINE = ("logits", "probs", "vote")
