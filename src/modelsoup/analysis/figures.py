@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import SoupError
 
 KIND_STYLE = {
+    "baseline": {"marker": "s", "color": "#000000", "s": 50},
     "ingredient": {"marker": "o", "color": "#7f7f7f", "s": 36},
     "best individual": {"marker": "o", "color": "#1f77b4", "s": 70},
     "soup": {"marker": "*", "color": "#d62728", "s": 220},
@@ -46,7 +47,7 @@ def heldout_vs_test(rows: Sequence[Any], path: Path, *, metric: str = "accuracy"
     pts = [r for r in rows if r.heldout is not None and r.test is not None and r.kind != "best individual"]
     for r in pts:
         style = KIND_STYLE.get(r.kind, KIND_STYLE["ingredient"])
-        label = {"ingredient": "fine-tuned ingredients", "soup": "soups (1x inference cost)", "ensemble": "ensembles (Nx inference cost)"}.get(r.kind, r.kind)
+        label = {"baseline": "baselines (not ingredients)", "ingredient": "fine-tuned ingredients", "soup": "soups (1x inference cost)", "ensemble": "ensembles (Nx inference cost)"}.get(r.kind, r.kind)
         ax.scatter(r.heldout.value, r.test.value, label=None if label in seen else label, zorder=3, edgecolors="black", linewidths=0.5, **style)
         seen.add(label)
         if r.kind != "ingredient":

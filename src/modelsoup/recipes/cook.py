@@ -52,7 +52,7 @@ class Row:
 
     Attributes:
         name: what the row is (an ingredient's label, ``uniform soup``...).
-        kind: ``ingredient``, ``best individual``, ``soup`` or ``ensemble``.
+        kind: ``baseline`` (scored for comparison only), ``ingredient``, ``best individual``, ``soup`` or ``ensemble``.
         members: labels of the ingredients it uses.
         heldout, test: scores (test None without test data).
         cost: forward passes per input at inference (1 for a model or a soup, N for an ensemble).
@@ -287,6 +287,7 @@ def cook(
     allow_equal: bool = False,
     calibrate: bool = True,
     learned_options: dict[str, Any] | None = None,
+    baselines: dict[str, Any] | None = None,
     progress: bool | None = None,
     **pantry_options: Any,
 ) -> CookResult:
@@ -308,6 +309,8 @@ def cook(
         allow_equal: greedy soup and greedy ensemble keep a candidate on a tie.
         calibrate: fit a temperature on each row's held-out predictions and report test calibration after it.
         learned_options: keyword arguments of :func:`learned_soup` (by, lr, epochs, temperature...).
+        baselines: name -> model (path or in-memory) scored for comparison only, never an ingredient
+            (e.g. the pre-trained or zero-shot start).
         progress: progress bars; None = only on a terminal.
 
     Raises:
@@ -323,7 +326,7 @@ def cook(
         check_output(out, overwrite)
     pantry, own = as_pantry(ingredients, **pantry_options)
     try:
-        result = _Kitchen(pantry, heldout, test, allow_equal, progress).cook(list(recipes), learned_options or {})
+        result = _Kitchen(pantry, heldout, test, allow_equal, progress).cook(list(recipes), learned_options or {}, baselines or {})
         if calibrate:
             _temperature_scale(result.rows)
         result.seconds = time.perf_counter() - t_start
@@ -380,9 +383,19 @@ class _Kitchen:
         assert isinstance(ev, PredictionEvaluator)
         return ev.score(preds)
 
-    def cook(self, recipes: list[str], learned_options: dict[str, Any]) -> CookResult:
+    def _baseline_rows(self, baselines: dict[str, Any]) -> list[Row]:
+        rows = []
+        for name, source in baselines.items():
+            t0 = time.perf_counter()
+            with Pantry([source], labels=[name], cache=self.pantry.cache, keys=self.pantry.keys) as one:
+                h = (one.score(0, self.heldout), one.predictions(0, self.heldout) if self.predicts else None)
+                t = (one.score(0, self.test), one.predictions(0, self.test) if isinstance(self.test, PredictionEvaluator) else None) if self.test else (None, None)
+            rows.append(Row(name, "baseline", [], h[0], t[0], 1, time.perf_counter() - t0, "not an ingredient", h[1], t[1]))
+        return rows
+
+    def cook(self, recipes: list[str], learned_options: dict[str, Any], baselines: dict[str, Any]) -> CookResult:
         pantry, labels, n = self.pantry, self.pantry.labels, len(self.pantry)
-        rows: list[Row] = []
+        rows: list[Row] = self._baseline_rows(baselines)
         held: list[Score] = []
         self.held_preds = self._ingredient_preds(self.heldout)
         self.test_preds = self._ingredient_preds(self.test)
