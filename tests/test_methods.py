@@ -383,3 +383,21 @@ def test_exact_k_with_magnitude_ties_across_chunks(small_chunks):
     for density in (0.1, 0.3, 0.45, 0.6, 0.9):
         want = d * torch.tensor(ref.top_k_mask(d, density), dtype=torch.float32)
         assert torch.equal(trim_top_k(d, density), want), density
+
+
+def test_divisor_fast_path_equals_the_general_floor():
+    from modelsoup.methods.ops import ElectedMean
+
+    _, ms = _tricky(5, n=2000)
+    deltas = torch.stack([m - ms[0].round() for m in ms])  # exact zeros, ties, cancelling votes
+    deltas[:, ::11] = 0.0  # nothing agrees there: the divisor is exactly 0
+    deltas[0, 3::13] = float("nan")
+    for w in ([1.0, 1.0, 1.0], [1.0, 0.5, 2.0], [1e-8, 3.0, 0.25], [2.0, 0.0, 1.0]):
+        for conv in ({}, {"sign_method": "count"}, {"sign_from": "unweighted"}):
+            fast = ElectedMean(w, size=2000, normalize=True, **conv)
+            # every weight of a voter >= DIVISOR_FLOOR (a zero weight does not vote when weighted)
+            assert fast.divisor_is_zero_or_large == (min(w) > 0 or "sign_from" not in conv)
+            general = ElectedMean(w, size=2000, normalize=True, **conv)
+            general.divisor_is_zero_or_large = False
+            a, b = fast(deltas, torch.empty(2000)), general(deltas, torch.empty(2000))
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (w, conv)

