@@ -20,4 +20,4 @@ def test_quick_demo_trains_merges_and_reports(tmp_path, capsys):
 
 
 def test_demo_command_line(tmp_path):
-    assert main(["-q", "demo", "--quick", "--out", str(tmp_path / "d")]) == 0
+    assert main(["-q", "demo", "--digits", "--quick", "--out", str(tmp_path / "d")]) == 0

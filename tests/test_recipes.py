@@ -290,3 +290,14 @@ def test_cook_notes_what_a_function_evaluator_cannot_do(digits_run):
     assert res.row("learned soup").note.startswith("skipped:") and res.row("learned soup").heldout is None
     assert "skipped" in res.row("logit ensemble").note
     assert res.row("greedy soup").heldout.value >= max(r.heldout.value for r in res.rows[:3])
+
+
+def test_baselines_are_scored_but_never_souped(digits_run):
+    val = digits_run.evaluator("val")
+    res = cook(digits_run.paths, val, recipes=["uniform", "greedy"], baselines={"pre-trained start": digits_run.base},
+               cache=EvalCache(enabled=False), progress=False)
+    assert res.rows[0].name == "pre-trained start" and res.rows[0].kind == "baseline"
+    assert res.rows[0].heldout.value == val.evaluate(load_file(digits_run.base)).value
+    best = max((r for r in res.rows if r.kind == "ingredient"), key=lambda r: r.heldout.value)
+    assert res.row("best individual").heldout is best.heldout and res.row("best individual").members == [best.name]
+    assert "pre-trained start" not in res.row("greedy soup").members + res.row("uniform soup").members

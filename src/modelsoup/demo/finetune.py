@@ -22,8 +22,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import SoupError
+from ..eval.text import quiet_transformers
 from ..io.output import SKIP_NAMES, WEIGHT_SUFFIXES, cached_sha256, staged_output
 from .rotten_tomatoes import ID2LABEL, ReviewSplits, prepare_splits
 
@@ -228,27 +228,11 @@ def _show(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report and its progress bars; callers check the loading info themselves."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _load(folder: Path, *, missing: Collection[str] = (), **config: Any) -> Any:
     """A float32 sequence classifier from a local folder, refusing any unexpected missing or extra tensor."""
     from transformers import AutoModelForSequenceClassification
 
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 folder, local_files_only=True, dtype=torch.float32, output_loading_info=True, **config
@@ -267,7 +251,7 @@ def _load(folder: Path, *, missing: Collection[str] = (), **config: Any) -> Any:
 def _tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if not tok.is_fast:
         raise FineTuneError(f"{folder}: needs a fast tokenizer (tokenizer.json) for word-level dropout; found {type(tok).__name__}")
@@ -345,7 +329,7 @@ def _save(model: Any, tok: Any, out: Path, marker: Mapping[str, Any]) -> None:
     import transformers
 
     versions = {"modelsoup_version": __version__, "torch_version": torch.__version__, "transformers_version": transformers.__version__}
-    with staged_output(out, overwrite=True) as staging, _quiet_transformers():
+    with staged_output(out, overwrite=True) as staging, quiet_transformers():
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
         (staging / MARKER).write_text(json.dumps({**marker, **versions}, indent=1, default=str))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,22 @@ def label_ids(raw: Sequence[Any], label2id: Mapping[str, int], num_labels: int, 
     return out
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (the callers check what they load themselves)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf_model(model: str | Path | nn.Module, tokenizer: Any, auto_class: str) -> tuple[Path | None, nn.Module, Any]:
     """(folder or None, module, tokenizer) from a local Hugging Face folder, or an in-memory model and its tokenizer.
 
@@ -113,8 +130,9 @@ def load_hf_model(model: str | Path | nn.Module, tokenizer: Any, auto_class: str
     folder = Path(model)
     if not (folder / "config.json").is_file():
         raise EvaluatorError(f"{folder}: not a Hugging Face model folder (no config.json); the evaluator needs the model's config and tokenizer")
-    module = getattr(tr, auto_class).from_pretrained(folder, local_files_only=True)
-    return folder, module, tokenizer or tr.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with quiet_transformers():  # the evaluator loads every set of weights itself (load_weights checks the names)
+        module = getattr(tr, auto_class).from_pretrained(folder, local_files_only=True)
+        return folder, module, tokenizer or tr.AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _folder_digest(folder: Path, names: Iterable[str]) -> dict[str, str]:

@@ -407,7 +407,7 @@ class _Kitchen:
             rows.append(Row(labels[i], "ingredient", [labels[i]], s, t, 1, secs, "",
                             self.held_preds[i] if self.held_preds else None, self.test_preds[i] if self.test_preds else None))
         best = rank(held)[0]
-        b = rows[best]
+        b = rows[len(rows) - n + best]
         rows.append(Row(f"best individual: {labels[best]}", "best individual", [labels[best]], b.heldout, b.test, 1, 0.0, "chosen on held-out",
                         b.heldout_predictions, b.test_predictions))
         result = CookResult(rows, self.heldout.metric)
