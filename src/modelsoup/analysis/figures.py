@@ -41,27 +41,28 @@ def heldout_vs_test(rows: Sequence[Any], path: Path, *, metric: str = "accuracy"
         path: PNG to write.
     """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 5.0), dpi=120)
-    seen: set[str] = set()
-    names_at: dict[tuple[float, float], list[str]] = {}
+    fig, ax = plt.subplots(figsize=(7.6, 5.2), dpi=120)
     pts = [r for r in rows if r.heldout is not None and r.test is not None and r.kind != "best individual"]
-    for r in pts:
-        style = KIND_STYLE.get(r.kind, KIND_STYLE["ingredient"])
-        label = {"baseline": "baselines (not ingredients)", "ingredient": "fine-tuned ingredients", "soup": "soups (1x inference cost)", "ensemble": "ensembles (Nx inference cost)"}.get(r.kind, r.kind)
-        ax.scatter(r.heldout.value, r.test.value, label=None if label in seen else label, zorder=3, edgecolors="black", linewidths=0.5, **style)
-        seen.add(label)
-        if r.kind != "ingredient":
-            names_at.setdefault((round(r.heldout.value, 6), round(r.test.value, 6)), []).append(r.name)
-    for (x, y), names in names_at.items():  # models at the same point share one label
-        ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ing = [r for r in pts if r.kind == "ingredient"]
+    if ing:
+        ax.scatter([r.heldout.value for r in ing], [r.test.value for r in ing], label="fine-tuned ingredients (1x)", zorder=3,
+                   edgecolors="black", linewidths=0.5, **KIND_STYLE["ingredient"])
+    # every other model gets its own legend entry: labels written next to close points would overlap
+    palette = plt.get_cmap("tab10").colors
+    for k, r in enumerate(r for r in pts if r.kind != "ingredient"):
+        style = dict(KIND_STYLE.get(r.kind, KIND_STYLE["ingredient"]))
+        if r.kind != "baseline":
+            style["color"] = palette[k % len(palette)]
+        cost = "" if r.kind == "baseline" else f" ({r.cost}x)"
+        ax.scatter(r.heldout.value, r.test.value, label=r.name + cost, zorder=4, edgecolors="black", linewidths=0.5, **style)
     best = next((r for r in rows if r.kind == "best individual" and r.test is not None), None)
     if best is not None:
         ax.axhline(best.test.value, color=KIND_STYLE["best individual"]["color"], ls="--", lw=1, label="best individual (chosen on held-out)")
     ax.set_xlabel(f"held-out {metric}")
     ax.set_ylabel(f"test {metric}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(title or "Ingredients, soups and ensembles")
+    ax.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.01, 0.5), title="inference cost in ( )", title_fontsize=7.5)
+    ax.set_title(title or "Ingredients, soups (stars) and ensembles (diamonds)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
