@@ -2,7 +2,7 @@
 
     python docs/diagnostics_digits.py [OUT]        # default out/diagnostics; copies the PNGs to docs/figures/
 
-Ingredients: `soup demo`'s pre-trained start and six fine-tunes of it; the counter-example: two MLPs of the same
+Ingredients: `soup demo --digits`'s pre-trained start and six fine-tunes of it; the counter-example: two MLPs of the same
 architecture trained on the same data from different random starts (seeds 101 and 102), for as long as a fine-tune.
 """
 
