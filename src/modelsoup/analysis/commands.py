@@ -112,6 +112,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         if test is not None:
             order = [pantry.labels.index(lab) for lab in splits["heldout"].labels]  # the same order on test data
             splits["test"] = soup_vs_ensemble(pantry, test, order=order, combine=a.combine, progress=_progress(a))
+            splits["test"].order = f"{a.order}, as on held-out data"
         inputs = _pantry_inputs(pantry) if a.output else []
     result = _Splits(splits)
     figures = {} if a.no_plots else {f"ensemble_{s}.png": (lambda c: lambda p: plots.ensemble_plot(c, p))(c) for s, c in splits.items()}

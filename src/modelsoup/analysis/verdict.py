@@ -203,7 +203,8 @@ def ensemble_reasons(cmp: SoupVsEnsemble) -> list[Reason]:
         return []
     soup, ens = last["soup"]["score"], last["ensemble"]["score"]
     gap = (ens - soup) / abs(ens) if ens else ens - soup
-    what = f"the uniform soup of {last['k']} scores {cmp.metric} {soup:.4f} against {ens:.4f} for their ensemble ({cmp.combine}) ({gap:+.1%})"
+    side = f"{abs(gap):.1%} {'below' if gap > 0 else 'above'}" if gap else "level with"
+    what = f"the uniform soup of {last['k']} scores {cmp.metric} {soup:.4f} against {ens:.4f} for their ensemble ({cmp.combine}), {side} it"
     return [_graded("ensemble_gap", gap, {
         "ok": f"{what}: weight averaging keeps what output averaging gives, at 1/{last['k']} of the inference cost",
         "caution": f"{what}: the soup loses part of the ensemble's quality; a greedy soup may close the gap",
