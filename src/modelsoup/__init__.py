@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# Large CPU tensors on transparent huge pages (PyTorch's own switch, read at the first allocation of
+# 2 MB or more). A merge allocates a fresh buffer per tensor per model; on 4 KiB pages the kernel spent
+# most of a 4 x 1 GB linear merge faulting them in (1.1 M page faults; see benchmarks/RESULTS.md).
+# Set THP_MEM_ALLOC_ENABLE=0 to opt out. No effect where THP is unavailable (macOS, THP "never").
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from .api import MergeResult, merge, merge_modules, merge_state_dicts  # noqa: E402
 from .methods import available_methods, get_method  # noqa: E402
 

@@ -20,10 +20,22 @@ from .registry import Param, register
 _CHUNK = 1 << 20
 
 
-def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> of two flattened tensors, accumulated in float64 chunk by chunk (no full float64 copy)."""
+def gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(<a, a>, <b, b>, <a, b>) of two flattened tensors, accumulated in float64 chunk by chunk.
+
+    One pass over both tensors, upcasting each chunk once into two reused float64 buffers (no full
+    float64 copy, no allocation per chunk).
+    """
     fa, fb = a.reshape(-1), b.reshape(-1)
-    return sum(float(torch.dot(x.double(), y.double())) for x, y in zip(fa.split(_CHUNK), fb.split(_CHUNK)))
+    n = min(_CHUNK, fa.numel())
+    ba, bb = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    aa = bb_ = ab = 0.0
+    for x, y in zip(fa.split(_CHUNK), fb.split(_CHUNK)):
+        xa, yb = ba[: x.numel()].copy_(x), bb[: y.numel()].copy_(y)
+        aa += float(torch.dot(xa, xa))
+        bb_ += float(torch.dot(yb, yb))
+        ab += float(torch.dot(xa, yb))
+    return aa, bb_, ab
 
 
 @register(
@@ -61,8 +73,9 @@ def slerp(
     if len(ends) != 2:
         raise MethodError(f"slerp merges exactly two models (or a base and one model), got {len(ends)}; use linear for more")
     v0, v1 = ends
-    n0, n1 = math.sqrt(dot64(v0, v0)), math.sqrt(dot64(v1, v1))
-    cos = dot64(v0, v1) / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    sq0, sq1, dot = gram64(v0, v1)
+    n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
+    cos = dot / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
     if abs(cos) > dot_threshold:
         return torch.lerp(v0.to(torch.float32), v1.to(torch.float32), float(t))
     omega = math.acos(max(-1.0, min(1.0, cos)))
