@@ -51,8 +51,14 @@ def test_greedy_learn_and_ensemble_on_real_minilm_folders(minilm_classifier, rev
     assert (tmp_path / "g" / "greedy" / "tokenizer.json").is_file()
     assert main(["-q", "learn", str(minilm_classifier), str(other), "-o", str(tmp_path / "l"), "--epochs", "1", *common]) == 0
     assert "learned soup" in capsys.readouterr().out
-    assert main(["-q", "ensemble", str(minilm_classifier), str(other), *common]) == 0
-    assert "| logit ensemble | ensemble |" in capsys.readouterr().out
+    assert main(["-q", "ensemble", str(minilm_classifier), str(other), "-o", str(tmp_path / "e"), *common]) == 0
+    text = capsys.readouterr().out
+    assert "| logit ensemble | ensemble |" in text and "ECE after T" in text
+    assert all("test_after_temperature" in r for r in json.loads((tmp_path / "e" / "results.json").read_text())["rows"])
+    assert main(["-q", "ensemble", str(minilm_classifier), str(other), "-o", str(tmp_path / "e2"), "--no-temperature-scaling", *common]) == 0
+    text = capsys.readouterr().out
+    assert "| logit ensemble | ensemble |" in text and "ECE after T" not in text and "ECE (equal-mass)" in text
+    assert not any("test_after_temperature" in r for r in json.loads((tmp_path / "e2" / "results.json").read_text())["rows"])
 
 
 def test_interpolate_writes_the_best_point(digits_run, tmp_path, capsys):

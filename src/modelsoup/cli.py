@@ -157,7 +157,7 @@ def _cmd_cook(a: argparse.Namespace) -> int:
     heldout, test = _evaluators(a, _first_folder(a.inputs))
     with _pantry(a, a.inputs) as pantry:
         result = cook(pantry, heldout, test=test, recipes=recipes, output=a.output, save=save, overwrite=a.overwrite, allow_equal=a.allow_equal,
-                      learned_options=learned, progress=False if a.no_progress else None)
+                      learned_options=learned, calibrate=a.calibrate, progress=False if a.no_progress else None)
     print(result.to_markdown())
     if a.output:
         print(f"results and soups in {a.output} ({result.seconds:.0f} s)")
@@ -255,6 +255,8 @@ def _add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, 
         c.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the coefficients")
         c.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
         c.add_argument("--max-memory", help="memory the learned soup may use, e.g. 20GB (default: what is free)")
+    c.add_argument("--no-temperature-scaling", dest="calibrate", action="store_false",
+                   help="report calibration as is only (default: also after a temperature fitted on held-out predictions, with --test)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_eval_options(c)
     c.set_defaults(fn=_cmd_cook, recipes=recipes, save=None, learn_by="model", lr=0.05, epochs=5, temperature=1.0, optimizer="adamw", max_memory=None)
