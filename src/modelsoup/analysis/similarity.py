@@ -22,6 +22,7 @@ size. Distances are computed from differences to a reference (the base, else the
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
@@ -97,20 +98,28 @@ class PairSums:
         self.any_conflict += other.any_conflict
         self.multi_nonzero += other.multi_nonzero
 
-    def accumulate(self, x: torch.Tensor) -> None:
-        """Add one chunk: rows are the models (then the base), float64, one column per element."""
-        n = self.n
-        self.numel += x.shape[1]
+    def accumulate(self, x: torch.Tensor, ws: Workspace | None = None) -> None:
+        """Add one chunk: rows are the models (then the base), float64, one column per element.
+
+        ``ws`` holds the temporaries (reused from chunk to chunk); without one they are allocated here.
+        """
+        n, w = self.n, x.shape[1]
+        ws = ws if ws is not None else Workspace(x.shape[0], w)
+        self.numel += w
         self.gram += x @ x.T
-        d = x[:n] - x[n if self.has_base else 0]
+        ref = n if self.has_base else 0
+        d = torch.sub(x[:n], x[ref : ref + 1], out=ws.d[:n, :w])
         self.delta += d @ d.T
         if self.has_base:
-            pos, neg = (d > 0).float(), (d < 0).float()
-            nz = pos + neg
+            pos, neg, nz, mask = ws.pos[:n, :w], ws.neg[:n, :w], ws.nz[:n, :w], ws.mask[:n, :w]
+            pos.copy_(torch.gt(d, 0, out=mask))
+            neg.copy_(torch.lt(d, 0, out=mask))
+            torch.add(pos, neg, out=nz)
             self.conflicts += (pos @ neg.T + neg @ pos.T).double()
             self.both_nonzero += (nz @ nz.T).double()
-            self.any_conflict += float((pos.amax(0) * neg.amax(0)).sum())
-            self.multi_nonzero += float((nz.sum(0) >= 2).sum())
+            a, b = torch.amax(pos, 0, out=ws.row_a[:w]), torch.amax(neg, 0, out=ws.row_b[:w])
+            self.any_conflict += float(torch.dot(a, b))
+            self.multi_nonzero += float(torch.ge(torch.sum(nz, 0, out=ws.row_a[:w]), 2, out=ws.row_mask[:w]).sum())
 
     # -- derived statistics ---------------------------------------------------------------------
     def norms(self) -> torch.Tensor:
@@ -345,18 +354,39 @@ def _plan(cks: Sequence[Checkpoint]) -> tuple[list[str], dict[str, list[str]]]:
     return names, skipped
 
 
-def _tensor_sums(cks: Sequence[Checkpoint], name: str, n: int, has_base: bool, chunk: int) -> PairSums | None:
+class Workspace:
+    """Buffers for :meth:`PairSums.accumulate`, allocated once per pass and reused for every chunk.
+
+    Allocating them per chunk left the allocator's heap fragmented: the peak grew with the number of
+    tensors (372 MB for 1.5 GB of models, 888 MB for 12 GB) instead of staying at one tensor per model.
+    """
+
+    def __init__(self, rows: int, width: int) -> None:
+        self.x = torch.empty(rows, width, dtype=torch.float64)
+        self.d = torch.empty(rows, width, dtype=torch.float64)
+        self.pos, self.neg, self.nz = (torch.empty(rows, width, dtype=torch.float32) for _ in range(3))
+        self.mask = torch.empty(rows, width, dtype=torch.bool)
+        self.row_a, self.row_b = torch.empty(width, dtype=torch.float32), torch.empty(width, dtype=torch.float32)
+        self.row_mask = torch.empty(width, dtype=torch.bool)
+
+
+def _tensor_sums(cks: Sequence[Checkpoint], name: str, n: int, has_base: bool, chunk: int, ws: Workspace | None = None) -> PairSums | None:
     """Sums of one tensor over every model, or None when some model holds NaN/Inf in it.
 
     Each model's tensor is read once and dropped when this returns: one tensor per model is alive.
     """
     flat = [ck.read(name).reshape(-1) for ck in cks]
+    ws = ws if ws is not None else Workspace(len(cks), min(chunk, flat[0].numel()))
     sums = PairSums(n, has_base, tensors=1)
     for start in range(0, flat[0].numel(), chunk):
-        x = torch.stack([f[start : start + chunk].to(torch.float64) for f in flat])
-        if not bool(torch.isfinite(x).all()):
+        w = min(chunk, flat[0].numel() - start)
+        x = ws.x[: len(flat), :w]
+        for row, f in zip(x, flat):
+            row.copy_(f[start : start + w])
+        # a sum is finite unless an element is NaN/Inf (or it overflows, which the exact check clears)
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             return None
-        sums.accumulate(x)
+        sums.accumulate(x, ws)
     return sums
 
 
@@ -405,8 +435,10 @@ def similarity(
             )
         groups: dict[str, PairSums] = {}
         show = sys.stderr.isatty() if progress is None else progress
+        widest = max(math.prod(cks[0].meta(name)[1]) for name in names)
+        ws = Workspace(len(cks), max(1, min(chunk_elements, widest)))
         for name in tqdm(names, desc="inspect", unit="tensor", disable=not show, leave=False):
-            sums = _tensor_sums(cks, name, n, has_base, chunk_elements)
+            sums = _tensor_sums(cks, name, n, has_base, chunk_elements, ws)
             if sums is None:
                 skipped["nonfinite"].append(name)
                 continue
