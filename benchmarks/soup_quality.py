@@ -4,8 +4,8 @@ For each split seed, all-MiniLM-L6-v2 is fine-tuned into a sweep of ingredients 
 start on Rotten Tomatoes reviews (cached: a rerun only re-cooks), then the soups and ensembles are cooked
 with the library (held-out set chooses, test set reports). Printed, per method: test accuracy per split,
 mean and standard deviation across splits; and paired bootstrap confidence intervals (resampling test
-examples, the same resample for both models of a pair) for greedy soup minus best individual and greedy
-soup minus uniform soup, per split and pooled over splits (mean of the per-split differences).
+examples, the same resample for both models of a pair) for greedy soup minus best individual, greedy
+soup minus uniform soup and learned soup minus best individual, per split and pooled over splits (mean of the per-split differences).
 
     python benchmarks/soup_quality.py                        # 3 splits x 12 ingredients (about 1 h on 2 cores)
     python benchmarks/soup_quality.py --splits 1 --ingredients 4 --train 600 --val 300 --test 600   # smoke run
@@ -25,7 +25,7 @@ import torch
 from modelsoup.demo.text import run_text_demo, sweep_config
 
 METHODS = ("best individual", "uniform soup", "greedy soup", "learned soup", "logit ensemble", "greedy ensemble")
-PAIRS = (("greedy soup", "best individual"), ("greedy soup", "uniform soup"))
+PAIRS = (("greedy soup", "best individual"), ("greedy soup", "uniform soup"), ("learned soup", "best individual"))
 
 
 def correct(row) -> torch.Tensor:
