@@ -213,6 +213,17 @@ def test_single_file_output_records_recipe(tmp_path, states):
                                sum(w * s["fc.weight"] for w, s in zip([1, 2, 3], states)) / 6, **FP32_VS_LIBRARY)
 
 
+@pytest.mark.parametrize("name", ["wise-ft-0.5", "soup.v2", "run.2024-01-01"])
+def test_dotted_folder_name_is_a_folder(tmp_path, states, name):
+    # Only a weights suffix (.safetensors, .pt, ...) makes the output a single file: "wise-ft-0.5" is a folder.
+    paths = _files(tmp_path, states)
+    out = tmp_path / name
+    merge(models=paths, output=out, progress=False)
+    assert out.is_dir() and (out / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
+    torch.testing.assert_close(load_file(out / "model.safetensors")["fc.weight"], sum(s["fc.weight"] for s in states) / 3, **FP32_VS_LIBRARY)
+    assert not [p for p in tmp_path.iterdir() if "soup-tmp" in p.name]
+
+
 def test_hf_round_trip_real_minilm(tmp_path, minilm_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -30,12 +30,13 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
+def staged_output(out: Path, overwrite: bool, *, as_file: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder next to ``out``; on success move its content into place.
 
     A failure or interrupt (KeyboardInterrupt included) removes the temporary folder: no output is
-    left behind and an existing output is untouched. If ``out`` names a file (it has a suffix such as
-    ``.safetensors``), the single file in the temporary folder becomes ``out``.
+    left behind and an existing output is untouched. The temporary folder becomes the folder ``out``,
+    whatever its name (``wise-ft-0.5`` is a folder); with ``as_file`` the body writes one file, which
+    becomes ``out``.
     """
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,7 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         check_output(out, overwrite)
-        if out.suffix:
+        if as_file:
             (only,) = list(tmp.iterdir())
             os.replace(only, out)
             tmp.rmdir()
