@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from modelsoup.cli import main
+from modelsoup.demo.text import sweep_config
 from modelsoup.io.output import cache_root
 
 DOCS = Path(__file__).resolve().parent
@@ -29,9 +30,11 @@ def soup(*argv: str) -> None:
 
 def run(out: Path) -> None:
     work = cache_root() / "demo" / "split0-train2000-val500-test1000"
-    ft = sorted(str(p) for p in (work / "ingredients").glob("ft-*"))
-    if len(ft) != 8:
-        raise SystemExit(f"run `soup demo` first: expected 8 fine-tunes in {work / 'ingredients'}, found {len(ft)}")
+    # The demo's default sweep is the first n fine-tunes (ft-00 ...); the quality benchmark may have added more.
+    n = len(sweep_config().ingredients)
+    ft = sorted(str(p) for p in (work / "ingredients").glob("ft-*"))[:n]
+    if len(ft) != n:
+        raise SystemExit(f"run `soup demo` first: expected {n} fine-tunes in {work / 'ingredients'}, found {len(ft)}")
     start = str(work / "linear-probe")
     data = ["--heldout", str(work / "data" / "val.csv"), "--test", str(work / "data" / "test.csv"), "--no-progress"]
     d = out / "results"
