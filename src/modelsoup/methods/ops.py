@@ -24,6 +24,15 @@ import torch
 from ..errors import MethodError
 from .registry import Param
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of a floating tensor is finite.
+
+    A sum is finite unless an element is NaN/Inf (or the sum overflows, which the exact check then
+    clears): one pass with no allocation, against four for ``isfinite(t).all()``.
+    """
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 # A divisor smaller than this (weights of agreeing models summing to ~0) is replaced by 1, as mergekit does.
 DIVISOR_FLOOR = 1e-8
 
