@@ -62,3 +62,19 @@ class InsufficientMemoryError(SoupError):
 
 class AnalysisError(SoupError):
     """A diagnostic cannot be computed from what it was given (too few models, nothing shared, no predictions)."""
+
+
+class OptionError(SoupError, ValueError):
+    """An option of a soup, evaluator or diagnostic is out of range or inconsistent (also a ValueError, as before)."""
+
+
+class AdapterInputError(CheckpointError):
+    """An adapter (PEFT LoRA) was given where a full model was expected."""
+
+
+class OutputError(SoupError):
+    """The output cannot be written where asked (it is or holds an input, its parent is unusable, the disk is full)."""
+
+
+class EmptyMergeError(SoupError):
+    """A merge would write a model with no tensors."""

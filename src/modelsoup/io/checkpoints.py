@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
+import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..errors import AdapterInputError, CheckpointError
 from .layout import apply_prefix, find_state_dict
-from .safetensors_format import TensorInfo, read_header, read_tensor
+from .pickles import load_torch
+from .safetensors_format import DTYPES, TensorInfo, read_header, read_tensor
 
 log = logging.getLogger("modelsoup")
 
@@ -79,6 +80,26 @@ class Checkpoint:
         self.close()
 
 
+SUPPORTED_DTYPES = frozenset(DTYPES.values())
+
+
+def unsupported_tensor(t: torch.Tensor) -> str | None:
+    """Why a tensor cannot be merged (meta, sparse, quantized, nested, a subclass, an odd dtype), or None."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return f"a {type(t).__name__} (a tensor subclass)"
+    if t.is_meta:
+        return "on the meta device (it has no data)"
+    if t.layout != torch.strided:
+        return f"a {str(t.layout).replace('torch.', '')} tensor"
+    if t.is_quantized:
+        return "quantized"
+    if t.is_nested:
+        return "a nested tensor"
+    if t.dtype not in SUPPORTED_DTYPES:
+        return f"of dtype {str(t.dtype).replace('torch.', '')}"
+    return None
+
+
 class TensorDictCheckpoint(Checkpoint):
     """Tensors already in memory (a state dict, a module's state, or a loaded torch pickle)."""
 
@@ -88,6 +109,9 @@ class TensorDictCheckpoint(Checkpoint):
         self._tensors = dict(tensors)
         seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
         for name, t in self._tensors.items():
+            problem = unsupported_tensor(t)
+            if problem:
+                raise CheckpointError(f"{label}: tensor '{name}' is {problem}, which modelsoup cannot merge; give dense, materialised tensors (e.g. t.to_dense(), or load the weights first)")
             self._meta[name] = (t.dtype, tuple(t.shape))
             if t.numel() == 0:
                 continue
@@ -122,6 +146,12 @@ class SafetensorsCheckpoint(Checkpoint):
                 raise CheckpointError(
                     f"{label}: the index lists {len(missing)} tensor(s) that no shard holds, e.g. '{missing[0]}'; a shard is missing or stale, re-download the model"
                 )
+            moved = next((n for n, f in weight_map.items() if self._info[n].file.name != Path(f).name), None)
+            if moved is not None:
+                raise CheckpointError(
+                    f"{label}: the index puts tensor '{moved}' in {weight_map[moved]} but it is in {self._info[moved].file.name}; "
+                    "the index and the shards disagree, re-download the model"
+                )
         renamed = apply_prefix(list(self._info), strip_prefix, self.notes, label)
         self._info = {renamed[k]: v for k, v in self._info.items()}
         self._meta = {k: (v.dtype, v.shape) for k, v in self._info.items()}
@@ -140,40 +170,12 @@ class SafetensorsCheckpoint(Checkpoint):
         self._fds.clear()
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` restricted to plain tensors and containers; memory-mapped where the format allows."""
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            magic = f.read(2)
-        if not magic.startswith(b"\x80"):  # neither a zip archive nor a legacy pickle stream
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle); the file is corrupt or truncated")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            log.info("%s: legacy (non-zip) torch format cannot be memory-mapped; loading it whole", path)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        reason = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: this pickle needs more than tensors and plain containers ({reason}). "
-            "modelsoup never runs code stored in checkpoints. If you trust the file, re-save its state dict as "
-            "safetensors in a trusted environment (safetensors.torch.save_file(model.state_dict(), 'model.safetensors'))."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint ({msg}); the file is corrupt or truncated, re-save it") from None
-
-
-def _torch_checkpoint(label: str, files: list[Path], key: str | None, strip_prefix: str | None) -> TensorDictCheckpoint:
+def _torch_checkpoint(label: str, files: list[Path], key: str | None, strip_prefix: str | None, allow_globals: Iterable[str] = ()) -> TensorDictCheckpoint:
     tensors: dict[str, torch.Tensor] = {}
     notes: list[str] = []
     layout: dict[str, Any] = {}
     for f in files:
-        obj = _torch_load(f)
+        obj = load_torch(f, allow_globals)
         sd, picked, skipped = find_state_dict(obj, key, str(f))
         if picked:
             notes.append(f"picked '{picked}' from the checkpoint")
@@ -198,22 +200,93 @@ def _torch_checkpoint(label: str, files: list[Path], key: str | None, strip_pref
     return ck
 
 
-def _sharded(folder: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
+def allowed_roots(folder: Path) -> list[Path]:
+    """Where the files of a model folder may really live: inside it, or, for a Hugging Face cache
+    snapshot (``models--ORG--NAME/snapshots/REV/file -> ../../blobs/HASH``), in that repository's blobs."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def inside_folder(folder: Path, name: str, what: str) -> Path:
+    """The file ``name`` of ``folder``, refused unless it (and any link it is) stays inside the folder.
+
+    Raises:
+        CheckpointError: an absolute name, a ``..`` component, a link that leaves the folder (other
+            than the Hugging Face cache layout), a symlink loop, or a missing file.
+    """
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise CheckpointError(f"{what} '{name}', which is not a file inside {folder}; a model folder may only refer to its own files")
+    path = folder / name
     try:
-        data = json.loads(index.read_text())
-        weight_map: dict[str, str] = data["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid shard index ({e}); it needs a 'weight_map' of tensor -> file") from None
-    files = []
-    for shard in dict.fromkeys(weight_map.values()):
-        p = folder / shard
-        if not p.is_file():
-            raise CheckpointError(f"{index}: lists shard '{shard}', which is not in {folder}; the download is incomplete")
-        files.append(p)
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} '{name}', which is not in {folder}; the download is incomplete") from None
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
+        raise CheckpointError(f"{path}: cannot be resolved ({getattr(e, 'strerror', None) or e}); a symlink loop? fix or remove the link") from None
+    if not any(real.is_relative_to(r) for r in allowed_roots(folder)):
+        raise CheckpointError(
+            f"{path}: is a link to {real}, outside the model folder {folder}; modelsoup reads only a model folder's own files "
+            "(and the Hugging Face cache's blobs). Copy the file into the folder if it belongs to the model."
+        )
+    if not real.is_file():
+        raise CheckpointError(f"{path}: is not a file")
+    return path
+
+
+MAX_INDEX = 100 * 1024 * 1024
+
+
+def _sharded(folder: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{index}: not a valid shard index ({why}); it needs a 'weight_map' object of tensor name -> shard file name")
+
+    try:
+        if index.stat().st_size > MAX_INDEX:
+            raise bad(f"{index.stat().st_size} bytes, over the {MAX_INDEX >> 20} MB an index may have")
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise bad(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise bad(f"'weight_map' is {type(weight_map).__name__}" if isinstance(data, dict) and "weight_map" in data else "no 'weight_map'")
+    odd = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+    if odd is not None:
+        raise bad(f"tensor '{odd}' maps to {type(weight_map[odd]).__name__} {str(weight_map[odd])[:40]!r}, not a file name")
+    files = [inside_folder(folder, shard, f"{index}: lists shard") for shard in dict.fromkeys(weight_map.values())]
     return files, weight_map
 
 
-def open_checkpoint(source: Any, *, label: str | None = None, key: str | None = None, strip_prefix: str | None = None) -> Checkpoint:
+# Tensor names that only adapters have: PEFT LoRA factors and DoRA magnitudes, LoHa/LoKr/IA3 vectors.
+ADAPTER_NAMES = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|hada_w[12]_[ab]|lokr_w[12](_[ab])?|ia3_l)(\.|$)")
+
+
+def _adapter_error(label: str, why: str) -> AdapterInputError:
+    return AdapterInputError(
+        f"{label}: is a PEFT adapter ({why}), not a model. Averaging LoRA factors separately is not the average of the adapters' "
+        "updates (the mean of products B@A is not the product of the means), so modelsoup refuses adapters until adapter soups exist. "
+        "Merge each adapter into its base model first and soup the results: "
+        "PeftModel.from_pretrained(AutoModel...from_pretrained(BASE), ADAPTER).merge_and_unload().save_pretrained(OUT)"
+    )
+
+
+def refuse_adapter(ck: Checkpoint) -> None:
+    """Refuse a checkpoint whose tensor names are an adapter's (``...lora_A.weight``, DoRA magnitudes).
+
+    Raises:
+        AdapterInputError: with how to merge the adapter into its model first.
+    """
+    hit = next((n for n in ck.names() if ADAPTER_NAMES.search(n)), None)
+    if hit is not None:
+        raise _adapter_error(ck.label, f"it holds adapter tensors such as '{hit}'")
+
+
+def open_checkpoint(
+    source: Any, *, label: str | None = None, key: str | None = None, strip_prefix: str | None = None, allow_globals: Iterable[str] = ()
+) -> Checkpoint:
     """Open a checkpoint lazily.
 
     Args:
@@ -224,12 +297,23 @@ def open_checkpoint(source: Any, *, label: str | None = None, key: str | None = 
             detected when None.
         strip_prefix: a name prefix to remove (e.g. ``module.``); ``module.``/``_orig_mod.`` are
             detected and removed when every name has them.
+        allow_globals: further ``module.Class`` names a torch pickle may hold, loaded as inert data
+            (see :mod:`modelsoup.io.pickles`).
 
     Raises:
-        CheckpointError: missing, unreadable, corrupt or ambiguous input.
+        CheckpointError: missing, unreadable, corrupt, ambiguous or unsupported input.
+        AdapterInputError: a PEFT adapter (folder, file or ``PeftModel``) where a model was expected.
         UnsafeCheckpointError: a pickle that would run code.
     """
+    ck = _open(source, label, key, strip_prefix, tuple(allow_globals))
+    refuse_adapter(ck)
+    return ck
+
+
+def _open(source: Any, label: str | None, key: str | None, strip_prefix: str | None, allow_globals: tuple[str, ...]) -> Checkpoint:
     if isinstance(source, torch.nn.Module):
+        if type(source).__module__.split(".")[0] == "peft":
+            raise _adapter_error(label or type(source).__name__, f"a {type(source).__name__}")
         return TensorDictCheckpoint(label or type(source).__name__, source.state_dict())
     if isinstance(source, Mapping):
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
@@ -238,39 +322,48 @@ def open_checkpoint(source: Any, *, label: str | None = None, key: str | None = 
         return TensorDictCheckpoint(label or "state dict", source)
     path = Path(source)
     label = label or str(source)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as e:  # a symlink loop, a name too long
+        raise CheckpointError(f"{label}: cannot be read ({e.strerror}); check the path") from None
+    if not exists:
         raise CheckpointError(f"{label}: no such file or folder (modelsoup reads local files only; download hub models first)")
-    if path.is_dir():
-        return _open_folder(path, label, key, strip_prefix)
+    if is_dir:
+        return _open_folder(path, label, key, strip_prefix, allow_globals)
     name = path.name
     if name.endswith(".index.json"):
         files, wm = _sharded(path.parent, path)
         if all(f.suffix == ".safetensors" for f in files):
             return SafetensorsCheckpoint(label, files, wm, strip_prefix)
-        return _torch_checkpoint(label, files, key, strip_prefix)
+        return _torch_checkpoint(label, files, key, strip_prefix, allow_globals)
     if path.suffix == ".safetensors":
         return SafetensorsCheckpoint(label, [path], None, strip_prefix)
-    if path.suffix in TORCH_SUFFIXES or zipfile.is_zipfile(path):
-        return _torch_checkpoint(label, [path], key, strip_prefix)
+    if path.suffix in TORCH_SUFFIXES or name.endswith(".pth.tar") or zipfile.is_zipfile(path):
+        return _torch_checkpoint(label, [path], key, strip_prefix, allow_globals)
     raise CheckpointError(f"{label}: unknown checkpoint format (expected .safetensors, {', '.join(TORCH_SUFFIXES)}, a shard index or a model folder)")
 
 
-def _open_folder(folder: Path, label: str, key: str | None, strip_prefix: str | None) -> Checkpoint:
+def _open_folder(folder: Path, label: str, key: str | None, strip_prefix: str | None, allow_globals: tuple[str, ...]) -> Checkpoint:
+    if (folder / "adapter_config.json").exists():
+        raise _adapter_error(label, "the folder has adapter_config.json")
     ck: Checkpoint
     for index in HF_INDEXES:
         if (folder / index).is_file():
-            files, wm = _sharded(folder, folder / index)
-            ck = SafetensorsCheckpoint(label, files, wm, strip_prefix) if index.startswith("model.safetensors") else _torch_checkpoint(label, files, key, strip_prefix)
+            files, wm = _sharded(folder, inside_folder(folder, index, f"{label}: the shard index"))
+            ck = (SafetensorsCheckpoint(label, files, wm, strip_prefix) if index.startswith("model.safetensors")
+                  else _torch_checkpoint(label, files, key, strip_prefix, allow_globals))
             break
     else:
-        single = next((folder / s for s in HF_SINGLES if (folder / s).is_file()), None)
+        single = next((s for s in HF_SINGLES if (folder / s).exists()), None)
         if single is None:
             found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", *TORCH_SUFFIXES))
             if len(found) != 1:
                 what = f"several candidates ({', '.join(found)})" if found else "no .safetensors or PyTorch weight file"
                 raise CheckpointError(f"{label}: folder has {what}; point at the weight file itself")
-            single = folder / found[0]
-        ck = SafetensorsCheckpoint(label, [single], None, strip_prefix) if single.suffix == ".safetensors" else _torch_checkpoint(label, [single], key, strip_prefix)
+            single = found[0]
+        path = inside_folder(folder, single, f"{label}: the weight file")
+        ck = (SafetensorsCheckpoint(label, [path], None, strip_prefix) if path.suffix == ".safetensors"
+              else _torch_checkpoint(label, [path], key, strip_prefix, allow_globals))
     if (folder / "config.json").is_file():
         ck.folder = folder
     return ck

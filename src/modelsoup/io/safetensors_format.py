@@ -11,10 +11,13 @@ returns; tests pin that.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,8 +57,50 @@ class TensorInfo:
         return self.end - self.start
 
 
+# A valid header nests three deep (object -> tensor entry -> shape list); anything far deeper is hostile.
+MAX_HEADER_DEPTH = 8
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """Deepest nesting of JSON brackets outside strings (linear, no recursion)."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(_STRING.sub(b'""', raw)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header.
+    """Parse and check a safetensors header as strictly as the format requires.
+
+    Checked: the 8-byte length and the header fit the file and the 100 MB cap; the header is UTF-8
+    JSON, an object, nested at most a few levels, with no key given twice; ``__metadata__`` maps
+    strings to strings; every entry has a known dtype, a shape of non-negative integers and integer
+    offsets whose span is exactly the shape's byte size; and the entries tile the data section exactly
+    (in offset order each starts where the previous ended, the first at 0, the last at the end of the
+    file), so no two tensors share bytes and no byte is unaccounted for.
 
     Returns:
         (tensors by name, the ``__metadata__`` mapping).
@@ -63,6 +108,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     Raises:
         CheckpointError: the file is missing, truncated, or its header is not valid safetensors.
     """
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; the file is corrupt or not safetensors, re-download or re-save it")
+
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -70,49 +118,74 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?); re-download or re-save it")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
+            if n > MAX_HEADER:
+                raise corrupt(f"header claims {n} bytes, over the {MAX_HEADER >> 20} MB limit of the format")
+            if 8 + n > size:
                 raise CheckpointError(
                     f"{path}: header claims {n} bytes but the file has {size}: truncated or not a safetensors file; re-download or re-save it"
                 )
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
+    if not raw.startswith(b"{"):
+        raise corrupt("header does not start with a JSON object")
+    depth = _nesting_depth(raw)
+    if depth > MAX_HEADER_DEPTH:
+        raise corrupt(f"header nests {depth} levels deep (a safetensors header needs 3)")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e}); the file is corrupt, re-download or re-save it") from e
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise corrupt(f"header lists the key '{e.args[0]}' twice (which one is meant is ambiguous)") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise corrupt(f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt")
-    meta = header.pop("__metadata__", None) or {}
+        raise corrupt("header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise corrupt(f"__metadata__ must map strings to strings, got {type(meta).__name__ if not isinstance(meta, dict) else 'non-string values'}")
     data_start = 8 + n
     infos: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            b, e = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            if isinstance(err, KeyError) and isinstance(entry, dict) and "dtype" in entry and entry["dtype"] not in DTYPES:
-                raise CheckpointError(f"{path}: tensor '{name}' has dtype {entry['dtype']}, which modelsoup cannot merge") from None
-            raise CheckpointError(f"{path}: header entry for tensor '{name}' is malformed ({entry!r}); the file is corrupt") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if e - b != numel * itemsize or b < 0:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' occupies {e - b} bytes but shape {list(shape)} of {entry['dtype']} needs {numel * itemsize}; the file is corrupt"
-            )
-        infos[name] = TensorInfo(path, name, dtype, shape, data_start + b, data_start + e)
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+            raise corrupt(f"header entry for tensor '{name}' is malformed ({_short(entry)})")
+        if entry["dtype"] not in DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has dtype {entry['dtype']}, which modelsoup cannot merge")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise corrupt(f"tensor '{name}' has shape {_short(shape)}; a shape is a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and x >= 0 for x in offsets):
+            raise corrupt(f"tensor '{name}' has data_offsets {_short(offsets)}; they are two non-negative integers [begin, end]")
+        dtype = DTYPES[entry["dtype"]]
+        b, e = offsets
+        numel = math.prod(shape)
+        need = numel * dtype.itemsize
+        if e - b != need:
+            raise corrupt(f"tensor '{name}' occupies {e - b} bytes but shape {shape} of {entry['dtype']} needs {need}")
+        infos[name] = TensorInfo(path, name, dtype, tuple(shape), data_start + b, data_start + e)
         spans.append((b, e, name))
-    end = max((e for _, e, _ in spans), default=0)
-    if data_start + end > size:
-        last = max(spans, key=lambda s: s[1])[2]
+    spans.sort()
+    pos, prev = 0, None
+    for b, e, name in spans:
+        if b != pos:
+            if b < pos:
+                raise corrupt(f"tensors '{prev}' and '{name}' overlap (bytes {b}..{pos} belong to both)")
+            raise corrupt(f"bytes {pos}..{b} of the data belong to no tensor (before '{name}')")
+        pos, prev = e, name
+    if data_start + pos > size:
         raise CheckpointError(
-            f"{path}: file is {size} bytes but tensor '{last}' ends at byte {data_start + end}: the file is truncated; re-download or re-save it"
+            f"{path}: file is {size} bytes but tensor '{prev}' ends at byte {data_start + pos}: the file is truncated; re-download or re-save it"
         )
-    return infos, {str(k): str(v) for k, v in meta.items()}
+    if data_start + pos < size:
+        raise corrupt(f"{size - data_start - pos} byte(s) after the last tensor belong to no tensor")
+    return infos, dict(meta)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
