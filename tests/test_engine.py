@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelsoup import merge, merge_modules, merge_state_dicts
-from modelsoup.errors import KeyMismatchError, MethodError, NonFiniteError, OutputExistsError, TensorMismatchError
+from modelsoup.errors import OutputError, KeyMismatchError, MethodError, NonFiniteError, OutputExistsError, TensorMismatchError
 from modelsoup.io import open_checkpoint
 
 from .conftest import TinyNet, make_state
@@ -144,8 +144,15 @@ def test_output_exists_refused_unless_overwrite(tmp_path, states):
     with pytest.raises(OutputExistsError, match="already exists.*--overwrite"):
         merge(models=paths, output=out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    merge(models=paths, output=out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --overwrite replaces only an earlier modelsoup output, never a folder of the user's
+    with pytest.raises(OutputError, match="without soup_manifest.json, so not an earlier modelsoup output"):
+        merge(models=paths, output=out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    soup = tmp_path / "soup"
+    merge(models=paths, output=soup, weights=[1, 0, 0], progress=False)
+    merge(models=paths, output=soup, overwrite=True, progress=False)
+    assert (soup / "model.safetensors").exists()
+    assert "weight" not in (soup / "recipe.yaml").read_text()
 
 
 def test_inputs_never_modified(tmp_path, states):

@@ -25,7 +25,8 @@ def _prepare(a: argparse.Namespace) -> None:
 
 
     if a.output:
-        check_output(Path(a.output), a.overwrite)
+        given = [*(getattr(a, "inputs", None) or []), *(getattr(a, k, None) for k in ("a", "b", "c", "base"))]
+        check_output(Path(a.output), a.overwrite, inputs=[p for p in given if p])
     if not a.no_plots:
         from .plots import require_matplotlib
 

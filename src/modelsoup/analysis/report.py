@@ -320,8 +320,8 @@ def write_report(folders: Sequence[str | Path], output: str | Path, *, title: st
     if out.suffix.lower() not in (".html", ".htm"):
         raise AnalysisError(f"{out}: the report is an HTML file; name it like report.html")
     md = out.with_suffix(".md")
-    check_output(out, overwrite)
-    check_output(md, overwrite)
+    check_output(out, overwrite, inputs=(), as_file=True)
+    check_output(md, overwrite, inputs=(), as_file=True)
     entries = collect(folders)
     if not entries:
         raise AnalysisError(f"found no results under {', '.join(map(str, folders))}; run soup inspect/curve/compare/scale/cook with -o there first")

@@ -73,7 +73,8 @@ def write_analysis(
     """
     figures = figures or {}
     title = TITLES.get(name, name)
-    with staged_output(output, overwrite) as tmp:
+    paths = [r["path"] for r in inputs if r.get("path") not in (None, "(in memory)")]
+    with staged_output(output, overwrite, inputs=paths) as tmp:
         for fname, draw in figures.items():
             draw(tmp / fname)
         md = [f"# {title}", ""]

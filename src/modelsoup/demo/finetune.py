@@ -329,7 +329,8 @@ def _save(model: Any, tok: Any, out: Path, marker: Mapping[str, Any]) -> None:
     import transformers
 
     versions = {"modelsoup_version": __version__, "torch_version": torch.__version__, "transformers_version": transformers.__version__}
-    with staged_output(out, overwrite=True) as staging, quiet_transformers():
+    # its own cache entry: replaced whatever is there (a stale or partial fine-tune), no manifest of a merge
+    with staged_output(out, overwrite=True, inputs=(), replace_foreign=True, manifest=False) as staging, quiet_transformers():
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
         (staging / MARKER).write_text(json.dumps({**marker, **versions}, indent=1, default=str))

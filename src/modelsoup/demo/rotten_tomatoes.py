@@ -100,7 +100,7 @@ def corpus_path(path: Path | str | None = None, cache_dir: Path | str | None = N
     cached = (Path(cache_dir) if cache_dir is not None else cache_root()) / "data" / CORPUS_NAME
     if cached.exists():
         return verify_corpus(cached)
-    with staged_output(cached, overwrite=True, as_file=True) as staging:
+    with staged_output(cached, overwrite=True, inputs=(), as_file=True) as staging:
         (staging / CORPUS_NAME).write_bytes(_download_corpus())
     log.info("stored the Rotten Tomatoes corpus in %s", cached)
     return cached
@@ -268,7 +268,7 @@ def write_split(split: Split, path: Path) -> Split:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["text", "label"])
     writer.writerows((text, ID2LABEL[label]) for text, label in zip(split.texts, split.labels))
-    with staged_output(path, overwrite=True, as_file=True) as staging:
+    with staged_output(path, overwrite=True, inputs=(), as_file=True) as staging:
         (staging / path.name).write_text(buf.getvalue(), encoding="utf-8", newline="")
     return Split(split.texts, split.labels, path)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import Recipe
-from ..errors import EvaluatorError, InsufficientMemoryError
+from ..errors import EvaluatorError, InsufficientMemoryError, OptionError
 from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
 from ..eval.calibration import calibration_metrics, fit_temperature, reliability
 from ..io.output import check_output, staged_output
@@ -38,6 +38,8 @@ log = logging.getLogger("modelsoup")
 SOUPS = ("uniform", "greedy", "learned")
 ENSEMBLES = ("ensemble", "prob_ensemble", "vote", "greedy_ensemble", "stacking")
 RECIPES = SOUPS + ENSEMBLES
+# what learned_options may set; cook sets the rest of learned_soup's arguments itself
+LEARNED_OPTIONS = ("by", "temperature", "optimizer", "lr", "epochs", "weight_decay", "max_memory")
 ROW_NAMES = {"uniform": "uniform soup", "greedy": "greedy soup", "learned": "learned soup", "ensemble": "logit ensemble",
              "prob_ensemble": "probability ensemble", "vote": "majority vote", "greedy_ensemble": "greedy ensemble", "stacking": "stacking"}
 COMBINE_OF = {"ensemble": "logits", "prob_ensemble": "probs", "vote": "vote"}
@@ -247,9 +249,18 @@ def _figures(result: CookResult, folder: Path) -> dict[str, Path]:
     return out
 
 
-def write_results(output: Path, soups: dict[str, Recipe], files: Callable[[Path], None], *, overwrite: bool = False,
-                  progress: bool | None = None) -> dict[str, Path]:
+def pantry_paths(ingredients: Any) -> list[Path]:
+    """The checkpoint paths of a pantry or of a list of ingredients (in-memory ones left out)."""
+    if isinstance(ingredients, Pantry):
+        return [it.path for it in ingredients.items if it.path is not None]
+    return [Path(s) for s in ingredients if isinstance(s, (str, Path))]
+
+
+def write_results(output: Path, soups: dict[str, Recipe], files: Callable[[Path], None], *, inputs: Sequence[Any],
+                  overwrite: bool = False, progress: bool | None = None) -> dict[str, Path]:
     """Write soups (one subfolder each, by :func:`modelsoup.merge`), then ``files(folder)``, atomically.
+
+    ``inputs``: the ingredients' paths; the output folder must keep clear of them.
 
     Returns:
         soup name -> its folder.
@@ -257,7 +268,7 @@ def write_results(output: Path, soups: dict[str, Recipe], files: Callable[[Path]
     from ..api import merge
 
     written: dict[str, Path] = {}
-    with staged_output(output, overwrite) as tmp:
+    with staged_output(output, overwrite, inputs=pantry_paths(inputs)) as tmp:
         for name, recipe in soups.items():
             merge(recipe, tmp / name, progress=progress)
             written[name] = output / name
@@ -314,26 +325,41 @@ def cook(
         progress: progress bars; None = only on a terminal.
 
     Raises:
-        ValueError: an unknown recipe name.
+        OptionError: an unknown recipe name; a ``save`` name that is not a soup or not cooked; an unknown
+            ``learned_options`` key (all checked before any work).
         OutputExistsError: ``output`` exists and ``overwrite`` is false (checked before any work).
     """
     t_start = time.perf_counter()
+    recipes = [recipes] if isinstance(recipes, str) else list(recipes)
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
-        raise ValueError(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+        raise OptionError(f"unknown recipe(s) {', '.join(map(repr, unknown))}; choose from {', '.join(RECIPES)}")
+    if save is not None:
+        save = [save] if isinstance(save, str) else list(save)
+        not_soups = [s for s in save if s not in SOUPS]
+        if not_soups:
+            raise OptionError(f"save: {', '.join(map(repr, not_soups))} is not a soup that can be written; choose from {', '.join(SOUPS)} "
+                              "(ensembles and stacking write no model)")
+        not_cooked = [s for s in save if s not in recipes]
+        if not_cooked:
+            raise OptionError(f"save: {', '.join(map(repr, not_cooked))} is not cooked (recipes: {', '.join(recipes)}); "
+                              "add it to the recipes or leave it out of save")
+    bad_options = [k for k in (learned_options or {}) if k not in LEARNED_OPTIONS]
+    if bad_options:
+        raise OptionError(f"learned_options: unknown {', '.join(map(repr, bad_options))}; choose from {', '.join(LEARNED_OPTIONS)}")
     out = Path(output) if output is not None else None
     if out is not None:
-        check_output(out, overwrite)
+        check_output(out, overwrite, inputs=pantry_paths(ingredients))
     pantry, own = as_pantry(ingredients, **pantry_options)
     try:
-        result = _Kitchen(pantry, heldout, test, allow_equal, progress).cook(list(recipes), learned_options or {}, baselines or {})
+        result = _Kitchen(pantry, heldout, test, allow_equal, progress).cook(recipes, learned_options or {}, baselines or {})
         if calibrate:
             _temperature_scale(result.rows)
         result.seconds = time.perf_counter() - t_start
         if out is not None:
             to_write = {s: result.recipes[s] for s in (save if save is not None else SOUPS) if s in result.recipes}
             result.written = {name: out / name for name in to_write}
-            write_results(out, to_write, result.write_files, overwrite=overwrite, progress=progress)
+            write_results(out, to_write, result.write_files, inputs=pantry, overwrite=overwrite, progress=progress)
             result.figures = {k: out / v.name for k, v in result.figures.items()}
         return result
     finally:
