@@ -396,7 +396,7 @@ def test_missing_path_mentions_hub(ckpts: Path) -> None:
 
 def test_output_shard_size(ckpts: Path) -> None:
     assert one_problem("method: linear\nmodels: [ft-a]\noutput:\n  shard_size: 5 gigs\n") == (
-        "recipe.yaml:4: output.shard_size: cannot read '5 gigs' as a size; give bytes (an integer) or e.g. '500MB', '5GB', '2GiB'"
+        "recipe.yaml:4: output.shard_size: cannot read '5 gigs' as a size; give bytes (a positive integer up to 2**63 - 1) or e.g. '500MB', '5GB', '2GiB'"
     )
 
 

@@ -46,9 +46,11 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -211,14 +213,23 @@ class Recipe:
             rules[name] = TensorRule(take=ov.take if ov is not None else None, params=params, weights=weights)
         return rules
 
-    def to_yaml(self) -> str:
+    def to_yaml(self, relative_to: Path | None = None) -> str:
         """The fully resolved recipe in native form (every parameter with its default filled in).
 
         It loads back with :func:`recipe_from_yaml_text` into an equal recipe. Models given as in-memory
         objects are written as ``<in-memory ...>`` placeholders, which do not load back.
+
+        Args:
+            relative_to: write model paths relative to this folder (where the recipe file will live,
+                since a recipe file's relative paths are taken from its folder); None = as given.
         """
+        def where(m: ModelRef) -> str:
+            if relative_to is None or m.resolved is None:
+                return m.label()
+            return os.path.relpath(os.path.abspath(m.resolved), os.path.abspath(relative_to))
+
         def ref(m: ModelRef, with_weight: bool) -> Any:
-            entry: dict[str, Any] = {"path": m.label()}
+            entry: dict[str, Any] = {"path": where(m)}
             if with_weight and m.weight is not None:
                 entry["weight"] = m.weight
             if m.parameters:
@@ -419,23 +430,100 @@ def dotted_path(path: PathKey) -> str:
     return out
 
 
+# Bounds on what a recipe's YAML may expand to: a recipe is a few dozen lines, so these only stop
+# hostile files (alias bombs, which expand exponentially; deep or recursive nesting).
+MAX_RECIPE_BYTES = 10 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+
+_OPEN_TOKENS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)
+_CLOSE_TOKENS = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _yaml_error(source: str | None, line: int | None, message: str) -> RecipeError:
+    where = f"{source}:{line}" if (source and line) else (f"line {line}" if line else source)
+    return RecipeError([f"{where}: {message}" if where else message], source)
+
+
+def _check_nesting(text: str, source: str | None) -> None:
+    """Refuse nesting deeper than MAX_YAML_DEPTH from the token stream (the scanner does not recurse)."""
+    depth = 0
+    for tok in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(tok, _OPEN_TOKENS):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise _yaml_error(source, tok.start_mark.line + 1, f"nesting is deeper than {MAX_YAML_DEPTH} levels; a recipe needs a few")
+        elif isinstance(tok, _CLOSE_TOKENS):
+            depth -= 1
+
+
+def _check_expansion(root: yaml.Node, source: str | None) -> None:
+    """Refuse a node graph that aliases make recursive, deeper than MAX_YAML_DEPTH or larger than MAX_YAML_NODES.
+
+    Aliases share nodes, so the graph is small even when its expansion is huge (a "billion laughs"
+    file); sizes and depths are computed once per node, iteratively (no recursion to exhaust).
+    """
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+
+    def children(n: yaml.Node) -> list[yaml.Node]:
+        if isinstance(n, yaml.MappingNode):
+            return [x for kv in n.value for x in kv]
+        if isinstance(n, yaml.SequenceNode):
+            return list(n.value)
+        return []
+
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            kids = children(node)
+            size[key] = 1 + sum(size[id(c)] for c in kids)
+            depth[key] = 1 + max((depth[id(c)] for c in kids), default=0)
+            on_path.discard(key)
+            if size[key] > MAX_YAML_NODES:
+                raise _yaml_error(source, node.start_mark.line + 1, f"expands to more than {MAX_YAML_NODES} values through aliases (an alias bomb?); write the recipe out")
+            if depth[key] > MAX_YAML_DEPTH:
+                raise _yaml_error(source, node.start_mark.line + 1, f"nests deeper than {MAX_YAML_DEPTH} levels through aliases")
+            continue
+        if key in size:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for c in children(node):
+            if id(c) in on_path:
+                raise _yaml_error(source, c.start_mark.line + 1, "an alias refers to a value that contains it (a recursive alias); write the value out")
+            if id(c) not in size:
+                stack.append((c, False))
+
+
 def load_yaml(text: str, source: str | None = None) -> tuple[Any, dict[PathKey, int]]:
     """Parse YAML, recording the line of every mapping key and sequence item.
 
+    Nesting, alias expansion and size are bounded before anything is built (see MAX_YAML_*).
+
     Raises:
-        RecipeError: a syntax error or a duplicated key, with its line.
+        RecipeError: a syntax error, a duplicated key, or a file past the bounds, with its line.
     """
+    if len(text) > MAX_RECIPE_BYTES:
+        raise _yaml_error(source, None, f"the recipe is {len(text)} characters; a recipe over {MAX_RECIPE_BYTES >> 20} MB is refused")
     loader = yaml.SafeLoader(text)
     try:
+        _check_nesting(text, source)
         node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, source)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        where = f"{source}:{mark.line + 1}" if (source and mark) else (f"line {mark.line + 1}" if mark else source)
         what = " ".join(x for x in (e.context, e.problem) if x)
-        raise RecipeError([f"{where}: YAML syntax error: {what}" if where else f"YAML syntax error: {what}"], source) from None
+        raise _yaml_error(source, mark.line + 1 if mark else None, f"YAML syntax error: {what}") from None
     except yaml.YAMLError as e:
         raise RecipeError([f"{source or 'recipe'}: YAML error: {e}"], source) from None
+    except RecursionError:
+        raise _yaml_error(source, None, "nesting is too deep to read") from None
     finally:
         loader.dispose()
     lines: dict[PathKey, int] = {}
@@ -510,6 +598,11 @@ class _Top(_Schema):
 _TOP_KEYS = tuple(_Top.model_fields)
 
 
+def _short_repr(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
+
+
 def _describe_value(v: Any) -> str:
     return repr(v) if not isinstance(v, (dict, list)) else type(v).__name__
 
@@ -580,21 +673,32 @@ def _listify(value: Any) -> Any:
     return value
 
 
-def _resolve(path: str) -> Path:
+def _resolve(path: str, root: Path | None = None) -> Path:
+    """``path`` with ``~`` expanded; a relative path is taken from ``root`` (the recipe's folder), else the working directory."""
     p = Path(path).expanduser()
-    return p if p.is_absolute() else Path.cwd() / p
+    return p if p.is_absolute() else (root if root is not None else Path.cwd()) / p
+
+
+MAX_SIZE = 2**63 - 1
 
 
 def parse_size(value: Any) -> int | None:
-    """Bytes from an int or a string like ``500MB``, ``5GB`` (powers of 1000) or ``2GiB`` (powers of 1024)."""
-    if _is_number(value) and float(value).is_integer() and value > 0:
-        return int(value)
-    if isinstance(value, str):
+    """Bytes from an int or a string like ``500MB``, ``5GB`` (powers of 1000) or ``2GiB`` (powers of 1024).
+
+    None when the value is not a size, not positive, or larger than 2**63 - 1 bytes.
+    """
+    if _is_number(value):
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            return None
+        n = int(value)
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
-        if m and m.group(2).lower() in _SIZE_UNITS:
-            n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-            return n if n > 0 else None
-    return None
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            return None
+        n = int(Decimal(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    else:
+        return None
+    return n if 0 < n <= MAX_SIZE else None
 
 
 def check_setting(value: Any, param_check: Callable[[Any], str | None]) -> str | None:
@@ -680,7 +784,7 @@ def _same_checkpoint(a: ModelRef, b: ModelRef) -> bool:
     return a.resolved.resolve() == b.resolved.resolve() and a.key == b.key and a.strip_prefix == b.strip_prefix
 
 
-def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Problems, *, is_base: bool) -> ModelRef | None:
+def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Problems, *, is_base: bool, root: Path | None = None) -> ModelRef | None:
     if isinstance(raw, (str, Path)):
         raw = {"path": str(raw)}
     elif isinstance(raw, Mapping):
@@ -702,7 +806,7 @@ def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Pr
         ok = False
     resolved = None
     if entry.path is not None:
-        resolved = _resolve(entry.path)
+        resolved = _resolve(entry.path, root)
         if not resolved.exists():
             problems.add(
                 (*path, "path"),
@@ -765,11 +869,14 @@ def build_recipe(
     notes: Sequence[str] = (),
     yaml_input: bool = False,
     check_count: bool = True,
+    root: Path | None = None,
 ) -> Recipe:
     """Validate native-form recipe data as a whole and build a :class:`Recipe`.
 
     ``problems`` may already hold problems (the mergekit translator passes its own, with a path remap);
     ``check_count`` false skips the model-count check (the translator already reported why models are missing).
+    ``root`` is the folder relative model paths are taken from (a recipe file's own folder); None = the
+    working directory.
 
     Raises:
         RecipeError: every problem found, each with its place.
@@ -806,7 +913,7 @@ def build_recipe(
     if yaml_input and isinstance(top.base, Mapping) and "source" in top.base:
         problems.add(("base", "source"), "`source` is only for in-memory objects given through the Python API; use `path:`")
     elif top.base is not None:
-        base = _model_ref(top.base, ("base",), method, problems, is_base=True)
+        base = _model_ref(top.base, ("base",), method, problems, is_base=True, root=root)
 
     models: list[ModelRef] = []
     models_ok = top.models is not None
@@ -817,7 +924,7 @@ def build_recipe(
             problems.add(("models", i, "source"), "`source` is only for in-memory objects given through the Python API; use `path:`")
             models_ok = False
             continue
-        ref = _model_ref(m, ("models", i), method, problems, is_base=False)
+        ref = _model_ref(m, ("models", i), method, problems, is_base=False, root=root)
         if ref is None:
             models_ok = False
         else:
@@ -877,7 +984,7 @@ def build_recipe(
         if out is not None:
             size = parse_size(out.shard_size)
             if size is None:
-                problems.add(("output", "shard_size"), f"cannot read {out.shard_size!r} as a size; give bytes (an integer) or e.g. '500MB', '5GB', '2GiB'")
+                problems.add(("output", "shard_size"), f"cannot read {_short_repr(out.shard_size)} as a size; give bytes (a positive integer up to 2**63 - 1) or e.g. '500MB', '5GB', '2GiB'")
                 size = DEFAULT_SHARD_SIZE
             output = OutputOptions(shard_size=size, format=out.format, copy_files=out.copy_files, model_card=out.model_card)
 
@@ -894,35 +1001,50 @@ def build_recipe(
 # Public entry points
 
 
-def _from_data(data: Any, source: str | None, lines: Mapping[PathKey, int], yaml_input: bool) -> Recipe:
+def _from_data(data: Any, source: str | None, lines: Mapping[PathKey, int], yaml_input: bool, root: Path | None = None) -> Recipe:
     if isinstance(data, Mapping) and "merge_method" in data:
         from .mergekit import recipe_from_mergekit
 
+        # mergekit takes relative paths from the working directory; the same recipe means the same models here
         return recipe_from_mergekit(data, source=source, lines=lines)
-    return build_recipe(data, source=source, lines=lines, yaml_input=yaml_input)
+    return build_recipe(data, source=source, lines=lines, yaml_input=yaml_input, root=root)
 
 
-def recipe_from_yaml_text(text: str, source: str | None = None) -> Recipe:
+def recipe_from_yaml_text(text: str, source: str | None = None, root: Path | None = None) -> Recipe:
     """Parse and validate a recipe from YAML text (native or mergekit form).
+
+    Args:
+        text: the YAML.
+        source: the file name shown in messages.
+        root: the folder relative model paths of a native recipe are taken from (None = working directory).
 
     Raises:
         RecipeError: every problem, each with its line.
     """
     data, lines = load_yaml(text, source)
-    return _from_data(data, source, lines, yaml_input=True)
+    return _from_data(data, source, lines, yaml_input=True, root=root)
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; a top-level ``merge_method`` key marks the mergekit form.
 
+    Relative model paths of a native recipe are taken from the recipe file's folder (so the
+    ``recipe.yaml`` written next to an output re-runs from anywhere); a mergekit recipe's from the
+    working directory, as mergekit takes them.
+
     Raises:
-        RecipeError: the file cannot be read, or every problem of its content.
+        RecipeError: the file cannot be read, is not UTF-8 text, or every problem of its content.
     """
+    p = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        if p.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError([f"{path}: the recipe file is {p.stat().st_size} bytes; a recipe over {MAX_RECIPE_BYTES >> 20} MB is refused"], str(path))
+        text = p.read_bytes().decode("utf-8")
     except OSError as e:
         raise RecipeError([f"{path}: cannot read the recipe file: {e.strerror or e}"], str(path)) from None
-    return recipe_from_yaml_text(text, str(path))
+    except UnicodeDecodeError as e:
+        raise RecipeError([f"{path}: is not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8"], str(path)) from None
+    return recipe_from_yaml_text(text, str(path), root=p.expanduser().absolute().parent)
 
 
 def recipe_from_dict(data: Mapping[str, Any], source: str | None = None) -> Recipe:
