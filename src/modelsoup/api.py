@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,20 +17,14 @@ import torch
 from . import __version__
 from .config import Recipe, load_recipe, recipe_from_dict
 from .engine import MergeSession, collect, run_jobs
+from .errors import RecipeError
 from .io import Checkpoint, open_checkpoint
-from .io.card import model_card, write_manifest
-from .io.output import cached_sha256, check_output, copy_model_files, sha256_file, staged_output
+from .io.card import hub_ids, model_card, set_config_dtype, write_manifest
+from .io.formats import is_file_output, is_torch_file
+from .io.output import cached_sha256, check_output, copy_model_files, input_paths, sha256_file, staged_output
 from .io.writer import SafetensorsWriter
 
 log = logging.getLogger("modelsoup")
-TORCH_OUTPUT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-# An output with one of these suffixes is a single weights file; any other name is a folder.
-FILE_OUTPUT_SUFFIXES = (".safetensors", *TORCH_OUTPUT_SUFFIXES)
-
-
-def is_file_output(out: Path) -> bool:
-    """Whether ``out`` names a single weights file (``soup.safetensors``) rather than a folder (``wise-ft-0.5``)."""
-    return out.suffix.lower() in FILE_OUTPUT_SUFFIXES
 
 
 @dataclass
@@ -69,6 +64,8 @@ def _recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, models: Sequ
         return {"path": str(m)} if isinstance(m, (str, Path)) else {"source": m}
 
     weights = options.pop("weights", None)
+    if weights is not None and len(weights) != len(models):
+        raise RecipeError([f"weights: {len(weights)} given for {len(models)} model(s); give exactly one weight per model, in order"])
     data: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     data["models"] = [ref(m) | ({"weight": float(weights[i])} if weights is not None else {}) for i, m in enumerate(models)]
     if data.get("base") is not None:
@@ -84,10 +81,17 @@ def _options(method: str, base: Any, weights: Sequence[float] | None, parameters
             "overrides": list(overrides) if overrides else None, "dtype": dtype, "keys": keys, "seed": seed, "allow_nonfinite": allow_nonfinite}
 
 
-def _open_all(recipe: Recipe) -> tuple[list[Checkpoint], Checkpoint | None, list[bool]]:
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """The files and folders a recipe reads (in-memory models left out), for the output checks."""
+    refs = [*recipe.models, *([recipe.base] if recipe.base is not None else [])]
+    return input_paths(r.resolved for r in refs if r.source is None and r.resolved is not None)
+
+
+def _open_all(recipe: Recipe, allow_globals: Sequence[str] = ()) -> tuple[list[Checkpoint], Checkpoint | None, list[bool]]:
     def open_ref(ref: Any, label: str) -> Checkpoint:
         src = ref.source if getattr(ref, "source", None) is not None else ref.resolved
-        return open_checkpoint(src, label=label if getattr(ref, "source", None) is not None else str(ref.path), key=ref.key, strip_prefix=ref.strip_prefix)
+        return open_checkpoint(src, label=label if getattr(ref, "source", None) is not None else str(ref.path), key=ref.key,
+                               strip_prefix=ref.strip_prefix, allow_globals=allow_globals)
 
     models = [open_ref(m, f"model[{i}]") for i, m in enumerate(recipe.models)]
     base = open_ref(recipe.base, "base") if recipe.base is not None else None
@@ -121,6 +125,7 @@ def merge(
     workers: int | None = None,
     progress: bool | None = None,
     hash_files: bool = True,
+    allow_globals: Sequence[str] = (),
 ) -> MergeResult:
     """Merge checkpoints into a new checkpoint on disk, streaming tensor by tensor.
 
@@ -128,23 +133,29 @@ def merge(
     ``models`` plus options. ``output`` is a folder (Hugging Face layout: sharded safetensors, config and
     tokenizer files copied from the base or first model, ``recipe.yaml``, ``README.md`` model card and
     ``soup_manifest.json`` with sha256 of every input and output file) or a single file
-    (``x.safetensors``, or ``x.pt`` for a torch pickle nested like the first input).
+    (``x.safetensors``, or ``x.pt`` / ``x.pth.tar`` for a torch pickle nested like the first input).
+    The output never is, holds or sits inside an input, and ``overwrite`` replaces only an earlier
+    modelsoup output (see :mod:`modelsoup.io.output`). Relative paths in the ``recipe.yaml`` written
+    beside it are relative to the output's folder, so it re-runs from anywhere.
+
+    ``allow_globals``: further ``module.Class`` names torch pickles may hold, loaded as inert data.
 
     Returns:
         What was written.
 
     Raises:
         RecipeError, CheckpointError, KeyMismatchError, TensorMismatchError, NonFiniteError, MethodError,
-        OutputExistsError: bad input; nothing is written.
+        OutputExistsError, OutputError: bad input or an output that would lose data; nothing is written.
     """
     if output is None:
         raise TypeError("merge() needs an output path")
     out = Path(output)
     single_file = is_file_output(out)
     rec = _recipe(recipe, models, _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
-    check_output(out, overwrite)
+    paths = recipe_inputs(rec)
+    check_output(out, overwrite, inputs=paths, as_file=single_file)
     t0 = time.perf_counter()
-    cks, base_ck, same = _open_all(rec)
+    cks, base_ck, same = _open_all(rec, allow_globals)
     try:
         session = MergeSession.plan(rec, cks, base_ck, same)
         inputs = [("model", m, ck) for m, ck in zip(rec.models, cks)] + ([("base", rec.base, base_ck)] if base_ck else [])
@@ -152,12 +163,16 @@ def merge(
         hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash") if hash_files else None
         digests = {f: hasher.submit(cached_sha256, f) for f in unique_files} if hasher else {}
         try:
-            with staged_output(out, overwrite, as_file=single_file) as tmp:
+            with staged_output(out, overwrite, inputs=[*paths, *unique_files], as_file=single_file) as tmp:
                 out_hashes, nbytes = _write(rec, session, tmp, out, workers, progress, hash_files)
-                hf_src = next((ck.folder for ck in ([base_ck] if base_ck else []) + cks if ck.folder is not None), None)
+                sources = ([base_ck] if base_ck else []) + cks
+                hf_src = next((ck.folder for ck in sources if ck.folder is not None), None)
                 if not single_file:
                     copied = copy_model_files(hf_src, tmp) if (hf_src is not None and rec.output.copy_files) else []
-                    _write_records(rec, session, tmp, out, inputs, {f: d.result() for f, d in digests.items()}, out_hashes, copied, hf_src is not None)
+                    if rec.dtype is not None and "config.json" in copied:
+                        set_config_dtype(tmp / "config.json", rec.dtype)
+                    _write_records(rec, session, tmp, out, inputs, {f: d.result() for f, d in digests.items()}, out_hashes, copied,
+                                   hf_src is not None, hub_ids(ck.folder for ck in sources))
         finally:
             if hasher:
                 hasher.shutdown(cancel_futures=True)
@@ -174,18 +189,18 @@ def _write(rec: Recipe, session: MergeSession, tmp: Path, out: Path, workers: in
     plan = [(j.name, j.dtype, j.shape) for j in session.jobs]
     nbytes = sum(j.nbytes for j in session.jobs)
     single_file = is_file_output(out)
-    torch_out = out.suffix.lower() in TORCH_OUTPUT_SUFFIXES or (not single_file and rec.output.format == "torch")
+    torch_out = is_torch_file(out) or (not single_file and rec.output.format == "torch")
     if torch_out:
         tensors = collect(session, workers=workers, progress=progress)
         layout = session.models[0].layout
         sd = {layout.get("prefix", "") + j.name: tensors[j.name] for j in session.jobs}
         obj: Any = {layout["key"]: sd} if layout.get("key") else sd
         path = tmp / (out.name if single_file else "pytorch_model.bin")
-        torch.save(obj, path)
+        _torch_save(obj, path)
         return {path.name: sha256_file(path) if hash_files else ""}, nbytes
     meta = {"modelsoup_version": __version__, "modelsoup_method": rec.method}
     if single_file:
-        meta["modelsoup_recipe"] = rec.to_yaml()
+        meta["modelsoup_recipe"] = rec.to_yaml(relative_to=out.absolute().parent)
     writer = SafetensorsWriter(tmp, plan, rec.output.shard_size, meta, file_name=out.name if single_file else None, hash_files=hash_files)
     try:
         run_jobs(session, writer.write, workers=workers, progress=progress, order=writer.order)
@@ -196,9 +211,25 @@ def _write(rec: Recipe, session: MergeSession, tmp: Path, out: Path, workers: in
     return (writer.digests() if hash_files else {f.name: "" for f in files}), nbytes
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a write error (full disk) surfaces as the OSError it is."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:  # torch wraps the file's OSError; hand the OSError on
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def _write_records(rec: Recipe, session: MergeSession, tmp: Path, out: Path, inputs: list[tuple[str, Any, Checkpoint]],
-                   in_hashes: dict[Path, str], out_hashes: dict[str, str], copied: list[str], hf: bool) -> None:
-    recipe_yaml = rec.to_yaml()
+                   in_hashes: dict[Path, str], out_hashes: dict[str, str], copied: list[str], hf: bool, hub: list[str]) -> None:
+    recipe_yaml = rec.to_yaml(relative_to=out.absolute())
     (tmp / "recipe.yaml").write_text(recipe_yaml)
     records = [
         {"role": role, "path": str(ref.path) if getattr(ref, "source", None) is None else "(in memory)",
@@ -206,9 +237,8 @@ def _write_records(rec: Recipe, session: MergeSession, tmp: Path, out: Path, inp
         for role, ref, ck in inputs
     ]
     m = session.method
-    base_model = str(rec.base.path) if rec.base is not None and getattr(rec.base, "source", None) is None else (records[0]["path"] if records else None)
     if rec.output.model_card:
-        (tmp / "README.md").write_text(model_card(name=out.name, method=m.name, summary=m.summary, paper=m.paper, base_model=base_model,
+        (tmp / "README.md").write_text(model_card(name=out.name, method=m.name, summary=m.summary, paper=m.paper, base_models=hub,
                                                    inputs=records, outputs=out_hashes, recipe_yaml=recipe_yaml, version=__version__, hf=hf))
     write_manifest(tmp / "soup_manifest.json", {"modelsoup_version": __version__, "method": m.name, "recipe": "recipe.yaml", "inputs": records,
                                                 "outputs": out_hashes, "copied_files": copied, "notes": session.notes})

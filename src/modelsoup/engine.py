@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .errors import NonFiniteError
+from .errors import EmptyMergeError, MethodError, NonFiniteError
 from .io import Checkpoint
 from .methods import MergeMethod, get_method
 from .methods.ops import all_finite
@@ -91,12 +91,16 @@ class MergeSession:
             log.info("the base model is also listed among the models; it is not an ingredient of '%s' (as in mergekit)", method.name)
         problem = method.count_problem(len(ingredients), base is not None)
         if problem:
-            from .errors import MethodError
-
             raise MethodError(problem)
         names, from_base = align_names(models, base, recipe.keys, uses_base)
         rules = recipe.rules(names)
         jobs = build_jobs(names, from_base, models, ingredients, base, method, rules, recipe.dtype)
+        if not jobs:
+            why = ("the models hold no tensors" if not any(ck.names() for ck in models) else
+                   "no tensor name is shared by every model (keys: intersection)" if recipe.keys == "intersection" and not names else
+                   "every tensor is left out (take: skip)")
+            raise EmptyMergeError(f"the merge would write a model with no tensors: {why}. Check that the inputs are models of one "
+                                  "architecture (a wrapper prefix to strip? --strip-prefix), and the recipe's overrides")
         notes = list(recipe.notes) + [f"{ck.label}: {n}" for ck in [*models, *([base] if base else [])] for n in ck.notes]
         for n in notes:
             log.info(n)
@@ -141,7 +145,16 @@ class MergeSession:
         out = self.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
         if tuple(out.shape) != job.shape:
             raise RuntimeError(f"method '{self.method.name}' returned shape {list(out.shape)} for '{job.name}' {list(job.shape)}")
-        return out.to(job.dtype)
+        result = out.to(job.dtype)
+        if not self.allow_nonfinite and not all_finite(result):
+            wide = result.to(torch.float32)
+            bad = int((~torch.isfinite(wide)).sum())
+            raise NonFiniteError(
+                f"merged tensor '{job.name}' holds {bad} NaN/Inf value(s) of {result.numel()} in {str(job.dtype).replace('torch.', '')}: "
+                "the method's result overflows the output dtype (weights too large? normalize: false?). Lower the weights, "
+                "set normalize: true, or write a wider dtype (--dtype float32 / bfloat16); allow_nonfinite: true (--allow-nonfinite) writes it anyway"
+            )
+        return result
 
     def finish_notes(self) -> list[str]:
         """Notes gathered while merging (integer buffers that differed), logged once."""

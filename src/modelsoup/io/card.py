@@ -3,17 +3,90 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+# ORG/NAME as the Hub spells a repository id (no leading dot or slash, one slash).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]*[A-Za-z0-9_-]$")
 
-def model_card(*, name: str, method: str, summary: str, paper: str, base_model: str | None, inputs: list[dict[str, Any]], outputs: dict[str, str], recipe_yaml: str, version: str, hf: bool) -> str:
-    """Markdown model card whose front matter the Hugging Face hub reads (``base_model``, ``tags``)."""
+
+def hub_id(folder: Path | None) -> str | None:
+    """The Hub repository id a model folder is known by, or None when nothing says.
+
+    From the Hugging Face cache layout (``models--ORG--NAME/snapshots/REV``), else the ``_name_or_path``
+    of its ``config.json`` when that is an ``ORG/NAME`` id rather than a local path.
+    """
+    if folder is None:
+        return None
+    real = folder.resolve()
+    repo = real.parent.parent.name if real.parent.name == "snapshots" else ""
+    if repo.startswith("models--") and len(repo) > len("models--"):
+        return repo[len("models--"):].replace("--", "/")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    name = config.get("_name_or_path") if isinstance(config, dict) else None
+    if isinstance(name, str) and _HUB_ID.match(name) and not (folder / name).exists() and not Path(name).exists():
+        return name
+    return None
+
+
+def hub_ids(folders: Iterable[Path | None]) -> list[str]:
+    """The distinct Hub ids of the inputs' folders, in input order (unknown ones left out)."""
+    return list(dict.fromkeys(i for i in (hub_id(f) for f in folders) if i is not None))
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def set_config_dtype(config: Path, dtype: str) -> None:
+    """Make a copied ``config.json`` say the dtype the weights were written in.
+
+    ``from_pretrained`` reads ``dtype`` (transformers 5) or ``torch_dtype`` (4.x); each one present,
+    at the top and in nested sub-configs, is updated, and both are added when neither is there.
+    """
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(data, dict):
+        return
+
+    def update(d: dict[str, Any]) -> bool:
+        hit = False
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(d.get(key), str) and d[key] in (*FLOAT_DTYPES, "auto"):
+                d[key] = dtype
+                hit = True
+        return hit
+
+    found = update(data)
+    for v in data.values():
+        if isinstance(v, dict):
+            update(v)
+    if not found:
+        data["dtype"] = data["torch_dtype"] = dtype
+    config.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def model_card(*, name: str, method: str, summary: str, paper: str, base_models: list[str], inputs: list[dict[str, Any]], outputs: dict[str, str], recipe_yaml: str, version: str, hf: bool) -> str:
+    """Markdown model card whose front matter the Hugging Face hub reads (``base_model``, ``tags``).
+
+    ``base_models``: the Hub ids of the merged models where known; one is written as ``base_model``,
+    several as a list with ``base_model_relation: merge`` (the Hub's convention for merges), none is
+    left out rather than guessed. Every input is listed in the body either way.
+    """
     meta: dict[str, Any] = {}
-    if base_model:
-        meta["base_model"] = base_model
+    if len(base_models) == 1:
+        meta["base_model"] = base_models[0]
+    elif base_models:
+        meta["base_model"] = list(base_models)
+        meta["base_model_relation"] = "merge"
     if hf:
         meta["library_name"] = "transformers"
     meta["tags"] = ["merge", "model-soup", "modelsoup"]
@@ -34,7 +107,7 @@ def model_card(*, name: str, method: str, summary: str, paper: str, base_model: 
             lines.append(f"| {inp['role']} | `{inp['path']}` | {fname} | `{digest}` |")
     lines += ["", "## Output files", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| {f} | `{d}` |" for f, d in outputs.items()]
-    lines += ["", "## Recipe", "", "Re-run with `soup merge recipe.yaml -o OUT`.", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    lines += ["", "## Recipe", "", "Re-run with `soup merge recipe.yaml -o OUT` (model paths in it are relative to this folder).", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
 
 

@@ -30,7 +30,10 @@ def all_finite(t: torch.Tensor) -> bool:
     A sum is finite unless an element is NaN/Inf (or the sum overflows, which the exact check then
     clears): one pass with no allocation, against four for ``isfinite(t).all()``.
     """
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    if t.dtype.itemsize == 1:  # float8: no reductions of its own
+        t = t.to(torch.float32)
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
 # A divisor smaller than this (weights of agreeing models summing to ~0) is replaced by 1, as mergekit does.
