@@ -6,26 +6,37 @@ import argparse
 import json
 import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import __version__
-from .errors import SoupError
+from .errors import RecipeError, SoupError
 
 log = logging.getLogger("modelsoup")
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
+    from .config import load_yaml
+
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise SoupError(f"--set {item!r}: expected NAME=VALUE, e.g. --set density=0.5")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()], _ = load_yaml(v, None)
+        except RecipeError as e:
+            raise SoupError(f"--set {item!r}: the value is not valid YAML ({e.problems[0]}); e.g. --set density=0.5 or --set 'density=[0.2, 0.8]'") from None
     return out
+
+
+def _parse_weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise SoupError(f"--weights {text!r}: give one number per model, comma-separated, e.g. --weights 0.7,0.3") from None
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
@@ -43,7 +54,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     else:
         if not a.inputs:
             raise SoupError("give a recipe file (soup merge recipe.yaml -o OUT) or models (soup merge --method linear A B -o OUT)")
-        weights = [float(w) for w in a.weights.split(",")] if a.weights else None
+        weights = _parse_weights(a.weights) if a.weights else None
         if weights is not None and len(weights) != len(a.inputs):
             raise SoupError(f"--weights has {len(weights)} values for {len(a.inputs)} models")
 
@@ -174,12 +185,13 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
         alphas = parse_alphas(a.alphas)
     except ValueError as e:
         raise SoupError(str(e)) from None
-    check_output(Path(a.output), a.overwrite)
+    check_output(Path(a.output), a.overwrite, inputs=[a.a, a.b])
     heldout, test = _evaluators(a, _first_folder([a.a, a.b]))
     progress = False if a.no_progress else None
     with _pantry(a, [a.a, a.b]) as pantry:
         res = interpolate(pantry, None, heldout, alphas=alphas, test=test, progress=progress)
-        write_results(Path(a.output), {"interpolated": res.recipe}, json_files(res.to_markdown, res.to_json), overwrite=a.overwrite, progress=progress)
+        write_results(Path(a.output), {"interpolated": res.recipe}, json_files(res.to_markdown, res.to_json), inputs=pantry,
+                      overwrite=a.overwrite, progress=progress)
     print(res.to_markdown())
     print(f"alpha {res.best_alpha:g} chosen on held-out data; written to {Path(a.output) / 'interpolated'}")
     return 0
@@ -190,7 +202,7 @@ def _cmd_topk(a: argparse.Namespace) -> int:
     from .recipes import metrics_from_log, metrics_from_names, topk_average
     from .recipes.cook import json_files, write_results
 
-    check_output(Path(a.output), a.overwrite)
+    check_output(Path(a.output), a.overwrite, inputs=a.inputs)
     sources = sum(bool(x) for x in (a.log, a.from_names, a.heldout))
     if sources != 1:
         raise SoupError("rank the checkpoints by exactly one of: --log FILE --metric COLUMN, --from-names KEY, or an evaluator (--heldout FILE)")
@@ -205,7 +217,7 @@ def _cmd_topk(a: argparse.Namespace) -> int:
         else:
             heldout, _ = _evaluators(a, _first_folder(a.inputs))
             res = topk_average(pantry, a.k, evaluator=heldout)
-        write_results(Path(a.output), {"topk": res.recipe}, json_files(res.to_markdown, res.to_json), overwrite=a.overwrite,
+        write_results(Path(a.output), {"topk": res.recipe}, json_files(res.to_markdown, res.to_json), inputs=pantry, overwrite=a.overwrite,
                       progress=False if a.no_progress else None)
     print(res.to_markdown())
     print(f"average of {len(res.members)} written to {Path(a.output) / 'topk'}")
@@ -270,8 +282,8 @@ def _cmd_templates(a: argparse.Namespace) -> int:
     from .recipes.pantry import short_labels
 
     out = Path(a.output)
-    check_output(out, a.overwrite)
     sources = [*a.inputs, a.soup]
+    check_output(out, a.overwrite, inputs=sources)
     labels = short_labels(sources)
     labels[-1] = f"{labels[-1]} (soup)"
     states = {}
@@ -286,7 +298,7 @@ def _cmd_templates(a: argparse.Namespace) -> int:
     corr = tp.template_correlations(temps, labels[-1])
     lines = [f"| model | mean r with {labels[-1]} | per class |", "|---|---:|---|"]
     lines += [f"| {k} | {sum(v) / len(v):.3f} | {', '.join(f'{x:.2f}' for x in v)} |" for k, v in corr.items()]
-    with staged_output(out, a.overwrite) as tmp:
+    with staged_output(out, a.overwrite, inputs=sources) as tmp:
         if a.vocabulary:
             from .eval.text import require_transformers
 
@@ -404,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--metric", help="the log column to rank by (e.g. eval_top1, val_acc)")
     tk.add_argument("--epoch-column", default="epoch", help="the log column with the epoch number (default epoch)")
     tk.add_argument("--from-names", metavar="KEY", help="read KEY=value from checkpoint file names (Lightning), e.g. val_acc")
-    tk.add_argument("--lower-is-better", action="store_true", help="rank ascending (losses)")
+    direction = tk.add_mutually_exclusive_group()
+    direction.add_argument("--lower-is-better", dest="lower_is_better", action="store_const", const=True,
+                           help="rank ascending (losses, errors); default: inferred from the metric's name")
+    direction.add_argument("--higher-is-better", dest="lower_is_better", action="store_const", const=False,
+                           help="rank descending (accuracies); default: inferred from the metric's name")
     tk.add_argument("--overwrite", action="store_true")
     _add_eval_options(tk, required=False)
     tk.set_defaults(fn=_cmd_topk)
@@ -443,20 +459,59 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--domains", action="store_true", help="multi-domain digits: linear classifiers fine-tuned on digits 0-4 and 5-9, souped; "
                    "per-domain table and class-template grid")
     d.set_defaults(fn=_cmd_demo)
+    for name in _READERS:
+        sub.choices[name].add_argument(
+            "--allow-global", action="append", metavar="MODULE.CLASS",
+            help="a class a torch checkpoint may hold beyond tensors (repeatable); loaded as inert data, its code never runs. "
+            "argparse.Namespace (timm), Lightning's AttributeDict and numpy scalars are allowed already")
     return p
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so that the same clean-up as Ctrl-C runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _with_signals() -> None:
+    """Treat SIGTERM and SIGHUP like Ctrl-C: the temporary output is removed, nothing is left behind."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _terminate)
+
+
+# Subcommands that read checkpoints, and so take --allow-global.
+_READERS = ("merge", "cook", "greedy", "learn", "ensemble", "interpolate", "topk", "templates", "inspect", "curve", "compare", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="soup: %(message)s", stream=sys.stderr)
+    _with_signals()
     try:
-        return int(args.fn(args))
+        from .io.pickles import allowed_globals
+
+        with allowed_globals(getattr(args, "allow_global", None) or ()):
+            return int(args.fn(args))
     except SoupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"terminated ({signal.Signals(e.signum).name}); the output in progress was removed", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
+        print("interrupted; the output in progress was removed", file=sys.stderr)
         return 130
+    except OSError as e:  # the last net: a file-system error no check above named
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, its permissions and the free space", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
