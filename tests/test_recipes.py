@@ -186,7 +186,8 @@ def test_topk_from_a_timm_log_lightning_log_and_file_names(tmp_path):
         paths.append(p)
     (tmp_path / "summary.csv").write_text("epoch,train_loss,eval_top1\n0,1.0,70.0\n1,0.9,75.5\n2,0.8,75.0\n3,0.7,71.0\n")
     assert metrics_from_log(paths, tmp_path / "summary.csv", "eval_top1") == [70.0, 75.5, 75.0, 71.0]
-    res = topk_average(paths, 2, metrics=metrics_from_log(paths, tmp_path / "summary.csv", "eval_top1"), cache=EvalCache(enabled=False))
+    res = topk_average(paths, 2, metrics=metrics_from_log(paths, tmp_path / "summary.csv", "eval_top1"), metric_name="eval_top1",
+                       cache=EvalCache(enabled=False))
     assert res.labels == ["checkpoint-1", "checkpoint-2"]
     assert float(merge_state_dicts([load_file(m.path) for m in res.recipe.models])["w"]) == 3.0
     # Lightning writes validation metrics on their own rows, with blanks elsewhere; and val_loss ranks ascending
@@ -197,6 +198,60 @@ def test_topk_from_a_timm_log_lightning_log_and_file_names(tmp_path):
     assert metrics_from_names(named, "val_acc") == [0.91, 0.935]
     with pytest.raises(EvaluatorError, match="epoch 7 has no 'eval_top1'"):
         metrics_from_log([tmp_path / "checkpoint-7.pt"], tmp_path / "summary.csv", "eval_top1")
+
+
+def _four_checkpoints(tmp_path):
+    paths = []
+    for e, sd in enumerate(_scalar_models([1.0, 2.0, 4.0, 8.0])):
+        save_file(sd, tmp_path / f"checkpoint-{e}.safetensors")
+        paths.append(tmp_path / f"checkpoint-{e}.safetensors")
+    return paths
+
+
+def test_topk_infers_the_direction_from_the_metric_name(tmp_path):
+    paths = _four_checkpoints(tmp_path)
+    values = [0.9, 0.3, 0.5, 0.4]
+    loss = topk_average(paths, 2, metrics=values, metric_name="eval_loss", cache=EvalCache(enabled=False))
+    assert loss.labels == ["checkpoint-1", "checkpoint-3"] and loss.lower_is_better and loss.direction_inferred
+    assert [v for _, v in loss.ranking] == [0.3, 0.4, 0.5, 0.9]
+    assert "lower is better (inferred from the name 'eval_loss'; pass --higher-is-better if that is wrong)" in loss.to_markdown()
+    assert loss.to_json()["lower_is_better"] is True and loss.to_json()["direction_source"] == "inferred"
+    top1 = topk_average(paths, 2, metrics=values, metric_name="eval_top1", cache=EvalCache(enabled=False))
+    assert top1.labels == ["checkpoint-0", "checkpoint-2"] and not top1.lower_is_better and top1.direction_inferred
+    assert "higher is better (inferred from the name 'eval_top1'; pass --lower-is-better" in top1.to_markdown()
+    # an explicit direction overrides the name, and is reported as given
+    forced = topk_average(paths, 2, metrics=values, metric_name="eval_loss", lower_is_better=False, cache=EvalCache(enabled=False))
+    assert forced.labels == ["checkpoint-0", "checkpoint-2"] and not forced.direction_inferred
+    assert "higher is better (as given)" in forced.to_markdown() and forced.to_json()["direction_source"] == "given"
+    assert topk_average(paths, 1, metrics=values, metric_name="eval_top1", lower_is_better=True, cache=EvalCache(enabled=False)).labels == ["checkpoint-1"]
+
+
+def test_topk_refuses_a_metric_whose_direction_it_cannot_tell(tmp_path):
+    from modelsoup.errors import OptionError
+
+    paths = _four_checkpoints(tmp_path)
+    with pytest.raises(OptionError, match=r"cannot tell whether a lower or a higher 'foo' is better; pass lower_is_better=True/False "
+                                          r"\(CLI: --lower-is-better / --higher-is-better\)"):
+        topk_average(paths, 2, metrics=[1, 2, 3, 4], metric_name="foo", cache=EvalCache(enabled=False))
+    with pytest.raises(OptionError, match="name the metric with metric_name="):  # the default name says nothing either
+        topk_average(paths, 2, metrics=[1, 2, 3, 4], cache=EvalCache(enabled=False))
+    assert topk_average(paths, 1, metrics=[1, 2, 3, 4], metric_name="foo", lower_is_better=True, cache=EvalCache(enabled=False)).labels == ["checkpoint-0"]
+
+
+@pytest.mark.parametrize("name, lower", [
+    ("eval_loss", True), ("val/loss", True), ("train_loss", True), ("valLoss", True), ("top1_err", True), ("top1error", True),
+    ("perplexity", True), ("eval_ppl", True), ("wer", True), ("test/cer", True), ("error", True), ("mae", True), ("val_mse", True),
+    ("rmse", True), ("mean_squared_error", True), ("acc_loss", True),
+    ("eval_top1", False), ("eval_top5", False), ("val_acc", False), ("acc1", False), ("eval_accuracy", False), ("f1", False),
+    ("eval_f1", False), ("f1_score", False), ("auc", False), ("map", False), ("metrics/mAP50-95(B)", False), ("bleu", False),
+    ("rouge1", False), ("rougeL", False), ("precision", False), ("recall", False), ("score", False), ("eval_matthews_correlation", False),
+    ("foo", None), ("epoch", None), ("lr", None), ("eval_runtime", None), ("metric", None), ("neg_log_loss", None), ("answer", None),
+    ("power", None), ("bitmap", None),
+])
+def test_metric_direction_by_name(name, lower):
+    from modelsoup.recipes.topk import metric_direction
+
+    assert metric_direction(name) is lower
 
 
 # -- cook: the whole table -----------------------------------------------------------------------
@@ -258,21 +313,95 @@ def test_probability_averaging_and_majority_vote_by_hand():
 
 def test_stacking_never_scores_an_example_with_a_model_fitted_on_it():
     from modelsoup.eval import Predictions
-    from modelsoup.recipes.stacking import features, fit_logistic, stack
+    from modelsoup.recipes.stacking import features, fit_logistic, out_of_fold, stack
 
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (60,), generator=g)
     members = [Predictions(torch.randn(60, 3, generator=g) + 2 * torch.nn.functional.one_hot(labels, 3), labels) for _ in range(3)]
     res = stack(members, members, folds=2)
     x = features(members)
-    w, b = fit_logistic(x[1::2], labels[1::2], 3)  # fold 0 (even examples) is predicted by a fit on the odd ones
-    torch.testing.assert_close(res.heldout.logits[0::2], (x[0::2] @ w.T + b).float(), rtol=1e-4, atol=1e-4)
-    # relabelling fold 0 leaves fold 0's predictions unchanged: they never saw those labels
+    for f in (0, 1):  # fold f is predicted by a fit on the other fold only
+        held = res.fold == f
+        w, b = fit_logistic(x[~held], labels[~held], 3)
+        torch.testing.assert_close(res.heldout.logits[held], (x[held] @ w.T + b).float(), rtol=1e-4, atol=1e-4)
+    # relabelling fold 0 (split kept) leaves fold 0's predictions unchanged: they never saw those labels
+    zero = res.fold == 0
     flipped = labels.clone()
-    flipped[0::2] = (flipped[0::2] + 1) % 3
-    again = stack([Predictions(m.logits, flipped) for m in members], folds=2)
-    torch.testing.assert_close(again.heldout.logits[0::2], res.heldout.logits[0::2])
-    assert not torch.allclose(again.heldout.logits[1::2], res.heldout.logits[1::2])
+    flipped[zero] = (flipped[zero] + 1) % 3
+    again = out_of_fold(x, flipped, res.fold, 3).float()
+    torch.testing.assert_close(again[zero], res.heldout.logits[zero])
+    assert not torch.allclose(again[~zero], res.heldout.logits[~zero])
+
+
+def _mostly_right(labels: torch.Tensor, members: int, classes: int, seed: int = 0):
+    from modelsoup.eval import Predictions
+
+    g = torch.Generator().manual_seed(seed)
+    hot = torch.nn.functional.one_hot(labels, classes).float()
+    return [Predictions(2.0 * hot + torch.randn(len(labels), classes, generator=g), labels) for _ in range(members)]
+
+
+def _accuracy(preds) -> float:
+    return float((preds.logits.argmax(1) == preds.labels).float().mean())
+
+
+def test_stacking_on_alternating_labels_scores_like_its_members():
+    # labels 0, 1, 0, 1, ...: an interleaved split (example i in fold i mod 2) puts one class in each fold,
+    # so each fold is predicted by a meta-classifier that never saw its class
+    from modelsoup.eval.calibration import fit_temperature
+    from modelsoup.recipes.stacking import features, out_of_fold, stack
+
+    labels = torch.arange(400) % 2
+    members = _mostly_right(labels, 3, 2)
+    accs = [_accuracy(m) for m in members]
+    assert min(accs) > 0.85  # members are mostly right
+    interleaved = out_of_fold(features(members), labels, torch.arange(400) % 2, 2)
+    assert float((interleaved.argmax(1) == labels).float().mean()) < 0.1  # the old split's failure, pinned
+    res = stack(members, folds=2)
+    assert _accuracy(res.heldout) >= sum(accs) / len(accs) - 0.02
+    assert 0.3 < fit_temperature(res.heldout.logits, labels).value < 3.0  # out-of-fold logits are sane, not inverted
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_stacking_folds_are_stratified_and_balanced(folds):
+    from modelsoup.recipes.stacking import stratified_folds
+
+    counts = {0: 17, 1: 5, 2: 2, 4: 11}  # class 2 has fewer examples than some fold counts; class 3 absent
+    labels = torch.cat([torch.full((k,), c) for c, k in counts.items()])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
+    fold = stratified_folds(labels, folds)
+    assert set(fold.tolist()) == set(range(folds))
+    for c, k in counts.items():
+        per_fold = torch.bincount(fold[labels == c], minlength=folds)
+        assert per_fold.sum() == k and all(abs(int(v) - k / folds) < 1 for v in per_fold), (c, per_fold.tolist())
+    sizes = torch.bincount(fold, minlength=folds)
+    assert int(sizes.max() - sizes.min()) <= 1
+
+
+def test_stacking_folds_are_deterministic_per_seed():
+    from modelsoup.recipes.stacking import stack, stratified_folds
+
+    labels = torch.arange(90) % 3
+    members = _mostly_right(labels, 2, 3, seed=3)
+    a, b = stack(members, folds=3, seed=7), stack(members, folds=3, seed=7)
+    assert torch.equal(a.fold, b.fold) and torch.equal(a.heldout.logits, b.heldout.logits) and torch.equal(a.weights, b.weights)
+    assert torch.equal(stack(members, folds=3).fold, stratified_folds(labels, 3, seed=0))  # seed 0 by default
+    assert not torch.equal(stratified_folds(labels, 3, seed=0), stratified_folds(labels, 3, seed=1))
+    # whatever the seed, a class of 30 is dealt 10 to each of 3 folds
+    assert torch.equal(torch.bincount(stratified_folds(labels, 3, seed=1)[labels == 0], minlength=3), torch.tensor([10, 10, 10]))
+
+
+def test_stacking_a_class_rarer_than_the_folds_is_allowed_and_logged(caplog):
+    from modelsoup.recipes.stacking import stack
+
+    labels = torch.tensor([0] * 20 + [1] * 20 + [2])  # one example of class 2, three folds
+    members = _mostly_right(labels, 2, 3)
+    with caplog.at_level("WARNING", logger="modelsoup.recipes.stacking"):
+        res = stack(members, folds=3)
+    assert "class(es) 2 (1) have fewer held-out examples than folds" in caplog.text
+    assert torch.isfinite(res.heldout.logits).all()
+    # its fold's meta-classifier never saw class 2, so it cannot predict it: the pessimism the docstring promises
+    assert int(res.heldout.logits[-1].argmax()) != 2
 
 
 def test_cook_notes_what_a_function_evaluator_cannot_do(digits_run):

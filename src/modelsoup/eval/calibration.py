@@ -17,11 +17,12 @@ Conventions (each pinned by a test against a hand-computed case):
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import EvaluatorError
+from ..errors import EvaluatorError, OptionError
 
 PROB_FLOOR = 1e-12
 DEFAULT_BINS = 15
@@ -30,6 +31,15 @@ DEFAULT_BINS = 15
 def _check(probs: torch.Tensor, labels: torch.Tensor) -> None:
     if probs.ndim != 2 or labels.ndim != 1 or probs.shape[0] != labels.shape[0] or probs.shape[0] == 0:
         raise EvaluatorError(f"need probabilities (examples, classes) and labels (examples,); got {list(probs.shape)} and {list(labels.shape)}")
+
+
+def _check_bins(bins: int) -> None:
+    try:
+        ok = operator.index(bins) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise OptionError(f"bins must be a whole number, at least 1; got {bins!r}")
 
 
 def confidence_and_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,25 +62,34 @@ def _ece_of_bins(conf: torch.Tensor, correct: torch.Tensor, bin_of: torch.Tensor
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, *, bins: int = DEFAULT_BINS, scheme: str = "width") -> float:
-    """Expected calibration error with equal-width (``scheme="width"``) or equal-mass (``"mass"``) bins."""
-    if bins < 1:
-        raise ValueError(f"bins must be at least 1, got {bins}")
+    """Expected calibration error with equal-width (``scheme="width"``) or equal-mass (``"mass"``) bins.
+
+    Raises:
+        OptionError: ``bins`` below 1 or an unknown ``scheme``.
+        EvaluatorError: probabilities and labels that do not line up.
+    """
+    _check_bins(bins)
+    if scheme not in ("width", "mass"):
+        raise OptionError(f"scheme must be 'width' (equal-width bins) or 'mass' (equal-mass bins), got {scheme!r}")
     conf, correct = confidence_and_correct(probs, labels)
     if scheme == "width":
         # bin b holds confidences in (b/B, (b+1)/B]; 0 goes to the first bin
         bin_of = (torch.ceil(conf * bins) - 1).clamp(0, bins - 1).long()
-    elif scheme == "mass":
+    else:  # mass
         order = torch.sort(conf, stable=True).indices
         bin_of = torch.empty_like(order)
         for b, idx in enumerate(torch.tensor_split(order, bins)):
             bin_of[idx] = b
-    else:
-        raise ValueError(f"scheme must be 'width' or 'mass', got {scheme!r}")
     return _ece_of_bins(conf, correct, bin_of, bins)
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, *, bins: int = DEFAULT_BINS) -> list[tuple[float, float, float, int]]:
-    """Equal-width reliability diagram data: (bin centre, accuracy, mean confidence, count) per non-empty bin."""
+    """Equal-width reliability diagram data: (bin centre, accuracy, mean confidence, count) per non-empty bin.
+
+    Raises:
+        OptionError: ``bins`` below 1.
+    """
+    _check_bins(bins)
     conf, correct = confidence_and_correct(probs, labels)
     bin_of = (torch.ceil(conf * bins) - 1).clamp(0, bins - 1).long()
     out = []
@@ -128,7 +147,13 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, lo: float = 0
 
     The NLL of temperature-scaled logits is convex in 1/T, hence unimodal in log T, so the search finds
     the optimum to ~1e-9 relative in ``steps`` iterations, deterministically.
+
+    Raises:
+        OptionError: not 0 < lo < hi (finite).
+        EvaluatorError: logits and labels that do not line up.
     """
+    if not (0 < lo < hi < float("inf")):
+        raise OptionError(f"the temperature search needs 0 < lo < hi, both finite; got lo {lo}, hi {hi}")
     _check(logits, labels)
     z, y = logits.double(), labels.long()
 

@@ -12,6 +12,7 @@ a module (the learned soup), the domains then sharing one copy of the model.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -45,11 +46,14 @@ class MultiDomainEvaluator(Evaluator):
         if len(metrics) != 1:
             raise EvaluatorError(f"the domains' evaluators measure different things ({', '.join(sorted(metrics))}); their mean would mean nothing")
         self.domains = dict(domains)
-        w = {d: 1.0 for d in domains} if weights is None else {d: float(weights.get(d, 0.0)) for d in domains}
         unknown = set(weights or {}) - set(domains)
         if unknown:
             raise EvaluatorError(f"domain weights name unknown domain(s) {sorted(unknown)}; domains: {', '.join(domains)}")
-        if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
+        try:
+            w = {d: 1.0 for d in domains} if weights is None else {d: float(weights.get(d, 0.0)) for d in domains}
+        except (TypeError, ValueError):
+            raise EvaluatorError(f"domain weights must be numbers, got {dict(weights or {})}") from None
+        if not all(math.isfinite(v) and v >= 0 for v in w.values()) or sum(w.values()) <= 0:
             raise EvaluatorError(f"domain weights must be non-negative with a positive sum, got {w}")
         total = sum(w.values())
         self.weights = {d: v / total for d, v in w.items()}
@@ -126,8 +130,12 @@ class ModuleDomains(PredictingDomains, ModuleEvaluator):
 
     def __init__(self, domains: Mapping[str, Evaluator], weights: Mapping[str, float] | None = None) -> None:
         MultiDomainEvaluator.__init__(self, domains, weights)
+        not_modules = [d for d, ev in self.domains.items() if not (isinstance(ev, ModuleEvaluator) and isinstance(ev, PredictionEvaluator))]
+        if not_modules:
+            raise EvaluatorError(f"ModuleDomains needs module evaluators with predictions for every domain; {', '.join(not_modules)} "
+                                 "is not one; build the evaluator with multi_domain(), which picks the kind the domains support")
         first = next(iter(self.domains.values()))
-        assert isinstance(first, ModuleEvaluator)
+        assert isinstance(first, ModuleEvaluator)  # checked above, for the type checker
         for ev in self.domains.values():
             assert isinstance(ev, ModuleEvaluator)
             if ev is not first:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..errors import EvaluatorError
+from ..errors import EvaluatorError, OptionError
 from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score, require_predictions
 from .greedy import GreedyResult, as_pantry, greedy_select
 from .pantry import Pantry
@@ -35,11 +35,11 @@ def combine_predictions(preds: Sequence[Predictions], how: str = "logits") -> Pr
     """Combine the predictions of several models on the same data (see the module doc for ``how``).
 
     Raises:
-        ValueError: unknown ``how``.
+        OptionError: unknown ``how``.
         EvaluatorError: predictions that do not line up (different shapes or labels).
     """
     if how not in COMBINE:
-        raise ValueError(f"combine must be one of {COMBINE}, got {how!r}")
+        raise OptionError(f"combine must be one of {', '.join(COMBINE)}, got {how!r}")
     labels = preds[0].labels
     for p in preds:
         if p.logits.shape != preds[0].logits.shape or not torch.equal(p.labels, labels):

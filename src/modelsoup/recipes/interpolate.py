@@ -9,6 +9,7 @@ the exact output of ``soup merge --method linear a b --weights 1-alpha,alpha``.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..config import Recipe
+from ..errors import OptionError
 from ..eval.base import Evaluator, Score
 from .greedy import as_pantry
 from .pantry import Pantry
@@ -25,6 +27,7 @@ from .pantry import Pantry
 log = logging.getLogger("modelsoup")
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 10) for i in range(11))
+MAX_ALPHAS = 10_000  # a grid bigger than this is a typo (0:1:1e-9), not a search
 
 
 @dataclass
@@ -77,21 +80,33 @@ def parse_alphas(text: str) -> list[float]:
     """``0,0.25,0.5`` or ``start:stop:step`` (stop included), e.g. ``0:1:0.1``.
 
     Raises:
-        ValueError: unreadable text or an empty grid.
+        OptionError: unreadable text, a non-finite value, a step that is not positive, an empty grid, or
+            more than ``MAX_ALPHAS`` values.
     """
+    how = "give a list like 0,0.5,1 or a range start:stop:step like 0:1:0.1"
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            n = int(round((stop - start) / step))
-            vals = [round(start + k * step, 10) for k in range(n + 1)]
         else:
             vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"cannot read mixing values {text!r}; give a list like 0,0.5,1 or a range start:stop:step like 0:1:0.1") from None
+        raise OptionError(f"cannot read mixing values {text!r}; {how}") from None
+    if ":" in text:
+        if not all(math.isfinite(v) for v in (start, stop, step)):
+            raise OptionError(f"mixing values {text!r}: start, stop and step must be finite numbers; {how}")
+        if step <= 0:
+            raise OptionError(f"mixing values {text!r}: the step must be positive, got {step:g}; {how}")
+        n = int(round((stop - start) / step))
+        if n + 1 > MAX_ALPHAS:
+            raise OptionError(f"mixing values {text!r} make {n + 1} points, more than {MAX_ALPHAS}; use a larger step")
+        vals = [round(start + k * step, 10) for k in range(n + 1)]
+    bad = [v for v in vals if not math.isfinite(v)]
+    if bad:
+        raise OptionError(f"mixing values {text!r}: {bad[0]} is not a finite number; {how}")
     if not vals:
-        raise ValueError(f"no mixing values in {text!r}")
+        raise OptionError(f"no mixing values in {text!r} (is stop below start?); {how}")
+    if len(set(vals)) > MAX_ALPHAS:
+        raise OptionError(f"{len(set(vals))} mixing values, more than {MAX_ALPHAS}; give fewer")
     return sorted(set(vals))
 
 
@@ -114,14 +129,19 @@ def interpolate(
         alphas: mixing values (weight of ``b``); values outside [0, 1] extrapolate.
         test: scores every point on test data too (reported only, never used to choose).
         progress: progress bar; None = only on a terminal.
+
+    Raises:
+        OptionError: no mixing value, a non-finite one, or a pantry that does not hold exactly 2 models.
     """
     t0 = time.perf_counter()
     grid = sorted({float(x) for x in alphas})
     if not grid:
-        raise ValueError("need at least one mixing value")
+        raise OptionError("interpolation needs at least one mixing value (alphas), e.g. 0,0.5,1")
+    if not all(math.isfinite(x) for x in grid):
+        raise OptionError(f"mixing values must be finite numbers, got {[x for x in grid if not math.isfinite(x)]}")
     if isinstance(a, Pantry):
         if len(a) != 2:
-            raise ValueError(f"interpolation takes a pantry of exactly 2 models, got {len(a)}")
+            raise OptionError(f"interpolation takes a pantry of exactly 2 models, got {len(a)}; give the two models to interpolate between")
         pantry, own = a, False
     else:
         pantry, own = as_pantry([a, b], **pantry_options)

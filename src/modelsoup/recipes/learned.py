@@ -25,7 +25,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..errors import EvaluatorError, InsufficientMemoryError
+from ..errors import EvaluatorError, InsufficientMemoryError, OptionError
 from ..eval.base import Evaluator, Predictions, Score
 from ..eval.module import ModuleEvaluator, load_weights, to_device
 from .greedy import as_pantry, run_evaluator
@@ -133,7 +133,7 @@ def learned_soup(
     Raises:
         EvaluatorError: the evaluator gives no differentiable loss.
         InsufficientMemoryError: the ingredients would not fit; the message gives the estimate.
-        ValueError: bad settings.
+        OptionError: bad settings (``by``, ``optimizer``, temperature, lr, epochs).
     """
     t_start = time.perf_counter()
     if not isinstance(evaluator, ModuleEvaluator):
@@ -142,11 +142,11 @@ def learned_soup(
             "use a built-in evaluator (or a ModuleEvaluator subclass), or use the greedy soup, which needs only scores"
         )
     if by not in GRANULARITY:
-        raise ValueError(f"by must be one of {GRANULARITY}, got {by!r}")
+        raise OptionError(f"by must be one of {', '.join(GRANULARITY)}, got {by!r}")
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        raise OptionError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     if not (temperature > 0 and lr > 0 and epochs >= 0):
-        raise ValueError(f"need temperature > 0, lr > 0 and epochs >= 0; got {temperature}, {lr}, {epochs}")
+        raise OptionError(f"the learned soup needs temperature > 0, lr > 0 and epochs >= 0; got temperature {temperature}, lr {lr}, epochs {epochs}")
     pantry, own = as_pantry(ingredients, **pantry_options)
     try:
         n = len(pantry)

@@ -21,7 +21,8 @@ import torch
 
 from ..config import Recipe, recipe_from_dict
 from ..engine import MergeSession
-from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
+from ..errors import OptionError
+from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score, require_predictions
 from ..eval.cache import EvalCache
 from ..io import Checkpoint, open_checkpoint
 from ..io.output import cached_sha256
@@ -108,15 +109,21 @@ class Pantry:
         key, strip_prefix: applied to every path ingredient (see :func:`modelsoup.io.open_checkpoint`).
         keys: how tensor names must line up (``exact``, ``intersection``).
         cache: on-disk evaluation cache (default: the user cache); ``EvalCache(enabled=False)`` turns it off.
+
+    Raises:
+        OptionError: no ingredients, or labels that are not one per ingredient and unique.
     """
 
     def __init__(self, sources: Sequence[Any], *, labels: Sequence[str] | None = None, key: str | None = None,
                  strip_prefix: str | None = None, keys: str = "exact", cache: EvalCache | None = None) -> None:
         if not sources:
-            raise ValueError("a soup needs at least one ingredient")
+            raise OptionError("a soup needs at least one ingredient; give one or more checkpoints")
         names = list(labels) if labels is not None else short_labels(sources)
-        if len(names) != len(sources) or len(set(names)) != len(names):
-            raise ValueError(f"labels must be unique, one per ingredient; got {names}")
+        if len(names) != len(sources):
+            raise OptionError(f"give one label per ingredient: {len(sources)} ingredients, {len(names)} labels ({names})")
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise OptionError(f"labels must be unique; {', '.join(map(repr, dups))} appear(s) more than once in {names}")
         self.items = [Ingredient(n, s, key if isinstance(s, (str, Path)) else None, strip_prefix if isinstance(s, (str, Path)) else None) for n, s in zip(names, sources)]
         self.keys = keys
         self.cache = cache if cache is not None else EvalCache()
@@ -186,7 +193,7 @@ class Pantry:
                 ref["strip_prefix"] = m.strip_prefix
             i = index.get(self._ref_id(ref))
             if i is None:
-                raise ValueError(f"{m.label()} is not an ingredient of this pantry")
+                raise OptionError(f"{m.label()} is not an ingredient of this pantry ({', '.join(self.labels)}); build the recipe with Pantry.recipe")
             cks.append(self.checkpoint(i))
         session = MergeSession.plan(recipe, cks, None, [False] * len(cks))
         return SoupState(session)
@@ -244,7 +251,12 @@ class Pantry:
         return self._result(i, evaluator, False)[0]
 
     def predictions(self, i: int, evaluator: PredictionEvaluator) -> Predictions:
-        """Logits of ingredient ``i`` on the evaluator's data (cached like scores)."""
+        """Logits of ingredient ``i`` on the evaluator's data (cached like scores).
+
+        Raises:
+            EvaluatorError: the evaluator gives no per-example predictions.
+        """
+        require_predictions(evaluator, "Pantry.predictions")
         preds = self._result(i, evaluator, True)[1]
         assert preds is not None
         return preds
