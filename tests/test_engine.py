@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modelsoup import merge, merge_modules, merge_state_dicts
-from modelsoup.errors import OutputError, KeyMismatchError, MethodError, NonFiniteError, OutputExistsError, TensorMismatchError
+from modelsoup.errors import OutputError, KeyMismatchError, NonFiniteError, OutputExistsError, TensorMismatchError
 from modelsoup.io import open_checkpoint
 
 from .conftest import TinyNet, make_state

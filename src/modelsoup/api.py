@@ -67,10 +67,18 @@ def _recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, models: Sequ
     if weights is not None and len(weights) != len(models):
         raise RecipeError([f"weights: {len(weights)} given for {len(models)} model(s); give exactly one weight per model, in order"])
     data: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
-    data["models"] = [ref(m) | ({"weight": float(weights[i])} if weights is not None else {}) for i, m in enumerate(models)]
+    data["models"] = [ref(m) | ({"weight": _number(weights[i])} if weights is not None else {}) for i, m in enumerate(models)]
     if data.get("base") is not None:
         data["base"] = ref(data["base"])
     return recipe_from_dict(data)
+
+
+def _number(value: Any) -> Any:
+    """A weight as a float where it is one (numpy and torch scalars included); else as given, for validation to name."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return value
 
 
 def _options(method: str, base: Any, weights: Sequence[float] | None, parameters: Mapping[str, Any] | None,

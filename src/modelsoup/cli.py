@@ -28,7 +28,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         try:
             out[k.strip()], _ = load_yaml(v, None)
         except RecipeError as e:
-            raise SoupError(f"--set {item!r}: the value is not valid YAML ({e.problems[0]}); e.g. --set density=0.5 or --set 'density=[0.2, 0.8]'") from None
+            raise SoupError(f"--set {item[:60]!r}: cannot read the value ({e.problems[0]}); e.g. --set density=0.5 or --set 'density=[0.2, 0.8]'") from None
     return out
 
 
@@ -503,10 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Terminated as e:
-        print(f"terminated ({signal.Signals(e.signum).name}); the output in progress was removed", file=sys.stderr)
+        print(f"terminated ({signal.Signals(e.signum).name}); no output was left half-written", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted; the output in progress was removed", file=sys.stderr)
+        print("interrupted; no output was left half-written", file=sys.stderr)
         return 130
     except OSError as e:  # the last net: a file-system error no check above named
         where = f"{e.filename}: " if e.filename else ""

@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import MethodError, RecipeError
 from .methods import available_methods, get_method
+from .methods.ops import weight_sum_problem
 from .methods.registry import MergeMethod
 
 PathKey = tuple[Any, ...]
@@ -440,6 +441,18 @@ _OPEN_TOKENS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.
 _CLOSE_TOKENS = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, plus YAML 1.2's floats without a dot (``1e-3``, which 1.1 reads as text).
+
+    mergekit reads such a value as text and its schema turns it into a float, so the same recipe gives
+    the same number here.
+    """
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def _yaml_error(source: str | None, line: int | None, message: str) -> RecipeError:
     where = f"{source}:{line}" if (source and line) else (f"line {line}" if line else source)
     return RecipeError([f"{where}: {message}" if where else message], source)
@@ -499,6 +512,27 @@ def _check_expansion(root: yaml.Node, source: str | None) -> None:
                 stack.append((c, False))
 
 
+MAX_NUMBER_CHARS = 400
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _check_scalars(root: yaml.Node, source: str | None) -> None:
+    """Refuse numbers written with more than MAX_NUMBER_CHARS characters (no value a recipe needs is that long)."""
+    stack, seen = [root], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.ScalarNode):
+            if n.tag in _NUMBER_TAGS and len(n.value) > MAX_NUMBER_CHARS:
+                raise _yaml_error(source, n.start_mark.line + 1, f"a number of {len(n.value)} characters; no setting needs more than {MAX_NUMBER_CHARS}")
+        elif isinstance(n, yaml.MappingNode):
+            stack += [x for kv in n.value for x in kv]
+        elif isinstance(n, yaml.SequenceNode):
+            stack += n.value
+
+
 def load_yaml(text: str, source: str | None = None) -> tuple[Any, dict[PathKey, int]]:
     """Parse YAML, recording the line of every mapping key and sequence item.
 
@@ -509,13 +543,18 @@ def load_yaml(text: str, source: str | None = None) -> tuple[Any, dict[PathKey, 
     """
     if len(text) > MAX_RECIPE_BYTES:
         raise _yaml_error(source, None, f"the recipe is {len(text)} characters; a recipe over {MAX_RECIPE_BYTES >> 20} MB is refused")
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = _RecipeLoader(text)
         _check_nesting(text, source)
         node = loader.get_single_node()
         if node is not None:
             _check_expansion(node, source)
-        data = loader.construct_document(node) if node is not None else None
+            _check_scalars(node, source)
+        try:
+            data = loader.construct_document(node) if node is not None else None
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:  # PyYAML's own conversions
+            raise _yaml_error(source, None, f"a value cannot be read ({type(e).__name__}: {str(e)[:100]}); check dates, numbers and !!tags") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         what = " ".join(x for x in (e.context, e.problem) if x)
@@ -525,7 +564,8 @@ def load_yaml(text: str, source: str | None = None) -> tuple[Any, dict[PathKey, 
     except RecursionError:
         raise _yaml_error(source, None, "nesting is too deep to read") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     lines: dict[PathKey, int] = {}
     problems = Problems(source, lines)
 
@@ -664,6 +704,44 @@ def _validate_part(schema: type[_Schema], raw: Any, path: PathKey, problems: Pro
 # Building and validating
 
 
+def _backtracks(pattern: str) -> bool:
+    """Whether a regex repeats something that itself repeats or branches (catastrophic backtracking).
+
+    Python's ``re`` has no time limit, so such a pattern (``(a+)+$``, ``(x|xy)*z``) can hang a merge on
+    one long tensor name; tensor-name patterns never need it.
+    """
+    try:
+        from re import _constants as c, _parser as parser  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_constants as c  # type: ignore[no-redef]
+        import sre_parse as parser  # type: ignore[no-redef]
+    repeats = {c.MAX_REPEAT, c.MIN_REPEAT} | ({c.POSSESSIVE_REPEAT} if hasattr(c, "POSSESSIVE_REPEAT") else set())
+
+    def parts(av: Any) -> list[Any]:
+        if isinstance(av, parser.SubPattern):
+            return list(av)
+        if isinstance(av, (list, tuple)):
+            return [x for a in av for x in parts(a)]
+        return []
+
+    def has(items: list[Any], risky: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                _, hi, sub = av
+                many = hi is c.MAXREPEAT or hi > 1
+                if risky and many:
+                    return True
+                if has(parts(sub), risky or many):
+                    return True
+            elif op is c.BRANCH and risky:
+                return True
+            elif has(parts(av), risky):
+                return True
+        return False
+
+    return has(list(parser.parse(pattern)), False)
+
+
 def _listify(value: Any) -> Any:
     """Tuples (natural in Python-API input) as lists, so that they validate like YAML sequences."""
     if isinstance(value, (list, tuple)):
@@ -735,9 +813,22 @@ def check_setting(value: Any, param_check: Callable[[Any], str | None]) -> str |
 
 
 def _check_weight(value: Any) -> str | None:
-    if not _is_number(value) or not math.isfinite(float(value)):
-        return f"must be a number, got {_describe_value(value)}"
-    return None
+    if not _is_number(value):
+        hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and _looks_numeric(value) else ""
+        return f"must be a number, got {_describe_value(value)}{hint}"
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:
+        return f"must be a number in float range, got an integer of {value.bit_length()} bits"
+    return None if finite else f"must be a finite number, got {value!r}"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _param_names(method: MergeMethod) -> str:
@@ -806,8 +897,13 @@ def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Pr
         ok = False
     resolved = None
     if entry.path is not None:
-        resolved = _resolve(entry.path, root)
-        if not resolved.exists():
+        try:
+            resolved = _resolve(entry.path, root)
+            found = resolved.exists()
+        except (OSError, RuntimeError) as e:  # a name too long; ~user that does not exist
+            problems.add((*path, "path"), f"'{entry.path}' cannot be looked up ({getattr(e, 'strerror', None) or e}); check the path")
+            return None
+        if not found:
             problems.add(
                 (*path, "path"),
                 f"'{entry.path}' does not exist (looked for {resolved}); modelsoup reads local files and folders only "
@@ -849,13 +945,11 @@ def _normalizes_by_sum(method: MergeMethod, params: Mapping[str, Any]) -> bool:
 
 
 def _zero_sum_problem(weights: Sequence[Any], method: MergeMethod) -> str | None:
-    if not all(_is_number(w) for w in weights) or not weights:
+    if not weights or any(_check_weight(w) for w in weights):  # a bad weight is reported on its own
         return None
-    if abs(sum(float(w) for w in weights)) < 1e-12:
-        return (
-            f"weights {[float(w) for w in weights]} sum to zero, but '{method.name}' divides by their sum "
-            "(normalize: true); change the weights or set `normalize: false`"
-        )
+    problem = weight_sum_problem([float(w) for w in weights])
+    if problem:
+        return f"{problem}, but '{method.name}' divides by their sum (normalize: true); change the weights or set `normalize: false`"
     return None
 
 
@@ -896,7 +990,7 @@ def build_recipe(
 
     method: MergeMethod | None = None
     if top.method is None:
-        if "method" not in raw:
+        if raw.get("method") is None:  # absent or null (a value of the wrong type is reported by the schema)
             problems.add(("method",), "is required; one of: " + ", ".join(m.name for m in available_methods()))
     else:
         try:
@@ -917,7 +1011,7 @@ def build_recipe(
 
     models: list[ModelRef] = []
     models_ok = top.models is not None
-    if top.models is None and "models" not in raw:
+    if top.models is None and raw.get("models") is None:
         problems.add(("models",), "is required: a list of checkpoint paths")
     for i, m in enumerate(top.models or []):
         if yaml_input and isinstance(m, Mapping) and "source" in m:
@@ -960,6 +1054,10 @@ def build_recipe(
                 re.compile(ov.match[3:])
             except re.error as e:
                 problems.add((*here, "match"), f"regular expression {ov.match[3:]!r} does not compile: {e}")
+            else:
+                if _backtracks(ov.match[3:]):
+                    problems.add((*here, "match"), f"regular expression {ov.match[3:]!r} repeats a group that itself repeats or branches "
+                                 "(like (a+)+), which can take exponential time on a long name; write it without the nested repeat, or use a glob")
         ov_params = _check_params(ov.parameters, method, (*here, "parameters"), problems, per_model=False)
         if ov.take == "base" and top.base is None:
             problems.add((*here, "take"), "`take: base` needs a `base:` model in the recipe")
@@ -1037,6 +1135,8 @@ def load_recipe(path: str | Path) -> Recipe:
     """
     p = Path(path)
     try:
+        if p.exists() and not p.is_file():
+            raise RecipeError([f"{path}: is not a regular file (a FIFO or device?); give a recipe file"], str(path))
         if p.stat().st_size > MAX_RECIPE_BYTES:
             raise RecipeError([f"{path}: the recipe file is {p.stat().st_size} bytes; a recipe over {MAX_RECIPE_BYTES >> 20} MB is refused"], str(path))
         text = p.read_bytes().decode("utf-8")

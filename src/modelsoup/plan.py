@@ -116,6 +116,23 @@ def align_names(models: Sequence[Checkpoint], base: Checkpoint | None, keys: str
     return ref_names, from_base
 
 
+def tied_names(names: Sequence[str], models: Sequence[Checkpoint], base: Checkpoint | None, rules: dict[str, Any]) -> dict[str, str]:
+    """Names computed once and written under both (alias -> first name): tied in every input and ruled alike.
+
+    A name tied in one model but not another, or given a different rule (an override, ``take:``), is
+    computed on its own: sharing the result would give it the other name's numbers.
+    """
+    inputs = [*models, *([base] if base is not None else [])]
+    if not inputs:
+        return {}
+    present = set(names)
+    tied = {a: t for a, t in inputs[0].aliases().items() if a in present and t in present}
+    for ck in inputs[1:]:
+        theirs = ck.aliases()
+        tied = {a: t for a, t in tied.items() if theirs.get(a) == t}
+    return {a: t for a, t in tied.items() if rules[a] == rules[t]}
+
+
 def build_jobs(
     names: Sequence[str],
     from_base: set[str],
@@ -134,7 +151,7 @@ def build_jobs(
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
     problems: list[str] = []
     jobs: list[TensorJob] = []
-    aliases = models[0].aliases() if models else {}
+    aliases = tied_names(names, models, base, rules)
     per_model = {p.name for p in method.params if p.per_model}
     for name in names:
         rule = rules[name]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import AnalysisError
+from ..errors import AnalysisError, OutputError
 from ..io.output import check_output
 from .results import TITLES
 from .verdict import Reason, verdict
@@ -208,6 +208,9 @@ def markdown_to_html(text: str) -> str:
 
 # -- the report -----------------------------------------------------------------------------------
 
+# Written into every report (HTML generator tag, Markdown comment): --overwrite replaces only files that carry it.
+REPORT_MARK = "modelsoup report"
+
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
@@ -283,14 +286,14 @@ def render_html(entries: Sequence[Entry], title: str) -> str:
         if e.outputs:
             body.append("<h3>Outputs</h3><table><thead><tr><th>file</th><th>sha256</th></tr></thead><tbody>" + "".join(
                 f'<tr><td>{html.escape(k)}</td><td class="hash">{html.escape(v)}</td></tr>' for k, v in e.outputs.items()) + "</tbody></table>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + f"<meta name=\"generator\" content=\"{REPORT_MARK}\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 def render_markdown(entries: Sequence[Entry], title: str, where: Path) -> str:
     """A Markdown summary: verdicts and tables of every result, figures linked relative to ``where`` (the summary's folder)."""
-    out = [f"# {title}", ""]
+    out = [f"<!-- {REPORT_MARK} -->", f"# {title}", ""]
     judged = [e for e in entries if e.verdict]
     if judged:
         out += ["| result | verdict |", "|---|---|"] + [f"| {e.title} | {e.verdict['level']}: {e.verdict['headline']} |" for e in judged if e.verdict] + [""]
@@ -320,8 +323,11 @@ def write_report(folders: Sequence[str | Path], output: str | Path, *, title: st
     if out.suffix.lower() not in (".html", ".htm"):
         raise AnalysisError(f"{out}: the report is an HTML file; name it like report.html")
     md = out.with_suffix(".md")
-    check_output(out, overwrite, inputs=(), as_file=True)
-    check_output(md, overwrite, inputs=(), as_file=True)
+    for path in (out, md):
+        check_output(path, overwrite, inputs=(), as_file=True)
+        if path.is_file() and REPORT_MARK.encode() not in path.read_bytes()[:4096]:
+            raise OutputError(f"{path}: exists and is not an earlier modelsoup report (the report writes {out.name} and {md.name}); "
+                              "--overwrite replaces only earlier reports. Choose another report name")
     entries = collect(folders)
     if not entries:
         raise AnalysisError(f"found no results under {', '.join(map(str, folders))}; run soup inspect/curve/compare/scale/cook with -o there first")

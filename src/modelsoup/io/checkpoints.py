@@ -20,15 +20,16 @@ from typing import Any
 import torch
 
 from ..errors import AdapterInputError, CheckpointError
+from .formats import TORCH_SUFFIXES, is_torch_file
 from .layout import apply_prefix, find_state_dict
 from .pickles import load_torch
 from .safetensors_format import DTYPES, TensorInfo, read_header, read_tensor
 
 log = logging.getLogger("modelsoup")
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-HF_SINGLES = ("model.safetensors", "pytorch_model.bin")
+# The weights of a Hugging Face folder, in the order transformers' from_pretrained looks for them, so
+# that a folder holding several (a stale index beside model.safetensors) gives the model it loads.
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class Checkpoint:
@@ -316,6 +317,9 @@ def _open(source: Any, label: str | None, key: str | None, strip_prefix: str | N
             raise _adapter_error(label or type(source).__name__, f"a {type(source).__name__}")
         return TensorDictCheckpoint(label or type(source).__name__, source.state_dict())
     if isinstance(source, Mapping):
+        odd = next((k for k in source if not isinstance(k, str)), None)
+        if odd is not None:
+            raise CheckpointError(f"{label or 'state dict'}: key {odd!r} is a {type(odd).__name__}; tensor names are strings")
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{label or 'state dict'}: entry '{bad[0]}' is a {type(source[bad[0]]).__name__}, not a tensor; pass a flat name -> tensor mapping")
@@ -330,15 +334,16 @@ def _open(source: Any, label: str | None, key: str | None, strip_prefix: str | N
         raise CheckpointError(f"{label}: no such file or folder (modelsoup reads local files only; download hub models first)")
     if is_dir:
         return _open_folder(path, label, key, strip_prefix, allow_globals)
-    name = path.name
-    if name.endswith(".index.json"):
+    if not path.is_file():
+        raise CheckpointError(f"{label}: is not a regular file or folder (a FIFO or device?); give a checkpoint file or model folder")
+    if path.name.endswith(".index.json"):
         files, wm = _sharded(path.parent, path)
         if all(f.suffix == ".safetensors" for f in files):
             return SafetensorsCheckpoint(label, files, wm, strip_prefix)
         return _torch_checkpoint(label, files, key, strip_prefix, allow_globals)
     if path.suffix == ".safetensors":
         return SafetensorsCheckpoint(label, [path], None, strip_prefix)
-    if path.suffix in TORCH_SUFFIXES or name.endswith(".pth.tar") or zipfile.is_zipfile(path):
+    if is_torch_file(path) or zipfile.is_zipfile(path):
         return _torch_checkpoint(label, [path], key, strip_prefix, allow_globals)
     raise CheckpointError(f"{label}: unknown checkpoint format (expected .safetensors, {', '.join(TORCH_SUFFIXES)}, a shard index or a model folder)")
 
@@ -347,23 +352,24 @@ def _open_folder(folder: Path, label: str, key: str | None, strip_prefix: str | 
     if (folder / "adapter_config.json").exists():
         raise _adapter_error(label, "the folder has adapter_config.json")
     ck: Checkpoint
-    for index in HF_INDEXES:
-        if (folder / index).is_file():
-            files, wm = _sharded(folder, inside_folder(folder, index, f"{label}: the shard index"))
-            ck = (SafetensorsCheckpoint(label, files, wm, strip_prefix) if index.startswith("model.safetensors")
-                  else _torch_checkpoint(label, files, key, strip_prefix, allow_globals))
-            break
+    present = [w for w in HF_WEIGHTS if os.path.lexists(folder / w)]
+    chosen = present[0] if present else None
+    if chosen is None:
+        found = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" or is_torch_file(p))
+        if len(found) != 1:
+            what = f"several candidates ({', '.join(found)})" if found else "no .safetensors or PyTorch weight file"
+            raise CheckpointError(f"{label}: folder has {what}; point at the weight file itself")
+        chosen = found[0]
+    if chosen.endswith(".index.json"):
+        files, wm = _sharded(folder, inside_folder(folder, chosen, f"{label}: the shard index"))
+        ck = (SafetensorsCheckpoint(label, files, wm, strip_prefix) if chosen.startswith("model.safetensors")
+              else _torch_checkpoint(label, files, key, strip_prefix, allow_globals))
     else:
-        single = next((s for s in HF_SINGLES if (folder / s).exists()), None)
-        if single is None:
-            found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", *TORCH_SUFFIXES))
-            if len(found) != 1:
-                what = f"several candidates ({', '.join(found)})" if found else "no .safetensors or PyTorch weight file"
-                raise CheckpointError(f"{label}: folder has {what}; point at the weight file itself")
-            single = found[0]
-        path = inside_folder(folder, single, f"{label}: the weight file")
+        path = inside_folder(folder, chosen, f"{label}: the weight file")
         ck = (SafetensorsCheckpoint(label, [path], None, strip_prefix) if path.suffix == ".safetensors"
               else _torch_checkpoint(label, [path], key, strip_prefix, allow_globals))
+    if len(present) > 1:
+        ck.notes.append(f"read {chosen}, as transformers does; ignored {', '.join(present[1:])}")
     if (folder / "config.json").is_file():
         ck.folder = folder
     return ck

@@ -61,7 +61,10 @@ def find_state_dict(obj: Any, key: str | None, where: str) -> tuple[dict[str, to
         cur = obj[picked]
         if len(found) > 1:
             log.info("%s: using '%s'; also present: %s (choose with `key:`/--key)", where, picked, ", ".join(found[1:]))
-    tensors = {str(k): v for k, v in cur.items() if isinstance(v, torch.Tensor)}
+    odd = next((k for k, v in cur.items() if isinstance(v, torch.Tensor) and not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"{where}: the tensor under key {odd!r} is named by a {type(odd).__name__}, not a string; re-save it with string names")
+    tensors = {k: v for k, v in cur.items() if isinstance(v, torch.Tensor)}
     skipped = [str(k) for k, v in cur.items() if not isinstance(v, torch.Tensor)]
     return tensors, picked, skipped
 
@@ -80,7 +83,7 @@ def apply_prefix(names: list[str], strip_prefix: str | None, notes: list[str], l
         if not any(n.startswith(strip_prefix) for n in names):
             raise CheckpointError(f"{label}: no tensor name starts with '{strip_prefix}' (e.g. '{names[0] if names else ''}'); check strip_prefix")
         notes.append(f"stripped prefix '{strip_prefix}'")
-        return {n: n[len(strip_prefix):] if n.startswith(strip_prefix) else n for n in names}
+        return _unique({n: n[len(strip_prefix):] if n.startswith(strip_prefix) else n for n in names}, label, strip_prefix)
     mapping = {n: n for n in names}
     candidates = WRAPPER_PREFIXES + (LIGHTNING_PREFIXES if lightning else ())
     stripped = ""
@@ -94,4 +97,13 @@ def apply_prefix(names: list[str], strip_prefix: str | None, notes: list[str], l
                 changed = True
     if stripped:
         notes.append(f"stripped prefix '{stripped}' found on every tensor name")
+    return mapping
+
+
+def _unique(mapping: dict[str, str], label: str, prefix: str) -> dict[str, str]:
+    seen: dict[str, str] = {}
+    for old, new in mapping.items():
+        if new in seen:
+            raise CheckpointError(f"{label}: stripping '{prefix}' makes '{seen[new]}' and '{old}' both '{new}'; give a different strip_prefix (or none)")
+        seen[new] = old
     return mapping

@@ -105,8 +105,10 @@ def check_output(out: Path, overwrite: bool, *, inputs: Iterable[str | Path], as
         OutputError: ``out`` is, holds or sits inside an input, is the working folder, or its name cannot be written.
     """
     name = out.name
+    inputs = list(inputs)
     if name in ("", ".", "..") or not out.parts:
-        raise OutputError(f"{out}: the output needs a name of its own (this is {'the current folder' if name in ('', '.') else 'a parent folder'}); give a new folder or file name")
+        what = "the root folder" if out.is_absolute() and name == "" else "the current folder" if name in ("", ".") else "a parent folder"
+        raise OutputError(f"{out}: the output needs a name of its own (this is {what}); give a new folder or file name")
     if len(os.fsencode(name)) > MAX_NAME:
         raise OutputError(f"{name[:40]}...: the output name is {len(os.fsencode(name))} bytes, over the {MAX_NAME} a file system allows; choose a shorter name")
     try:
@@ -118,13 +120,14 @@ def check_output(out: Path, overwrite: bool, *, inputs: Iterable[str | Path], as
     if cwd == real or cwd.is_relative_to(real):
         raise OutputError(f"{out}: is the working folder or one of its parents; replacing it would delete what you are working in. Give a new folder name")
     own = _identity(out) if lexists and not is_link else None
-    for given in inputs:
-        p = Path(given)
+    spelled = os.path.abspath(out)
+    for given, p in zip(inputs, input_paths(inputs)):
         try:
             p_real = p.resolve()
+            p_spelled = Path(os.path.realpath(p.parent)) / p.name  # the path itself, a final symlink not followed
         except OSError:
             continue  # an input that cannot be resolved is reported when it is opened
-        if p_real == real or (own is not None and _identity(p) == own):
+        if p_real == real or p_spelled == real or os.path.abspath(p) == spelled or (own is not None and _identity(p) == own):
             raise OutputError(f"{out}: is an input ({given}); a merge never writes over its inputs. Choose another output")
         if p_real.is_relative_to(real):
             raise OutputError(f"{out}: holds the input {given}; writing it would replace that input. Choose another output")
@@ -303,9 +306,15 @@ def staged_output(out: Path, overwrite: bool, *, inputs: Iterable[str | Path], a
         if as_file:
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tmp(tmp)
         _remove_dirs(created)
         raise
+
+
+def _remove_tmp(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.lexists(tmp):
+        log.warning("%s: could not remove this temporary folder; the next run into the same folder removes it", tmp)
 
 
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
@@ -393,6 +402,8 @@ def _cache_file() -> Path:
 def _read_hash_cache(cache: Path) -> dict[str, str]:
     """The sha256 cache, or empty when it is missing or broken (a broken cache is rewritten, never fatal)."""
     try:
+        if not cache.is_file():
+            return {}
         known = json.loads(cache.read_text())
     except (OSError, ValueError, RecursionError):
         return {}

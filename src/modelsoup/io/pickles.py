@@ -20,6 +20,7 @@ import io
 import logging
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -147,6 +148,8 @@ def _check_records(path: Path, extra_globals: Iterable[str]) -> bool:
         pkl, infos = _records(z)
         prefix = pkl[: -len("data.pkl")]
         data = z.read(pkl)
+        # where each record's bytes may end: the next entry's local header, or the central directory
+        bounds = sorted({i.header_offset for i in infos.values()} | {getattr(z, "start_dir", path.stat().st_size)})
     claimed: dict[str, tuple[int, torch.dtype]] = {}
 
     class DryRun(_weights_only_unpickler.Unpickler):
@@ -167,14 +170,26 @@ def _check_records(path: Path, extra_globals: Iterable[str]) -> bool:
         except RuntimeError as e:
             raise CheckpointError(f"its pickle does not rebuild ({str(e).splitlines()[0]})") from None
     mappable = True
-    for key, (nbytes, _) in claimed.items():
-        info = infos.get(f"{prefix}data/{key}")
-        if info is None:
-            raise CheckpointError(f"storage '{key}' has no record '{prefix}data/{key}' in the archive")
-        if info.file_size < nbytes:
-            raise CheckpointError(f"storage '{key}' declares {nbytes} bytes but its record holds {info.file_size}")
-        if info.compress_type != zipfile.ZIP_STORED:
-            mappable = False
+    with open(path, "rb") as f:
+        for key, (nbytes, _) in claimed.items():
+            info = infos.get(f"{prefix}data/{key}")
+            if info is None:
+                raise CheckpointError(f"storage '{key}' has no record '{prefix}data/{key}' in the archive")
+            if info.file_size < nbytes:
+                raise CheckpointError(f"storage '{key}' declares {nbytes} bytes but its record holds {info.file_size}")
+            if info.compress_type != zipfile.ZIP_STORED:
+                mappable = False
+                continue
+            # the central directory may lie about sizes: bound the mapped bytes by the layout itself
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"storage '{key}': its record has no local header where the directory says")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            limit = next((b for b in bounds if b > info.header_offset), path.stat().st_size)
+            if start + nbytes > limit:
+                raise CheckpointError(f"storage '{key}' declares {nbytes} bytes but its record has room for {max(0, limit - start)}")
     return mappable
 
 

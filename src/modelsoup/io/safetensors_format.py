@@ -88,6 +88,25 @@ class _DuplicateKey(Exception):
     pass
 
 
+class _NotJson(Exception):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotJson(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"{text} is out of range")
+    return value
+
+
+# Every dimension, and the elements a shape spans, must fit torch's int64 sizes and strides.
+MAX_ELEMENTS = 2**63 - 1
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -129,15 +148,23 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
     if not raw.startswith(b"{"):
         raise corrupt("header does not start with a JSON object")
-    depth = _nesting_depth(raw)
+    try:  # C-speed and linear; its recursion is bounded by the interpreter's limit
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float)
+    except _DuplicateKey as e:
+        raise corrupt(f"header lists the key '{e.args[0]}' twice (which one is meant is ambiguous)") from None
+    except _NotJson as e:
+        raise corrupt(f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise corrupt("header nests too deep to read (a safetensors header needs 3 levels)") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise corrupt(f"header is not valid JSON ({e})") from None
+    depth = _nesting_depth(raw)  # linear on valid JSON, whose every string is closed
     if depth > MAX_HEADER_DEPTH:
         raise corrupt(f"header nests {depth} levels deep (a safetensors header needs 3)")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as e:
-        raise corrupt(f"header lists the key '{e.args[0]}' twice (which one is meant is ambiguous)") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise corrupt(f"header is not valid JSON ({e})") from None
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise corrupt(f"header holds a string that is not valid Unicode ({e.object[e.start:e.end]!r})") from None
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
     meta = header.pop("__metadata__", None)
@@ -156,6 +183,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise corrupt(f"tensor '{name}' has shape {_short(shape)}; a shape is a list of non-negative integers")
+        if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+            raise corrupt(f"tensor '{name}' has shape {_short(shape)}, larger than any tensor can be")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and x >= 0 for x in offsets):
             raise corrupt(f"tensor '{name}' has data_offsets {_short(offsets)}; they are two non-negative integers [begin, end]")
         dtype = DTYPES[entry["dtype"]]

@@ -88,6 +88,7 @@ class SafetensorsWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self._fds: list[int] = []
+        self._hasher: threading.Thread | None = None
         self.order: list[str] = []
         self._hashers: list[hashlib._Hash | None] = []
         self._file_order: list[list[str]] = []
@@ -100,10 +101,14 @@ class SafetensorsWriter:
                 entries.append((name, dtype, shape, pos, pos + nb))
                 pos += nb
             header = encode_header(entries, meta)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, header, 0)
-            os.ftruncate(fd, len(header) + pos)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, header, 0)
+                os.ftruncate(fd, len(header) + pos)
+            except OSError:
+                self.abort()  # no file handle outlives a failed start (too many shards for the open-file limit, a full disk)
+                raise
             for name, _, _, b, e in entries:
                 self.slots[name] = _Slot(i, len(header) + b, e - b)
                 self.weight_map[name] = path.name

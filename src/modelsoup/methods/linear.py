@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import MethodError
+from .ops import weight_sum_problem
 from .registry import Param, register
 
 # Above this many models the running sum is kept in float64 so that rounding does not grow with N.
@@ -37,8 +38,9 @@ def linear(
     w = [1.0] * len(tensors) if weights is None else [float(x) for x in weights]
     total = sum(w)
     if normalize:
-        if abs(total) < 1e-12:
-            raise MethodError(f"weights {w} sum to zero; cannot normalise (set normalize: false or change the weights)")
+        problem = weight_sum_problem(w)
+        if problem:
+            raise MethodError(f"{problem}; cannot normalise (set normalize: false or change the weights)")
         w = [x / total for x in w]
     acc_dtype = torch.float64 if len(tensors) > FLOAT64_ACCUMULATION_ABOVE else torch.float32
     acc = tensors[0].to(acc_dtype) * w[0]

@@ -15,6 +15,7 @@ compaction and k-th selection go through numpy (``a[mask]``, ``np.partition``), 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -36,6 +37,26 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
+def weight_sum_problem(weights: Sequence[float]) -> str | None:
+    """Why weights cannot be normalised by their sum, as "weights [...] sum to ...", or None.
+
+    The sum overflows (every weight would become 0), or is zero relative to the weights' magnitudes.
+    The one place that decides it: the recipe validation and the methods both ask here.
+    """
+    w = [float(x) for x in weights]
+    try:
+        total = math.fsum(w)
+    except OverflowError:  # fsum refuses an overflowing partial sum; plain addition gives the inf it means
+        total = sum(w)
+    if not math.isfinite(total):
+        return f"weights {w} sum to {total}, too large to normalise (every weight would become 0)"
+    if total == 0 or abs(total) <= ZERO_WEIGHT_SUM * sum(abs(x) for x in w):
+        return f"weights {w} sum to zero"
+    return None
+
+
+# Weights whose sum is this small relative to their magnitudes sum to zero as far as normalising goes.
+ZERO_WEIGHT_SUM = 1e-12
 # A divisor smaller than this (weights of agreeing models summing to ~0) is replaced by 1, as mergekit does.
 DIVISOR_FLOOR = 1e-8
 
@@ -389,10 +410,10 @@ def combine(
         for d, w in zip(deltas, weights):
             acc.add_(d, alpha=w)
         if normalize:
-            total = sum(weights)
-            if abs(total) < 1e-12:
-                raise MethodError(f"weights {list(weights)} sum to zero; cannot normalise (set normalize: false or change the weights)")
-            acc /= total
+            problem = weight_sum_problem(weights)
+            if problem:
+                raise MethodError(f"{problem}; cannot normalise (set normalize: false or change the weights)")
+            acc /= sum(weights)
         return acc
     flat = [d.reshape(-1) for d in deltas]
     n = flat[0].numel()

@@ -73,10 +73,14 @@ class Param:
                 return f"must be {self.describe_range()}, got {value!r}"
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"must be a number, got {value!r}"
-        if self.kind is int and not float(value).is_integer():
+            hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and _looks_numeric(value) else ""
+            return f"must be a number, got {value!r}{hint}"
+        try:
+            v = float(value)
+        except OverflowError:
+            return f"must be a number in float range, got an integer of {value.bit_length()} bits"
+        if self.kind is int and not v.is_integer():
             return f"must be an integer, got {value!r}"
-        v = float(value)
         if math.isnan(v):
             return "must be a number, got NaN"
         bad_low = self.low is not None and (v <= self.low if self.low_open else v < self.low)
@@ -84,6 +88,14 @@ class Param:
         if bad_low or bad_high:
             return f"must be in {self.describe_range()}, got {value!r}"
         return None
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
