@@ -33,7 +33,8 @@ from hypothesis.control import currently_in_test_context
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from modelsoup.config import DTYPES, KEY_MODES, OUTPUT_FORMATS, TAKE_CHOICES, Recipe, load_yaml, recipe_from_yaml_text
+from modelsoup.plan import tensor_rules
+from modelsoup.recipe import DTYPES, KEY_MODES, OUTPUT_FORMATS, TAKE_CHOICES, Recipe, load_yaml, recipe_from_yaml_text
 from modelsoup.errors import CheckpointError, RecipeError, SoupError
 from modelsoup.io import open_checkpoint
 from modelsoup.io.safetensors_format import MAX_HEADER, read_header, read_tensor
@@ -819,7 +820,7 @@ def _check_recipe(r: Recipe) -> None:
     assert r.keys in KEY_MODES and isinstance(r.seed, int) and 0 <= r.seed < 2**63
     assert 0 < r.output.shard_size < 2**63 and r.output.format in OUTPUT_FORMATS
     names = ["embed.weight", "model.layers.0.mlp.weight", "model.layers.1.mlp.bias", "lm_head.weight"]
-    rules = r.rules(names)  # a validated recipe resolves to one rule per tensor
+    rules = tensor_rules(r, names)  # a validated recipe resolves to one rule per tensor
     assert sorted(rules) == sorted(names)
     for rule in rules.values():
         assert rule.take in (None, *TAKE_CHOICES)

@@ -536,9 +536,9 @@ def test_sigterm_and_sighup_leave_nothing(tmp_path, sig):
     out = tmp_path / "out" / "soup"
     env = {**os.environ, "PYTHONPATH": SRC}
     script = ("import sys, time, modelsoup.engine as e\n"
-              "orig = e.MergeSession.compute\n"
+              "orig = e.MergeRun.compute\n"
               "def slow(self, job):\n    time.sleep(0.05)\n    return orig(self, job)\n"
-              "e.MergeSession.compute = slow\nfrom modelsoup.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+              "e.MergeRun.compute = slow\nfrom modelsoup.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", script, "merge", *map(str, paths), "-o", str(out), "--no-progress", "--workers", "1"],
                             env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -861,7 +861,7 @@ def test_an_input_given_as_a_symlink_is_still_an_input(two, tmp_path, capsys):
 
 
 def test_yaml_floats_without_a_dot_are_numbers():
-    from modelsoup.config import load_yaml
+    from modelsoup.recipe import load_yaml
 
     data, _ = load_yaml("density: 1e-3\nscale: 1.0e308\nname: x1e3\n")
     assert data == {"density": 0.001, "scale": 1e308, "name": "x1e3"}

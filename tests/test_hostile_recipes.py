@@ -16,7 +16,7 @@ from modelsoup.eval.domains import ModuleDomains, multi_domain
 from modelsoup.eval.module import ClassificationEvaluator
 from modelsoup.recipes import Pantry, cook, interpolate, learned_soup, topk_average
 from modelsoup.recipes.ensemble import combine_predictions
-from modelsoup.recipes.interpolate import MAX_ALPHAS, parse_alphas
+from modelsoup.recipes.interpolation import MAX_ALPHAS, parse_alphas
 from modelsoup.recipes.stacking import stack, stratified_folds
 
 NO_CACHE = {"cache": EvalCache(enabled=False)}

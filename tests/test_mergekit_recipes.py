@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from modelsoup.config import Recipe, load_recipe, recipe_from_dict, recipe_from_yaml_text
+from modelsoup.plan import tensor_rules
+from modelsoup.recipe import Recipe, load_recipe, recipe_from_dict, recipe_from_yaml_text
 from modelsoup.errors import RecipeError
 
-from .test_config import spec_methods  # noqa: F401  (stand-ins for method modules not registered yet)
+from .test_recipe import spec_methods  # noqa: F401  (stand-ins for method modules not registered yet)
 
 LLAMA = (
     ["model.embed_tokens.weight"]
@@ -64,7 +65,7 @@ def test_ties(ckpts: Path) -> None:
         "density": 1.0, "scale": 1.0, "sign_method": "sum", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"
     }
     assert r.dtype == "bfloat16"
-    rules = r.rules(LLAMA)
+    rules = tensor_rules(r, LLAMA)
     first = rules["model.layers.0.mlp.up_proj.weight"]
     assert first.params["density"] == (0.5, 0.3) and first.weights == (0.5, 0.0)
     assert rules["model.layers.2.mlp.up_proj.weight"].weights == (0.5, 0.5)  # t = 2/4
@@ -76,7 +77,7 @@ def test_ties(ckpts: Path) -> None:
 def test_ties_without_density_keeps_everything(ckpts: Path) -> None:
     # mergekit's density default is 1.0 (ours is 0.2): a mergekit recipe must get mergekit's
     r = mk("models:\n  - model: a\n    parameters: {weight: 1}\nmerge_method: ties\nbase_model: base\n")
-    assert r.rules(["w"])["w"].params["density"] == (1.0,)
+    assert tensor_rules(r, ["w"])["w"].params["density"] == (1.0,)
 
 
 def test_dare_ties(ckpts: Path) -> None:
@@ -97,7 +98,7 @@ def test_dare_ties(ckpts: Path) -> None:
         "density": 1.0, "scale": 1.2, "rescale": "l1", "sign_method": "sum", "sign_from": "weighted",
         "normalize": False, "divide_by": "weight_sum",
     }
-    rule = r.rules(["x"])["x"]
+    rule = tensor_rules(r, ["x"])["x"]
     assert rule.params["density"] == (0.53, 1.0) and rule.weights == (0.6, 0.4)
 
 
@@ -122,7 +123,7 @@ def test_task_arithmetic(ckpts: Path) -> None:
         """
     )
     assert r.parameters == {"scale": 0.7, "normalize": False}
-    assert r.rules(["x"])["x"].weights == (1.0, -0.5)
+    assert tensor_rules(r, ["x"])["x"].weights == (1.0, -0.5)
     assert r.dtype == "float16"
 
 
@@ -133,7 +134,7 @@ def test_breadcrumbs_and_breadcrumbs_ties(ckpts: Path) -> None:
     assert plain.parameters == {
         "density": 1.0, "gamma": 0.01, "scale": 1.0, "sign_method": "none", "sign_from": "weighted", "normalize": False, "divide_by": "weight_sum"
     }
-    assert plain.rules(["x"])["x"].params["gamma"] == (0.02,)
+    assert tensor_rules(plain, ["x"])["x"].params["gamma"] == (0.02,)
     tied = mk(text.replace("{m}", "breadcrumbs_ties"))
     assert tied.method == "breadcrumbs" and tied.parameters["sign_method"] == "sum" and tied.parameters["normalize"] is False
 
@@ -143,14 +144,14 @@ def test_linear_base_listed_takes_part(ckpts: Path) -> None:
            "merge_method: linear\nbase_model: base\n")
     assert r.method == "linear" and [m.path for m in r.models] == ["base", "a"]
     assert r.parameters == {"normalize": True}
-    assert r.rules(["x"])["x"].weights == (0.3, 0.7)
+    assert tensor_rules(r, ["x"])["x"].weights == (0.3, 0.7)
 
 
 def test_linear_global_weight_and_unlisted_base(ckpts: Path) -> None:
     r = mk("models:\n  - model: a\n  - model: b\n    parameters: {weight: 2}\nmerge_method: linear\nbase_model: base\n"
            "parameters: {weight: 0.5, normalize: false}\n")
     assert [m.path for m in r.models] == ["a", "b", "base"]  # mergekit appends the unlisted base as an input
-    assert r.rules(["x"])["x"].weights == (0.5, 2.0, 0.5)
+    assert tensor_rules(r, ["x"])["x"].weights == (0.5, 2.0, 0.5)
     assert r.parameters == {"normalize": False}
 
 
@@ -173,7 +174,7 @@ def test_slerp_canonical_gradient_example(ckpts: Path) -> None:
         """
     )
     assert r.method == "slerp" and r.base is not None and r.base.path == "base" and [m.path for m in r.models] == ["a"]
-    rules = r.rules(LLAMA)
+    rules = tensor_rules(r, LLAMA)
     t = {n: rules[n].params["t"] for n in LLAMA}
     # 5 layers: layer i at position i/4, gradient of 5 points -> exactly the listed values
     assert [t[f"model.layers.{i}.self_attn.q_proj.weight"] for i in range(5)] == pytest.approx([0, 0.5, 0.3, 0.7, 1])
@@ -187,7 +188,7 @@ def test_slerp_canonical_gradient_example(ckpts: Path) -> None:
 def test_gradient_between_points(ckpts: Path) -> None:
     # 3-point gradient over 5 layers: layer 1 sits at t = 1/4 -> scaled 0.5 -> halfway between 0.2 and 0.6
     r = mk("models:\n  - model: a\nmerge_method: slerp\nbase_model: base\nparameters: {t: [0.2, 0.6, 1.0]}\n")
-    rules = r.rules(LLAMA)
+    rules = tensor_rules(r, LLAMA)
     assert rules["model.layers.1.mlp.up_proj.weight"].params["t"] == pytest.approx(0.4)
     assert rules["model.layers.3.mlp.up_proj.weight"].params["t"] == pytest.approx(0.8)
     assert rules["model.embed_tokens.weight"].params["t"] == pytest.approx(0.2)
@@ -196,7 +197,7 @@ def test_gradient_between_points(ckpts: Path) -> None:
 def test_conditional_without_default_gets_mergekit_default(ckpts: Path) -> None:
     r = mk("models:\n  - model: a\n    parameters: {weight: 1}\nmerge_method: ties\nbase_model: base\n"
            "parameters:\n  density:\n    - filter: mlp\n      value: 0.4\n")
-    rules = r.rules(["layers.0.mlp.w", "layers.0.attn.w"])
+    rules = tensor_rules(r, ["layers.0.mlp.w", "layers.0.attn.w"])
     assert rules["layers.0.mlp.w"].params["density"] == (0.4,)
     assert rules["layers.0.attn.w"].params["density"] == (1.0,)  # mergekit's default, not ours
 
@@ -205,7 +206,7 @@ def test_model_stock(ckpts: Path) -> None:
     r = mk("models:\n  - model: a\n  - model: b\n  - model: base\nmerge_method: model_stock\nbase_model: base\n")
     assert r.method == "model_stock" and [m.path for m in r.models] == ["a", "b"]
     assert r.parameters == {"filter_wise": False}
-    assert r.rules(["x"])["x"].weights is None
+    assert tensor_rules(r, ["x"])["x"].weights is None
 
 
 def test_slerp_needs_exactly_one_other_model(ckpts: Path) -> None:
@@ -338,7 +339,7 @@ def test_load_file_detects_mergekit_and_round_trips(ckpts: Path) -> None:
     assert text.startswith("# translated from the mergekit recipe")
     back = recipe_from_yaml_text(text, "native.yaml")
     assert back.source_format == "native"
-    assert back.rules(LLAMA) == r.rules(LLAMA)
+    assert tensor_rules(back, LLAMA) == tensor_rules(r, LLAMA)
     assert back.parameters == r.parameters
 
 

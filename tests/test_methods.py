@@ -287,7 +287,7 @@ def test_count_problems_name_the_method():
 
 @pytest.mark.parametrize("kind", ["continuous", "few_values", "one_value"])
 def test_bracketed_kth_largest_is_exact(kind):
-    from modelsoup.methods.ops import kth_largest
+    from modelsoup.methods.selection import kth_largest
 
     g = torch.Generator().manual_seed(0)
     n = 3_000_000
@@ -314,13 +314,11 @@ def test_zero_weight_neither_votes_nor_counts():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 64 elements and bracketing from 256 elements on: small tensors take the paths of large ones."""
-    import modelsoup.methods.ops as ops
-    import modelsoup.methods.ties as ties_module
+    import modelsoup.methods.selection as selection
 
-    monkeypatch.setattr(ops, "CHUNK", 64)
-    monkeypatch.setattr(ties_module, "CHUNK", 64)
-    monkeypatch.setattr(ops, "BRACKET_ABOVE", 256)
-    monkeypatch.setattr(ops, "_SAMPLE", 32)
+    monkeypatch.setattr(selection, "CHUNK", 64)
+    monkeypatch.setattr(selection, "BRACKET_ABOVE", 256)
+    monkeypatch.setattr(selection, "SAMPLE", 32)
 
 
 def _tricky(seed: int, n: int = 1500):
@@ -358,17 +356,15 @@ def test_sign_election_matches_reference_on_exact_zero_votes_and_zero_deltas(con
 
 
 def test_ties_result_does_not_depend_on_chunking_or_threads(monkeypatch):
-    import modelsoup.methods.ops as ops
-    import modelsoup.methods.ties as ties_module
+    import modelsoup.methods.selection as selection
 
     base, ms = _tricky(7, n=300_001)
     kw = {"base": base, "weights": [1.0, -0.5, 2.0], "density": [0.3, 0.5, 0.7], "scale": 0.7}
     want = call("ties", ms, **kw)
     threads = torch.get_num_threads()
     for chunk, bracket_above, n_threads in [(4096, 1 << 20, threads), (1000, 10_000, 1), (77_777, 10_000, 2)]:
-        monkeypatch.setattr(ops, "CHUNK", chunk)
-        monkeypatch.setattr(ties_module, "CHUNK", chunk)
-        monkeypatch.setattr(ops, "BRACKET_ABOVE", bracket_above)
+        monkeypatch.setattr(selection, "CHUNK", chunk)
+        monkeypatch.setattr(selection, "BRACKET_ABOVE", bracket_above)
         torch.set_num_threads(n_threads)
         try:
             got = call("ties", ms, **kw)

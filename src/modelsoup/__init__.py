@@ -10,7 +10,25 @@ import os as _os
 # Set THP_MEM_ALLOC_ENABLE=0 to opt out. No effect where THP is unavailable (macOS, THP "never").
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from .api import MergeResult, merge, merge_modules, merge_state_dicts  # noqa: E402
-from .methods import available_methods, get_method  # noqa: E402
+# The public API is imported on first use, so that `soup --help` (and `import modelsoup`) do not import torch.
+_EXPORTS = {
+    "MergeResult": "api", "merge": "api", "merge_modules": "api", "merge_state_dicts": "api",
+    "available_methods": "methods", "get_method": "methods",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'modelsoup' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = ["MergeResult", "__version__", "available_methods", "get_method", "merge", "merge_modules", "merge_state_dicts"]

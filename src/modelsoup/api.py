@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import Recipe, load_recipe, recipe_from_dict
-from .engine import MergeSession, collect, run_jobs
+from .engine import collect, run_jobs
 from .errors import RecipeError
 from .io import Checkpoint, open_checkpoint
-from .io.card import hub_ids, model_card, set_config_dtype, write_manifest
-from .io.formats import is_file_output, is_torch_file
-from .io.output import cached_sha256, check_output, copy_model_files, input_paths, sha256_file, staged_output
-from .io.writer import SafetensorsWriter
+from .io.output import cached_sha256, check_output, copy_model_files, input_paths, staged_output
+from .io.records import hub_ids, input_record, set_config_dtype, write_records
+from .io.sinks import SafetensorsSink, Sink, TorchSink
+from .plan import MergePlan, OutputPlan, plan_merge
+from .recipe import Recipe, load_recipe, recipe_from_dict
 
 log = logging.getLogger("modelsoup")
 
@@ -95,24 +95,25 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
     return input_paths(r.resolved for r in refs if r.source is None and r.resolved is not None)
 
 
-def _open_all(recipe: Recipe, allow_globals: Sequence[str] = ()) -> tuple[list[Checkpoint], Checkpoint | None, list[bool]]:
-    def open_ref(ref: Any, label: str) -> Checkpoint:
-        src = ref.source if getattr(ref, "source", None) is not None else ref.resolved
-        return open_checkpoint(src, label=label if getattr(ref, "source", None) is not None else str(ref.path), key=ref.key,
+@contextmanager
+def _opened(recipe: Recipe, allow_globals: Sequence[str] = ()) -> Iterator[tuple[list[Checkpoint], Checkpoint | None]]:
+    """The recipe's models and base, opened (headers only), closed on exit."""
+    def one(ref: Any, label: str) -> Checkpoint:
+        in_memory = ref.source is not None
+        return open_checkpoint(ref.source if in_memory else ref.resolved, label=label if in_memory else str(ref.path), key=ref.key,
                                strip_prefix=ref.strip_prefix, allow_globals=allow_globals)
 
-    models = [open_ref(m, f"model[{i}]") for i, m in enumerate(recipe.models)]
-    base = open_ref(recipe.base, "base") if recipe.base is not None else None
-
-    def same(m: Any) -> bool:
-        b = recipe.base
-        if b is None:
-            return False
-        if getattr(m, "source", None) is not None or getattr(b, "source", None) is not None:
-            return getattr(m, "source", None) is getattr(b, "source", None)
-        return bool(Path(m.resolved).resolve() == Path(b.resolved).resolve() and m.key == b.key and m.strip_prefix == b.strip_prefix)
-
-    return models, base, [same(m) for m in recipe.models]
+    opened: list[Checkpoint] = []
+    try:
+        for i, m in enumerate(recipe.models):
+            opened.append(one(m, f"model[{i}]"))
+        base = one(recipe.base, "base") if recipe.base is not None else None
+        if base is not None:
+            opened.append(base)
+        yield opened[: len(recipe.models)], base
+    finally:
+        for ck in opened:
+            ck.close()
 
 
 def merge(
@@ -157,99 +158,71 @@ def merge(
     """
     if output is None:
         raise TypeError("merge() needs an output path")
-    out = Path(output)
-    single_file = is_file_output(out)
     rec = _recipe(recipe, models, _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
     paths = recipe_inputs(rec)
-    check_output(out, overwrite, inputs=paths, as_file=single_file)
+    form = OutputPlan.for_path(output, rec.output)
+    check_output(form.path, overwrite, inputs=paths, as_file=form.as_file)
     t0 = time.perf_counter()
-    cks, base_ck, same = _open_all(rec, allow_globals)
-    try:
-        session = MergeSession.plan(rec, cks, base_ck, same)
-        inputs = [("model", m, ck) for m, ck in zip(rec.models, cks)] + ([("base", rec.base, base_ck)] if base_ck else [])
-        unique_files = list(dict.fromkeys(f for _, _, ck in inputs for f in ck.files))
-        hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash") if hash_files else None
-        digests = {f: hasher.submit(cached_sha256, f) for f in unique_files} if hasher else {}
+    with _opened(rec, allow_globals) as (cks, base_ck):
+        plan = plan_merge(rec, cks, base_ck, output)
+        files = list(dict.fromkeys(f for ck in [*cks, *([base_ck] if base_ck else [])] for f in ck.files))
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash")  # inputs are hashed beside the merge
         try:
-            with staged_output(out, overwrite, inputs=[*paths, *unique_files], as_file=single_file) as tmp:
-                out_hashes, nbytes = _write(rec, session, tmp, out, workers, progress, hash_files)
-                sources = ([base_ck] if base_ck else []) + cks
-                hf_src = next((ck.folder for ck in sources if ck.folder is not None), None)
-                if not single_file:
-                    copied = copy_model_files(hf_src, tmp) if (hf_src is not None and rec.output.copy_files) else []
-                    if rec.dtype is not None and "config.json" in copied:
-                        set_config_dtype(tmp / "config.json", rec.dtype)
-                    _write_records(rec, session, tmp, out, inputs, {f: d.result() for f, d in digests.items()}, out_hashes, copied,
-                                   hf_src is not None, hub_ids(ck.folder for ck in sources))
+            digests = {f: hasher.submit(cached_sha256, f) for f in files} if hash_files else {}
+            with staged_output(form.path, overwrite, inputs=[*paths, *files], as_file=form.as_file) as tmp:
+                out_hashes = _write_tensors(plan, tmp, workers, progress, hash_files)
+                if not form.as_file:
+                    _write_folder_files(plan, tmp, out_hashes, {f: d.result() for f, d in digests.items()})
         finally:
-            if hasher:
-                hasher.shutdown(cancel_futures=True)
-    finally:
-        for ck in cks + ([base_ck] if base_ck else []):
-            ck.close()
+            hasher.shutdown(cancel_futures=True)
     dt = time.perf_counter() - t0
-    log.info("wrote %s: %d tensors, %.1f MB in %.1f s", out, len(session.jobs), nbytes / 1e6, dt)
-    return MergeResult(out, out_hashes, len(session.jobs), nbytes, dt, session.notes)
+    log.debug("wrote %s: %d tensors, %.1f MB in %.1f s", form.path, len(plan.jobs), plan.nbytes / 1e6, dt)
+    return MergeResult(form.path, out_hashes, len(plan.jobs), plan.nbytes, dt, plan.notes)
 
 
-def _write(rec: Recipe, session: MergeSession, tmp: Path, out: Path, workers: int | None, progress: bool | None, hash_files: bool) -> tuple[dict[str, str], int]:
-    """Write the merged tensors into ``tmp``; return {file name: sha256 or ""} and bytes of tensor data."""
-    plan = [(j.name, j.dtype, j.shape) for j in session.jobs]
-    nbytes = sum(j.nbytes for j in session.jobs)
-    single_file = is_file_output(out)
-    torch_out = is_torch_file(out) or (not single_file and rec.output.format == "torch")
-    if torch_out:
-        tensors = collect(session, workers=workers, progress=progress)
-        layout = session.models[0].layout
-        sd = {layout.get("prefix", "") + j.name: tensors[j.name] for j in session.jobs}
-        obj: Any = {layout["key"]: sd} if layout.get("key") else sd
-        path = tmp / (out.name if single_file else "pytorch_model.bin")
-        _torch_save(obj, path)
-        return {path.name: sha256_file(path) if hash_files else ""}, nbytes
-    meta = {"modelsoup_version": __version__, "modelsoup_method": rec.method}
-    if single_file:
-        meta["modelsoup_recipe"] = rec.to_yaml(relative_to=out.absolute().parent)
-    writer = SafetensorsWriter(tmp, plan, rec.output.shard_size, meta, file_name=out.name if single_file else None, hash_files=hash_files)
+def _sink(plan: MergePlan, folder: Path, hash_files: bool) -> Sink:
+    """The sink the plan's output form asks for, writing into ``folder``."""
+    out = plan.output
+    assert out is not None
+    specs = [(j.name, j.dtype, j.shape) for j in plan.jobs]
+    if out.torch_format:
+        layout = plan.models[0].layout
+        aliases = {j.name: j.alias_of for j in plan.jobs if j.alias_of is not None}
+        return TorchSink(folder / (out.path.name if out.as_file else "pytorch_model.bin"), specs, aliases=aliases, key=layout.get("key"),
+                         prefix=layout.get("prefix", ""), hash_files=hash_files)
+    meta = {"modelsoup_version": __version__, "modelsoup_method": plan.method.name}
+    if out.as_file:
+        meta["modelsoup_recipe"] = plan.recipe.to_yaml(relative_to=out.path.absolute().parent)
+    return SafetensorsSink(folder, specs, shard_size=out.options.shard_size, metadata=meta, file_name=out.path.name if out.as_file else None,
+                           hash_files=hash_files)
+
+
+def _write_tensors(plan: MergePlan, folder: Path, workers: int | None, progress: bool | None, hash_files: bool) -> dict[str, str]:
+    """Run the plan into its sink in ``folder``; return {file name: sha256 or ""}."""
+    sink = _sink(plan, folder, hash_files)
     try:
-        run_jobs(session, writer.write, workers=workers, progress=progress, order=writer.order)
+        run_jobs(plan, sink.write, workers=workers, progress=progress, order=sink.order)
     except BaseException:
-        writer.abort()
+        sink.abort()
         raise
-    files = writer.close()
-    return (writer.digests() if hash_files else {f.name: "" for f in files}), nbytes
+    return sink.close()
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a Python file, so that a write error (full disk) surfaces as the OSError it is."""
-    try:
-        with open(path, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except RuntimeError as e:  # torch wraps the file's OSError; hand the OSError on
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        raise cause from None
-
-
-def _write_records(rec: Recipe, session: MergeSession, tmp: Path, out: Path, inputs: list[tuple[str, Any, Checkpoint]],
-                   in_hashes: dict[Path, str], out_hashes: dict[str, str], copied: list[str], hf: bool, hub: list[str]) -> None:
-    recipe_yaml = rec.to_yaml(relative_to=out.absolute())
-    (tmp / "recipe.yaml").write_text(recipe_yaml)
-    records = [
-        {"role": role, "path": str(ref.path) if getattr(ref, "source", None) is None else "(in memory)",
-         "format": ck.kind, "files": {str(f.name): in_hashes.get(f, "") for f in ck.files}, "notes": ck.notes}
-        for role, ref, ck in inputs
-    ]
-    m = session.method
-    if rec.output.model_card:
-        (tmp / "README.md").write_text(model_card(name=out.name, method=m.name, summary=m.summary, paper=m.paper, base_models=hub,
-                                                   inputs=records, outputs=out_hashes, recipe_yaml=recipe_yaml, version=__version__, hf=hf))
-    write_manifest(tmp / "soup_manifest.json", {"modelsoup_version": __version__, "method": m.name, "recipe": "recipe.yaml", "inputs": records,
-                                                "outputs": out_hashes, "copied_files": copied, "notes": session.notes})
+def _write_folder_files(plan: MergePlan, folder: Path, out_hashes: dict[str, str], in_hashes: dict[Path, str]) -> None:
+    """A folder output's other files: config and tokenizer copied from the base or first model folder, and the records."""
+    rec, out = plan.recipe, plan.output
+    assert out is not None
+    sources = [*([plan.base] if plan.base is not None else []), *plan.models]
+    hf_src = next((ck.folder for ck in sources if ck.folder is not None), None)
+    copied = copy_model_files(hf_src, folder) if (hf_src is not None and out.options.copy_files) else []
+    if rec.dtype is not None and "config.json" in copied:
+        set_config_dtype(folder / "config.json", rec.dtype)
+    roles = [("model", m, ck) for m, ck in zip(rec.models, plan.models)] + ([("base", rec.base, plan.base)] if plan.base is not None else [])
+    inputs = [input_record(role, str(ref.path) if ref.source is None else "(in memory)", ck.kind, ck.files, in_hashes, ck.notes)
+              for role, ref, ck in roles]
+    write_records(folder, name=out.path.name, recipe_yaml=rec.to_yaml(relative_to=out.path.absolute()), method=plan.method, inputs=inputs,
+                  outputs=out_hashes, copied=copied, notes=plan.notes, hf=hf_src is not None, base_models=hub_ids(ck.folder for ck in sources),
+                  card=out.options.model_card, version=__version__)
 
 
 def merge_state_dicts(
@@ -275,9 +248,8 @@ def merge_state_dicts(
         RecipeError, KeyMismatchError, TensorMismatchError, NonFiniteError, MethodError: bad input.
     """
     rec = _recipe(None, list(state_dicts), _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
-    cks, base_ck, same = _open_all(rec)
-    session = MergeSession.plan(rec, cks, base_ck, same)
-    return collect(session, workers=workers, progress=False)
+    with _opened(rec) as (cks, base_ck):
+        return collect(plan_merge(rec, cks, base_ck), workers=workers, progress=False)
 
 
 def merge_modules(modules: Sequence[torch.nn.Module], *, base: torch.nn.Module | None = None, **options: Any) -> torch.nn.Module:

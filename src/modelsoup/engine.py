@@ -11,21 +11,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import EmptyMergeError, MethodError, NonFiniteError
+from .errors import NonFiniteError
 from .io import Checkpoint
-from .methods import MergeMethod, get_method
 from .methods.ops import all_finite
-from .plan import TensorJob, align_names, build_jobs
+from .plan import MergePlan, TensorJob
+from .progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -51,60 +48,17 @@ def default_workers() -> int:
     return max(2, min(8, (os.cpu_count() or 2) + 1))
 
 
-@dataclass
-class MergeSession:
-    """Everything needed to compute each output tensor of one merge.
+class MergeRun:
+    """One run of a plan: computes output tensors, and gathers what it notices while doing so.
 
-    Attributes:
-        models: the listed models (ingredients and possibly the base again).
-        base: the base model, if any.
-        method: the merge method.
-        ingredients: indices into ``models`` of the method's inputs (a listed copy of the base is left
-            out for methods that take a base, as mergekit does).
-        jobs: the planned output tensors.
-        seed: seed of random methods.
-        allow_nonfinite: merge inputs holding NaN/Inf instead of refusing them.
+    Args:
+        plan: the planned merge.
     """
 
-    models: list[Checkpoint]
-    base: Checkpoint | None
-    method: MergeMethod
-    ingredients: list[int]
-    jobs: list[TensorJob]
-    seed: int = 0
-    allow_nonfinite: bool = False
-    notes: list[str] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _disagreeing: list[str] = field(default_factory=list)
-
-    @classmethod
-    def plan(cls, recipe: Any, models: list[Checkpoint], base: Checkpoint | None, same_as_base: Sequence[bool]) -> MergeSession:
-        """Plan a merge from a validated recipe and opened checkpoints (metadata only, no tensor read).
-
-        Raises:
-            KeyMismatchError, TensorMismatchError, MethodError: the inputs cannot be merged as asked.
-        """
-        method = get_method(recipe.method)
-        uses_base = method.base != "none" and base is not None
-        ingredients = [i for i in range(len(models)) if not (uses_base and same_as_base[i])]
-        if uses_base and len(ingredients) < len(models):
-            log.info("the base model is also listed among the models; it is not an ingredient of '%s' (as in mergekit)", method.name)
-        problem = method.count_problem(len(ingredients), base is not None)
-        if problem:
-            raise MethodError(problem)
-        names, from_base = align_names(models, base, recipe.keys, uses_base)
-        rules = recipe.rules(names)
-        jobs = build_jobs(names, from_base, models, ingredients, base, method, rules, recipe.dtype)
-        if not jobs:
-            why = ("the models hold no tensors" if not any(ck.names() for ck in models) else
-                   "no tensor name is shared by every model (keys: intersection)" if recipe.keys == "intersection" and not names else
-                   "every tensor is left out (take: skip)")
-            raise EmptyMergeError(f"the merge would write a model with no tensors: {why}. Check that the inputs are models of one "
-                                  "architecture (a wrapper prefix to strip? --strip-prefix), and the recipe's overrides")
-        notes = list(recipe.notes) + [f"{ck.label}: {n}" for ck in [*models, *([base] if base else [])] for n in ck.notes]
-        for n in notes:
-            log.info(n)
-        return cls(models, base, method, ingredients, jobs, recipe.seed, recipe.allow_nonfinite, notes)
+    def __init__(self, plan: MergePlan) -> None:
+        self.plan = plan
+        self._lock = threading.Lock()
+        self._disagreeing: list[str] = []
 
     def _read(self, ck: Checkpoint, name: str, upcast: bool = False) -> torch.Tensor:
         """Read a tensor (in float32 if ``upcast`` and floating), refusing NaN/Inf unless allowed."""
@@ -112,7 +66,7 @@ class MergeSession:
         if not t.is_floating_point():
             return t
         wide = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
-        if not self.allow_nonfinite and not all_finite(wide):
+        if not self.plan.allow_nonfinite and not all_finite(wide):
             bad = int((~torch.isfinite(wide)).sum())
             raise NonFiniteError(
                 f"{ck.label}: tensor '{name}' holds {bad} NaN/Inf value(s) of {t.numel()}; fix the checkpoint, "
@@ -122,15 +76,16 @@ class MergeSession:
 
     def compute(self, job: TensorJob) -> torch.Tensor:
         """Compute one output tensor (in its output dtype)."""
+        plan = self.plan
         if job.action == "base":
-            assert self.base is not None
-            return self._read(self.base, job.name).to(job.dtype, copy=True)
+            assert plan.base is not None
+            return self._read(plan.base, job.name).to(job.dtype, copy=True)
         if job.action == "first":
-            return self._read(self.models[0], job.name).to(job.dtype, copy=True)
-        srcs = [self.models[i] for i in self.ingredients]
+            return self._read(plan.models[0], job.name).to(job.dtype, copy=True)
+        srcs = [plan.models[i] for i in plan.ingredients]
         if job.action == "nonfloat":
-            everyone = srcs + ([self.base] if self.base is not None and self.method.base != "none" else [])
-            ref_ck = self.base if self.base is not None and self.method.base != "none" else srcs[0]
+            ref_ck = plan.base if plan.uses_base and plan.base is not None else srcs[0]
+            everyone = srcs + ([plan.base] if plan.uses_base and plan.base is not None else [])
             ref = ref_ck.read(job.name)
             if any(not torch.equal(ref, ck.read(job.name)) for ck in everyone if ck is not ref_ck):
                 with self._lock:
@@ -140,13 +95,13 @@ class MergeSession:
             tensors = list(_READ_POOL.map(lambda ck: self._read(ck, job.name, upcast=True), srcs))
         else:
             tensors = [self._read(ck, job.name, upcast=True) for ck in srcs]
-        base = self._read(self.base, job.name, upcast=True) if self.base is not None and self.method.base != "none" else None
-        gen = torch.Generator().manual_seed(tensor_seed(self.seed, job.name)) if self.method.random else None
-        out = self.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
+        base = self._read(plan.base, job.name, upcast=True) if plan.uses_base and plan.base is not None else None
+        gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name)) if plan.method.random else None
+        out = plan.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
         if tuple(out.shape) != job.shape:
-            raise RuntimeError(f"method '{self.method.name}' returned shape {list(out.shape)} for '{job.name}' {list(job.shape)}")
+            raise RuntimeError(f"method '{plan.method.name}' returned shape {list(out.shape)} for '{job.name}' {list(job.shape)}")
         result = out.to(job.dtype)
-        if not self.allow_nonfinite and not all_finite(result):
+        if not plan.allow_nonfinite and not all_finite(result):
             wide = result.to(torch.float32)
             bad = int((~torch.isfinite(wide)).sum())
             raise NonFiniteError(
@@ -158,17 +113,18 @@ class MergeSession:
 
     def finish_notes(self) -> list[str]:
         """Notes gathered while merging (integer buffers that differed), logged once."""
+        plan = self.plan
         if self._disagreeing:
-            src = self.base.label if self.base is not None and self.method.base != "none" else self.models[self.ingredients[0]].label
+            src = plan.base.label if plan.uses_base and plan.base is not None else plan.models[plan.ingredients[0]].label
             msg = f"{len(self._disagreeing)} non-floating tensor(s) differ across models and were taken from {src}, not averaged: " + ", ".join(sorted(self._disagreeing)[:8])
             log.info(msg)
-            self.notes.append(msg)
+            plan.notes.append(msg)
             self._disagreeing = []
-        return self.notes
+        return plan.notes
 
 
 def run_jobs(
-    session: MergeSession,
+    plan: MergePlan,
     write: Callable[[str, torch.Tensor], None],
     *,
     workers: int | None = None,
@@ -177,10 +133,10 @@ def run_jobs(
     order: Sequence[str] | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> None:
-    """Compute every job of ``session`` and hand each result to ``write``, on a thread pool.
+    """Compute every job of ``plan`` and hand each result to ``write``, on a thread pool.
 
     Args:
-        session: the planned merge.
+        plan: the planned merge.
         write: called once per output name (thread-safe sink); tied names get the same tensor.
         workers: threads (default :func:`default_workers`); 1 runs inline.
         progress: show a tqdm bar (tensors and bytes); None = only on a terminal.
@@ -188,21 +144,22 @@ def run_jobs(
         order: run jobs in this order of names (the sink's file order) rather than the plan's.
         memory_budget: bytes that jobs in flight may hold together; a larger job runs alone.
     """
-    planned = {j.name for j in session.jobs}
-    jobs = [j for j in session.jobs if j.alias_of is None or j.alias_of not in planned]
+    run = MergeRun(plan)
+    planned = {j.name for j in plan.jobs}
+    jobs = [j for j in plan.jobs if j.alias_of is None or j.alias_of not in planned]
     if order is not None:
         rank = {n: i for i, n in enumerate(order)}
         jobs.sort(key=lambda j: rank.get(j.name, len(rank)))
-    tied = {j.name: j.alias_of for j in session.jobs if j not in jobs}
-    total = sum(j.nbytes for j in session.jobs)
-    show = sys.stderr.isatty() if progress is None else progress
+    tied = {j.name: j.alias_of for j in plan.jobs if j not in jobs}
+    total = plan.nbytes
+    show = progress_on(progress)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not show, leave=False)
     by_target: dict[str, list[str]] = {}
     for alias, target in tied.items():
         by_target.setdefault(target, []).append(alias)
 
     def one(job: TensorJob) -> int:
-        out = session.compute(job)
+        out = run.compute(job)
         write(job.name, out)
         nbytes = job.nbytes
         for alias in by_target.get(job.name, ()):
@@ -219,11 +176,11 @@ def run_jobs(
                 done += 1
                 bar.set_postfix_str(f"{done}/{len(jobs)} tensors", refresh=False)
         else:
-            readers = len(session.ingredients) + (1 if session.base is not None and session.method.base != "none" else 0)
+            readers = len(plan.ingredients) + (1 if plan.uses_base else 0)
 
             def cost(job: TensorJob) -> int:
                 # inputs and result in float32, the method's own buffers, and a few temporaries
-                buffers = readers + 2 + session.method.workspace * len(session.ingredients) + (2 if session.method.workspace else 0)
+                buffers = readers + 2 + plan.method.workspace * len(plan.ingredients) + (2 if plan.method.workspace else 0)
                 return (job.nbytes * 4 // job.dtype.itemsize) * buffers
 
             with ThreadPoolExecutor(n, thread_name_prefix="soup") as pool:
@@ -254,10 +211,10 @@ def run_jobs(
         bar.close()
     if tied:
         log.info("%d tied tensor name(s) share storage with another; computed once and written under each name", len(tied))
-    session.finish_notes()
+    run.finish_notes()
 
 
-def collect(session: MergeSession, *, workers: int | None = None, progress: bool | None = None) -> dict[str, torch.Tensor]:
+def collect(plan: MergePlan, *, workers: int | None = None, progress: bool | None = None) -> dict[str, torch.Tensor]:
     """Run a merge into memory: every output tensor by name, in plan order."""
     result: dict[str, torch.Tensor] = {}
     lock = threading.Lock()
@@ -266,5 +223,5 @@ def collect(session: MergeSession, *, workers: int | None = None, progress: bool
         with lock:
             result[name] = t
 
-    run_jobs(session, keep, workers=workers, progress=progress)
-    return {j.name: result[j.name] for j in session.jobs}
+    run_jobs(plan, keep, workers=workers, progress=progress)
+    return {j.name: result[j.name] for j in plan.jobs}

@@ -1,6 +1,26 @@
-"""Exception classes. Every message names the file/tensor/key, what was found, what was expected and the fix."""
+"""Exception classes, and the helpers their messages share. Every message names the file/tensor/key, what was found, what was expected and the fix."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+MAX_LISTED = 8
+
+
+def short_list(names: Sequence[str]) -> str:
+    """The first few names, comma-separated, with a count of the rest (for messages)."""
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f", ... ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
+
+
+def name_mismatch(missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    """``missing N (a, b, ...); unexpected M (...)``, leaving out an empty side (for messages)."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} ({short_list(missing)})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} ({short_list(unexpected)})")
+    return "; ".join(parts)
 
 
 class SoupError(Exception):

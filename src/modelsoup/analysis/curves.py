@@ -16,7 +16,6 @@ below 0 or above 1, e.g. ``--alphas -0.5:1.5:0.1``) are plotted but never count 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +26,9 @@ from tqdm.auto import tqdm
 from ..errors import AnalysisError
 from ..eval.base import Evaluator, Score
 from ..recipes.greedy import as_pantry
-from ..recipes.interpolate import DEFAULT_ALPHAS, interpolate
+from ..recipes.interpolation import DEFAULT_ALPHAS, interpolate
 from ..recipes.pantry import Pantry
+from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -203,7 +203,7 @@ def triangle_curve(models: Pantry | Sequence[Any], evaluator: Evaluator, *, step
     try:
         scores: list[Score] = []
         tests: list[Score] = []
-        show = sys.stderr.isatty() if progress is None else progress
+        show = progress_on(progress)
         for p in tqdm(points, desc="triangle", unit="point", disable=not show, leave=False):
             _, state = pantry.soup([0, 1, 2], list(p))
             label = "weights " + ",".join(f"{w:g}" for w in p)

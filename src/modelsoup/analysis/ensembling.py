@@ -10,7 +10,6 @@ soup and the ensemble predict the same class. At ``k = 1`` both are the first in
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from ..eval.base import Evaluator
 from ..recipes.ensemble import COMBINE, ensemble_predictions
 from ..recipes.greedy import as_pantry, rank
 from .predictions import agreement, need_predictions, prediction_stats
+from ..progress import progress_on
 
 ORDERS = ("input", "best")
 SHOWN = ("accuracy", "loss", "confidence", "entropy")
@@ -94,7 +94,7 @@ def soup_vs_ensemble(ingredients: Any, evaluator: Evaluator, *, order: str | Seq
             if sorted(seq) != sorted(set(seq)) or not all(0 <= i < n for i in seq):
                 raise AnalysisError(f"order {seq}: give distinct ingredient indices between 0 and {n - 1}")
         rows = []
-        show = sys.stderr.isatty() if progress is None else progress
+        show = progress_on(progress)
         for k in tqdm(range(1, len(seq) + 1), desc="soup vs ensemble", unit="k", disable=not show, leave=False):
             members = seq[:k]
             if k == 1:

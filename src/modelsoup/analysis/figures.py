@@ -37,7 +37,7 @@ def heldout_vs_test(rows: Sequence[Any], path: Path, *, metric: str = "accuracy"
     """Scatter of held-out vs test score for every row that has both: ingredients, soups, ensembles.
 
     Args:
-        rows: :class:`modelsoup.recipes.cook.Row` objects.
+        rows: :class:`modelsoup.recipes.kitchen.Row` objects.
         path: PNG to write.
     """
     plt = pyplot()

@@ -21,7 +21,6 @@ Integer and boolean buffers are never scaled. The scaled state is lazy: each ten
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from ..errors import AnalysisError
 from ..eval.base import Evaluator
 from ..recipes.greedy import as_pantry
 from .predictions import agreement, need_predictions, prediction_stats
+from ..progress import progress_on
 
 SCOPES = ("matrices", "all")
 DEFAULT_FACTORS = (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)
@@ -144,7 +144,7 @@ def magnitude_stability(ingredients: Any, evaluator: Evaluator, *, factors: Sequ
         if soup and len(pantry) > 1:
             models.append((f"uniform soup of {len(pantry)}", "soup", pantry.soup(list(range(len(pantry))))[1]))
         out = []
-        show = sys.stderr.isatty() if progress is None else progress
+        show = progress_on(progress)
         with tqdm(total=len(models) * len(grid), desc="scaling", unit="eval", disable=not show, leave=False) as bar:
             for i, (label, kind, state) in enumerate(models):
                 ref = pantry.predictions(i, ev) if kind == "ingredient" else ev.predict(state, label=label)

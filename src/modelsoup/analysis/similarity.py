@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,11 +33,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import layer_index
+from ..plan import layer_index
 from ..errors import AnalysisError
 from ..io import Checkpoint, open_checkpoint
 from ..methods.ops import all_finite
-from ..plan import short_list
+from ..errors import short_list
+from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -432,7 +432,7 @@ def similarity(
                 "these are different architectures and cannot be souped" + (f"; missing from some model: {short_list(skipped['missing'])}" if skipped["missing"] else "")
             )
         groups: dict[str, PairSums] = {}
-        show = sys.stderr.isatty() if progress is None else progress
+        show = progress_on(progress)
         widest = max(math.prod(cks[0].meta(name)[1]) for name in names)
         ws = Workspace(len(cks), max(1, min(chunk_elements, widest)))
         for name in tqdm(names, desc="inspect", unit="tensor", disable=not show, leave=False):

@@ -131,3 +131,66 @@ def template_grid(templates: Mapping[str, torch.Tensor], shape: tuple[int, int],
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_templates(
+    inputs: Sequence[str | Path],
+    soup: str | Path,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    key: str | None = None,
+    strip_prefix: str | None = None,
+    vocabulary: bool = False,
+    tokenizer: str | Path | None = None,
+    top: int = 10,
+    shape: tuple[int, int] = (8, 8),
+    weight: str | None = None,
+    chain: Sequence[str] | None = None,
+) -> str:
+    """Templates of the ingredients and the soup, their correlations with the soup's, written to ``output``.
+
+    Writes ``templates.md``, ``templates.json`` and (image inputs) ``templates.png``, or with
+    ``vocabulary`` each class's top tokens.
+
+    Returns:
+        The Markdown table (and token lists).
+
+    Raises:
+        OutputExistsError, OutputError: the output cannot be written; nothing is.
+    """
+    import json
+
+    from ..io import open_checkpoint
+    from ..io.output import check_output, staged_output
+    from ..recipes.pantry import short_labels
+
+    out = Path(output)
+    sources = [*inputs, soup]
+    check_output(out, overwrite, inputs=sources)
+    labels = short_labels(sources)
+    labels[-1] = f"{labels[-1]} (soup)"
+    states = {}
+    for label, src in zip(labels, sources):
+        with open_checkpoint(src, key=key, strip_prefix=strip_prefix) as ck:
+            states[label] = {n: ck.read(n) for n in ck.names() if len(ck.meta(n)[1]) == 2}
+    if vocabulary:
+        temps = {k: vocabulary_templates(v) for k, v in states.items()}
+    else:
+        temps = {k: class_templates(v, weight=weight, chain=chain) for k, v in states.items()}
+    corr = template_correlations(temps, labels[-1])
+    lines = [f"| model | mean r with {labels[-1]} | per class |", "|---|---:|---|"]
+    lines += [f"| {k} | {sum(v) / len(v):.3f} | {', '.join(f'{x:.2f}' for x in v)} |" for k, v in corr.items()]
+    with staged_output(out, overwrite, inputs=sources) as tmp:
+        if vocabulary:
+            from ..eval.text import require_transformers
+
+            tok = require_transformers().AutoTokenizer.from_pretrained(tokenizer or soup, local_files_only=True)
+            lines += ["", f"Top {top} tokens per class:", ""]
+            for k, t in temps.items():
+                lines += [f"- {k}: " + " | ".join(f"class {c}: {' '.join(toks)}" for c, toks in enumerate(top_tokens(t, tok, top)))]
+        else:
+            template_grid(temps, shape, tmp / "templates.png", correlations=corr, reference=labels[-1])
+        (tmp / "templates.md").write_text("\n".join(lines) + "\n")
+        (tmp / "templates.json").write_text(json.dumps({"reference": labels[-1], "correlations": corr}, indent=1))
+    return "\n".join(lines)

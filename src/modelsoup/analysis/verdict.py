@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..plan import short_list
+from ..errors import short_list
 from .curves import Barrier, Curve
 from .ensembling import SoupVsEnsemble
 from .similarity import Similarity

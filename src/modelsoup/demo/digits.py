@@ -134,12 +134,12 @@ def run_domains_demo(out: Path, *, seed: int = 0, progress: bool | None = None) 
 
     A linear classifier (its class weights are 8x8 templates) is pre-trained briefly on all digits,
     then fine-tuned twice on digits 0-4 and twice on digits 5-9. Each domain has its own held-out and
-    test sets; :func:`modelsoup.recipes.cook` scores every ingredient and soup on both domains and on
+    test sets; :func:`modelsoup.recipes.kitchen` scores every ingredient and soup on both domains and on
     their mean, and the class templates of the ingredients, the soups and the class means are drawn
     side by side with their correlations to the uniform soup's.
 
     Returns:
-        (the :class:`~modelsoup.recipes.cook.CookResult`, model -> per-class template correlation with
+        (the :class:`~modelsoup.recipes.kitchen.CookResult`, model -> per-class template correlation with
         the uniform soup); ``out`` holds the soups, ``results.md``, ``templates.png`` and ``templates.json``.
     """
     from torch.utils.data import DataLoader, TensorDataset

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from ..errors import SoupError
 from ..eval.text import quiet_transformers
 from ..io.output import SKIP_NAMES, WEIGHT_SUFFIXES, cached_sha256, staged_output
 from .rotten_tomatoes import ID2LABEL, ReviewSplits, prepare_splits
+from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -225,7 +225,7 @@ class Sweep:
 
 
 def _show(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
+    return progress_on(progress)
 
 
 def _load(folder: Path, *, missing: Collection[str] = (), **config: Any) -> Any:

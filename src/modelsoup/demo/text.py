@@ -5,7 +5,7 @@ sequence-classification head fitted as a linear probe on Rotten Tomatoes review 
 fine-tunes from that shared start (learning rate, length, label smoothing, word dropout, seed) are the
 ingredients (:mod:`.finetune`, cached so that an interrupted demo resumes). The soups are then cooked
 with the library's public API exactly as a user would: :class:`TextClassificationEvaluator` on the
-validation CSV chooses, the test CSV is only reported, and :func:`modelsoup.recipes.cook` builds the
+validation CSV chooses, the test CSV is only reported, and :func:`modelsoup.recipes.kitchen` builds the
 uniform, greedy and learned soups and the ensembles, writes them, the table and the figures.
 """
 
@@ -21,7 +21,7 @@ from ..eval.cache import EvalCache
 from ..eval.text import TextClassificationEvaluator
 from ..io.output import cache_root
 from ..recipes import cook
-from ..recipes.cook import CookResult
+from ..recipes.kitchen import CookResult
 from .finetune import DEFAULT_SWEEP, QUICK_SWEEP, Hyper, Sweep, SweepConfig, run_sweep
 
 log = logging.getLogger("modelsoup")
@@ -61,7 +61,7 @@ class TextDemoResult:
 
     Attributes:
         sweep: the start, the ingredient folders and the data.
-        cooked: the table (rows, soups, figures) as :func:`modelsoup.recipes.cook` returned it.
+        cooked: the table (rows, soups, figures) as :func:`modelsoup.recipes.kitchen` returned it.
         out: the output folder (soups, results, figure).
         seconds: wall time, fine-tuning included (0 for cached ingredients).
     """

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import re
-import sys
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,9 +24,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import EvaluatorError, KeyMismatchError, TensorMismatchError
-from ..plan import name_mismatch
+from ..errors import name_mismatch
 from .base import Evaluator, PredictionEvaluator, Predictions, Score, classification_metrics, timing
 from .batchnorm import batchnorm_layers, recalibrate_bn
+from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -226,7 +226,7 @@ class ModuleEvaluator(Evaluator):
     bar_unit = "ex"
 
     def _bar(self, label: str | None) -> tqdm:
-        show = sys.stderr.isatty() if self.progress is None else self.progress
+        show = progress_on(self.progress)
         return tqdm(total=self.data_size(), unit=self.bar_unit, desc=f"eval {label or ''}".strip(), disable=not show, leave=False)
 
 

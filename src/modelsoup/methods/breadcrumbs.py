@@ -3,46 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
-from .ops import DIVIDE_BY_PARAM, SCALE, SIGN_FROM_PARAM, combine, density_param, model_weights, normalize_param, per_model, sign_param, task_vectors, trim_outliers
-from .registry import Param, register
+from .ops import add_to_base, combine, divides_by_plain_weight_sum, model_weights, per_model, require_base, task_vectors, trim_outliers
+from .params import Density, DivideBy, Normalize, Scale, SignFrom, SignMethodOrNone
+from .registry import Param, PerModel, register
 
 
 @register(
     "breadcrumbs",
     summary="drop the largest gamma and smallest magnitudes of each task vector (keep density), combine, add to base",
     paper="Davari & Belilovsky 2024, Model breadcrumbs (arXiv 2312.06795)",
-    params=[
-        density_param(0.9, "fraction of each task vector kept"),
-        Param("gamma", 0.01, "fraction of largest magnitudes removed as outliers", low=0.0, high=1.0, high_open=True, per_model=True),
-        SCALE,
-        sign_param("none", ("none", "sum", "count")),
-        SIGN_FROM_PARAM,
-        normalize_param(False),
-        DIVIDE_BY_PARAM,
-    ],
     base="required",
     workspace=2,
+    divides_by_weight_sum=divides_by_plain_weight_sum,
 )
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],
     *,
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
-    density: float | Sequence[float] = 0.9,
-    gamma: float | Sequence[float] = 0.01,
-    scale: float = 1.0,
-    sign_method: str = "none",
-    sign_from: str = "weighted",
-    normalize: bool = False,
-    divide_by: str = "weight_sum",
+    density: Density = 0.9,
+    gamma: Annotated[PerModel[float], Param(ge=0, lt=1, help="fraction of largest magnitudes removed as outliers")] = 0.01,
+    scale: Scale = 1.0,
+    sign_method: SignMethodOrNone = "none",
+    sign_from: SignFrom = "weighted",
+    normalize: Normalize = False,
+    divide_by: DivideBy = "weight_sum",
 ) -> torch.Tensor:
     """theta = base + scale * combine(trim_outliers(delta_i, density_i, gamma_i)); sign_method sum = mergekit's breadcrumbs_ties."""
-    deltas = task_vectors(tensors, base, "breadcrumbs")
+    base = require_base(base, "breadcrumbs")
+    deltas = task_vectors(tensors, base)
     dens, gam = per_model(density, len(deltas), "density"), per_model(gamma, len(deltas), "gamma")
     trimmed = [trim_outliers(d, p, g) for d, p, g in zip(deltas, dens, gam)]
     merged = combine(trimmed, model_weights(weights, len(deltas)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
-    assert base is not None
-    return base + scale * merged
+    return add_to_base(base, merged, scale)

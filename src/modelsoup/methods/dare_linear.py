@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
-from .ops import RESCALE_PARAM, SCALE, combine, density_param, drop_random, model_weights, normalize_param, per_model, task_vectors
-from .registry import register
+from .ops import add_to_base, combine, divides_by_plain_weight_sum, drop_random, model_weights, per_model, require_base, task_vectors
+from .params import Density, Normalize, Rescale, Scale
+from .registry import Param, register
 
 
 @register(
     "dare_linear",
     summary="drop each task-vector entry with probability 1 - density, rescale, weighted sum, add to base",
     paper="Yu et al. 2024, Language models are Super Mario (DARE) (arXiv 2311.03099)",
-    params=[density_param(0.5, "probability of KEEPING each entry (peft and mergekit convention)"), SCALE, RESCALE_PARAM, normalize_param(False)],
     base="required",
     workspace=1,
+    divides_by_weight_sum=divides_by_plain_weight_sum,
 )
 def dare_linear(
     tensors: Sequence[torch.Tensor],
@@ -24,15 +26,15 @@ def dare_linear(
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
     generator: torch.Generator | None = None,
-    density: float | Sequence[float] = 0.5,
-    scale: float = 1.0,
-    rescale: str = "density",
-    normalize: bool = False,
+    density: Annotated[Density, Param(help="probability of KEEPING each entry (peft and mergekit convention)")] = 0.5,
+    scale: Scale = 1.0,
+    rescale: Rescale = "density",
+    normalize: Normalize = False,
 ) -> torch.Tensor:
     """theta = base + scale * sum_i w_i rescale(m_i * delta_i), m_i ~ Bernoulli(density_i), drawn from ``generator``."""
-    deltas = task_vectors(tensors, base, "dare_linear")
+    base = require_base(base, "dare_linear")
+    deltas = task_vectors(tensors, base)
     dens = per_model(density, len(deltas), "density")
     dropped = [drop_random(d, p, generator, rescale) for d, p in zip(deltas, dens)]
     merged = combine(dropped, model_weights(weights, len(deltas)), normalize=normalize)
-    assert base is not None
-    return base + scale * merged
+    return add_to_base(base, merged, scale)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
@@ -14,14 +15,14 @@ from .registry import Param, register
     "ema",
     summary="exponential moving average of checkpoints of one run, oldest first: e_k = decay e_(k-1) + (1 - decay) theta_k",
     paper="Polyak & Juditsky 1992; as checkpoint averaging, Izmailov et al. 2018 (SWA, for the plain mean use linear)",
-    params=[Param("decay", 0.9, "weight of the running average at each step", low=0.0, high=1.0, high_open=True)],
+    takes_weights=False,
 )
 def ema(
     tensors: Sequence[torch.Tensor],
     *,
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
-    decay: float = 0.9,
+    decay: Annotated[float, Param(ge=0, lt=1, help="weight of the running average at each step")] = 0.9,
 ) -> torch.Tensor:
     """e_0 = theta_0, e_k = decay * e_(k-1) + (1 - decay) * theta_k, for checkpoints listed oldest first.
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
-from ..errors import MethodError
-from .ops import weight_sum_problem
+from .ops import divides_by_plain_weight_sum, normalizing_sum
 from .registry import Param, register
 
 # Above this many models the running sum is kept in float64 so that rounding does not grow with N.
@@ -18,14 +18,14 @@ FLOAT64_ACCUMULATION_ABOVE = 16
     "linear",
     summary="weighted average sum_i w_i theta_i / sum_i w_i (uniform soup; SWA; WiSE-FT with the base listed)",
     paper="Wortsman et al. 2022, Model soups (arXiv 2203.05482); Izmailov et al. 2018 (SWA); Wortsman et al. 2022 (WiSE-FT)",
-    params=[Param("normalize", True, "divide by the sum of the weights", kind=bool)],
+    divides_by_weight_sum=divides_by_plain_weight_sum,
 )
 def linear(
     tensors: Sequence[torch.Tensor],
     *,
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
-    normalize: bool = True,
+    normalize: Annotated[bool, Param(help="divide by the sum of the weights")] = True,
 ) -> torch.Tensor:
     """theta = sum_i w_i theta_i / sum_i w_i (``normalize``) or sum_i w_i theta_i.
 
@@ -36,11 +36,8 @@ def linear(
         MethodError: weights sum to zero while normalising.
     """
     w = [1.0] * len(tensors) if weights is None else [float(x) for x in weights]
-    total = sum(w)
     if normalize:
-        problem = weight_sum_problem(w)
-        if problem:
-            raise MethodError(f"{problem}; cannot normalise (set normalize: false or change the weights)")
+        total = normalizing_sum(w)
         w = [x / total for x in w]
     acc_dtype = torch.float64 if len(tensors) > FLOAT64_ACCUMULATION_ABOVE else torch.float32
     acc = tensors[0].to(acc_dtype) * w[0]

@@ -8,6 +8,7 @@ t would be infinite, and the base is returned (t = 0) instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
@@ -25,17 +26,17 @@ def _rows(t: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     "model_stock",
     summary="t * mean(models) + (1 - t) * base, t = N cos / (1 + (N - 1) cos) from the mean pairwise cosine of task vectors",
     paper="Jang et al. 2024, Model Stock: all we need is just a few fine-tuned models (arXiv 2403.19522)",
-    params=[Param("filter_wise", False, "one t per output row instead of per tensor", kind=bool)],
     base="required",
     workspace=2,
     min_models=2,
+    takes_weights=False,
 )
 def model_stock(
     tensors: Sequence[torch.Tensor],
     *,
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
-    filter_wise: bool = False,
+    filter_wise: Annotated[bool, Param(help="one t per output row instead of per tensor")] = False,
 ) -> torch.Tensor:
     """theta = t * mean_i theta_i + (1 - t) * base, t = N c / (1 + (N - 1) c), c = mean_(i<j) cos(delta_i, delta_j).
 

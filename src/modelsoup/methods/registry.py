@@ -1,4 +1,4 @@
-"""Registry of merge methods: a decorator that checks each method's signature at import.
+"""Registry of merge methods: a decorator that reads each method's schema from its signature at import.
 
 A merge method is a pure function over the tensors of ONE parameter::
 
@@ -6,44 +6,76 @@ A merge method is a pure function over the tensors of ONE parameter::
 
 ``tensors`` are the ingredients (the base excluded), already upcast to float32 by the engine;
 ``weights`` is one float per ingredient or None (uniform). The function never mutates its inputs
-and does no I/O. Hyperparameters are keyword-only with defaults, and each is declared as a
-:class:`Param` so that a recipe can be validated (names, types, ranges) before any tensor is read.
-Random methods also take ``generator``, a ``torch.Generator`` seeded per (seed, tensor name).
+and does no I/O. Random methods also take ``generator``, a ``torch.Generator`` seeded per
+(seed, tensor name).
+
+Each hyperparameter is declared once, on the function parameter, so that a recipe can be validated
+(names, types, ranges) before any tensor is read::
+
+    density: Annotated[PerModel[float], Param(gt=0, le=1, help="fraction of each task vector kept")] = 0.2
+    sign_method: Annotated[Literal["sum", "count"], Param(help="...")] = "sum"
+
+The name and default come from the parameter, the kind from the annotation (``float``, ``int``,
+``bool``, ``str``, or a ``Literal`` of strings, which gives the choices), ``PerModel[...]`` marks a
+value that may be given per ingredient, and the :class:`Param` gives the bounds, help and aliases.
+Shared declarations are ``Annotated`` aliases (see :mod:`.params`); a second ``Param`` in an
+annotation refines the first for one method (``Annotated[Density, Param(help="...")]``).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, InitVar, dataclass, field, replace
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import torch
 
 from ..errors import MethodError
 
+if sys.version_info >= (3, 12):
+    from typing import TypeAliasType
+else:  # a dependency of torch
+    from typing_extensions import TypeAliasType
+
 BaseUse = Literal["none", "optional", "required"]
+
+_T = TypeVar("_T")
+# A hyperparameter that may be given once or per ingredient (the function then receives one value per model).
+PerModel = TypeAliasType("PerModel", _T | Sequence[_T], type_params=(_T,))
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
 
 
 @dataclass(frozen=True)
 class Param:
     """One hyperparameter of a merge method.
 
+    In a method's signature only ``help``, the bounds (``gt``/``ge``/``lt``/``le``) and ``aliases`` are
+    given; :func:`register` fills in the rest from the parameter and its annotation.
+
     Attributes:
         name: keyword name in the function and in recipes.
-        default: default value (must equal the function's default).
+        default: default value (the function's default).
         help: one line for ``soup methods``.
         kind: float, int, bool or str.
-        low, high: inclusive/exclusive bounds for numbers (None = unbounded).
+        low, high: bounds for numbers (None = unbounded); ``low_open``/``high_open`` make them exclusive.
         choices: allowed values for strings.
         aliases: other names accepted in recipes (e.g. mergekit's ``lambda``).
         per_model: may be given per ingredient (the function then receives a tuple, one per model).
     """
 
-    name: str
-    default: Any
-    help: str
+    name: str = ""
+    default: Any = _UNSET
+    help: str = ""
     kind: type = float
     low: float | None = None
     high: float | None = None
@@ -52,6 +84,20 @@ class Param:
     choices: tuple[str, ...] | None = None
     aliases: tuple[str, ...] = ()
     per_model: bool = False
+    _: KW_ONLY
+    gt: InitVar[float | None] = None
+    ge: InitVar[float | None] = None
+    lt: InitVar[float | None] = None
+    le: InitVar[float | None] = None
+
+    def __post_init__(self, gt: float | None, ge: float | None, lt: float | None, le: float | None) -> None:
+        for side, (open_, closed), given in (("low", (gt, ge), self.low), ("high", (lt, le), self.high)):
+            if open_ is None and closed is None:
+                continue
+            if (open_ is not None and closed is not None) or given is not None:
+                raise MethodError(f"Param: give one {side} bound ({'gt or ge' if side == 'low' else 'lt or le'}), not several")
+            object.__setattr__(self, side, float(open_ if open_ is not None else closed))  # type: ignore[arg-type]
+            object.__setattr__(self, f"{side}_open", open_ is not None)
 
     def describe_range(self) -> str:
         if self.choices:
@@ -73,8 +119,7 @@ class Param:
                 return f"must be {self.describe_range()}, got {value!r}"
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and _looks_numeric(value) else ""
-            return f"must be a number, got {value!r}{hint}"
+            return f"must be a number, got {value!r}{yaml_number_hint(value)}"
         try:
             v = float(value)
         except OverflowError:
@@ -90,17 +135,26 @@ class Param:
         return None
 
 
-def _looks_numeric(text: str) -> bool:
+def yaml_number_hint(value: Any) -> str:
+    """The fix for text that Python reads as a number (YAML 1.1 reads ``1e-3`` as a string), else ""."""
+    if not isinstance(value, str):
+        return ""
     try:
-        float(text)
+        float(value)
     except ValueError:
-        return False
-    return True
+        return ""
+    return " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method and what it needs."""
+    """A registered merge method and what it needs.
+
+    Attributes:
+        takes_weights: whether recipes may give ingredient weights (slerp, model_stock and ema take none).
+        weight_sum_rule: given the resolved hyperparameters, whether the method divides by the plain sum of
+            the weights (None = never); see :meth:`divides_by_weight_sum`.
+    """
 
     name: str
     fn: Callable[..., torch.Tensor]
@@ -113,11 +167,23 @@ class MergeMethod:
     random: bool
     aliases: dict[str, str] = field(default_factory=dict)
     workspace: int = 0
+    takes_weights: bool = True
+    weight_sum_rule: Callable[[Mapping[str, Any]], bool] | None = None
 
     def param(self, name: str) -> Param | None:
         """Find a parameter by name or alias."""
         canonical = self.aliases.get(name, name)
         return next((p for p in self.params if p.name == canonical), None)
+
+    def divides_by_weight_sum(self, params: Mapping[str, Any]) -> bool:
+        """Whether, with these hyperparameters, the method divides by sum_i w_i (so weights summing to zero fail).
+
+        ``params`` may be partial and use aliases; a missing one takes its default.
+        """
+        if self.weight_sum_rule is None:
+            return False
+        given = {self.aliases.get(k, k): v for k, v in params.items()}
+        return bool(self.weight_sum_rule({p.name: given.get(p.name, p.default) for p in self.params}))
 
     def count_problem(self, n_models: int, has_base: bool) -> str | None:
         """Describe why ``n_models`` ingredients (base excluded) cannot be merged, or None."""
@@ -146,6 +212,7 @@ class MergeMethod:
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
+_CONTRACT = ("base", "weights", "generator")
 
 
 def register(
@@ -153,16 +220,26 @@ def register(
     *,
     summary: str,
     paper: str,
-    params: Sequence[Param] = (),
     base: BaseUse = "none",
     min_models: int = 1,
     max_models: int | None = None,
     workspace: int = 0,
+    takes_weights: bool = True,
+    divides_by_weight_sum: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register a merge method; checks its signature against ``params`` at import.
+    """Register a merge method; reads its hyperparameters from its signature and checks it at import.
 
-    ``workspace`` is how many tensor-sized float32 buffers the method holds per ingredient besides its
-    inputs (e.g. one task vector each); the engine counts it against its memory budget.
+    Args:
+        name: the method's name in recipes.
+        summary: one line: what it computes.
+        paper: where it comes from.
+        base: whether it needs a base model.
+        min_models, max_models: how many ingredients it takes (base excluded; None = no limit).
+        workspace: how many tensor-sized float32 buffers the method holds per ingredient besides its
+            inputs (e.g. one task vector each); the engine counts it against its memory budget.
+        takes_weights: False if ingredient weights mean nothing to the method (recipes may not give them).
+        divides_by_weight_sum: given the resolved hyperparameters, whether the method divides by the plain
+            sum of the weights (recipe validation then refuses weights summing to zero); None = never.
 
     Raises:
         MethodError: duplicate name, or a signature that does not follow the method contract.
@@ -171,45 +248,97 @@ def register(
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in _REGISTRY:
             raise MethodError(f"merge method '{name}' is registered twice ({_REGISTRY[name].fn.__module__} and {fn.__module__})")
-        sig = inspect.signature(fn)
-        ps = list(sig.parameters.values())
-        where = f"{fn.__module__}.{fn.__name__}"
-        if not ps or ps[0].name != "tensors" or ps[0].kind not in (ps[0].POSITIONAL_ONLY, ps[0].POSITIONAL_OR_KEYWORD):
-            raise MethodError(f"{where}: first parameter must be positional `tensors`")
-        kw = {p.name: p for p in ps[1:]}
-        for p in ps[1:]:
-            if p.kind is not p.KEYWORD_ONLY:
-                raise MethodError(f"{where}: parameter `{p.name}` must be keyword-only (put it after `*`)")
-        for required in ("base", "weights"):
-            if required not in kw or kw[required].default is not None:
-                raise MethodError(f"{where}: needs keyword-only `{required}=None`")
-        is_random = "generator" in kw
-        hyper = {k: v for k, v in kw.items() if k not in ("base", "weights", "generator")}
-        declared = {p.name: p for p in params}
-        if set(hyper) != set(declared):
-            raise MethodError(
-                f"{where}: hyperparameters {sorted(hyper)} do not match the declared params {sorted(declared)}"
-            )
-        for pname, p in declared.items():
-            if hyper[pname].default != p.default:
-                raise MethodError(f"{where}: default of `{pname}` is {hyper[pname].default!r} but declared {p.default!r}")
+        params = _read_signature(fn)
         aliases = {a: p.name for p in params for a in p.aliases}
         _REGISTRY[name] = MergeMethod(
             name=name,
             fn=fn,
             summary=summary,
             paper=paper,
-            params=tuple(params),
+            params=params,
             base=base,
             min_models=min_models,
             max_models=max_models,
-            random=is_random,
+            random="generator" in inspect.signature(fn).parameters,
             aliases=aliases,
             workspace=workspace,
+            takes_weights=takes_weights,
+            weight_sum_rule=divides_by_weight_sum,
         )
         return fn
 
     return decorate
+
+
+def _read_signature(fn: Callable[..., torch.Tensor]) -> tuple[Param, ...]:
+    """The hyperparameters of ``fn``, in signature order, after checking it follows the method contract."""
+    where = f"{fn.__module__}.{fn.__name__}"
+    ps = list(inspect.signature(fn).parameters.values())
+    if not ps or ps[0].name != "tensors" or ps[0].kind not in (ps[0].POSITIONAL_ONLY, ps[0].POSITIONAL_OR_KEYWORD):
+        raise MethodError(f"{where}: first parameter must be positional `tensors`")
+    kw = {p.name: p for p in ps[1:]}
+    for p in ps[1:]:
+        if p.kind is not p.KEYWORD_ONLY:
+            raise MethodError(f"{where}: parameter `{p.name}` must be keyword-only (put it after `*`)")
+    for required in ("base", "weights"):
+        if required not in kw or kw[required].default is not None:
+            raise MethodError(f"{where}: needs keyword-only `{required}=None`")
+    if "generator" in kw and kw["generator"].default is not None:
+        raise MethodError(f"{where}: `generator` must default to None")
+    hyper = [p for p in ps[1:] if p.name not in _CONTRACT]
+    try:
+        hints = get_type_hints(fn, include_extras=True)
+    except (NameError, AttributeError, TypeError, SyntaxError) as e:  # an annotation that does not evaluate in its module
+        raise MethodError(f"{where}: annotations cannot be read ({type(e).__name__}: {e})") from None
+    markers = {p.name: [m for m in getattr(hints.get(p.name), "__metadata__", ()) if isinstance(m, Param)] for p in hyper}
+    declared = sorted(n for n, ms in markers.items() if ms)
+    if len(declared) != len(hyper):
+        raise MethodError(
+            f"{where}: hyperparameters {sorted(markers)} do not match the declared params {declared}: declare each as "
+            "`name: Annotated[type, Param(help=...)] = default`"
+        )
+    params = tuple(_param(where, p, hints[p.name], markers[p.name]) for p in hyper)
+    names = [p.name for p in params]
+    for p in params:
+        for a in p.aliases:
+            if a in names or a in _CONTRACT or sum(a in q.aliases for q in params) > 1:
+                raise MethodError(f"{where}: alias '{a}' of `{p.name}` is already a name or alias of another parameter")
+    return params
+
+
+def _param(where: str, sig: inspect.Parameter, hint: Any, markers: list[Param]) -> Param:
+    """The :class:`Param` of one hyperparameter: its markers, completed from the signature."""
+    spec = markers[0]
+    for m in markers[1:]:  # a later marker refines an earlier one: it replaces what it gives
+        given: dict[str, Any] = {"help": m.help} if m.help else {}
+        if m.low is not None:
+            given |= {"low": m.low, "low_open": m.low_open}
+        if m.high is not None:
+            given |= {"high": m.high, "high_open": m.high_open}
+        if m.aliases:
+            given["aliases"] = m.aliases
+        spec = replace(spec, **given)
+    if any(m.name or m.default is not _UNSET or m.choices is not None or m.per_model for m in markers):
+        raise MethodError(f"{where}: `{sig.name}`: name, default, choices and per-model come from the signature, not from Param(...)")
+    if sig.default is inspect.Parameter.empty:
+        raise MethodError(f"{where}: hyperparameter `{sig.name}` needs a default")
+    typ = get_args(hint)[0]  # Annotated[typ, *metadata]
+    per_model = get_origin(typ) is PerModel
+    if per_model:
+        (typ,) = get_args(typ)
+    if typ in (bool, int, float, str):
+        kind, choices = typ, None
+    elif get_origin(typ) is Literal and all(isinstance(c, str) for c in get_args(typ)):
+        kind, choices = str, get_args(typ)
+    else:
+        raise MethodError(f"{where}: `{sig.name}` is annotated {typ!r}; a hyperparameter is a float, int, bool, str or Literal of strings")
+    p = replace(spec, name=sig.name, default=sig.default, kind=kind, choices=choices, per_model=per_model)
+    if not p.help:
+        raise MethodError(f"{where}: `{sig.name}` needs a help line (Param(help=...))")
+    problem = p.check(p.default)
+    if problem:
+        raise MethodError(f"{where}: default of `{sig.name}` {problem}")
+    return p
 
 
 def get_method(name: str) -> MergeMethod:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
@@ -42,23 +43,19 @@ def gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     "slerp",
     summary="spherical interpolation from the first model (or the base) to the second at t; linear when nearly parallel",
     paper="Shoemake 1985, Animating rotation with quaternion curves; for model merging as in mergekit",
-    params=[
-        Param("t", 0.5, "position along the arc: 0 = first model (or base), 1 = second", low=0.0, high=1.0),
-        Param("dot_threshold", 0.9995, "above this |cos| interpolate linearly", low=0.0, high=1.0, low_open=True),
-        Param("eps", 1e-8, "norms below this are not normalised", low=0.0, low_open=True),
-    ],
     base="optional",
     min_models=1,
     max_models=2,
+    takes_weights=False,
 )
 def slerp(
     tensors: Sequence[torch.Tensor],
     *,
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
-    t: float = 0.5,
-    dot_threshold: float = 0.9995,
-    eps: float = 1e-8,
+    t: Annotated[float, Param(ge=0, le=1, help="position along the arc: 0 = first model (or base), 1 = second")] = 0.5,
+    dot_threshold: Annotated[float, Param(gt=0, le=1, help="above this |cos| interpolate linearly")] = 0.9995,
+    eps: Annotated[float, Param(gt=0, help="norms below this are not normalised")] = 1e-8,
 ) -> torch.Tensor:
     """theta = sin((1-t) w)/sin w * v0 + sin(t w)/sin w * v1, cos w = <v0, v1> / (|v0| |v1|).
 

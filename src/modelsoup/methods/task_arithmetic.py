@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops import SCALE, combine, model_weights, normalize_param, task_vectors
+from .ops import add_to_base, combine, divides_by_plain_weight_sum, model_weights, require_base, task_vectors
+from .params import Normalize, Scale
 from .registry import register
 
 
@@ -14,20 +15,19 @@ from .registry import register
     "task_arithmetic",
     summary="base + scale * sum_i w_i (theta_i - base)  (divided by sum_i w_i with normalize)",
     paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)",
-    params=[SCALE, normalize_param(False)],
     base="required",
     workspace=1,
+    divides_by_weight_sum=divides_by_plain_weight_sum,
 )
 def task_arithmetic(
     tensors: Sequence[torch.Tensor],
     *,
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
-    scale: float = 1.0,
-    normalize: bool = False,
+    scale: Scale = 1.0,
+    normalize: Normalize = False,
 ) -> torch.Tensor:
     """theta = base + scale * sum_i w_i delta_i (/ sum_i w_i if ``normalize``), delta_i = theta_i - base."""
-    deltas = task_vectors(tensors, base, "task_arithmetic")
-    merged = combine(deltas, model_weights(weights, len(tensors)), normalize=normalize)
-    assert base is not None
-    return base + scale * merged
+    base = require_base(base, "task_arithmetic")
+    merged = combine(task_vectors(tensors, base), model_weights(weights, len(tensors)), normalize=normalize)
+    return add_to_base(base, merged, scale)

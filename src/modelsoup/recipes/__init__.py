@@ -1,19 +1,31 @@
 """Soups that look at data: uniform, greedy and learned soups, ensembles, interpolation, top-k averaging.
 
 Each recipe takes an evaluator (see :mod:`modelsoup.eval`) and returns the soup as a ``linear``
-:class:`~modelsoup.config.Recipe` that :func:`modelsoup.merge` writes, together with what it measured.
+:class:`~modelsoup.recipe.Recipe` that :func:`modelsoup.merge` writes, together with what it measured.
 """
 
-from .cook import CookResult, Row, cook
-from .ensemble import ensemble_predictions, ensemble_score, greedy_ensemble
-from .greedy import GreedyResult, GreedyStep, greedy_soup
-from .interpolate import InterpolationResult, interpolate
-from .learned import LearnedResult, learned_soup
-from .pantry import Pantry, SoupState
-from .topk import TopKResult, metrics_from_log, metrics_from_names, topk_average
+from .names import ENSEMBLES, RECIPES, SOUPS
 
-__all__ = [
-    "CookResult", "GreedyResult", "GreedyStep", "InterpolationResult", "LearnedResult", "Pantry", "Row", "SoupState", "TopKResult", "cook",
-    "ensemble_predictions", "ensemble_score", "greedy_ensemble", "greedy_soup", "interpolate", "learned_soup", "metrics_from_log",
-    "metrics_from_names", "topk_average",
-]
+# Imported on first use: the command line reads the names above without importing torch.
+_EXPORTS = {
+    "CookResult": "kitchen", "Row": "kitchen", "cook": "kitchen",
+    "ensemble_predictions": "ensemble", "ensemble_score": "ensemble", "greedy_ensemble": "ensemble",
+    "GreedyResult": "greedy", "GreedyStep": "greedy", "greedy_soup": "greedy",
+    "InterpolationResult": "interpolation", "interpolate": "interpolation",
+    "LearnedResult": "learned", "learned_soup": "learned",
+    "Pantry": "pantry", "SoupState": "pantry",
+    "TopKResult": "topk", "metrics_from_log": "topk", "metrics_from_names": "topk", "topk_average": "topk",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'modelsoup.recipes' has no attribute {name!r}")
+
+
+__all__ = ["ENSEMBLES", "RECIPES", "SOUPS", *_EXPORTS]

@@ -9,7 +9,6 @@ ingredient's, on the held-out data that chose it.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,9 +16,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import Recipe
+from ..recipe import Recipe
 from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
 from .pantry import Pantry
+from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -99,7 +99,7 @@ def greedy_select(
     members = [first]
     current = scores[first]
     history = [GreedyStep(labels[first], scores[first].value, scores[first].value, True, 1, 0.0)]
-    show = sys.stderr.isatty() if progress is None else progress
+    show = progress_on(progress)
     with tqdm(order[1:], desc=desc, unit="candidate", disable=not show, leave=False) as bar:
         for i in bar:
             t0 = time.perf_counter()

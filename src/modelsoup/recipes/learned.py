@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +23,13 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..config import Recipe
+from ..recipe import Recipe
 from ..errors import EvaluatorError, InsufficientMemoryError, OptionError
 from ..eval.base import Evaluator, Predictions, Score
 from ..eval.module import ModuleEvaluator, load_weights, to_device
 from .greedy import as_pantry, run_evaluator
 from .pantry import Pantry
+from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -155,7 +155,7 @@ def learned_soup(
         start_preds = start_predictions
         if start_score is None:
             start_score, start_preds = run_evaluator(evaluator, uniform_state, "uniform soup")
-        learnable = [j for j in uniform_state.session.jobs if j.action == "merge" and j.alias_of is None]
+        learnable = [j for j in uniform_state.run.plan.jobs if j.action == "merge" and j.alias_of is None]
         model_bytes = sum(4 * j.nbytes // j.dtype.itemsize for j in learnable)
         need = memory_estimate(model_bytes, n)
         device = evaluator.device
@@ -196,7 +196,7 @@ def learned_soup(
         best: tuple[Score, int, Recipe, Any, Predictions | None] = (start_score, 0, uniform_recipe, uniform_weights, start_preds)
         history: list[dict[str, float]] = [{"epoch": 0.0, "loss": start_score.metrics.get("loss", float("nan")), "score": start_score.value}]
         batches = list(evaluator.batches())
-        show = sys.stderr.isatty() if progress is None else progress
+        show = progress_on(progress)
         module.eval()  # dropout off: the coefficients see the model as it will be used
         with tqdm(total=epochs * len(batches), desc="learned soup", unit="batch", disable=not show, leave=False) as bar:
             for epoch in range(1, epochs + 1):

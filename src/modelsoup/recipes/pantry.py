@@ -1,8 +1,8 @@
 """The ingredients of a soup: each checkpoint opened once, soups of any subset as lazy states, scores cached.
 
-Every soup these recipes build is a :class:`~modelsoup.config.Recipe` of the ``linear`` method over some
+Every soup these recipes build is a :class:`~modelsoup.recipe.Recipe` of the ``linear`` method over some
 ingredients (with per-model or per-tensor weights). :meth:`Pantry.state` evaluates a recipe lazily:
-each tensor is computed by the merge engine's own per-tensor code (:meth:`MergeSession.compute`) when an
+each tensor is computed by the merge engine's own per-tensor code (:meth:`MergeRun.compute`) when an
 evaluator reads it, so memory stays at one model (the evaluator's) plus one tensor per ingredient, and
 the weights scored are bit for bit the weights that :func:`modelsoup.merge` writes for the same recipe.
 """
@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from ..config import Recipe, recipe_from_dict
-from ..engine import MergeSession
+from ..recipe import Recipe, recipe_from_dict
+from ..engine import MergeRun
+from ..plan import plan_merge
 from ..errors import OptionError
 from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score, require_predictions
 from ..eval.cache import EvalCache
@@ -86,12 +87,12 @@ class SoupState(Mapping[str, torch.Tensor]):
 
     immutable = True
 
-    def __init__(self, session: MergeSession) -> None:
-        self.session = session
-        self._jobs = {j.name: j for j in session.jobs}
+    def __init__(self, run: MergeRun) -> None:
+        self.run = run
+        self._jobs = {j.name: j for j in run.plan.jobs}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.session.compute(self._jobs[name])
+        return self.run.compute(self._jobs[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._jobs)
@@ -195,8 +196,7 @@ class Pantry:
             if i is None:
                 raise OptionError(f"{m.label()} is not an ingredient of this pantry ({', '.join(self.labels)}); build the recipe with Pantry.recipe")
             cks.append(self.checkpoint(i))
-        session = MergeSession.plan(recipe, cks, None, [False] * len(cks))
-        return SoupState(session)
+        return SoupState(MergeRun(plan_merge(recipe, cks, None)))
 
     @staticmethod
     def _ref_id(ref: Mapping[str, Any]) -> tuple[Any, ...]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Recipe
+from ..recipe import Recipe
 from ..errors import EvaluatorError, OptionError
 from ..eval.base import Evaluator
 from .greedy import as_pantry

@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from modelsoup.config import (
-    Recipe,
-    describe,
-    evaluate_setting,
-    layer_index,
-    layer_positions,
-    load_recipe,
-    parse_size,
-    recipe_from_dict,
-    recipe_from_yaml_text,
-)
+from modelsoup.plan import evaluate_setting, layer_index, layer_positions, tensor_rules
+from modelsoup.recipe import Recipe, describe, load_recipe, parse_size, recipe_from_dict, recipe_from_yaml_text
 from modelsoup.errors import RecipeError
 from modelsoup.methods import registry
 from modelsoup.methods.registry import MergeMethod, Param
@@ -143,7 +134,7 @@ def test_full_native_recipe(ckpts: Path) -> None:
     assert (r.dtype, r.keys, r.seed, r.allow_nonfinite) == ("bfloat16", "intersection", 7, True)
     assert (r.output.shard_size, r.output.format, r.output.copy_files, r.output.model_card) == (2 * 2**30, "torch", False, False)
 
-    rules = r.rules(["enc.attention.q.weight", "classifier.weight", "enc.ffn.bias", "enc.ffn.weight"])
+    rules = tensor_rules(r, ["enc.attention.q.weight", "classifier.weight", "enc.ffn.bias", "enc.ffn.weight"])
     # first matching override wins; per-model density falls back to the global value
     assert rules["enc.attention.q.weight"].params["density"] == (0.9, 0.9)
     assert rules["enc.attention.q.weight"].take is None
@@ -164,7 +155,7 @@ def test_first_matching_override_wins(ckpts: Path) -> None:
             "overrides": [{"match": "*attn*", "parameters": {"t": 0.3}}, {"match": "*.bias", "parameters": {"t": 0.9}}],
         }
     )
-    rules = r.rules(["attn.bias", "mlp.bias", "mlp.weight"])
+    rules = tensor_rules(r, ["attn.bias", "mlp.bias", "mlp.weight"])
     assert rules["attn.bias"].params["t"] == 0.3
     assert rules["mlp.bias"].params["t"] == 0.9
     assert rules["mlp.weight"].params == {"t": 0.5, "dot_threshold": 0.9995, "eps": 1e-8}
@@ -174,13 +165,13 @@ def test_first_matching_override_wins(ckpts: Path) -> None:
 def test_defaults_filled_and_alias_resolved(ckpts: Path) -> None:
     r = recipe_from_dict({"method": "task_arithmetic", "base": "base", "models": ["ft-a", "ft-b"], "parameters": {"lambda": 0.5}})
     assert r.parameters == {"scale": 0.5, "normalize": False}
-    rule = r.rules(["w"])["w"]
+    rule = tensor_rules(r, ["w"])["w"]
     assert rule.params == {"scale": 0.5, "normalize": False} and rule.weights is None and rule.take is None
 
 
 def test_per_model_defaults(ckpts: Path) -> None:
     r = recipe_from_dict({"method": "breadcrumbs", "base": "base", "models": ["ft-a", {"path": "ft-b", "parameters": {"gamma": 0.05}}]})
-    p = r.rules(["w"])["w"].params
+    p = tensor_rules(r, ["w"])["w"].params
     assert p["density"] == (0.9, 0.9) and p["gamma"] == (0.01, 0.05) and p["sign_method"] == "none"
 
 
@@ -188,14 +179,14 @@ def test_in_memory_sources_skip_path_checks() -> None:
     sd1, sd2 = {"w": 1}, {"w": 2}
     r = recipe_from_dict({"method": "linear", "models": [{"source": sd1}, {"source": sd2}]})
     assert r.models[0].source is sd1 and r.models[1].source is sd2 and r.models[0].path is None
-    assert r.rules(["w"])["w"].params == {"normalize": True}
+    assert tensor_rules(r, ["w"])["w"].params == {"normalize": True}
 
 
 def test_python_api_tuples_and_paths(ckpts: Path) -> None:
     r = recipe_from_dict(
         {"method": "linear", "models": [ckpts / "ft-a", {"path": ckpts / "ft-b", "weight": 2}], "overrides": [{"match": "*", "weights": (1, 3)}]}
     )
-    assert r.models[0].path == str(ckpts / "ft-a") and r.rules(["w"])["w"].weights == (1.0, 3.0)
+    assert r.models[0].path == str(ckpts / "ft-a") and tensor_rules(r, ["w"])["w"].weights == (1.0, 3.0)
 
 
 def test_same_checkpoint_twice_is_allowed(ckpts: Path) -> None:
@@ -218,7 +209,7 @@ def test_native_gradient_and_conditional(ckpts: Path) -> None:
         }
     )
     names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(5)] + ["model.layers.2.mlp.up.weight", "lm_head.weight"]
-    rules = r.rules(names)
+    rules = tensor_rules(r, names)
     assert [rules[n].params["t"] for n in names[:5]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert rules["model.layers.2.mlp.up.weight"].params["t"] == 0.5
     assert rules["lm_head.weight"].params["t"] == 0.5
@@ -450,8 +441,8 @@ def test_load_recipe_file_and_round_trip(ckpts: Path) -> None:
     assert (back.method, back.parameters, back.output, back.overrides) == (r.method, r.parameters, r.output, r.overrides)
     assert [(m.path, m.weight, m.parameters) for m in back.models] == [(m.path, m.weight, m.parameters) for m in r.models]
     names = ["model.layers.0.mlp.w", "model.layers.1.attn.w", "lm_head.weight"]
-    assert back.rules(names) == r.rules(names)
-    rules = r.rules(names)
+    assert tensor_rules(back, names) == tensor_rules(r, names)
+    rules = tensor_rules(r, names)
     assert rules["model.layers.0.mlp.w"].params["density"] == (0.4, 0.7)
     assert rules["model.layers.1.attn.w"].weights == (1.0, 0.8)
     assert rules["lm_head.weight"].take == "base"

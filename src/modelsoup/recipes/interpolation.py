@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import Recipe
+from ..recipe import Recipe
 from ..errors import OptionError
 from ..eval.base import Evaluator, Score
 from .greedy import as_pantry
 from .pantry import Pantry
+from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -148,7 +148,7 @@ def interpolate(
     try:
         scores: list[Score] = []
         tests: list[Score] = []
-        show = sys.stderr.isatty() if progress is None else progress
+        show = progress_on(progress)
         for alpha in tqdm(grid, desc="interpolating", unit="point", disable=not show, leave=False):
             _, state = pantry.soup([0, 1], [1.0 - alpha, alpha])
             s = evaluator.evaluate(state, label=f"alpha {alpha:g}")

@@ -1,4 +1,6 @@
-"""The model card (README.md with Hugging Face metadata) and the manifest written next to a merge."""
+"""The records written next to a merge: ``recipe.yaml``, the model card (``README.md`` with Hugging Face
+metadata) and ``soup_manifest.json`` (library version, sha256 of every input and output file); and the
+copied ``config.json`` made to say the dtype written."""
 
 from __future__ import annotations
 
@@ -113,3 +115,23 @@ def model_card(*, name: str, method: str, summary: str, paper: str, base_models:
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def input_record(role: str, path: str, kind: str, files: Iterable[Path], hashes: dict[Path, str], notes: list[str]) -> dict[str, Any]:
+    """One input as manifests and cards list it."""
+    return {"role": role, "path": path, "format": kind, "files": {f.name: hashes.get(f, "") for f in files}, "notes": list(notes)}
+
+
+def write_records(folder: Path, *, name: str, recipe_yaml: str, method: Any, inputs: list[dict[str, Any]], outputs: dict[str, str],
+                  copied: list[str], notes: list[str], hf: bool, base_models: list[str], card: bool, version: str) -> None:
+    """Write ``recipe.yaml``, ``README.md`` (if ``card``) and ``soup_manifest.json`` into ``folder``.
+
+    ``method`` is the registered merge method (its name, summary and paper go on the card).
+    """
+    (folder / "recipe.yaml").write_text(recipe_yaml)
+    if card:
+        (folder / "README.md").write_text(model_card(name=name, method=method.name, summary=method.summary, paper=method.paper,
+                                                     base_models=base_models, inputs=inputs, outputs=outputs, recipe_yaml=recipe_yaml,
+                                                     version=version, hf=hf))
+    write_manifest(folder / "soup_manifest.json", {"modelsoup_version": version, "method": method.name, "recipe": "recipe.yaml",
+                                                   "inputs": inputs, "outputs": outputs, "copied_files": copied, "notes": notes})

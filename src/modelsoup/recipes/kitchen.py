@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import Recipe
+from ..recipe import Recipe
 from ..errors import EvaluatorError, InsufficientMemoryError, OptionError
 from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
 from ..eval.calibration import calibration_metrics, fit_temperature, reliability
@@ -29,15 +29,13 @@ from ..io.output import check_output, staged_output
 from .ensemble import combine_predictions, greedy_ensemble
 from .greedy import GreedyResult, as_pantry, greedy_soup, rank, run_evaluator
 from .learned import LearnedResult, learned_soup
+from .names import ENSEMBLES, RECIPES, SOUPS
 from .pantry import Pantry
 from .stacking import stack
 
 log = logging.getLogger("modelsoup")
 
 
-SOUPS = ("uniform", "greedy", "learned")
-ENSEMBLES = ("ensemble", "prob_ensemble", "vote", "greedy_ensemble", "stacking")
-RECIPES = SOUPS + ENSEMBLES
 # what learned_options may set; cook sets the rest of learned_soup's arguments itself
 LEARNED_OPTIONS = ("by", "temperature", "optimizer", "lr", "epochs", "weight_decay", "max_memory")
 ROW_NAMES = {"uniform": "uniform soup", "greedy": "greedy soup", "learned": "learned soup", "ensemble": "logit ensemble",

@@ -49,7 +49,7 @@ Evidence (paths in arcee-ai/mergekit):
   ``t = i / (n - 1)`` (1 when n == 1); ``plan_module`` plans the weights outside the layer stack
   (embeddings, final norm, lm_head) with ``ConfigReader(t=0)``. (Releases before the ``modules:``
   rewrite used t=1 for the post-layer weights.) The same rule lives in
-  :func:`modelsoup.config.layer_positions`.
+  :func:`modelsoup.plan.layer_positions`.
 * ``mergekit/common.py``: model references ``path+lora`` and hub ids; ``torch.`` prefixes on dtype names.
 
 Not supported (each refused with a problem that says so): the ``slices:`` and ``modules:`` forms,
@@ -69,7 +69,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import DTYPES, PathKey, Problems, Recipe, _resolve, build_recipe, check_setting
+from .loader import PathKey, Problems
+from .schema import DTYPES, Recipe
+from .validate import _resolve, build_recipe, check_setting
 
 TOP_KEYS = (
     "merge_method", "models", "base_model", "parameters", "dtype", "out_dtype",
@@ -167,7 +169,7 @@ def recipe_from_mergekit(data: Mapping[str, Any], *, source: str | None = None, 
     Args:
         data: the parsed YAML mapping (it has a top-level ``merge_method``).
         source: file name for messages.
-        lines: path -> line, from :func:`modelsoup.config.load_yaml`.
+        lines: path -> line, from :func:`modelsoup.recipe.load_yaml`.
 
     Returns:
         A :class:`Recipe` with ``source_format == "mergekit"`` whose rules give the numbers mergekit would use.

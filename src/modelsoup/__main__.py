@@ -1,0 +1,7 @@
+"""``python -m modelsoup``: the ``soup`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""The ``soup`` command: each subcommand parses, builds options and calls the library.
+
+Heavy modules (torch, transformers, the library itself) are imported inside the commands, so
+``soup --help``, ``soup CMD --help`` and ``soup --version`` start at once. Every error modelsoup names
+is printed as ``error: ...`` with exit code 2; SIGTERM and SIGHUP are handled like Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+from .. import __version__
+from ..errors import SoupError
+from . import demo, diagnose, merge, soups
+
+log = logging.getLogger("modelsoup")
+
+# Subcommands that read checkpoints, and so take --allow-global.
+_READERS = ("merge", "cook", "greedy", "learn", "ensemble", "interpolate", "topk", "templates", "inspect", "curve", "compare", "scale")
+
+
+def _verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """-q/-v, accepted before and after the subcommand (a subcommand's copy leaves the value alone unless given)."""
+    default: Any = False if top else argparse.SUPPRESS
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and errors")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="also debugging detail")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``soup`` argument parser with every subcommand."""
+    p = argparse.ArgumentParser(prog="soup", description="Model soups and weight-space merging of fine-tuned checkpoints.")
+    p.add_argument("--version", action="version", version=f"modelsoup {__version__}")
+    _verbosity(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True)
+    for module in (merge, soups, diagnose, demo):
+        module.add_parsers(sub)
+    for name, sp in sub.choices.items():
+        _verbosity(sp, top=False)
+        if name in _READERS:
+            sp.add_argument(
+                "--allow-global", action="append", metavar="MODULE.CLASS",
+                help="a class a torch checkpoint may hold beyond tensors (repeatable); loaded as inert data, its code never runs. "
+                "argparse.Namespace (timm), Lightning's AttributeDict and numpy scalars are allowed already")
+    return p
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so that the same clean-up as Ctrl-C runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _with_signals() -> None:
+    """Treat SIGTERM and SIGHUP like Ctrl-C: the temporary output is removed, nothing is left behind."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _terminate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``soup`` with ``argv`` (default: the command line); return the exit code."""
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="soup: %(message)s", stream=sys.stderr)
+    logging.getLogger("modelsoup").setLevel(level)
+    _with_signals()
+    try:
+        from ..io.pickles import allowed_globals
+
+        with allowed_globals(getattr(args, "allow_global", None) or ()):
+            return int(args.fn(args))
+    except SoupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Terminated as e:
+        print(f"terminated ({signal.Signals(e.signum).name}); no output was left half-written", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+    except OSError as e:  # the last net: a file-system error no check above named
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, its permissions and the free space", file=sys.stderr)
+        return 2
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,121 @@
+"""``soup merge``, ``soup validate``, ``soup methods``: parse, build the recipe, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..errors import SoupError
+from .options import parse_set, parse_weights, progress
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from ..api import merge
+    from ..recipe import load_recipe, recipe_from_dict
+
+    recipe_file = len(a.inputs) == 1 and a.method is None and Path(a.inputs[0]).suffix in (".yaml", ".yml")
+    if recipe_file:
+        flags = [f for f in ("base", "weights", "set", "dtype", "keys", "seed", "shard_size", "format", "key", "strip_prefix") if getattr(a, f)]
+        if flags:
+            raise SoupError(f"--{flags[0].replace('_', '-')} cannot be combined with a recipe file; put it in {a.inputs[0]}")
+        recipe = load_recipe(a.inputs[0])
+        if a.allow_nonfinite:
+            recipe = dataclasses.replace(recipe, allow_nonfinite=True)
+    else:
+        if not a.inputs:
+            raise SoupError("give a recipe file (soup merge recipe.yaml -o OUT) or models (soup merge --method linear A B -o OUT)")
+        weights = parse_weights(a.weights) if a.weights else None
+        if weights is not None and len(weights) != len(a.inputs):
+            raise SoupError(f"--weights has {len(weights)} values for {len(a.inputs)} models")
+
+        def ref(p: str, i: int | None) -> dict[str, Any]:
+            r: dict[str, Any] = {"path": p}
+            if i is not None and weights is not None:
+                r["weight"] = weights[i]
+            if a.key:
+                r["key"] = a.key
+            if a.strip_prefix:
+                r["strip_prefix"] = a.strip_prefix
+            return r
+
+        data: dict[str, Any] = {"method": a.method or "linear", "models": [ref(p, i) for i, p in enumerate(a.inputs)], "parameters": parse_set(a.set)}
+        for k in ("dtype", "keys", "seed"):
+            if getattr(a, k) is not None:
+                data[k] = getattr(a, k)
+        if a.base:
+            data["base"] = ref(a.base, None)
+        if a.allow_nonfinite:
+            data["allow_nonfinite"] = True
+        output: dict[str, Any] = {}
+        if a.shard_size:
+            output["shard_size"] = a.shard_size
+        if a.format:
+            output["format"] = a.format
+        if output:
+            data["output"] = output
+        recipe = recipe_from_dict(data, source="command line")
+    result = merge(recipe, a.output, overwrite=a.overwrite, workers=a.workers, progress=progress(a), hash_files=not a.no_hash)
+    print(f"wrote {result.output} ({result.tensors} tensors, {result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from ..recipe import describe, load_recipe
+
+    recipe = load_recipe(a.recipe)
+    print(f"{a.recipe}: valid")
+    print(describe(recipe))
+    return 0
+
+
+def cmd_methods(a: argparse.Namespace) -> int:
+    from ..methods import available_methods, get_method
+
+    methods = [get_method(a.name)] if a.name else available_methods()
+    for m in methods:
+        need = {"required": "needs a base", "optional": "base optional", "none": "no base"}[m.base]
+        count = f"{m.min_models}" + ("+" if m.max_models is None else ("" if m.max_models == m.min_models else f"-{m.max_models}"))
+        print(f"{m.name}  ({need}; {count} models{'; random, seeded per tensor' if m.random else ''})")
+        print(f"    {m.summary}")
+        print(f"    paper: {m.paper}")
+        for p in m.params:
+            alias = f" (alias: {', '.join(p.aliases)})" if p.aliases else ""
+            per = " [per model]" if p.per_model else ""
+            print(f"    - {p.name} = {p.default!r}{per}  {p.describe_range()}{alias}: {p.help}")
+        print()
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Add this module's subcommands."""
+    m = sub.add_parser("merge", help="merge checkpoints (a recipe file, or models and flags)",
+                       description="soup merge RECIPE.yaml -o OUT   |   soup merge --method ties --base B A1 A2 -o OUT --set density=0.5")
+    m.add_argument("inputs", nargs="*", help="a recipe file (native or mergekit YAML), or the models to merge")
+    m.add_argument("-o", "--output", required=True, help="output folder (HF layout) or file (.safetensors / .pt)")
+    m.add_argument("--method", help="merge method (see `soup methods`); default linear")
+    m.add_argument("--base", help="base / pre-trained model")
+    m.add_argument("--weights", help="comma-separated weight per model")
+    m.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method parameter, repeatable")
+    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the inputs')")
+    m.add_argument("--keys", choices=["exact", "intersection", "base"], help="tensor names not in every model: refuse (exact, default), leave out, or take from base")
+    m.add_argument("--seed", type=int, help="seed of random methods (dare)")
+    m.add_argument("--shard-size", help="largest output shard, e.g. 5GB")
+    m.add_argument("--format", choices=["safetensors", "torch"], help="output format of a folder output")
+    m.add_argument("--key", help="entry of nested torch checkpoints holding the weights (state_dict, ema, ...)")
+    m.add_argument("--strip-prefix", help="tensor name prefix to remove (e.g. module.)")
+    m.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN/Inf instead of refusing")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    m.add_argument("--workers", type=int, help="threads (default: cores + 1, 2..8)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--no-hash", action="store_true", help="skip sha256 of inputs and outputs")
+    m.set_defaults(fn=cmd_merge)
+
+    v = sub.add_parser("validate", help="check a recipe without merging")
+    v.add_argument("recipe")
+    v.set_defaults(fn=cmd_validate)
+
+    ms = sub.add_parser("methods", help="list merge methods with their parameters, defaults and papers")
+    ms.add_argument("name", nargs="?")
+    ms.set_defaults(fn=cmd_methods)

@@ -1,0 +1,176 @@
+"""Top-k selection by magnitude: the exact k-th largest |theta - base| of a tensor, and the trim that keeps the top k.
+
+TIES keeps exactly k = floor(density * n) entries of each task vector. Finding the threshold is the
+expensive part of a TIES merge, so magnitudes are produced chunk by chunk (never a whole-tensor
+temporary), a shared base is read once per chunk for all models, and large tensors bracket the answer
+from a strided sample before selecting inside the bracket. Boolean compaction and k-th selection go
+through numpy (``a[mask]``, ``np.partition``), 2x and 10x faster than ``tensor[mask]`` and
+``torch.kthvalue``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+# Tensors larger than this find their k-th magnitude by bracketing it from a strided sample first,
+# of about SAMPLE elements.
+BRACKET_ABOVE = 1 << 20
+SAMPLE = 1 << 16
+# Elementwise stages run on chunks of this many elements: no whole-tensor temporaries, and the ~10
+# chunk-sized buffers of a TIES step stay in cache (256K elements measured 25-30% faster than 1M).
+CHUNK = 1 << 18
+
+
+def _spans(n: int) -> list[tuple[int, int]]:
+    return [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+
+
+class MagnitudeSource:
+    """|theta - base| (or |theta|) of a flat tensor, produced chunk by chunk without materialising it."""
+
+    def __init__(self, theta: torch.Tensor, base: torch.Tensor | None = None) -> None:
+        self.theta = theta.reshape(-1)
+        self.base = None if base is None else base.reshape(-1)
+        self.n = self.theta.numel()
+
+    def delta(self, i: int, j: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """theta - base on [i, j), written into ``out`` (j - i elements) or a fresh tensor."""
+        if out is None:
+            out = torch.empty(j - i, dtype=self.theta.dtype)
+        if self.base is None:
+            return out.copy_(self.theta[i:j])
+        return torch.sub(self.theta[i:j], self.base[i:j], out=out)
+
+    def magnitude(self, i: int, j: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.delta(i, j, out).abs_()
+
+    def sample(self, stride: int) -> torch.Tensor:
+        t = self.theta[::stride]
+        return (t - self.base[::stride]).abs_() if self.base is not None else t.abs()
+
+
+class Kth(NamedTuple):
+    """The k-th largest magnitude, how many magnitudes exceed it, and how many equal it in each chunk of ``_spans``."""
+
+    value: float
+    greater: int
+    equal: list[int]
+
+
+def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -> list[Kth]:
+    """The exact k-th largest magnitude of each source (1 <= k <= n), with the counts that place it.
+
+    The sources have one length and are read together, chunk by chunk, so a shared base is read once
+    per chunk. For large tensors a deterministic strided sample brackets each answer between two
+    values and the selection runs only on the magnitudes inside the bracket; if a bracket misses (it
+    cannot be wrong, only unlucky), the full selection runs for that source.
+    """
+    if not srcs:
+        return []
+    n = srcs[0].n
+    found: list[Kth | None] = [None] * len(srcs)
+    if n > BRACKET_ABOVE:
+        brackets = [_bracket(src, k) for src, k in zip(srcs, ks)]
+        above, bands = [0] * len(srcs), [[] for _ in srcs]
+        buf = torch.empty(CHUNK, dtype=srcs[0].theta.dtype)
+        over_hi, in_band = np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool)
+        for i, j in _spans(n):
+            for s, (src, (lo, hi)) in enumerate(zip(srcs, brackets)):
+                mag = src.magnitude(i, j, buf[: j - i]).numpy()
+                over = np.greater(mag, hi, out=over_hi[: j - i])
+                above[s] += int(np.count_nonzero(over))
+                band = np.logical_xor(np.greater_equal(mag, lo, out=in_band[: j - i]), over, out=in_band[: j - i])  # lo <= mag <= hi
+                bands[s].append(np.compress(band, mag))  # a copy: buf is reused
+        found = [_kth_in_band(b, k, a) for b, k, a in zip(bands, ks, above)]
+    return [kth if kth is not None else _kth_of_all(src, k) for kth, src, k in zip(found, srcs, ks)]
+
+
+def _bracket(src: MagnitudeSource, k: int) -> tuple[float, float]:
+    """Two magnitudes that enclose the k-th largest with high probability, from a strided sample."""
+    n = src.n
+    sample = src.sample(n // SAMPLE).sort().values
+    m = sample.numel()
+    pos = (1 - k / n) * m
+    margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 64
+    return float(sample[max(0, int(pos - margin))]), float(sample[min(m - 1, int(pos + margin))])
+
+
+def _kth_in_band(bands: list[np.ndarray], k: int, above: int) -> Kth | None:
+    """The k-th largest magnitude from the in-bracket magnitudes of each chunk, or None if the bracket missed."""
+    band = np.concatenate(bands)
+    r = k - above  # the answer is the r-th largest inside the band
+    if not 0 < r <= band.size:
+        return None
+    kth = np.partition(band, band.size - r)[band.size - r]
+    return Kth(float(kth), above + int(np.count_nonzero(band > kth)), [int(np.count_nonzero(b == kth)) for b in bands])
+
+
+def _kth_of_all(src: MagnitudeSource, k: int) -> Kth:
+    mag = src.magnitude(0, src.n).numpy()
+    kth = np.partition(mag, src.n - k)[src.n - k]  # partition works on a copy: the counts below need flat order
+    return Kth(float(kth), int(np.count_nonzero(mag > kth)), [int(np.count_nonzero(mag[i:j] == kth)) for i, j in _spans(src.n)])
+
+
+def kth_largest(mag: torch.Tensor, k: int) -> float:
+    """The exact k-th largest value of a flat non-negative tensor."""
+    return kth_largest_magnitudes([MagnitudeSource(mag)], [k])[0].value
+
+
+class TopKTrim:
+    """Keeps the k = floor(density * n) largest magnitudes of theta - base, applied chunk by chunk.
+
+    Exactly k are kept even when magnitudes tie: all entries above the k-th largest magnitude, then
+    those equal to it with a flat index below ``cut``, i.e. the first ones in index order. Whether an
+    entry is kept depends only on its value and index, so chunks may come in any order and size.
+    Build several with :meth:`for_sources` to find their thresholds in one sweep.
+    """
+
+    def __init__(self, src: MagnitudeSource, density: float, kth: Kth | None = None) -> None:
+        n = src.n
+        self.k = int(density * n)
+        self.all, self.none = self.k >= n, self.k <= 0
+        if not (self.all or self.none):
+            kth = kth or kth_largest_magnitudes([src], [self.k])[0]
+            self.kth = kth.value
+            # hardshrink keeps |d| > lambda: the next float below the k-th magnitude keeps those equal to it
+            below = torch.nextafter(torch.tensor(kth.value, dtype=src.theta.dtype), torch.tensor(-np.inf, dtype=src.theta.dtype))
+            self.kth_or_equal = float(below)
+            self.cut = _tie_cut(src, kth, self.k - kth.greater)
+
+    @classmethod
+    def for_sources(cls, srcs: Sequence[MagnitudeSource], densities: Sequence[float]) -> list[TopKTrim]:
+        """One trim per source (all of one length), thresholds found together by :func:`kth_largest_magnitudes`."""
+        ks = [int(p * src.n) for src, p in zip(srcs, densities)]
+        todo = [s for s, (src, k) in enumerate(zip(srcs, ks)) if 0 < k < src.n]
+        kths = dict(zip(todo, kth_largest_magnitudes([srcs[s] for s in todo], [ks[s] for s in todo])))
+        return [cls(src, p, kths.get(s)) for s, (src, p) in enumerate(zip(srcs, densities))]
+
+    def apply_(self, d: torch.Tensor, start: int) -> torch.Tensor:
+        """Trim in place a flat chunk ``d`` of deltas holding entries [start, start + len(d)); return it."""
+        if self.all:
+            return d
+        if self.none:
+            return d.zero_()
+        split = min(max(self.cut - start, 0), d.numel())  # entries before it keep ties at the threshold
+        if split:
+            torch.hardshrink(d[:split], self.kth_or_equal, out=d[:split])
+        if split < d.numel():
+            torch.hardshrink(d[split:], self.kth, out=d[split:])
+        return d
+
+
+def _tie_cut(src: MagnitudeSource, kth: Kth, need: int) -> int:
+    """One past the flat index of the ``need``-th entry (in index order) whose magnitude equals the k-th largest."""
+    seen = 0
+    if need == sum(kth.equal):
+        return src.n
+    for (i, j), equal in zip(_spans(src.n), kth.equal):
+        if seen + equal >= need:
+            at = torch.nonzero(src.magnitude(i, j) == kth.value).view(-1)
+            return i + int(at[need - seen - 1]) + 1
+        seen += equal
+    raise AssertionError("the k-th magnitude has fewer ties than counted")

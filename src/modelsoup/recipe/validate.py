@@ -1,0 +1,474 @@
+"""Recipe data validated as a whole: every problem found, each at its place in the file, before a tensor is read.
+
+The file's types are checked by a pydantic schema (unknown keys, wrong types), then the meaning by the
+checks here: the method and its parameters (names, aliases, ranges, per-model use), model paths,
+weights, overrides (patterns that compile and cannot backtrack catastrophically), output options.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import MethodError
+from ..methods import available_methods, get_method
+from ..methods.ops import weight_sum_problem
+from ..methods.registry import MergeMethod, yaml_number_hint
+from .loader import PathKey, Problems
+from .schema import DEFAULT_SHARD_SIZE, DTYPES, ModelRef, OutputOptions, Override, Recipe, is_number, parse_size
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+
+
+class _ModelEntry(_Schema):
+    path: str | None = None
+    source: Any = None
+    weight: Any = None
+    parameters: dict[str, Any] = {}
+    key: str | None = None
+    strip_prefix: str | None = None
+
+
+class _OverrideEntry(_Schema):
+    match: str
+    parameters: dict[str, Any] = {}
+    take: Literal["base", "first", "skip"] | None = None
+    weights: list[float] | None = None
+
+
+class _OutputEntry(_Schema):
+    shard_size: Any = DEFAULT_SHARD_SIZE
+    format: Literal["safetensors", "torch"] = "safetensors"
+    copy_files: bool = True
+    model_card: bool = True
+
+
+class _Top(_Schema):
+    method: str | None = None
+    models: list[Any] | None = None
+    base: Any = None
+    parameters: dict[str, Any] = {}
+    dtype: str | None = None
+    keys: Literal["exact", "intersection", "base"] = "exact"
+    seed: int = 0
+    allow_nonfinite: bool = False
+    overrides: list[Any] = []
+    output: Any = None
+
+
+_TOP_KEYS = tuple(_Top.model_fields)
+
+
+def _short_repr(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
+
+
+def _describe_value(v: Any) -> str:
+    return repr(v) if not isinstance(v, (dict, list)) else type(v).__name__
+
+
+def _pydantic_message(err: Mapping[str, Any], valid_keys: Sequence[str]) -> str:
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        return f"unknown key '{key}'" + _suggest(key, valid_keys) + f" (valid keys: {', '.join(valid_keys)})"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        return f"must be a number, got {_describe_value(got)}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"must be an integer, got {_describe_value(got)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"must be true or false, got {_describe_value(got)}"
+    if kind == "string_type":
+        return f"must be a string, got {_describe_value(got)}"
+    if kind == "dict_type":
+        return f"must be a mapping, got {_describe_value(got)}"
+    if kind == "list_type":
+        return f"must be a list, got {_describe_value(got)}"
+    if kind == "literal_error":
+        return f"must be {err['ctx']['expected']}, got {_describe_value(got)}"
+    return str(err["msg"])
+
+
+def _suggest(word: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(valid), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _validate_part(schema: type[_Schema], raw: Any, path: PathKey, problems: Problems) -> Any:
+    """Validate one part; on errors record them and retry without the offending keys (partial result)."""
+    if not isinstance(raw, Mapping):
+        problems.add(path, f"must be a mapping, got {_describe_value(raw)}")
+        return None
+    data = dict(raw)
+    valid_keys = list(schema.model_fields)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        bad: set[Any] = set()
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            problems.add((*path, *loc), _pydantic_message(err, valid_keys))
+            bad.add(loc[0])
+        for k in bad:
+            data.pop(k, None)
+        try:
+            return schema.model_validate(data)
+        except ValidationError:
+            return None  # a required key is missing; already reported
+
+
+def _backtracks(pattern: str) -> bool:
+    """Whether a regex repeats something that itself repeats or branches (catastrophic backtracking).
+
+    Python's ``re`` has no time limit, so such a pattern (``(a+)+$``, ``(x|xy)*z``) can hang a merge on
+    one long tensor name; tensor-name patterns never need it.
+    """
+    try:
+        from re import _constants as c, _parser as parser  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_constants as c  # type: ignore[no-redef]
+        import sre_parse as parser  # type: ignore[no-redef]
+    repeats = {c.MAX_REPEAT, c.MIN_REPEAT} | ({c.POSSESSIVE_REPEAT} if hasattr(c, "POSSESSIVE_REPEAT") else set())
+
+    def parts(av: Any) -> list[Any]:
+        if isinstance(av, parser.SubPattern):
+            return list(av)
+        if isinstance(av, (list, tuple)):
+            return [x for a in av for x in parts(a)]
+        return []
+
+    def has(items: list[Any], risky: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                _, hi, sub = av
+                many = hi is c.MAXREPEAT or hi > 1
+                if risky and many:
+                    return True
+                if has(parts(sub), risky or many):
+                    return True
+            elif op is c.BRANCH and risky:
+                return True
+            elif has(parts(av), risky):
+                return True
+        return False
+
+    return has(list(parser.parse(pattern)), False)
+
+
+def _listify(value: Any) -> Any:
+    """Tuples (natural in Python-API input) as lists, so that they validate like YAML sequences."""
+    if isinstance(value, (list, tuple)):
+        return [_listify(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _listify(v) for k, v in value.items()}
+    return value
+
+
+def _resolve(path: str, root: Path | None = None) -> Path:
+    """``path`` with ``~`` expanded; a relative path is taken from ``root`` (the recipe's folder), else the working directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (root if root is not None else Path.cwd()) / p
+
+
+def check_setting(value: Any, param_check: Callable[[Any], str | None]) -> str | None:
+    """Check a setting (scalar, gradient or conditional list) with a scalar check; a problem or None."""
+    if isinstance(value, Mapping):
+        return "must be a value, a list of values (gradient) or a list of {filter, value} conditions, got a mapping"
+    if isinstance(value, list):
+        if not value:
+            return "an empty list has no value; give a number or a non-empty gradient"
+        if all(isinstance(e, Mapping) for e in value):
+            for i, cond in enumerate(value):
+                unknown = set(cond) - {"filter", "value"}
+                if unknown:
+                    return f"condition [{i}] has unknown key(s) {sorted(unknown)}; a condition is {{filter: <substring>, value: ...}}"
+                if "value" not in cond:
+                    return f"condition [{i}] needs a `value:`"
+                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                    return f"condition [{i}]: filter must be a string, got {cond['filter']!r}"
+                inner = cond["value"]
+                if isinstance(inner, list) and any(isinstance(e, (list, Mapping)) for e in inner):
+                    return f"condition [{i}]: value must be a scalar or a gradient"
+                msg = check_setting(inner, param_check)
+                if msg:
+                    return f"condition [{i}]: {msg}"
+            return None
+        if any(isinstance(e, (list, Mapping)) for e in value):
+            return "a gradient must be a flat list of values"
+        for i, e in enumerate(value):
+            msg = param_check(e)
+            if msg:
+                return f"gradient [{i}]: {msg}"
+        return None
+    return param_check(value)
+
+
+def _check_weight(value: Any) -> str | None:
+    if not is_number(value):
+        hint = yaml_number_hint(value)
+        return f"must be a number, got {_describe_value(value)}{hint}"
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:
+        return f"must be a number in float range, got an integer of {value.bit_length()} bits"
+    return None if finite else f"must be a finite number, got {value!r}"
+
+
+def _param_names(method: MergeMethod) -> str:
+    out = []
+    for p in method.params:
+        out.append(p.name + (f" (alias {', '.join(p.aliases)})" if p.aliases else "") + (" [per model]" if p.per_model else ""))
+    return ", ".join(out) if out else "(none)"
+
+
+def _check_params(
+    given: Mapping[str, Any], method: MergeMethod | None, path: PathKey, problems: Problems, *, per_model: bool
+) -> dict[str, Any]:
+    """Validate parameter settings; returns them under canonical names."""
+    out: dict[str, Any] = {}
+    first_name: dict[str, str] = {}
+    for key, value in given.items():
+        if method is None:
+            continue
+        here = (*path, key)
+        p = method.param(str(key))
+        if p is None:
+            names = [q.name for q in method.params] + [a for q in method.params for a in q.aliases]
+            problems.add(here, f"unknown parameter '{key}' for method '{method.name}'{_suggest(str(key), names)}; valid: {_param_names(method)}")
+            continue
+        if per_model and not p.per_model:
+            problems.add(here, f"'{key}' is not a per-model parameter of '{method.name}'; set it under the top-level `parameters:`")
+            continue
+        if p.name in first_name:
+            problems.add(here, f"'{p.name}' is given twice (as '{first_name[p.name]}' and '{key}'); keep one")
+            continue
+        first_name[p.name] = str(key)
+        msg = check_setting(value, p.check)
+        if msg:
+            problems.add(here, msg)
+            continue
+        out[p.name] = value
+    return out
+
+
+def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Problems, *, is_base: bool, root: Path | None = None) -> ModelRef | None:
+    if isinstance(raw, (str, Path)):
+        raw = {"path": str(raw)}
+    elif isinstance(raw, Mapping):
+        raw = dict(raw)
+        if isinstance(raw.get("path"), Path):
+            raw["path"] = str(raw["path"])
+        for k in ("weight", "parameters"):
+            if k in raw:
+                raw[k] = _listify(raw[k])
+    entry = _validate_part(_ModelEntry, raw, path, problems)
+    if entry is None:
+        return None
+    ok = True
+    if entry.path is None and entry.source is None:
+        problems.add(path, "needs `path:` (a checkpoint file or folder)")
+        ok = False
+    if entry.path is not None and entry.source is not None:
+        problems.add(path, "give either `path:` or an in-memory `source`, not both")
+        ok = False
+    resolved = None
+    if entry.path is not None:
+        try:
+            resolved = _resolve(entry.path, root)
+            found = resolved.exists()
+        except (OSError, RuntimeError) as e:  # a name too long; ~user that does not exist
+            problems.add((*path, "path"), f"'{entry.path}' cannot be looked up ({getattr(e, 'strerror', None) or e}); check the path")
+            return None
+        if not found:
+            problems.add(
+                (*path, "path"),
+                f"'{entry.path}' does not exist (looked for {resolved}); modelsoup reads local files and folders only "
+                "and cannot fetch Hugging Face hub ids: download the model first "
+                "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and give that folder",
+            )
+    weight = entry.weight
+    if weight is not None:
+        if is_base:
+            problems.add((*path, "weight"), "the base takes no weight; remove it (list the base under `models:` to make it an ingredient)")
+        elif method is not None and not method.takes_weights:
+            problems.add((*path, "weight"), f"method '{method.name}' takes no weights; remove `weight:`")
+        else:
+            msg = check_setting(weight, _check_weight)
+            if msg:
+                problems.add((*path, "weight"), msg)
+    params: dict[str, Any] = {}
+    if entry.parameters:
+        if is_base:
+            problems.add((*path, "parameters"), "the base takes no per-model parameters; remove them")
+        else:
+            params = _check_params(entry.parameters, method, (*path, "parameters"), problems, per_model=True)
+    if not ok:
+        return None
+    return ModelRef(
+        path=entry.path, resolved=resolved, weight=weight, parameters=params,
+        key=entry.key, strip_prefix=entry.strip_prefix, source=entry.source,
+    )
+
+
+def _zero_sum_problem(weights: Sequence[Any], method: MergeMethod) -> str | None:
+    if not weights or any(_check_weight(w) for w in weights):  # a bad weight is reported on its own
+        return None
+    problem = weight_sum_problem([float(w) for w in weights])
+    if problem:
+        return f"{problem}, but '{method.name}' divides by their sum (normalize: true); change the weights or set `normalize: false`"
+    return None
+
+
+def build_recipe(
+    data: Any,
+    *,
+    source: str | None = None,
+    lines: Mapping[PathKey, int] | None = None,
+    problems: Problems | None = None,
+    source_format: Literal["native", "mergekit"] = "native",
+    notes: Sequence[str] = (),
+    yaml_input: bool = False,
+    check_count: bool = True,
+    root: Path | None = None,
+) -> Recipe:
+    """Validate native-form recipe data as a whole and build a :class:`Recipe`.
+
+    ``problems`` may already hold problems (the mergekit translator passes its own, with a path remap);
+    ``check_count`` false skips the model-count check (the translator already reported why models are missing).
+    ``root`` is the folder relative model paths are taken from (a recipe file's own folder); None = the
+    working directory.
+
+    Raises:
+        RecipeError: every problem found, each with its place.
+    """
+    problems = problems if problems is not None else Problems(source, lines)
+    if not isinstance(data, Mapping):
+        problems.add((), f"a recipe must be a mapping with `method:` and `models:`, got {_describe_value(data)}")
+        problems.raise_if_any()
+    raw = {k: v for k, v in data.items() if not (v is None and k in ("parameters", "overrides", "output"))}
+    for k in ("parameters", "overrides"):
+        if k in raw:
+            raw[k] = _listify(raw[k])
+    top = _validate_part(_Top, raw, (), problems)
+    if top is None:  # only when `raw` is not a mapping; handled above
+        problems.raise_if_any()
+    assert top is not None
+
+    method: MergeMethod | None = None
+    if top.method is None:
+        if raw.get("method") is None:  # absent or null (a value of the wrong type is reported by the schema)
+            problems.add(("method",), "is required; one of: " + ", ".join(m.name for m in available_methods()))
+    else:
+        try:
+            method = get_method(top.method)
+        except MethodError:
+            valid = [m.name for m in available_methods()]
+            problems.add(("method",), f"unknown merge method '{top.method}'{_suggest(top.method, valid)}; valid methods: {', '.join(valid)}")
+
+    params = _check_params(top.parameters, method, ("parameters",), problems, per_model=False)
+    if method is not None:
+        params = {p.name: params.get(p.name, p.default) for p in method.params}
+
+    base: ModelRef | None = None
+    if yaml_input and isinstance(top.base, Mapping) and "source" in top.base:
+        problems.add(("base", "source"), "`source` is only for in-memory objects given through the Python API; use `path:`")
+    elif top.base is not None:
+        base = _model_ref(top.base, ("base",), method, problems, is_base=True, root=root)
+
+    models: list[ModelRef] = []
+    models_ok = top.models is not None
+    if top.models is None and raw.get("models") is None:
+        problems.add(("models",), "is required: a list of checkpoint paths")
+    for i, m in enumerate(top.models or []):
+        if yaml_input and isinstance(m, Mapping) and "source" in m:
+            problems.add(("models", i, "source"), "`source` is only for in-memory objects given through the Python API; use `path:`")
+            models_ok = False
+            continue
+        ref = _model_ref(m, ("models", i), method, problems, is_base=False, root=root)
+        if ref is None:
+            models_ok = False
+        else:
+            models.append(ref)
+
+    if method is not None and models_ok and check_count:
+        uses_base = method.base != "none" and base is not None
+        n = sum(1 for m in models if not (uses_base and base is not None and m.same_as(base)))
+        msg = method.count_problem(n, top.base is not None)
+        if msg:
+            problems.add(("models",), msg)
+        if method.divides_by_weight_sum(params) and any(m.weight is not None for m in models):
+            msg = _zero_sum_problem([1.0 if m.weight is None else m.weight for m in models], method)
+            if msg:
+                problems.add(("models",), msg)
+
+    dtype = top.dtype
+    if dtype is not None and dtype not in DTYPES:
+        problems.add(("dtype",), f"unknown dtype '{dtype}'{_suggest(dtype, DTYPES)}; valid: {', '.join(DTYPES)} (or leave it out to keep each tensor's dtype)")
+    if top.keys == "base" and top.base is None:
+        problems.add(("keys",), "`keys: base` takes missing tensors from the base, but the recipe has no `base:`")
+    if top.seed < 0 or top.seed >= 2**63:
+        problems.add(("seed",), f"must be in [0, 2**63), got {top.seed}")
+
+    overrides: list[Override] = []
+    for i, raw_ov in enumerate(top.overrides):
+        here: PathKey = ("overrides", i)
+        ov = _validate_part(_OverrideEntry, raw_ov, here, problems)
+        if ov is None:
+            continue
+        if ov.match.startswith("re:"):
+            try:
+                re.compile(ov.match[3:])
+            except re.error as e:
+                problems.add((*here, "match"), f"regular expression {ov.match[3:]!r} does not compile: {e}")
+            else:
+                if _backtracks(ov.match[3:]):
+                    problems.add((*here, "match"), f"regular expression {ov.match[3:]!r} repeats a group that itself repeats or branches "
+                                 "(like (a+)+), which can take exponential time on a long name; write it without the nested repeat, or use a glob")
+        ov_params = _check_params(ov.parameters, method, (*here, "parameters"), problems, per_model=False)
+        if ov.take == "base" and top.base is None:
+            problems.add((*here, "take"), "`take: base` needs a `base:` model in the recipe")
+        if ov.take is not None and (ov.parameters or ov.weights is not None):
+            problems.add((*here, "take"), f"`take: {ov.take}` leaves the tensor unmerged, so `parameters`/`weights` have no effect; remove them")
+        if ov.weights is not None:
+            if method is not None and not method.takes_weights:
+                problems.add((*here, "weights"), f"method '{method.name}' takes no weights; remove `weights:`")
+            elif models_ok and len(ov.weights) != len(models):
+                problems.add((*here, "weights"), f"gives {len(ov.weights)} weight(s) but the recipe has {len(models)} model(s); give one per model, in order")
+            elif method is not None and any(not math.isfinite(w) for w in ov.weights):
+                problems.add((*here, "weights"), f"must be finite numbers, got {ov.weights}")
+            elif method is not None and method.divides_by_weight_sum({**params, **ov_params}):
+                msg = _zero_sum_problem(ov.weights, method)
+                if msg:
+                    problems.add((*here, "weights"), msg)
+        overrides.append(Override(match=ov.match, parameters=ov_params, take=ov.take, weights=tuple(ov.weights) if ov.weights is not None else None))
+
+    output = OutputOptions()
+    if top.output is not None:
+        out = _validate_part(_OutputEntry, top.output, ("output",), problems)
+        if out is not None:
+            size = parse_size(out.shard_size)
+            if size is None:
+                problems.add(("output", "shard_size"), f"cannot read {_short_repr(out.shard_size)} as a size; give bytes (a positive integer up to 2**63 - 1) or e.g. '500MB', '5GB', '2GiB'")
+                size = DEFAULT_SHARD_SIZE
+            output = OutputOptions(shard_size=size, format=out.format, copy_files=out.copy_files, model_card=out.model_card)
+
+    problems.raise_if_any()
+    assert method is not None and top.method is not None
+    return Recipe(
+        method=method.name, models=models, base=base, parameters=params, dtype=dtype, keys=top.keys, seed=top.seed,
+        allow_nonfinite=top.allow_nonfinite, overrides=overrides, output=output, source_format=source_format,
+        source=source, notes=tuple(notes),
+    )
+
