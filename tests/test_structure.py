@@ -93,3 +93,15 @@ def test_help_and_version_do_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stdout, r.stdout[-500:]
+
+
+def test_lazy_exports_do_not_share_a_name_with_a_submodule():
+    """Importing a submodule binds its name on the package, which would hide an export of that name."""
+    import importlib
+
+    for package in ("modelsoup", "modelsoup.recipes"):
+        mod = importlib.import_module(package)
+        folder = PACKAGE if package == "modelsoup" else PACKAGE / package.split(".")[1]
+        submodules = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if (p / "__init__.py").exists()}
+        clash = sorted(set(mod._EXPORTS) & submodules)
+        assert not clash, f"{package}: exports named like submodules: {clash}"

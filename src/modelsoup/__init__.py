@@ -11,20 +11,15 @@ import os as _os
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 # The public API is imported on first use, so that `soup --help` (and `import modelsoup`) do not import torch.
+from ._lazy import lazy_exports  # noqa: E402
+
 _EXPORTS = {
     "MergeResult": "api", "merge": "api", "merge_modules": "api", "merge_state_dicts": "api",
     "available_methods": "methods", "get_method": "methods",
 }
 
 
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'modelsoup' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

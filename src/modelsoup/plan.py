@@ -21,7 +21,7 @@ import torch
 
 from .errors import EmptyMergeError, KeyMismatchError, TensorMismatchError, name_mismatch, short_list
 from .io import Checkpoint
-from .io.formats import is_file_output, is_torch_file
+from .io.formats import is_file_output, is_torch_file, tensor_nbytes
 from .methods import MergeMethod, get_method
 from .recipe.schema import OutputOptions, Recipe, is_number
 
@@ -190,10 +190,7 @@ class TensorJob:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def align_names(models: Sequence[Checkpoint], base: Checkpoint | None, keys: str, base_needed: bool) -> tuple[list[str], set[str]]:

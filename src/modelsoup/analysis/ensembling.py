@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from ..errors import AnalysisError
 from ..eval.base import Evaluator
 from ..recipes.ensemble import COMBINE, ensemble_predictions
-from ..recipes.greedy import as_pantry, rank
+from ..recipes.greedy import rank
+from ..recipes.pantry import as_pantry
 from .predictions import agreement, need_predictions, prediction_stats
 from ..progress import progress_on
 

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import SoupError
 from ..eval.text import quiet_transformers
-from ..io.output import SKIP_NAMES, WEIGHT_SUFFIXES, cached_sha256, staged_output
+from ..io.formats import FOREIGN_WEIGHT_SUFFIXES
+from ..io.output import SKIP_NAMES, cached_sha256, staged_output
 from .rotten_tomatoes import ID2LABEL, ReviewSplits, prepare_splits
 from ..progress import progress_on
 
@@ -310,7 +311,7 @@ def checkpoint_key(folder: Path) -> str:
     except (OSError, ValueError, KeyError):
         pass
     files = sorted(p for p in folder.glob("*") if p.is_file() and p.name not in SKIP_NAMES and not p.name.startswith("."))
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+    if not any(p.suffix in FOREIGN_WEIGHT_SUFFIXES for p in files):
         raise FineTuneError(f"{folder}: no weight file (*.safetensors, *.bin); expected a Hugging Face model folder")
     return _digest({p.name: cached_sha256(p) for p in files})
 

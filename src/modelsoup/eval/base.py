@@ -270,3 +270,12 @@ def function_evaluator(spec: str, *, data: str | None = None) -> Evaluator:
     if not callable(obj):
         raise EvaluatorError(f"evaluator '{spec}' is a {type(obj).__name__}, not a function or an Evaluator")
     return FunctionEvaluator(obj, spec, data=data)
+
+
+def run_evaluator(evaluator: Evaluator, state: Any, label: str) -> tuple[Score, Predictions | None]:
+    """Score ``state``, keeping the predictions when the evaluator gives them (for ensembles and calibration)."""
+    if isinstance(evaluator, PredictionEvaluator):
+        t0 = time.perf_counter()
+        p = evaluator.predict(state, label=label)
+        return evaluator.score(p, seconds=time.perf_counter() - t0), p
+    return evaluator.evaluate(state, label=label), None

@@ -1,11 +1,17 @@
-"""File names of weights: which suffixes are torch pickles, which make an output a single file."""
+"""File names of weights (which suffixes are torch pickles, which make an output a single file, which are never copied) and tensor sizes."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 # PyTorch pickles; `.pth.tar` is timm's name for the same zip format.
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
+# Weight files of any framework: never copied next to merged weights as if they were config or tokenizer files.
+FOREIGN_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".tflite", ".mlmodel", ".pb")
 # An output with one of these suffixes is a single weights file; any other name is a folder.
 FILE_OUTPUT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
@@ -24,3 +30,8 @@ def is_torch_file(path: str | Path) -> bool:
 def is_file_output(out: str | Path) -> bool:
     """Whether an output name is a single weights file (``soup.safetensors``) rather than a folder (``wise-ft-0.5``)."""
     return weights_suffix(out) is not None
+
+
+def tensor_nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    """Bytes of a contiguous tensor of this dtype and shape."""
+    return math.prod(shape) * dtype.itemsize

@@ -28,12 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CheckpointError, OutputError, OutputExistsError
-from .formats import weights_suffix
+from .formats import FOREIGN_WEIGHT_SUFFIXES, weights_suffix
 
 log = logging.getLogger("modelsoup")
 
-# Weight files of the source model must not be copied next to the merged weights.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".tflite", ".mlmodel", ".pb")
 SKIP_NAMES = ("README.md", ".gitattributes")
 MANIFEST = "soup_manifest.json"
 TMP_TAG = ".soup-tmp-"
@@ -364,7 +362,7 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
         if p.name in SKIP_NAMES or p.name.startswith(".") or p.name.endswith(".index.json"):
             continue
         files = _tree(p, Path(p.name), roots, src, frozenset())
-        if any(rel.suffix in WEIGHT_SUFFIXES for rel, _ in files):
+        if any(rel.suffix in FOREIGN_WEIGHT_SUFFIXES for rel, _ in files):
             continue
         if not files:
             (dst / p.name).mkdir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -138,7 +139,7 @@ class TorchSink:
         self._refs: dict[str, _Tensor] = {}
         for i, (name, dtype, shape) in enumerate(tensors):
             if name not in aliases:
-                self._refs[name] = _Tensor(_Storage(str(i), dtype, _numel(shape)), tuple(shape))
+                self._refs[name] = _Tensor(_Storage(str(i), dtype, math.prod(shape)), tuple(shape))
         for alias, target in aliases.items():
             self._refs[alias] = self._refs[target]
         self._names = [name for name, _, _ in tensors]
@@ -192,10 +193,3 @@ class TorchSink:
             pass
         finally:
             self._file.close()
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

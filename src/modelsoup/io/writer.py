@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .formats import tensor_nbytes
 from .output import sha256_file
 from .safetensors_format import encode_header, tensor_bytes
 
@@ -33,11 +34,6 @@ class _Slot:
     nbytes: int
 
 
-def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def shard_names(n: int, stem: str = "model") -> list[str]:
@@ -76,7 +72,7 @@ class SafetensorsWriter:
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
         used = 0
         for name, dtype, shape in tensors:
-            nb = _nbytes(dtype, shape)
+            nb = tensor_nbytes(dtype, shape)
             if file_name is None and shards[-1] and used + nb > shard_size:
                 shards.append([])
                 used = 0
@@ -94,10 +90,10 @@ class SafetensorsWriter:
         self._file_order: list[list[str]] = []
         for i, (path, shard) in enumerate(zip(self.files, shards)):
             # widest dtypes first keeps every tensor aligned to its element size (the header is 8-aligned)
-            ordered = sorted(shard, key=lambda e: -torch.empty((), dtype=e[1]).element_size())
+            ordered = sorted(shard, key=lambda e: -e[1].itemsize)
             entries, pos = [], 0
             for name, dtype, shape in ordered:
-                nb = _nbytes(dtype, shape)
+                nb = tensor_nbytes(dtype, shape)
                 entries.append((name, dtype, shape, pos, pos + nb))
                 pos += nb
             header = encode_header(entries, meta)

@@ -155,22 +155,6 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
-class TensorRule:
-    """What to do with one tensor.
-
-    Attributes:
-        take: None to merge; "base"/"first" to copy the tensor of the base/first model; "skip" to leave it out.
-        params: every hyperparameter of the method for this tensor, defaults filled; per-model
-            parameters are a tuple with one value per model of ``Recipe.models``.
-        weights: one weight per model of ``Recipe.models``, or None when the recipe gives none.
-    """
-
-    take: str | None
-    params: dict[str, Any]
-    weights: tuple[float, ...] | None
-
-
-@dataclass(frozen=True)
 class Recipe:
     """A validated merge recipe. Build it with :func:`load_recipe` or :func:`recipe_from_dict`."""
 

@@ -7,6 +7,8 @@ Each recipe takes an evaluator (see :mod:`modelsoup.eval`) and returns the soup 
 from .names import ENSEMBLES, RECIPES, SOUPS
 
 # Imported on first use: the command line reads the names above without importing torch.
+from .._lazy import lazy_exports  # noqa: E402
+
 _EXPORTS = {
     "CookResult": "kitchen", "Row": "kitchen", "cook": "kitchen",
     "ensemble_predictions": "ensemble", "ensemble_score": "ensemble", "greedy_ensemble": "ensemble",
@@ -18,14 +20,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'modelsoup.recipes' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = ["ENSEMBLES", "RECIPES", "SOUPS", *_EXPORTS]

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import EvaluatorError, OptionError
 from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score, require_predictions
-from .greedy import GreedyResult, as_pantry, greedy_select
+from .greedy import GreedyResult, greedy_select
+from .pantry import as_pantry
 from .pantry import Pantry
 
 

@@ -17,8 +17,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..recipe import Recipe
-from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
-from .pantry import Pantry
+from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score, run_evaluator
+from .pantry import Pantry, as_pantry
 from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
@@ -112,22 +112,6 @@ def greedy_select(
             log.info("%s: %s %s (with it: %s; %d members)", desc, "kept" if better else "skipped", labels[i], s, len(members))
             bar.set_postfix_str(f"{len(members)} kept, {current}")
     return members, current, history
-
-
-def run_evaluator(evaluator: Evaluator, state: Any, label: str) -> tuple[Score, Predictions | None]:
-    """Score ``state``, keeping the predictions when the evaluator gives them (for ensembles and calibration)."""
-    if isinstance(evaluator, PredictionEvaluator):
-        t0 = time.perf_counter()
-        p = evaluator.predict(state, label=label)
-        return evaluator.score(p, seconds=time.perf_counter() - t0), p
-    return evaluator.evaluate(state, label=label), None
-
-
-def as_pantry(ingredients: Pantry | Sequence[Any], **options: Any) -> tuple[Pantry, bool]:
-    """(a pantry, whether the caller made it here and must close it)."""
-    if isinstance(ingredients, Pantry):
-        return ingredients, False
-    return Pantry(list(ingredients), **options), True
 
 
 def greedy_soup(

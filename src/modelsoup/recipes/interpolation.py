@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..recipe import Recipe
 from ..errors import OptionError
 from ..eval.base import Evaluator, Score
-from .greedy import as_pantry
+from .pantry import as_pantry
 from .pantry import Pantry
 from ..progress import progress_on
 

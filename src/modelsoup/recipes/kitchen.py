@@ -27,7 +27,9 @@ from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
 from ..eval.calibration import calibration_metrics, fit_temperature, reliability
 from ..io.output import check_output, staged_output
 from .ensemble import combine_predictions, greedy_ensemble
-from .greedy import GreedyResult, as_pantry, greedy_soup, rank, run_evaluator
+from ..eval.base import run_evaluator
+from .greedy import GreedyResult, greedy_soup, rank
+from .pantry import as_pantry
 from .learned import LearnedResult, learned_soup
 from .names import ENSEMBLES, RECIPES, SOUPS
 from .pantry import Pantry

@@ -27,7 +27,8 @@ from ..recipe import Recipe
 from ..errors import EvaluatorError, InsufficientMemoryError, OptionError
 from ..eval.base import Evaluator, Predictions, Score
 from ..eval.module import ModuleEvaluator, load_weights, to_device
-from .greedy import as_pantry, run_evaluator
+from ..eval.base import run_evaluator
+from .pantry import as_pantry
 from .pantry import Pantry
 from ..progress import progress_on
 

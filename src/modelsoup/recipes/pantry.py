@@ -271,3 +271,10 @@ class Pantry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def as_pantry(ingredients: Pantry | Sequence[Any], **options: Any) -> tuple[Pantry, bool]:
+    """(a pantry, whether the caller made it here and must close it)."""
+    if isinstance(ingredients, Pantry):
+        return ingredients, False
+    return Pantry(list(ingredients), **options), True

@@ -26,7 +26,7 @@ from typing import Any
 from ..recipe import Recipe
 from ..errors import EvaluatorError, OptionError
 from ..eval.base import Evaluator
-from .greedy import as_pantry
+from .pantry import as_pantry
 
 _EPOCH_RE = re.compile(r"epoch[=_-]?(\d+)", re.IGNORECASE)
 _INT_RE = re.compile(r"(\d+)")
