@@ -105,3 +105,16 @@ def test_lazy_exports_do_not_share_a_name_with_a_submodule():
         submodules = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if (p / "__init__.py").exists()}
         clash = sorted(set(mod._EXPORTS) & submodules)
         assert not clash, f"{package}: exports named like submodules: {clash}"
+
+
+def test_python_dash_m_and_verbosity_flags_after_the_subcommand():
+    r = subprocess.run([sys.executable, "-m", "modelsoup", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("modelsoup "), r.stderr
+    from modelsoup.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["merge", "a", "-o", "x", "-q"]).quiet is True
+    assert p.parse_args(["-q", "merge", "a", "-o", "x"]).quiet is True
+    assert p.parse_args(["merge", "a", "-o", "x", "-v"]).verbose is True
+    args = p.parse_args(["merge", "a", "-o", "x"])
+    assert args.quiet is False and args.verbose is False
