@@ -107,28 +107,60 @@ def ties(tensors, base, weights, density, scale=1.0, **conv):
     return _out([bi + scale * mi for bi, mi in zip(b, merged)], base)
 
 
-def dare(tensors, base, weights, masks, density, *, ties_style, scale=1.0, **conv):
-    """DARE with explicit 0/1 masks, rescaled by 1/density."""
+def _rescaled(d, m, p, rescale):
+    """DARE's survivors d * m of one task vector, rescaled: by 1/p, to the L1 norm of d, or not at all."""
+    kept = [x * y for x, y in zip(d, m)]
+    if rescale == "density":
+        return [x / p for x in kept]
+    if rescale == "l1":
+        new = sum(abs(x) for x in kept)
+        if new <= 1e-7:  # nothing (or next to nothing) survived: left as it is
+            return kept
+        return [x * sum(abs(y) for y in d) / new for x in kept]
+    return kept
+
+
+def dare(tensors, base, weights, masks, density, *, ties_style, scale=1.0, rescale="density", normalize=None, **conv):
+    """DARE with explicit 0/1 masks, rescaled by 1/density (``rescale="density"``), to each task vector's L1
+    norm (``"l1"``) or not (``"none"``); then a weighted sum, or with ``ties_style`` sign election.
+
+    ``normalize`` defaults to the method's: True for dare_ties, False for dare_linear (divide by sum_i w_i).
+    """
+    normalize = ties_style if normalize is None else normalize
     b = _flat(base)
     deltas = []
     for t, m, p in zip(tensors, masks, density):
         d = [x - y for x, y in zip(_flat(t), b)]
-        deltas.append([x * y / p for x, y in zip(d, _flat(m))])
+        deltas.append(_rescaled(d, _flat(m), p, rescale))
     if ties_style:
-        merged = sign_merge(deltas, weights, **conv)
+        merged = sign_merge(deltas, weights, normalize=normalize, **conv)
     else:
         merged = [sum(w * d[i] for w, d in zip(weights, deltas)) for i in range(len(b))]
+        if normalize:
+            merged = [x / sum(weights) for x in merged]
     return _out([bi + scale * mi for bi, mi in zip(b, merged)], base)
 
 
-def breadcrumbs(tensors, base, weights, density, gamma, scale=1.0):
+def _per_model(value, n):
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def breadcrumbs(tensors, base, weights, density, gamma, scale=1.0, *, sign_method="none", sign_from="weighted", normalize=False,
+                divide_by="weight_sum"):
+    """Breadcrumbs: each task vector without its smallest and its largest (outlier) magnitudes, then a weighted
+    sum (divided by sum_i w_i if ``normalize``), or with a ``sign_method`` TIES election and disjoint mean."""
     b = _flat(base)
-    out = [0.0] * len(b)
-    for t, w in zip(tensors, weights):
+    trimmed = []
+    for t, p, g in zip(tensors, _per_model(density, len(tensors)), _per_model(gamma, len(tensors))):
         d = [x - y for x, y in zip(_flat(t), b)]
-        m = outlier_mask(t.double() - base.double(), density, gamma)
-        for i in range(len(b)):
-            out[i] += w * d[i] * m[i]
+        m = outlier_mask(t.double() - base.double(), p, g)
+        trimmed.append([x * y for x, y in zip(d, m)])
+    if sign_method != "none":
+        out = sign_merge(trimmed, weights, sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
+    else:
+        out = [sum(w * d[i] for w, d in zip(weights, trimmed)) for i in range(len(b))]
+        if normalize:
+            out = [x / sum(weights) for x in out]
     return _out([bi + scale * oi for bi, oi in zip(b, out)], base)
 
 
@@ -144,21 +176,34 @@ def slerp(v0, v1, t, dot_threshold=0.9995):
     return _out([s0 * x + s1 * y for x, y in zip(a, b)], v0)
 
 
-def model_stock(tensors, base):
+def model_stock(tensors, base, filter_wise=False):
+    """Model Stock: t = N c / (1 + (N - 1) c) from the mean pairwise cosine c of the task vectors.
+
+    With ``filter_wise`` a tensor of two or more dimensions gets one t per output row (its first index),
+    from the cosines of that row's entries. mergekit's edge cases: the norm product in a cosine is at least
+    1e-6, a cosine is clipped to [-1, 1], and where 1 + (N - 1) c is within 1e-8 of 0, t = 0 (the base).
+    """
     b = _flat(base)
     ds = [[x - y for x, y in zip(_flat(t), b)] for t in tensors]
-    n = len(ds)
-    coss = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            dot = sum(x * y for x, y in zip(ds[i], ds[j]))
-            ni = math.sqrt(sum(x * x for x in ds[i]))
-            nj = math.sqrt(sum(x * x for x in ds[j]))
-            coss.append(dot / (ni * nj))
-    c = sum(coss) / len(coss)
-    t = n * c / (1 + (n - 1) * c)
+    n, size = len(ds), len(b)
+    rows = base.shape[0] if filter_wise and base.dim() >= 2 else 1
+    width = size // rows
     cols = [_flat(x) for x in tensors]
-    return _out([t * sum(col[i] for col in cols) / n + (1 - t) * b[i] for i in range(len(b))], base)
+    out = []
+    for r in range(rows):
+        span = range(r * width, (r + 1) * width)
+        coss = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                dot = sum(ds[i][k] * ds[j][k] for k in span)
+                ni = math.sqrt(sum(ds[i][k] ** 2 for k in span))
+                nj = math.sqrt(sum(ds[j][k] ** 2 for k in span))
+                coss.append(min(1.0, max(-1.0, dot / max(ni * nj, 1e-6))))
+        c = sum(coss) / len(coss)
+        denom = 1 + (n - 1) * c
+        t = n * c / denom if abs(denom) > 1e-8 else 0.0
+        out += [t * sum(col[k] for col in cols) / n + (1 - t) * b[k] for k in span]
+    return _out(out, base)
 
 
 def ece_equal_width(probs, labels, bins):

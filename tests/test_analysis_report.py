@@ -181,7 +181,9 @@ def test_commands_without_matplotlib_say_how_to_install_it_or_write_tables_only(
 
         require_matplotlib()
     assert main(["-q", "inspect", *ft, "-o", str(tmp_path / "a")]) == 2
-    assert "modelsoup[plot]" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    captured = capsys.readouterr()
+    assert captured.err == "error: figures need matplotlib: pip install 'modelsoup[plot]'\n"
+    assert captured.out == "" and not (tmp_path / "a").exists()
     assert main(["-q", "inspect", *ft, "-o", str(tmp_path / "b"), "--no-plots"]) == 0
     assert _json(tmp_path / "b" / "inspect.json")["figures"] == []
 
@@ -189,7 +191,9 @@ def test_commands_without_matplotlib_say_how_to_install_it_or_write_tables_only(
 def test_existing_output_is_refused_before_any_work(digits_run, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert main(["-q", "inspect", *map(str, digits_run.paths[:2]), "-o", str(tmp_path / "taken")]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {tmp_path / 'taken'}: already exists; choose another output or pass --overwrite (overwrite: true)\n"
+    assert captured.out == "" and list((tmp_path / "taken").iterdir()) == []
 
 
 def test_report_takes_in_other_commands_results(results, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def test_flag_form_with_set_and_weights(tmp_path, ckpts, capsys):
     rc = main(["merge", "--method", "task_arithmetic", "--base", str(tmp_path / "base.safetensors"), *map(str, ckpts),
                "--weights", "1,2,1", "--set", "scale=0.5", "-o", str(out), "--no-progress"])
     assert rc == 0
-    assert "wrote" in capsys.readouterr().out
+    # the "wrote" line once, naming the output and the tensor count (9 in the tiny net)
+    assert re.fullmatch(rf"wrote {re.escape(str(out))} \(9 tensors, \d+\.\d MB, \d+\.\d s\)\n", capsys.readouterr().out)
     base = make_state(0)
     want = base["fc.weight"] + 0.5 * sum(w * (make_state(i + 1)["fc.weight"] - base["fc.weight"]) for i, w in enumerate([1, 2, 1]))
     torch.testing.assert_close(load_file(out / "model.safetensors")["fc.weight"], want, **FP32_VS_LIBRARY)
@@ -46,19 +48,34 @@ def test_recipe_form_and_resolved_recipe_reruns(tmp_path, ckpts, monkeypatch):
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
 
 
-def test_errors_exit_2_name_the_problem_and_leave_no_output(tmp_path, ckpts, capsys):
+MISSING_HINT = ("modelsoup reads local files and folders only and cannot fetch Hugging Face hub ids: download the model first "
+                "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and give that folder")
+# arguments of `soup merge` ({0}-{2}: the three fine-tunes, {missing}: a path that does not exist) and the one problem reported
+CLI_ERRORS = {
+    "slerp-three-models": (["--method", "slerp", "{0}", "{1}", "{2}"], "models: method 'slerp' takes 1 to 2 models, got 3"),
+    "unknown-method": (["--method", "nope", "{0}", "{1}", "{2}"], "method: unknown merge method 'nope'; valid methods: {valid}"),
+    "density-out-of-range": (["--method", "ties", "--base", "{0}", "{1}", "--set", "density=1.5"], "parameters.density: must be in (0, 1], got 1.5"),
+    "missing-model": (["{0}", "{missing}"], "models[1].path: '{missing}' does not exist (looked for {missing}); " + MISSING_HINT),
+    "weights-sum-to-zero": (["--method", "linear", "{0}", "{1}", "--weights", "1,-1"],
+                            ("models: weights [1.0, -1.0] sum to zero, but 'linear' divides by their sum (normalize: true); "
+                             "change the weights or set `normalize: false`")),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_ERRORS))
+def test_errors_exit_2_name_the_problem_and_leave_no_output(tmp_path, ckpts, capsys, case):
+    from modelsoup.methods import available_methods
+
+    args, problem = CLI_ERRORS[case]
+    names = {"missing": tmp_path / "missing.safetensors", "valid": ", ".join(m.name for m in available_methods())}
+    before = sorted(p.name for p in tmp_path.iterdir())
     out = tmp_path / "o"
-    assert main(["merge", "--method", "slerp", *map(str, ckpts), "-o", str(out)]) == 2
-    assert "slerp" in capsys.readouterr().err
-    assert main(["merge", "--method", "nope", *map(str, ckpts), "-o", str(out)]) == 2
-    assert "valid methods" in capsys.readouterr().err
-    assert main(["merge", "--method", "ties", "--base", str(ckpts[0]), str(ckpts[1]), "--set", "density=1.5", "-o", str(out)]) == 2
-    assert "density" in capsys.readouterr().err
-    assert main(["merge", str(ckpts[0]), str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
-    assert "missing.safetensors" in capsys.readouterr().err
-    assert main(["merge", "--method", "linear", str(ckpts[0]), str(ckpts[1]), "--weights", "1,-1", "-o", str(out)]) == 2
-    assert "sum to zero" in capsys.readouterr().err
+    assert main(["merge", *(a.format(*ckpts, **names) for a in args), "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: recipe command line has 1 problem:\n  - command line: {problem.format(*ckpts, **names)}\n"
+    assert captured.out == ""
     assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary folder left either
 
 
 def test_methods_lists_every_method_with_parameters(capsys):

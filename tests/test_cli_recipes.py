@@ -30,8 +30,12 @@ def test_cook_with_a_scoring_function_writes_table_and_soups(digits_run, tmp_pat
     assert rows["greedy soup"]["heldout"]["value"] >= max(rows[f"ft-{i}"]["heldout"]["value"] for i in range(5))
     assert set(data["written"]) == {"uniform", "greedy"}
     assert (out / "greedy" / "model.safetensors").is_file() and (out / "greedy" / "recipe.yaml").is_file()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main(["-q", "cook", *map(str, digits_run.paths), "-o", str(out), *_eval_args(digits_run, tmp_path)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {out}: already exists; choose another output or pass --overwrite (overwrite: true)\n"
+    assert captured.out == ""
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier results are untouched
 
 
 def test_greedy_learn_and_ensemble_on_real_minilm_folders(minilm_classifier, reviews_csv, tmp_path, capsys):
@@ -85,8 +89,13 @@ def test_topk_from_a_training_log(tmp_path, capsys):
     out = tmp_path / "avg"
     assert main(["-q", "topk", *paths, "-k", "2", "--log", str(tmp_path / "summary.csv"), "--metric", "eval_top1", "-o", str(out), "--no-progress"]) == 0
     assert float(load_file(out / "topk" / "model.safetensors")["w"]) == 1.5
+    capsys.readouterr()
     assert main(["-q", "topk", *paths, "-k", "2", "-o", str(tmp_path / "x")]) == 2
-    assert "exactly one of" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err == ("error: rank the checkpoints by exactly one of: --log FILE --metric COLUMN, --from-names KEY, "
+                            "or an evaluator (--heldout FILE)\n")
+    assert captured.out == ""
+    assert not (tmp_path / "x").exists()
 
 
 def test_greedy_on_causal_lms_by_perplexity(minilm_path, tmp_path, capsys):

@@ -117,6 +117,8 @@ def test_cli_domains_and_templates(digits_run, tmp_path, capsys):
     assert row["value"] == pytest.approx(0.25 * m["domain/low"] + 0.75 * m["domain/high"])
     assert main(["-q", "cook", *map(str, digits_run.paths[:2]), "--eval", SCORER, "--heldout", str(tmp_path / "low.safetensors"),
                  "--heldout", str(tmp_path / "high.safetensors"), "-o", str(tmp_path / "x")]) == 2
-    assert "NAME=FILE" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err == f"error: --heldout: with several data files, name each domain as NAME=FILE (got {str(tmp_path / 'low.safetensors')!r})\n"
+    assert captured.out == "" and not (tmp_path / "x").exists()
     assert main(["-q", "templates", *map(str, digits_run.paths[:2]), "--soup", str(out / "uniform"), "-o", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "templates.png").is_file() and "mean r with" in capsys.readouterr().out

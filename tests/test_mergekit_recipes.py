@@ -1,6 +1,6 @@
 """mergekit recipes (whole-model form) translate to the parameters mergekit itself would use.
 
-Expected values follow mergekit's source (see the docstring of modelsoup/mergekit.py): per-method defaults
+Expected values follow mergekit's source (see the docstring of modelsoup/recipe/mergekit.py): per-method defaults
 from merge_methods/registry.py and generalized_task_arithmetic.py, gradients from config.py
 ``evaluate_setting`` with layer positions from plan.py.
 """
@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from modelsoup.errors import RecipeError
 from modelsoup.plan import tensor_rules
 from modelsoup.recipe import Recipe, load_recipe, recipe_from_dict, recipe_from_yaml_text
-from modelsoup.errors import RecipeError
 
-from .test_recipe import spec_methods  # noqa: F401  (stand-ins for method modules not registered yet)
 
 LLAMA = (
     ["model.embed_tokens.weight"]

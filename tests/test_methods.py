@@ -71,6 +71,29 @@ def test_breadcrumbs_by_hand():
     close(call("breadcrumbs", [d], base=torch.zeros(10), density=0.5, gamma=0.1), T(0, 0, 0, 0, 5, 6, 7, 8, 9, 0))
 
 
+def test_breadcrumbs_with_sign_election_by_hand():
+    # n=5, density .6 keeps 3, gamma .2 drops the largest 1, so the smallest 1 goes too:
+    # d1 = [1, -2, 3, -4, 5] -> [0, -2, 3, -4, 0], d2 = [-5, 4, -1, 2, -3] -> [0, 4, 0, 2, -3]
+    d1, d2, zero = T(1, -2, 3, -4, 5), T(-5, 4, -1, 2, -3), torch.zeros(5)
+    w = {"weights": [1, 3], "normalize": True}
+    peft = {"sign_from": "unweighted", "divide_by": "count"}
+    cases = [
+        ({}, T(0, 2, 3, -2, -3)),  # no election: the plain sum
+        # elected signs [+ (a zero vote elects +, but nothing agrees), +, +, -, -]; each entry keeps the agreeing deltas
+        ({"sign_method": "sum"}, T(0, 4, 3, -4, -3)),
+        # w = [1, 3]: weighted votes [0, 10, 3, 2, -9], so entry 3 elects +; divided by the agreeing weights
+        ({**w, "sign_method": "sum"}, T(0, 12 / 3, 3, 6 / 3, -9 / 3)),
+        # peft's conventions: unweighted votes [0, 2, 3, -2, -3] (entry 3 elects - again), divided by the count
+        ({**w, **peft, "sign_method": "sum"}, T(0, 12, 3, -4, -9)),
+        # counting signs: entries 1 and 3 are 1-1 ties, which elect +
+        ({**w, **peft, "sign_method": "count"}, T(0, 12, 3, 6, -9)),
+    ]
+    for kw, want in cases:
+        close(call("breadcrumbs", [d1, d2], base=zero, density=0.6, gamma=0.2, **kw), want)
+        weights = kw.pop("weights", [1, 1])
+        close(ref.breadcrumbs([d1, d2], zero, weights, 0.6, 0.2, **kw), want)
+
+
 def test_slerp_by_hand():
     h = math.sqrt(0.5)
     close(call("slerp", [T(1, 0), T(0, 1)], t=0.5), T(h, h))
@@ -86,16 +109,41 @@ def test_model_stock_by_hand():
     close(call("model_stock", [T(1, 1), T(1, 0)], base=T(0, 0)), T(t, 0.5 * t))
 
 
+def test_model_stock_filter_wise_by_hand():
+    # one t per row: row 0 has the cosine of the example above, row 1 orthogonal task vectors (t = 0: the base),
+    # row 2 opposite ones (1 + (N - 1) cos = 0: t would be infinite, the base instead), row 3 a zero task vector
+    c = 1 / math.sqrt(2)
+    t = 2 * c / (1 + c)
+    base = torch.full((4, 2), 1.0)
+    a = base + torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, -2.0], [0.0, 0.0]])
+    b = base + torch.tensor([[1.0, 0.0], [0.0, 3.0], [-1.0, 2.0], [2.0, 1.0]])
+    want = torch.tensor([[1 + t, 1 + 0.5 * t], [1, 1], [1, 1], [1, 1]])
+    close(call("model_stock", [a, b], base=base, filter_wise=True), want)
+    close(ref.model_stock([a, b], base, filter_wise=True), want)
+    # per tensor, the rows' task vectors together give a different t
+    assert not torch.allclose(call("model_stock", [a, b], base=base), want)
+
+
 def test_dare_by_hand_with_known_mask():
-    g = torch.Generator().manual_seed(3)
-    mask = torch.bernoulli(torch.full((6,), 0.5), generator=g)
-    d = torch.arange(1.0, 7.0)
-    got = call("dare_linear", [d], base=torch.zeros(6), density=0.5, generator=torch.Generator().manual_seed(3))
-    close(got, d * mask / 0.5)
-    got_none = call("dare_linear", [d], base=torch.zeros(6), density=0.5, rescale="none", generator=torch.Generator().manual_seed(3))
-    close(got_none, d * mask)
-    got_l1 = call("dare_linear", [d], base=torch.zeros(6), density=0.5, rescale="l1", generator=torch.Generator().manual_seed(3))
-    close(got_l1.abs().sum(), d.abs().sum())
+    # seed 1 draws the keep-mask [0, 1, 1, 0, 1, 0] at density .5 (one torch.bernoulli call, as peft draws it)
+    assert torch.bernoulli(torch.full((6,), 0.5), generator=torch.Generator().manual_seed(1)).tolist() == [0, 1, 1, 0, 1, 0]
+    d, zero = torch.arange(1.0, 7.0), torch.zeros(6)
+
+    def dare(**kw):
+        return call("dare_linear", [d], base=zero, density=0.5, generator=torch.Generator().manual_seed(1), **kw)
+
+    close(dare(), T(0, 4, 6, 0, 10, 0))  # survivors / density
+    close(dare(rescale="none"), T(0, 2, 3, 0, 5, 0))
+    close(dare(rescale="l1"), T(0, 2, 3, 0, 5, 0) * (21 / 10))  # survivors scaled to |d|_1 = 21 from 2 + 3 + 5
+    # next to nothing survives (|survivors|_1 <= 1e-7): left as it is rather than blown up to |d|_1
+    assert torch.bernoulli(torch.full((6,), 0.5), generator=torch.Generator().manual_seed(8)).tolist() == [0, 0, 0, 1, 0, 0]
+    tiny = T(1, 2, 3, 1e-8, 5, 6)
+    got = call("dare_linear", [tiny], base=zero, density=0.5, rescale="l1", generator=torch.Generator().manual_seed(8))
+    assert torch.equal(got, T(0, 0, 0, 1e-8, 0, 0))
+    # nothing survives (every draw at density 1e-6 is 0): nothing to scale up, the task vector is dropped
+    assert not torch.bernoulli(torch.full((6,), 1e-6), generator=torch.Generator().manual_seed(1)).any()
+    none_left = call("dare_linear", [d], base=torch.ones(6), density=1e-6, rescale="l1", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(none_left, torch.ones(6))
 
 
 # ---------------------------------------------------------------- agreement with tests/reference.py
@@ -140,6 +188,63 @@ def test_dare_matches_reference_with_the_same_masks(seed, name):
     got = call(name, ms, base=base, weights=w, density=dens, generator=torch.Generator().manual_seed(11))
     ties_style = name == "dare_ties"
     close(got, ref.dare(ms, base, w, masks, dens, ties_style=ties_style))
+
+
+def _dare_masks(ms, base, dens, seed):
+    """The masks a DARE method draws from a generator seeded with ``seed``: one torch.bernoulli call per model,
+    in model order, over a tensor of the task vector's shape filled with its density (as ops.drop_random does)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.bernoulli(torch.full_like(m - base, p), generator=g) for m, p in zip(ms, dens)]
+
+
+DARE_TIES_CONVENTIONS = [{}, {"sign_method": "count"}, {"sign_from": "unweighted", "divide_by": "count"}, {"normalize": False}]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name, conv", [("dare_linear", {}), ("dare_linear", {"normalize": True})]
+                         + [("dare_ties", c) for c in DARE_TIES_CONVENTIONS])
+def test_dare_l1_rescale_matches_reference_with_the_same_masks(seed, name, conv):
+    base, ms = _rand(seed, 3)
+    w, dens = [1.0, 0.5, 2.0], [0.3, 0.7, 0.5]
+    got = call(name, ms, base=base, weights=w, density=dens, rescale="l1", scale=0.8, generator=torch.Generator().manual_seed(5), **conv)
+    masks = _dare_masks(ms, base, dens, 5)
+    assert all(0 < int(m.sum()) < m.numel() for m in masks)  # something dropped and something kept in every model
+    want = ref.dare(ms, base, w, masks, dens, ties_style=name == "dare_ties", scale=0.8, rescale="l1", **conv)
+    close(got, want)
+    # l1 is not the default 1/density rule: the same masks rescaled by 1/density give another result
+    assert not torch.allclose(want, ref.dare(ms, base, w, masks, dens, ties_style=name == "dare_ties", scale=0.8, **conv))
+
+
+BREADCRUMBS_CONVENTIONS = [
+    {"sign_method": "sum"},  # mergekit's breadcrumbs_ties: elected signs, no division (normalize: false)
+    {"sign_method": "sum", "normalize": True},  # divided by the weights that agree with the elected sign
+    {"sign_method": "count", "normalize": True},
+    {"sign_method": "sum", "sign_from": "unweighted", "divide_by": "count", "normalize": True},  # peft's TIES conventions
+    {"sign_method": "count", "sign_from": "unweighted", "normalize": True},
+    {"sign_method": "sum", "divide_by": "count", "normalize": True},
+    {"normalize": True},  # no election: divided by sum_i w_i
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("conv", BREADCRUMBS_CONVENTIONS)
+def test_breadcrumbs_with_sign_election_matches_reference(seed, conv):
+    base, ms = _rand(seed, 3, shape=(6, 9))
+    w, dens, gam = [1.0, 0.5, 2.0], [0.6, 0.8, 0.5], [0.1, 0.05, 0.2]
+    got = call("breadcrumbs", ms, base=base, weights=w, density=dens, gamma=gam, scale=0.9, **conv)
+    close(got, ref.breadcrumbs(ms, base, w, dens, gam, 0.9, **conv))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("n, shape", [(2, (4, 5)), (3, (4, 5)), (3, (3, 2, 4)), (3, (7,))])
+def test_model_stock_filter_wise_matches_reference(seed, n, shape):
+    base, ms = _rand(seed, n, shape=shape)
+    got = call("model_stock", ms, base=base, filter_wise=True)
+    close(got, ref.model_stock(ms, base, filter_wise=True))
+    if len(shape) >= 2:  # one t per row, not one per tensor
+        assert not torch.allclose(got, ref.model_stock(ms, base).float())
+    else:  # a vector is one row: filter_wise changes nothing
+        close(got, ref.model_stock(ms, base))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -274,14 +379,15 @@ def test_duplicate_registration_and_bad_signatures_rejected():
 
 
 def test_count_problems_name_the_method():
-    assert "exactly" not in (get_method("linear").count_problem(1, False) or "")
+    assert get_method("linear").count_problem(1, False) is None  # one model is a (trivial) linear soup
     assert get_method("ties").count_problem(2, False) == "method 'ties' needs a base model (set `base:`)"
-    assert "model_stock' takes at least 2" in get_method("model_stock").count_problem(1, True)
-    with pytest.raises(MethodError, match="exactly two models"):
+    assert get_method("model_stock").count_problem(1, True) == "method 'model_stock' takes at least 2 models besides the base, got 1"
+    assert get_method("model_stock").count_problem(2, True) is None
+    with pytest.raises(MethodError, match=r"^slerp merges exactly two models \(or a base and one model\), got 3; use linear for more$"):
         call("slerp", [T(1), T(2), T(3)])
-    with pytest.raises(MethodError, match="sum to zero"):
+    with pytest.raises(MethodError, match=r"^weights \[1.0, -1.0\] sum to zero; cannot normalise \(set normalize: false or change the weights\)$"):
         call("linear", [T(1), T(2)], weights=[1, -1])
-    with pytest.raises(MethodError, match="ema takes no weights"):
+    with pytest.raises(MethodError, match=r"^ema takes no weights: list the checkpoints oldest first and set `decay`$"):
         call("ema", [T(1), T(2)], weights=[1, 1])
 
 
@@ -343,6 +449,24 @@ def test_chunked_ties_matches_reference_on_ties_zeros_and_negative_weights(small
     got = call("ties", ms, base=base, weights=w, density=dens, scale=0.9, **conv)
     full = {"sign_method": "sum", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"} | conv
     close(got, ref.ties(ms, base, w, dens, 0.9, **full))
+
+
+@pytest.mark.parametrize("conv", BREADCRUMBS_CONVENTIONS)
+@pytest.mark.parametrize("w", TRICKY_WEIGHTS)
+def test_chunked_breadcrumbs_matches_reference_on_ties_zeros_and_negative_weights(small_chunks, w, conv):
+    base, ms = _tricky(len(conv) + int(10 * w[1]), n=700)
+    dens, gam = [0.5, 0.7, 0.9], [0.05, 0.1, 0.0]
+    got = call("breadcrumbs", ms, base=base, weights=w, density=dens, gamma=gam, **conv)
+    close(got, ref.breadcrumbs(ms, base, w, dens, gam, **conv))
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("rescale", ["l1", "none"])
+def test_dare_rescale_rules_match_reference_on_ties_and_zeros(small_chunks, name, rescale):
+    base, ms = _tricky(2, n=600)
+    w, dens = [1.0, -0.5, 2.0], [0.4, 0.6, 0.8]
+    got = call(name, ms, base=base, weights=w, density=dens, rescale=rescale, generator=torch.Generator().manual_seed(9))
+    close(got, ref.dare(ms, base, w, _dare_masks(ms, base, dens, 9), dens, ties_style=name == "dare_ties", rescale=rescale))
 
 
 @pytest.mark.parametrize("conv", CONVENTIONS)

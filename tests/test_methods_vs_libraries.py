@@ -38,12 +38,26 @@ def test_ties_default_convention_differs_from_peft_with_uneven_weights():
 
 @pytest.mark.parametrize("seed", [0, 7])
 def test_dare_linear_agrees_with_peft_bit_for_bit(seed):
+    # Exact, not close: the same Bernoulli draws from an identically seeded generator (so the same mask), the
+    # same division by the density, and power-of-two weights, whose products are exact, summed in model order
+    # (with other weights a fused multiply-add may round the sum differently, see the test below).
     ds = _deltas(seed + 1)
     w = [0.5, 1.0, 2.0]
     torch.manual_seed(seed)
     want = merge_utils.dare_linear(ds, torch.tensor(w), 0.6)
     got = get_method("dare_linear")(ds, base=torch.zeros_like(ds[0]), weights=w, density=0.6, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_dare_linear_agrees_with_peft_to_float32_rounding_for_any_weights(seed):
+    ds = _deltas(seed + 1)
+    w = [0.3, 1.7, 0.9]
+    torch.manual_seed(seed)
+    want = merge_utils.dare_linear(ds, torch.tensor(w), 0.6)
+    got = get_method("dare_linear")(ds, base=torch.zeros_like(ds[0]), weights=w, density=0.6, generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(got, want, **FP32_VS_LIBRARY)
+    assert torch.equal(got == 0, want == 0)  # the same entries dropped
 
 
 def test_dare_ties_agrees_with_peft():
