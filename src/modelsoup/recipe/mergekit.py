@@ -13,15 +13,23 @@ linear              linear; normalize=true. Every listed model is an ingredient,
 task_arithmetic     task_arithmetic; scale=lambda (1.0), normalize=false.
 ties                ties; density=1.0, scale=lambda (1.0), normalize=true, sign_method=sum,
                     sign_from=weighted, divide_by=weight_sum.
-dare_ties           dare_ties; density=1.0, rescale=l1 (rescale: true) / none, normalize=false,
-                    sign_method=sum, sign_from=weighted, divide_by=weight_sum.
-dare_linear         dare_linear; density=1.0, rescale=l1 / none, normalize=false.
-breadcrumbs         breadcrumbs; density=1.0, gamma=0.01, sign_method=none, normalize=false.
+dare_ties           dare_ties; density=1.0, scale=lambda (1.0), rescale=l1 (rescale: true) / none,
+                    normalize=false, sign_method=sum, sign_from=weighted, divide_by=weight_sum.
+dare_linear         dare_linear; density=1.0, scale=lambda (1.0), rescale=l1 / none, normalize=false.
+breadcrumbs         breadcrumbs; density=1.0, gamma=0.01, scale=lambda (1.0), sign_method=none,
+                    normalize=false.
 breadcrumbs_ties    breadcrumbs; as above with sign_method=sum, sign_from=weighted, divide_by=weight_sum.
 slerp               slerp with base=base_model (the t=0 end) and the one other model (t=1); ``t`` is
                     required (no default); dot_threshold=0.9995, eps=1e-8.
 model_stock         model_stock; filter_wise=false; base_model required, >= 2 other models.
 ==================  ===============================================================================
+
+Mergekit's parameters and defaults are written in :data:`MERGEKIT_METHODS`; what follows from our method is
+read from its registration (:func:`modelsoup.methods.get_method`): whether it takes weights (then mergekit
+requires one per model; otherwise a weight is ignored), whether it uses a base (then mergekit requires
+base_model and does not merge it as an ingredient), our name for each parameter (``lambda`` is an alias of
+``scale``), which parameters it lacks (``rescale`` then refused unless false, ``density`` noted and ignored),
+and whether it is random (DARE).
 
 Evidence (paths in arcee-ai/mergekit):
 
@@ -65,10 +73,12 @@ while modelsoup computes in float32 and casts at the end.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..methods import MergeMethod, get_method
 from .loader import PathKey, Problems
 from .schema import DTYPES, Recipe
 from .validate import _resolve, build_recipe, check_setting
@@ -80,69 +90,156 @@ TOP_KEYS = (
 
 
 @dataclass(frozen=True)
-class _MkMethod:
-    """How one mergekit method maps onto ours."""
+class MergekitMethod:
+    """How one mergekit method maps onto ours.
 
+    What mergekit reads and its defaults are written here; what our method can do (take weights, use a
+    base, the name of each parameter, aliases such as ``lambda``) comes from its registration.
+
+    Attributes:
+        name: mergekit's name for the method.
+        ours: the registered method that computes it.
+        globals_: mergekit's global parameters -> mergekit's default (None = required).
+        tensor: mergekit's per-model parameters other than ``weight`` -> mergekit's default.
+        fixed: our parameters that encode mergekit's algorithm.
+        interpolates: mergekit interpolates base_model (t=0) and exactly one other model (t=1).
+    """
+
+    name: str
     ours: str
-    globals_: dict[str, Any]  # mergekit global parameter -> mergekit default (None = required)
-    tensor: dict[str, Any]  # mergekit per-model parameter -> default (None = required)
-    fixed: dict[str, Any] = field(default_factory=dict)  # our parameters that encode mergekit's algorithm
-    family: str = "gta"  # gta | linear | slerp | model_stock
+    globals_: dict[str, Any]
+    tensor: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    interpolates: bool = False
+
+    @property
+    def method(self) -> MergeMethod:
+        """Our registered method."""
+        return get_method(self.ours)
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether base_model is required and is no ingredient (task vectors, slerp's t=0 end, model stock's anchor)."""
+        return self.method.base != "none"
+
+    @property
+    def per_model(self) -> dict[str, Any]:
+        """Mergekit's per-model parameters: a required ``weight`` where the method is weighted, then the others."""
+        return {"weight": None, **self.tensor} if self.method.takes_weights else dict(self.tensor)
+
+    def reads(self, pname: Any) -> bool:
+        """Whether mergekit's method reads the parameter ``pname`` (globally or per model)."""
+        return pname in self.globals_ or pname in self.per_model
+
+    def unread(self, pname: Any) -> str:
+        """The problem with a parameter mergekit's method does not read."""
+        valid = ", ".join([*self.globals_, *self.per_model])
+        return f"mergekit's '{self.name}' does not read a parameter '{pname}' (mergekit would silently ignore it); valid: {valid}"
 
 
 _GTA_GLOBALS = {"int8_mask": False, "normalize": None, "rescale": None, "lambda": 1.0}
 _TIES_FIXED = {"sign_method": "sum", "sign_from": "weighted", "divide_by": "weight_sum"}
 
 
-def _gta(ours: str, normalize: bool, rescale: bool, fixed: dict[str, Any], gamma: bool = False) -> _MkMethod:
-    tensor: dict[str, Any] = {"weight": None, "density": 1.0}
-    if gamma:
-        tensor["gamma"] = 0.01
-    return _MkMethod(ours, {**_GTA_GLOBALS, "normalize": normalize, "rescale": rescale}, tensor, fixed)
+def _gta(name: str, ours: str, normalize: bool, rescale: bool, fixed: dict[str, Any], gamma: bool = False) -> MergekitMethod:
+    """A GeneralizedTaskArithmeticMerge of mergekit, with its ``default_normalize`` and ``default_rescale``."""
+    tensor: dict[str, Any] = {"density": 1.0, **({"gamma": 0.01} if gamma else {})}
+    return MergekitMethod(name, ours, {**_GTA_GLOBALS, "normalize": normalize, "rescale": rescale}, tensor, fixed)
 
 
-MERGEKIT_METHODS: dict[str, _MkMethod] = {
-    "linear": _MkMethod("linear", {"normalize": True}, {"weight": None}, family="linear"),
-    "task_arithmetic": _gta("task_arithmetic", False, False, {}),
-    "ties": _gta("ties", True, False, _TIES_FIXED),
-    "dare_ties": _gta("dare_ties", False, True, _TIES_FIXED),
-    "dare_linear": _gta("dare_linear", False, True, {}),
-    "breadcrumbs": _gta("breadcrumbs", False, False, {"sign_method": "none"}, gamma=True),
-    "breadcrumbs_ties": _gta("breadcrumbs", False, False, _TIES_FIXED, gamma=True),
-    "slerp": _MkMethod("slerp", {"t": None}, {}, {"dot_threshold": 0.9995, "eps": 1e-8}, family="slerp"),
-    "model_stock": _MkMethod("model_stock", {"filter_wise": False}, {}, family="model_stock"),
+MERGEKIT_METHODS: dict[str, MergekitMethod] = {
+    m.name: m
+    for m in (
+        MergekitMethod("linear", "linear", {"normalize": True}),
+        _gta("task_arithmetic", "task_arithmetic", False, False, {}),
+        _gta("ties", "ties", True, False, _TIES_FIXED),
+        _gta("dare_ties", "dare_ties", False, True, _TIES_FIXED),
+        _gta("dare_linear", "dare_linear", False, True, {}),
+        _gta("breadcrumbs", "breadcrumbs", False, False, {"sign_method": "none"}, gamma=True),
+        _gta("breadcrumbs_ties", "breadcrumbs", False, False, _TIES_FIXED, gamma=True),
+        MergekitMethod("slerp", "slerp", {"t": None}, fixed={"dot_threshold": 0.9995, "eps": 1e-8}, interpolates=True),
+        MergekitMethod("model_stock", "model_stock", {"filter_wise": False}),
+    )
 }
 
-# mergekit name -> our name, where they differ.
-_RENAMED = {"lambda": "scale"}
-# mergekit parameters that do nothing here (memory options, or read but unused by the method).
-_IGNORED = {"int8_mask"}
+# mergekit parameters that do nothing here (memory options).
+_MEMORY_OPTIONS = {"int8_mask"}
+# mergekit parameters that some of its methods read but do not use (ours lack them), and why: noted when given.
+_UNUSED = {"density": "no sparsification"}
+
+
+@dataclass
+class _Translation:
+    """What a translation collects: problems at mergekit paths, notes, and where each native path came from."""
+
+    source: str | None
+    lines: Mapping[PathKey, int] | None
+    notes: list[str] = field(default_factory=list)
+    origin: dict[PathKey, PathKey] = field(default_factory=lambda: {("method",): ("merge_method",), ("base",): ("base_model",)})
+    problems: Problems = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.problems = Problems(self.source, self.lines, remap=self.mergekit_path)
+
+    def mergekit_path(self, path: PathKey) -> PathKey:
+        """The mergekit path a native path came from (by its longest recorded prefix)."""
+        for k in range(len(path), 0, -1):
+            if path[:k] in self.origin:
+                return self.origin[path[:k]] + path[k:]
+        return path
+
+    def bad(self, path: PathKey, msg: str) -> None:
+        """Record a problem at a path of the mergekit file."""
+        self.problems.add(path, msg, native=False)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One model mergekit merges: its path and mergekit parameters, and where it stands in the mergekit file."""
+
+    path: str
+    parameters: dict[str, Any]
+    index: int | None  # its place under `models:`; None for a base_model that is not listed
+
+    @property
+    def where(self) -> PathKey:
+        """Its path in the mergekit file."""
+        return ("models", self.index) if self.index is not None else ("base_model",)
+
+    @property
+    def path_where(self) -> PathKey:
+        """The path of its model reference in the mergekit file."""
+        return (*self.where, "model") if self.index is not None else self.where
 
 
 def _is_conditional(setting: Any) -> bool:
+    """Whether a setting is a list of ``{filter, value}`` conditions."""
     return isinstance(setting, list) and bool(setting) and all(isinstance(e, Mapping) for e in setting)
 
 
 def _has_catch_all(setting: Any) -> bool:
+    """Whether a setting gives a value for every tensor (it is not conditional, or one condition matches all)."""
     if not _is_conditional(setting):
         return True
     return any(c.get("filter") in (None, "*") for c in setting)
 
 
-def _close(setting: Any, default: Any) -> Any:
-    """Append mergekit's default to a conditional list no entry of which matches every tensor."""
+def _close(setting: Any, fallback: Any) -> Any:
+    """Append a fallback setting (mergekit's default, or the global one) to a conditional list that misses tensors."""
     if _has_catch_all(setting):
         return setting
-    return [*setting, {"value": default}]
+    return [*setting, *(fallback if _is_conditional(fallback) else [{"value": fallback}])]
 
 
 def _map_leaves(setting: Any, fn: Callable[[Any], Any]) -> Any:
+    """A setting with ``fn`` applied to each of its scalar values."""
     if isinstance(setting, list):
         return [({**c, "value": _map_leaves(c["value"], fn)} if isinstance(c, Mapping) else fn(c)) for c in setting]
     return fn(setting)
 
 
 def _leaves(setting: Any) -> list[Any]:
+    """The scalar values of a setting."""
     if isinstance(setting, list):
         out: list[Any] = []
         for c in setting:
@@ -152,15 +249,288 @@ def _leaves(setting: Any) -> list[Any]:
 
 
 def _rescale_value(v: Any) -> Any:
+    """mergekit's boolean ``rescale`` (L1 norm or nothing) as our ``rescale``."""
     return ("l1" if v else "none") if isinstance(v, bool) else v
 
 
 def _dtype(value: Any) -> Any:
+    """A dtype name without mergekit's ``torch.`` prefix."""
     return value[len("torch."):] if isinstance(value, str) and value.startswith("torch.") else value
 
 
-def _model_path(ref: Any) -> str | None:
-    return ref if isinstance(ref, str) else None
+def _lora(path: str) -> str:
+    """The problem with a LoRA reference (``model+lora``)."""
+    return f"LoRA references ('{path}') are not supported; merge the adapter into its model first"
+
+
+def _mapping(value: Any, where: PathKey, t: _Translation) -> Mapping[Any, Any]:
+    """A `parameters:` block as a mapping (absent = empty); anything else is a problem and counts as empty."""
+    value = value or {}
+    if not isinstance(value, Mapping):
+        t.bad(where, f"must be a mapping, got {type(value).__name__}")
+        return {}
+    return value
+
+
+def _check_top_keys(data: Mapping[str, Any], t: _Translation) -> None:
+    """Refuse unknown top-level keys and the `slices:` and `modules:` forms."""
+    for key in data:
+        if key not in TOP_KEYS:
+            close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            t.bad((key,), f"unknown mergekit key '{key}'{hint} (mergekit keys: {', '.join(TOP_KEYS)})")
+    for form in ("slices", "modules"):
+        if data.get(form) is not None:
+            t.bad((form,), f"the `{form}:` form is not supported; modelsoup runs mergekit's whole-model form "
+                  "(`models:` with `model:` entries). If every slice spans all layers of every model, list the models under `models:` instead")
+
+
+def _mergekit_method(data: Mapping[str, Any], t: _Translation) -> MergekitMethod | None:
+    """The mergekit method named by `merge_method:`, or None (a problem) where it is not supported."""
+    name = data.get("merge_method")
+    spec = MERGEKIT_METHODS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        t.bad(("merge_method",), f"mergekit method {name!r} is not supported; supported: {', '.join(MERGEKIT_METHODS)}")
+    return spec
+
+
+def _check_tokenizer(data: Mapping[str, Any], t: _Translation) -> None:
+    """Accept only the base model's tokenizer, copied unchanged; note what that means."""
+    tok = data.get("tokenizer_source")
+    if tok not in (None, "base"):
+        t.bad(("tokenizer_source",), f"tokenizer_source {tok!r} is not supported: modelsoup copies the tokenizer files of the base "
+              "model (or the first model) unchanged; use `tokenizer_source: base` or leave it out")
+    elif tok == "base":
+        t.notes.append("tokenizer_source: base -- the tokenizer files are copied from the base model; all models must share its vocabulary")
+    if data.get("tokenizer") is not None:
+        t.bad(("tokenizer",), "the `tokenizer:` block is not supported (it can add tokens and resize embeddings); "
+              "remove it, modelsoup copies the base model's tokenizer files")
+    if data.get("chat_template") is not None:
+        t.notes.append("chat_template is not applied: the tokenizer files are copied unchanged; set the template in tokenizer_config.json afterwards")
+
+
+def _output_dtype(data: Mapping[str, Any], t: _Translation) -> Any:
+    """The output dtype: ``out_dtype``, else ``dtype`` (mergekit computes in ``dtype`` and casts to ``out_dtype``)."""
+    key = "out_dtype" if data.get("out_dtype") is not None else "dtype"
+    dtype = _dtype(data.get(key))
+    if dtype is not None:
+        t.origin[("dtype",)] = (key,)
+        if isinstance(dtype, str) and dtype in DTYPES and dtype != "float32" and data.get("dtype") is not None:
+            t.notes.append(f"mergekit computes in {_dtype(data.get('dtype'))}; modelsoup computes in float32 and casts to {dtype}, so values may differ by rounding")
+    return dtype
+
+
+def _models_list(data: Mapping[str, Any], t: _Translation) -> list[Any] | None:
+    """The `models:` list, or None (a problem where it is missing or not a list)."""
+    raw = data.get("models")
+    if raw is None and data.get("slices") is None and data.get("modules") is None:
+        t.bad(("models",), "is required: a list of `- model: PATH` entries")
+    if raw is not None and not isinstance(raw, list):
+        t.bad(("models",), f"must be a list, got {type(raw).__name__}")
+        return None
+    return raw
+
+
+def _base_model(data: Mapping[str, Any], t: _Translation) -> str | None:
+    """The `base_model:` path, or None where it is absent or not a plain path (a problem)."""
+    base = data.get("base_model")
+    if base is not None and not isinstance(base, str):
+        t.bad(("base_model",), "must be a path string (mergekit's mapping form of a model reference is not supported)")
+        return None
+    if isinstance(base, str) and "+" in base:
+        t.bad(("base_model",), _lora(base))
+        return None
+    return base
+
+
+def _global_settings(raw: Mapping[Any, Any], spec: MergekitMethod, t: _Translation) -> dict[Any, Any]:
+    """The top-level `parameters:` that mergekit's method reads, each a well-formed setting (values are checked later, by ours)."""
+    given: dict[Any, Any] = {}
+    for pname, value in raw.items():
+        where: PathKey = ("parameters", pname)
+        if not spec.reads(str(pname)):
+            t.bad(where, spec.unread(pname))
+            continue
+        msg = check_setting(value, lambda v: None)
+        if msg:
+            t.bad(where, msg)
+            continue
+        given[pname] = value
+    return given
+
+
+def _listed_model(i: int, item: Any, t: _Translation) -> _Entry | None:
+    """One `models:` entry (`- model: PATH` with optional `parameters:`), or None (a problem) where it cannot be read."""
+    here: PathKey = ("models", i)
+    if isinstance(item, str):
+        t.bad(here, f"a mergekit model entry is a mapping `- model: {item}`")
+        return None
+    if not isinstance(item, Mapping):
+        t.bad(here, f"must be a mapping with `model:`, got {type(item).__name__}")
+        return None
+    for k in item:
+        if k not in ("model", "parameters"):
+            t.bad((*here, k), f"unknown key '{k}' in a mergekit model entry (valid: model, parameters)")
+    path = item.get("model")
+    if not isinstance(path, str):
+        t.bad((*here, "model"), "is required: the model's path" if path is None else "must be a path string")
+        return None
+    if "+" in path:
+        t.bad((*here, "model"), _lora(path))
+        return None
+    return _Entry(path, dict(_mapping(item.get("parameters"), (*here, "parameters"), t)), i)
+
+
+@dataclass
+class _Ingredients:
+    """The models mergekit merges, as far as they could be read."""
+
+    entries: list[_Entry]
+    base_listed: bool  # base_model is among the listed models
+    complete: bool  # every model could be read (else the native model count is not checked: the problem is reported)
+
+
+def _ingredients(raw_models: list[Any] | None, base: str | None, spec: MergekitMethod, t: _Translation) -> _Ingredients:
+    """The listed models mergekit merges: each entry read, duplicates dropped, and the base where it is no ingredient."""
+    out = _Ingredients([], base_listed=False, complete=raw_models is not None)
+    seen: set[str] = set()
+    for i, item in enumerate(raw_models or []):
+        entry = _listed_model(i, item, t)
+        if entry is None:
+            out.complete = False
+            continue
+        is_base = base is not None and (entry.path == base or _resolve(entry.path) == _resolve(base))
+        out.base_listed = out.base_listed or is_base
+        key = str(_resolve(entry.path))
+        if key in seen:
+            t.notes.append(f"models[{i}] ({entry.path}) is listed twice; mergekit uses it once, with the parameters of its first entry")
+            continue
+        seen.add(key)
+        if not (is_base and spec.uses_base):
+            out.entries.append(entry)
+    return out
+
+
+def _check_base(
+    data: Mapping[str, Any], raw_models: list[Any] | None, base: str | None, models: _Ingredients, spec: MergekitMethod,
+    given: Mapping[Any, Any], t: _Translation,
+) -> None:
+    """Check base_model against what mergekit's method does with it; add it where linear averages it unlisted."""
+    if spec.uses_base and base is None and raw_models is not None:
+        t.bad(("base_model",) if "base_model" in data else ("merge_method",),
+              f"mergekit's '{spec.name}' needs `base_model:`" + (" (the t=0 end of the interpolation)" if spec.interpolates else ""))
+        models.complete = False
+    if spec.interpolates and base is not None and models.complete and len(models.entries) != 1:
+        t.bad(("models",), f"mergekit's {spec.name} interpolates base_model (t=0) and exactly one other model (t=1); "
+              f"got {len(models.entries)} other model(s)")
+        models.complete = False
+    if not spec.uses_base and base is not None and not models.base_listed:
+        if "weight" in given:
+            models.entries.append(_Entry(base, {}, None))
+            t.notes.append(f"mergekit's {spec.name} merge averages base_model too (it is not listed under models); it takes the global weight")
+        else:
+            t.bad(("base_model",), f"mergekit's {spec.name} merge also averages base_model when it is not listed under `models:`, and then "
+                  "needs a weight for it (mergekit fails without one); list it under `models:` with a weight, or remove base_model")
+
+
+def _our_name(pname: Any, value: Any, spec: MergekitMethod, t: _Translation, *, given: bool) -> str | None:
+    """Our name for a mergekit parameter, or None where our method lacks it (refused where mergekit would use it, else noted)."""
+    p = spec.method.param(pname)
+    if p is not None:
+        return p.name
+    if pname == "rescale":
+        if any(v is not False for v in _leaves(value)):
+            t.bad(("parameters", "rescale"), f"rescale: true (L1-norm rescaling after pruning) is not supported for '{spec.name}'; remove it")
+    elif given:
+        t.notes.append(f"{pname} is ignored by {spec.ours} ({_UNUSED[pname]}), as in mergekit")
+    return None
+
+
+def _model_weight(weight: Any, j: int, entry: _Entry, spec: MergekitMethod, given: Mapping[Any, Any], t: _Translation) -> Any:
+    """A model's weight: its own, else the global one (which also closes a conditional list); None where there is none."""
+    if not spec.method.takes_weights:
+        if weight is not None:
+            t.notes.append(f"models[{entry.index}]: mergekit's '{spec.name}' takes no weight; the weight is ignored, as in mergekit")
+        return None
+    g_weight = given.get("weight")
+    t.origin[("models", j, "weight")] = (*entry.where, "parameters", "weight") if weight is not None else ("parameters", "weight")
+    if weight is None:
+        weight = g_weight
+    elif g_weight is not None:
+        weight = _close(weight, g_weight)
+    if weight is None or not _has_catch_all(weight):
+        t.bad((*entry.where, "parameters", "weight") if weight is not None else entry.where,
+              f"mergekit's '{spec.name}' needs a weight for every model (mergekit fails with 'Missing required parameter weight'); "
+              "give `parameters: {weight: ...}` here or a global `weight`"
+              + ("" if weight is None else " (this conditional list has no entry without a filter)"))
+        return None
+    return weight
+
+
+def _model_settings(entry: _Entry, spec: MergekitMethod, t: _Translation) -> tuple[Any, dict[Any, Any]]:
+    """A model's own weight and the other per-model parameters mergekit reads (the rest are problems)."""
+    settings = dict(entry.parameters)
+    weight = settings.pop("weight", None)
+    read: dict[Any, Any] = {}
+    for pname, value in settings.items():
+        where = (*entry.where, "parameters", pname)
+        if pname in spec.globals_:
+            t.bad(where, f"'{pname}' is a global parameter of mergekit's '{spec.name}' (mergekit ignores it per model); move it to the top-level `parameters:`")
+        elif not spec.reads(pname):
+            t.bad(where, spec.unread(pname))
+        else:
+            read[pname] = value
+    return weight, read
+
+
+def _native_model(j: int, entry: _Entry, spec: MergekitMethod, given: Mapping[Any, Any], t: _Translation) -> dict[str, Any]:
+    """The native entry ``models[j]``: the path, the weight, and the per-model parameters under our names."""
+    t.origin[("models", j)] = entry.where
+    t.origin[("models", j, "path")] = entry.path_where
+    weight, read = _model_settings(entry, spec, t)
+    native: dict[str, Any] = {"path": entry.path}
+    weight = _model_weight(weight, j, entry, spec, given, t)
+    if weight is not None:
+        native["weight"] = weight
+    for pname, value in read.items():
+        ours = _our_name(pname, value, spec, t, given=True)
+        if ours is not None:
+            t.origin[("models", j, "parameters", ours)] = (*entry.where, "parameters", pname)
+            native.setdefault("parameters", {})[ours] = value
+    return native
+
+
+def _method_setting(pname: str, default: Any, spec: MergekitMethod, given: Mapping[Any, Any], missing_at: PathKey, t: _Translation) -> Any:
+    """A global parameter as mergekit resolves it: given (closed by the default where conditional), else the default; None = a problem."""
+    value = given.get(pname)
+    if value is None:
+        if default is None:
+            t.bad(missing_at, f"mergekit's '{spec.name}' needs the parameter '{pname}' (it has no default)")
+        return default
+    if not _has_catch_all(value) and default is None:
+        t.bad(("parameters", pname), f"this conditional list has no entry without a filter, and '{pname}' has no default in mergekit "
+              "(mergekit fails on tensors no filter matches); add `- value: ...`")
+        return None
+    return _close(value, default)
+
+
+def _method_parameters(data: Mapping[str, Any], spec: MergekitMethod, given: Mapping[Any, Any], t: _Translation) -> dict[str, Any]:
+    """Our method's parameters: mergekit's algorithm fixed, then each mergekit parameter, given or with mergekit's default."""
+    out: dict[str, Any] = dict(spec.fixed)
+    missing_at: PathKey = ("parameters",) if "parameters" in data else ("merge_method",)
+    for pname, default in {**spec.globals_, **spec.tensor}.items():
+        if pname in _MEMORY_OPTIONS:
+            if given.get(pname) is not None:
+                t.notes.append(f"{pname} is a mergekit memory option; ignored")
+            continue
+        value = _method_setting(pname, default, spec, given, missing_at, t)
+        if value is None:
+            continue
+        ours = _our_name(pname, value, spec, t, given=pname in given)
+        if ours is not None:
+            t.origin[("parameters", ours)] = ("parameters", pname)
+            out[ours] = _map_leaves(value, _rescale_value) if pname == "rescale" else value
+    return out
 
 
 def recipe_from_mergekit(data: Mapping[str, Any], *, source: str | None = None, lines: Mapping[PathKey, int] | None = None) -> Recipe:
@@ -177,254 +547,35 @@ def recipe_from_mergekit(data: Mapping[str, Any], *, source: str | None = None, 
     Raises:
         RecipeError: every problem, placed at its line in the mergekit file.
     """
-    remap_table: dict[PathKey, PathKey] = {("method",): ("merge_method",), ("base",): ("base_model",)}
+    t = _Translation(source, lines)
+    _check_top_keys(data, t)
+    spec = _mergekit_method(data, t)
+    _check_tokenizer(data, t)
+    dtype = _output_dtype(data, t)
+    raw_models = _models_list(data, t)
+    base = _base_model(data, t)
+    raw_params = _mapping(data.get("parameters"), ("parameters",), t)
+    if spec is None:  # nothing to read the parameters against
+        t.problems.raise_if_any()
+    assert spec is not None
 
-    def remap(path: PathKey) -> PathKey:
-        for k in range(len(path), 0, -1):
-            if path[:k] in remap_table:
-                return remap_table[path[:k]] + path[k:]
-        return path
-
-    problems = Problems(source, lines, remap=remap)
-    notes: list[str] = []
-
-    def bad(path: PathKey, msg: str) -> None:
-        problems.add(path, msg, native=False)
-
-    for key in data:
-        if key not in TOP_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            bad((key,), f"unknown mergekit key '{key}'{hint} (mergekit keys: {', '.join(TOP_KEYS)})")
-    for form in ("slices", "modules"):
-        if data.get(form) is not None:
-            bad((form,), f"the `{form}:` form is not supported; modelsoup runs mergekit's whole-model form "
-                "(`models:` with `model:` entries). If every slice spans all layers of every model, list the models under `models:` instead")
-
-    name = data.get("merge_method")
-    spec = MERGEKIT_METHODS.get(name) if isinstance(name, str) else None
-    if spec is None:
-        bad(("merge_method",), f"mergekit method {name!r} is not supported; supported: {', '.join(MERGEKIT_METHODS)}")
-
-    # tokenizer / chat template
-    tok = data.get("tokenizer_source")
-    if tok not in (None, "base"):
-        bad(("tokenizer_source",), f"tokenizer_source {tok!r} is not supported: modelsoup copies the tokenizer files of the base "
-            "model (or the first model) unchanged; use `tokenizer_source: base` or leave it out")
-    elif tok == "base":
-        notes.append("tokenizer_source: base -- the tokenizer files are copied from the base model; all models must share its vocabulary")
-    if data.get("tokenizer") is not None:
-        bad(("tokenizer",), "the `tokenizer:` block is not supported (it can add tokens and resize embeddings); "
-            "remove it, modelsoup copies the base model's tokenizer files")
-    if data.get("chat_template") is not None:
-        notes.append("chat_template is not applied: the tokenizer files are copied unchanged; set the template in tokenizer_config.json afterwards")
-
-    # dtype: the output dtype is out_dtype, else dtype (mergekit computes in `dtype` and casts to out_dtype)
-    dtype_key = "out_dtype" if data.get("out_dtype") is not None else "dtype"
-    dtype = _dtype(data.get(dtype_key))
-    if dtype is not None:
-        remap_table[("dtype",)] = (dtype_key,)
-        if isinstance(dtype, str) and dtype in DTYPES and dtype != "float32" and data.get("dtype") is not None:
-            notes.append(f"mergekit computes in {_dtype(data.get('dtype'))}; modelsoup computes in float32 and casts to {dtype}, so values may differ by rounding")
-
-    # models
-    raw_models = data.get("models")
-    if raw_models is None and data.get("slices") is None and data.get("modules") is None:
-        bad(("models",), "is required: a list of `- model: PATH` entries")
-    if raw_models is not None and not isinstance(raw_models, list):
-        bad(("models",), f"must be a list, got {type(raw_models).__name__}")
-        raw_models = None
-    base_path = data.get("base_model")
-    if base_path is not None and _model_path(base_path) is None:
-        bad(("base_model",), "must be a path string (mergekit's mapping form of a model reference is not supported)")
-        base_path = None
-    if isinstance(base_path, str) and "+" in base_path:
-        bad(("base_model",), f"LoRA references ('{base_path}') are not supported; merge the adapter into its model first")
-        base_path = None
-
-    g_raw = data.get("parameters") or {}
-    if not isinstance(g_raw, Mapping):
-        bad(("parameters",), f"must be a mapping, got {type(g_raw).__name__}")
-        g_raw = {}
-
-    def known(pname: str) -> bool:
-        return spec is not None and (pname in spec.globals_ or pname in spec.tensor)
-
-    def valid_names() -> str:
-        return ", ".join([*spec.globals_, *spec.tensor]) if spec else ""
-
-    if spec is None:
-        problems.raise_if_any()
-    assert spec is not None and isinstance(name, str)
-
-    # global parameters
-    global_params: dict[str, Any] = {}
-    global_tensor: dict[str, Any] = {}
-    for pname, value in g_raw.items():
-        where: PathKey = ("parameters", pname)
-        if not known(str(pname)):
-            bad(where, f"mergekit's '{name}' does not read a parameter '{pname}' (mergekit would silently ignore it); valid: {valid_names()}")
-            continue
-        msg = check_setting(value, lambda v: None)
-        if msg:
-            bad(where, msg)
-            continue
-        if pname in spec.tensor:
-            global_tensor[pname] = value
-        else:
-            global_params[pname] = value
-
-    # models: drop base_model from the ingredients where mergekit does (task vectors, slerp end, model stock)
-    entries: list[tuple[int, str, dict[str, Any]]] = []
-    seen: set[str] = set()
-    base_listed = False
-    models_broken = raw_models is None
-    for i, item in enumerate(raw_models or []):
-        here: PathKey = ("models", i)
-        if isinstance(item, str):
-            bad(here, f"a mergekit model entry is a mapping `- model: {item}`")
-            models_broken = True
-            continue
-        if not isinstance(item, Mapping):
-            bad(here, f"must be a mapping with `model:`, got {type(item).__name__}")
-            models_broken = True
-            continue
-        for k in item:
-            if k not in ("model", "parameters"):
-                bad((*here, k), f"unknown key '{k}' in a mergekit model entry (valid: model, parameters)")
-        path = item.get("model")
-        if _model_path(path) is None:
-            bad((*here, "model"), "is required: the model's path" if path is None else "must be a path string")
-            models_broken = True
-            continue
-        assert isinstance(path, str)
-        if "+" in path:
-            bad((*here, "model"), f"LoRA references ('{path}') are not supported; merge the adapter into its model first")
-            models_broken = True
-            continue
-        m_params = item.get("parameters") or {}
-        if not isinstance(m_params, Mapping):
-            bad((*here, "parameters"), f"must be a mapping, got {type(m_params).__name__}")
-            m_params = {}
-        is_base = base_path is not None and (path == base_path or _resolve(path) == _resolve(base_path))
-        if is_base:
-            base_listed = True
-        key = str(_resolve(path))
-        if key in seen:
-            notes.append(f"models[{i}] ({path}) is listed twice; mergekit uses it once, with the parameters of its first entry")
-            continue
-        seen.add(key)
-        if is_base and spec.family != "linear":
-            continue  # mergekit: the base is not an ingredient (task vectors, slerp's t=0 end, model stock's anchor)
-        entries.append((i, path, dict(m_params)))
-
-    if spec.family in ("gta", "slerp", "model_stock") and base_path is None and raw_models is not None:
-        bad(("base_model",) if "base_model" in data else ("merge_method",),
-            f"mergekit's '{name}' needs `base_model:`" + (" (the t=0 end of the interpolation)" if spec.family == "slerp" else ""))
-        models_broken = True
-    if spec.family == "slerp" and base_path is not None and not models_broken and len(entries) != 1:
-        bad(("models",), f"mergekit's slerp interpolates base_model (t=0) and exactly one other model (t=1); got {len(entries)} other model(s)")
-        models_broken = True
-    if spec.family == "linear" and base_path is not None and not base_listed:
-        if "weight" in global_tensor:
-            entries.append((-1, base_path, {}))
-            notes.append("mergekit's linear merge averages base_model too (it is not listed under models); it takes the global weight")
-        else:
-            bad(("base_model",), "mergekit's linear merge also averages base_model when it is not listed under `models:`, and then needs a "
-                "weight for it (mergekit fails without one); list it under `models:` with a weight, or remove base_model")
-
-    # per-model parameters and weights
-    models_out: list[dict[str, Any]] = []
-    for j, (i, path, m_params) in enumerate(entries):
-        src: PathKey = ("models", i) if i >= 0 else ("base_model",)
-        remap_table[("models", j)] = src
-        remap_table[("models", j, "path")] = (*src, "model") if i >= 0 else src
-        entry: dict[str, Any] = {"path": path}
-        params: dict[str, Any] = {}
-        weight = m_params.pop("weight", None)
-        for pname, value in m_params.items():
-            where = (*src, "parameters", pname)
-            if pname in spec.globals_:
-                bad(where, f"'{pname}' is a global parameter of mergekit's '{name}' (mergekit ignores it per model); move it to the top-level `parameters:`")
-                continue
-            if not known(pname):
-                bad(where, f"mergekit's '{name}' does not read a parameter '{pname}' (mergekit would silently ignore it); valid: {valid_names()}")
-                continue
-            params[pname] = value
-        if "weight" in spec.tensor:
-            g_weight = global_tensor.get("weight")
-            remap_table[("models", j, "weight")] = (*src, "parameters", "weight") if weight is not None else ("parameters", "weight")
-            if weight is None:
-                weight = g_weight
-            elif not _has_catch_all(weight) and g_weight is not None:
-                weight = [*weight, *(g_weight if _is_conditional(g_weight) else [{"value": g_weight}])]
-            if weight is None or not _has_catch_all(weight):
-                bad((*src, "parameters", "weight") if weight is not None else src,
-                    f"mergekit's '{name}' needs a weight for every model (mergekit fails with 'Missing required parameter weight'); "
-                    "give `parameters: {weight: ...}` here or a global `weight`"
-                    + ("" if weight is None else " (this conditional list has no entry without a filter)"))
-            else:
-                entry["weight"] = weight
-        elif weight is not None:
-            notes.append(f"models[{i}]: mergekit's '{name}' takes no weight; the weight is ignored, as in mergekit")
-        for pname, value in params.items():
-            if pname == "density" and spec.ours == "task_arithmetic":
-                notes.append("density is ignored by task_arithmetic (no sparsification), as in mergekit")
-                continue
-            ours = _RENAMED.get(pname, pname)
-            remap_table[("models", j, "parameters", ours)] = (*src, "parameters", pname)
-            entry.setdefault("parameters", {})[ours] = value
-        models_out.append(entry)
-
-    # global parameters with mergekit's defaults written out
-    out_params: dict[str, Any] = dict(spec.fixed)
-    for pname, default in {**spec.globals_, **spec.tensor}.items():
-        if pname == "weight":
-            continue
-        value = global_params.get(pname, global_tensor.get(pname))
-        if pname in _IGNORED:
-            if value is not None:
-                notes.append(f"{pname} is a mergekit memory option; ignored")
-            continue
-        if value is None:
-            if default is None:
-                bad(("parameters",) if "parameters" in data else ("merge_method",),
-                    f"mergekit's '{name}' needs the parameter '{pname}' (it has no default)")
-                continue
-            value = default
-        elif not _has_catch_all(value):
-            if default is None:
-                bad(("parameters", pname), f"this conditional list has no entry without a filter, and '{pname}' has no default in mergekit "
-                    "(mergekit fails on tensors no filter matches); add `- value: ...`")
-                continue
-            value = _close(value, default)
-        if pname == "rescale":
-            if spec.ours in ("dare_ties", "dare_linear"):
-                out_params["rescale"] = _map_leaves(value, _rescale_value)
-                remap_table[("parameters", "rescale")] = ("parameters", "rescale")
-            elif any(v is not False for v in _leaves(value)):
-                bad(("parameters", "rescale"), f"rescale: true (L1-norm rescaling after pruning) is not supported for '{name}'; remove it")
-            continue
-        if pname == "density" and spec.ours == "task_arithmetic":
-            if pname in global_tensor:
-                notes.append("density is ignored by task_arithmetic (no sparsification), as in mergekit")
-            continue
-        ours = _RENAMED.get(pname, pname)
-        remap_table[("parameters", ours)] = ("parameters", pname)
-        out_params[ours] = value
-    if spec.ours in ("dare_ties", "dare_linear"):
-        notes.append("DARE drops entries with modelsoup's generator (seeded per tensor), so the random masks differ from mergekit's")
-
-    native: dict[str, Any] = {"method": spec.ours, "models": models_out, "parameters": out_params}
-    if base_path is not None:
-        native["base"] = {"path": base_path}
+    given = _global_settings(raw_params, spec, t)
+    models = _ingredients(raw_models, base, spec, t)
+    _check_base(data, raw_models, base, models, spec, given, t)
+    native: dict[str, Any] = {
+        "method": spec.ours,
+        "models": [_native_model(j, entry, spec, given, t) for j, entry in enumerate(models.entries)],
+        "parameters": _method_parameters(data, spec, given, t),
+    }
+    if spec.method.random:
+        t.notes.append("DARE drops entries with modelsoup's generator (seeded per tensor), so the random masks differ from mergekit's")
+    if base is not None:
+        native["base"] = {"path": base}
     if dtype is not None:
         native["dtype"] = dtype
     return build_recipe(
-        native, source=source, lines=lines, problems=problems, source_format="mergekit", notes=notes, check_count=not models_broken
+        native, source=source, lines=lines, problems=t.problems, source_format="mergekit", notes=t.notes, check_count=models.complete
     )
 
 
-__all__ = ["MERGEKIT_METHODS", "recipe_from_mergekit"]
+__all__ = ["MERGEKIT_METHODS", "MergekitMethod", "recipe_from_mergekit"]
