@@ -211,6 +211,27 @@ def allowed_roots(folder: Path) -> list[Path]:
     return roots
 
 
+def resolve_within(path: Path, folder: Path, fix: str) -> Path:
+    """The real path of ``path``, a file or folder of the model folder ``folder``, which must stay inside it.
+
+    Args:
+        path: the entry (it may be a link).
+        folder: the model folder (its Hugging Face cache blobs count as inside, see :func:`allowed_roots`).
+        fix: what the user can do when it leaves the folder, for the message.
+
+    Raises:
+        CheckpointError: a broken link, a symlink loop, or a link that leaves the folder.
+    """
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
+        raise CheckpointError(f"{path}: cannot be resolved ({getattr(e, 'strerror', None) or e}); a broken link or a symlink loop "
+                              f"in {folder}? fix or remove it") from None
+    if not any(real.is_relative_to(r) for r in allowed_roots(folder)):
+        raise CheckpointError(f"{path}: is a link to {real}, outside the model folder {folder}; {fix}")
+    return real
+
+
 def inside_folder(folder: Path, name: str, what: str) -> Path:
     """The file ``name`` of ``folder``, refused unless it (and any link it is) stays inside the folder.
 
@@ -222,17 +243,10 @@ def inside_folder(folder: Path, name: str, what: str) -> Path:
     if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
         raise CheckpointError(f"{what} '{name}', which is not a file inside {folder}; a model folder may only refer to its own files")
     path = folder / name
-    try:
-        real = path.resolve(strict=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} '{name}', which is not in {folder}; the download is incomplete") from None
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
-        raise CheckpointError(f"{path}: cannot be resolved ({getattr(e, 'strerror', None) or e}); a symlink loop? fix or remove the link") from None
-    if not any(real.is_relative_to(r) for r in allowed_roots(folder)):
-        raise CheckpointError(
-            f"{path}: is a link to {real}, outside the model folder {folder}; modelsoup reads only a model folder's own files "
-            "(and the Hugging Face cache's blobs). Copy the file into the folder if it belongs to the model."
-        )
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{what} '{name}', which is not in {folder}; the download is incomplete")
+    real = resolve_within(path, folder, "modelsoup reads only a model folder's own files (and the Hugging Face cache's blobs). "
+                          "Copy the file into the folder if it belongs to the model.")
     if not real.is_file():
         raise CheckpointError(f"{path}: is not a file")
     return path

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CheckpointError, OutputError, OutputExistsError
+from .checkpoints import resolve_within
 from .formats import FOREIGN_WEIGHT_SUFFIXES, weights_suffix
 
 log = logging.getLogger("modelsoup")
@@ -318,29 +319,20 @@ def _remove_tmp(tmp: Path) -> None:
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
-def _resolve_inside(p: Path, roots: list[Path], top: Path) -> Path:
-    try:
-        real = p.resolve(strict=True)
-    except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"{p}: cannot be resolved ({getattr(e, 'strerror', None) or e}); a broken link or a symlink loop in {top}? fix or remove it") from None
-    if not any(real.is_relative_to(r) for r in roots):
-        raise CheckpointError(
-            f"{p}: is a link to {real}, outside the model folder {top}; modelsoup copies only a model folder's own files into the output. "
-            "Copy the file into the folder if it belongs to the model, or remove the link (or set output.copy_files: false)"
-        )
-    return real
+_COPY_FIX = ("modelsoup copies only a model folder's own files into the output. Copy the file into the folder if it belongs "
+             "to the model, or remove the link (or set output.copy_files: false)")
 
 
-def _tree(p: Path, rel: Path, roots: list[Path], top: Path, seen: frozenset[Path]) -> list[tuple[Path, Path]]:
-    """(path relative to the copy, real file) of every file under ``p``, each resolved inside the model folder."""
-    real = _resolve_inside(p, roots, top)
+def _tree(p: Path, rel: Path, top: Path, seen: frozenset[Path]) -> list[tuple[Path, Path]]:
+    """(path relative to the copy, real file) of every file under ``p``, each resolved inside the model folder ``top``."""
+    real = resolve_within(p, top, _COPY_FIX)
     if not real.is_dir():
         return [(rel, real)]
     if real in seen:
         raise CheckpointError(f"{p}: a symlink loop in {top} (it leads back to {real}); fix or remove the link")
     out = []
     for q in sorted(p.iterdir()):
-        out += _tree(q, rel / q.name, roots, top, seen | {real})
+        out += _tree(q, rel / q.name, top, seen | {real})
     return out
 
 
@@ -354,14 +346,11 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
     Raises:
         CheckpointError: a link that leaves the folder, a broken link or a symlink loop.
     """
-    from .checkpoints import allowed_roots
-
-    roots = allowed_roots(src)
     copied = []
     for p in sorted(src.iterdir()):
         if p.name in SKIP_NAMES or p.name.startswith(".") or p.name.endswith(".index.json"):
             continue
-        files = _tree(p, Path(p.name), roots, src, frozenset())
+        files = _tree(p, Path(p.name), src, frozenset())
         if any(rel.suffix in FOREIGN_WEIGHT_SUFFIXES for rel, _ in files):
             continue
         if not files:
