@@ -164,7 +164,7 @@ def merge(
     check_output(form.path, overwrite, inputs=paths, as_file=form.as_file)
     t0 = time.perf_counter()
     with _opened(rec, allow_globals) as (cks, base_ck):
-        plan = plan_merge(rec, cks, base_ck, output)
+        plan = plan_merge(rec, cks, base_ck, form)
         files = list(dict.fromkeys(f for ck in [*cks, *([base_ck] if base_ck else [])] for f in ck.files))
         hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash")  # inputs are hashed beside the merge
         try:

@@ -393,14 +393,14 @@ class MergePlan:
         return sum(j.nbytes for j in self.jobs)
 
 
-def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None, output: str | Path | None = None) -> MergePlan:
+def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None, output: OutputPlan | None = None) -> MergePlan:
     """Plan a merge from a validated recipe and its opened checkpoints (metadata only, no tensor read).
 
     Args:
         recipe: validated (the model count was checked there, with the recipe's line).
         models: one opened checkpoint per ``recipe.models``, in order.
         base: the opened ``recipe.base``, or None.
-        output: where it will be written, if it will be (decides its form).
+        output: the output's form (:meth:`OutputPlan.for_path`), if it will be written.
 
     Raises:
         KeyMismatchError, TensorMismatchError: the inputs cannot be merged as asked.
@@ -423,5 +423,4 @@ def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None
     notes = list(recipe.notes) + [f"{ck.label}: {n}" for ck in [*models, *([base] if base else [])] for n in ck.notes]
     for n in notes:
         log.info(n)
-    out = OutputPlan.for_path(output, recipe.output) if output is not None else None
-    return MergePlan(recipe, models, base, method, ingredients, jobs, out, notes)
+    return MergePlan(recipe, models, base, method, ingredients, jobs, output, notes)

@@ -227,13 +227,14 @@ def load_torch(path: Path, allow_globals: Iterable[str] = ()) -> Any:
             record is shorter than the tensor data it should hold.
     """
     extra = [*check_global_names(allow_globals), *_PROCESS_ALLOWED]
-    if not zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
         with open(path, "rb") as f:
             magic = f.read(2)
         if not magic.startswith(b"\x80"):  # neither a zip archive nor a legacy pickle stream
             raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle); the file is corrupt or truncated")
     try:
-        mappable = _check_records(path, extra) if zipfile.is_zipfile(path) else False
+        mappable = _check_records(path, extra) if is_zip else False
         with torch.serialization.safe_globals(_safe_globals(extra)):
             if mappable:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
