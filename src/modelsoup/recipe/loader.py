@@ -112,11 +112,16 @@ def _check_nesting(text: str, source: str | None) -> None:
             depth -= 1
 
 
+MAX_NUMBER_CHARS = 400
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
 def _check_expansion(root: yaml.Node, source: str | None) -> None:
-    """Refuse a node graph that aliases make recursive, deeper than MAX_YAML_DEPTH or larger than MAX_YAML_NODES.
+    """Refuse a node graph that aliases make recursive, deeper than MAX_YAML_DEPTH or larger than MAX_YAML_NODES,
+    or that holds a number written with more than MAX_NUMBER_CHARS characters (no setting needs one).
 
     Aliases share nodes, so the graph is small even when its expansion is huge (a "billion laughs"
-    file); sizes and depths are computed once per node, iteratively (no recursion to exhaust).
+    file); every node is visited once, iteratively (no recursion to exhaust).
     """
     size: dict[int, int] = {}
     depth: dict[int, int] = {}
@@ -145,6 +150,8 @@ def _check_expansion(root: yaml.Node, source: str | None) -> None:
             continue
         if key in size:
             continue
+        if isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS and len(node.value) > MAX_NUMBER_CHARS:
+            raise _yaml_error(source, node.start_mark.line + 1, f"a number of {len(node.value)} characters; no setting needs more than {MAX_NUMBER_CHARS}")
         on_path.add(key)
         stack.append((node, True))
         for c in children(node):
@@ -152,27 +159,6 @@ def _check_expansion(root: yaml.Node, source: str | None) -> None:
                 raise _yaml_error(source, c.start_mark.line + 1, "an alias refers to a value that contains it (a recursive alias); write the value out")
             if id(c) not in size:
                 stack.append((c, False))
-
-
-MAX_NUMBER_CHARS = 400
-_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
-
-
-def _check_scalars(root: yaml.Node, source: str | None) -> None:
-    """Refuse numbers written with more than MAX_NUMBER_CHARS characters (no value a recipe needs is that long)."""
-    stack, seen = [root], set()
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        if isinstance(n, yaml.ScalarNode):
-            if n.tag in _NUMBER_TAGS and len(n.value) > MAX_NUMBER_CHARS:
-                raise _yaml_error(source, n.start_mark.line + 1, f"a number of {len(n.value)} characters; no setting needs more than {MAX_NUMBER_CHARS}")
-        elif isinstance(n, yaml.MappingNode):
-            stack += [x for kv in n.value for x in kv]
-        elif isinstance(n, yaml.SequenceNode):
-            stack += n.value
 
 
 def load_yaml(text: str, source: str | None = None) -> tuple[Any, dict[PathKey, int]]:
@@ -192,7 +178,6 @@ def load_yaml(text: str, source: str | None = None) -> tuple[Any, dict[PathKey, 
         node = loader.get_single_node()
         if node is not None:
             _check_expansion(node, source)
-            _check_scalars(node, source)
         try:
             data = loader.construct_document(node) if node is not None else None
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:  # PyYAML's own conversions
