@@ -199,7 +199,7 @@ def test_slerp_with_three_models_is_refused(states):
 
 
 def test_unknown_method_lists_valid(states):
-    with pytest.raises(RecipeError, match=r"^recipe has 1 problem:\n  - method: unknown merge method 'soup'; valid methods: breadcrumbs, .*\blinear, .*ties$"):
+    with pytest.raises(RecipeError, match=r"^recipe has 1 problem:\n  - method: unknown merge method 'soup'; valid methods: arcee_fusion, breadcrumbs, .*\blinear, .*ties$"):
         merge_state_dicts(states, method="soup")
 
 

@@ -15,6 +15,7 @@ import pytest
 from modelsoup.errors import RecipeError
 from modelsoup.plan import tensor_rules
 from modelsoup.recipe import Recipe, load_recipe, recipe_from_dict, recipe_from_yaml_text
+from modelsoup.recipe.schema import describe
 
 
 LLAMA = (
@@ -61,7 +62,8 @@ def test_ties(ckpts: Path) -> None:
     assert r.base is not None and r.base.path == "base"
     assert [m.path for m in r.models] == ["a", "b"]  # base_model listed in models is not a task vector
     assert r.parameters == {
-        "density": 1.0, "scale": 1.0, "sign_method": "sum", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"
+        "density": 1.0, "scale": 1.0, "rescale": "none", "keep_at_least_one": True, "sign_method": "sum", "sign_from": "weighted",
+        "normalize": True, "divide_by": "weight_sum",
     }
     assert r.dtype == "bfloat16"
     rules = tensor_rules(r, LLAMA)
@@ -131,11 +133,12 @@ def test_breadcrumbs_and_breadcrumbs_ties(ckpts: Path) -> None:
     plain = mk(text.replace("{m}", "breadcrumbs"))
     assert plain.method == "breadcrumbs"
     assert plain.parameters == {
-        "density": 1.0, "gamma": 0.01, "scale": 1.0, "sign_method": "none", "sign_from": "weighted", "normalize": False, "divide_by": "weight_sum"
+        "density": 1.0, "gamma": 0.01, "scale": 1.0, "rescale": "none", "sign_method": "none", "sign_from": "weighted", "normalize": False,
+        "divide_by": "weight_sum",
     }
     assert tensor_rules(plain, ["x"])["x"].params["gamma"] == (0.02,)
     tied = mk(text.replace("{m}", "breadcrumbs_ties"))
-    assert tied.method == "breadcrumbs" and tied.parameters["sign_method"] == "sum" and tied.parameters["normalize"] is False
+    assert tied.method == "breadcrumbs_ties" and tied.parameters["sign_method"] == "sum" and tied.parameters["normalize"] is False
 
 
 def test_linear_base_listed_takes_part(ckpts: Path) -> None:
@@ -213,31 +216,85 @@ def test_slerp_needs_exactly_one_other_model(ckpts: Path) -> None:
     assert ps == ["mk.yaml:1: models: mergekit's slerp interpolates base_model (t=0) and exactly one other model (t=1); got 2 other model(s)"]
 
 
-def test_slices_form_refused(ckpts: Path) -> None:
+def test_slices_form_translates_layer_ranges_weights_and_parameters(ckpts: Path) -> None:
+    r = mk(
+        """\
+        slices:
+          - sources:
+              - model: a
+                layer_range: [0, 2]
+                parameters: {weight: 0.3}
+              - model: b
+                layer_range: [2, 4]
+            parameters: {weight: 0.7, normalize: false}
+          - sources:
+              - model: b
+                layer_range: [0, 1]
+                parameters: {weight: 1.0}
+              - model: a
+                layer_range: [3, 4]
+        merge_method: linear
+        parameters: {weight: 0.5}
+        """
+    )
+    assert [m.path for m in r.models] == ["a", "b"] and r.base is None
+    (s0, s1) = r.slices
+    assert [(s.model, s.layers, s.weight) for s in s0.sources] == [(0, (0, 2), 0.3), (1, (2, 4), 0.7)]
+    assert s0.parameters == {"normalize": False}
+    # the slice's weight, else the global one, as mergekit's ConfigReader looks them up
+    assert [(s.model, s.layers, s.weight) for s in s1.sources] == [(1, (0, 1), 1.0), (0, (3, 4), 0.5)]
+    again = recipe_from_yaml_text(r.to_yaml(), source="again.yaml")
+    assert again.slices == r.slices and [m.path for m in again.models] == ["a", "b"]
+
+
+def test_slices_problems_at_their_lines(ckpts: Path) -> None:
     ps = mk_problems(
         """\
         slices:
           - sources:
               - model: a
-                layer_range: [0, 32]
+                layer_range: [0, 2]
               - model: b
-                layer_range: [0, 32]
+                layer_range: [0, 3]
+          - sources:
+              - model: a
+                layer_range: [2]
+          - sources:
+              - model: b
+          - sources: []
+            base_model: a
         merge_method: slerp
         base_model: a
         parameters: {t: 0.5}
         """
     )
     assert ps == [
-        "mk.yaml:1: slices: the `slices:` form is not supported; modelsoup runs mergekit's whole-model form (`models:` with "
-        "`model:` entries). If every slice spans all layers of every model, list the models under `models:` instead"
+        "mk.yaml:2: slices[0].sources: every source of a slice must span the same number of layers, got [2, 3]",
+        "mk.yaml:9: slices[1].sources[0].layer_range: must be [start, end], two layer indices (end excluded), got [2]",
+        "mk.yaml:11: slices[2].sources[0].layer_range: is required: [start, end], the layers taken from this model (end excluded)",
+        "mk.yaml:12: slices[3].sources: is required: a non-empty list of `- model: PATH` with `layer_range: [start, end]`",
+        "mk.yaml:13: slices[3].base_model: a per-slice base_model is not supported; set the top-level `base_model:`",
     ]
 
 
+def test_slices_need_the_base_among_the_sources_of_base_methods(ckpts: Path) -> None:
+    ps = mk_problems(
+        "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n      - model: b\n        layer_range: [0, 2]\n"
+        "merge_method: slerp\nbase_model: base\nparameters: {t: 0.5}\n"
+    )
+    assert ps == ["mk.yaml:2: slices[0].sources: method 'slerp' reads the base in every slice: list the base (base) among this slice's "
+                  "sources, with the layers it contributes"]
+    ps = mk_problems("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n      - model: b\n        layer_range: [0, 2]\n"
+                     "merge_method: passthrough\n")
+    assert ps == ["mk.yaml:2: slices[0].sources: method 'passthrough' takes exactly 1 model, got 2"]
+
+
 def test_unsupported_method_lists_supported(ckpts: Path) -> None:
-    ps = mk_problems("models:\n  - model: a\nmerge_method: della\nbase_model: base\n")
+    ps = mk_problems("models:\n  - model: a\nmerge_method: frankenstein\nbase_model: base\n")
     assert ps == [
-        "mk.yaml:3: merge_method: mergekit method 'della' is not supported; supported: linear, task_arithmetic, ties, "
-        "dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, slerp, model_stock"
+        "mk.yaml:3: merge_method: mergekit method 'frankenstein' is not supported; supported: linear, task_arithmetic, ties, "
+        "dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, karcher, "
+        "model_stock, sce, nearswap, arcee_fusion, ram, ramplus_tl, passthrough"
     ]
 
 
@@ -266,16 +323,14 @@ def test_mergekit_problems_all_at_once_with_lines(ckpts: Path) -> None:
         "mk.yaml:5: models[0].parameters.density: must be in (0, 1], got 2",
         "mk.yaml:6: models[1]: mergekit's 'ties' needs a weight for every model (mergekit fails with 'Missing required "
         "parameter weight'); give `parameters: {weight: ...}` here or a global `weight`",
-        "mk.yaml:7: models[1].parameters.densty: mergekit's 'ties' does not read a parameter 'densty' (mergekit would silently "
-        "ignore it); valid: int8_mask, normalize, rescale, lambda, weight, density",
-        ps[3],
+        ps[2],
         "mk.yaml:13: parameters.lambda: must be a number, got 'abc'",
         "mk.yaml:15: tokenizer_source: tokenizer_source 'union' is not supported: modelsoup copies the tokenizer files of the "
         "base model (or the first model) unchanged; use `tokenizer_source: base` or leave it out",
         "mk.yaml:16: out_dtype: unknown dtype 'float8'; did you mean 'float32'?; valid: float32, float16, bfloat16 (or leave it out to keep each tensor's dtype)",
     ]
-    assert ps[3].startswith("mk.yaml:8: models[2].model: 'org/hub-model' does not exist")
-    assert "cannot fetch Hugging Face hub ids" in ps[3]
+    assert ps[2].startswith("mk.yaml:8: models[2].model: 'org/hub-model' does not exist")
+    assert "cannot fetch Hugging Face hub ids" in ps[2]
 
 
 def test_missing_weight_and_t(ckpts: Path) -> None:
@@ -295,17 +350,32 @@ def test_linear_unlisted_base_without_weight(ckpts: Path) -> None:
     assert ps[0].startswith("mk.yaml:5: base_model: mergekit's linear merge also averages base_model")
 
 
-def test_rescale_true_refused_for_ties(ckpts: Path) -> None:
-    ps = mk_problems("models:\n  - model: a\n    parameters: {weight: 1}\nmerge_method: ties\nbase_model: base\nparameters: {rescale: true}\n")
-    assert ps == ["mk.yaml:6: parameters.rescale: rescale: true (L1-norm rescaling after pruning) is not supported for 'ties'; remove it"]
+def test_rescale_true_for_ties_and_breadcrumbs_is_l1(ckpts: Path) -> None:
+    for m in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        r = mk(f"models:\n  - model: a\n    parameters: {{weight: 1}}\nmerge_method: {m}\nbase_model: base\nparameters: {{rescale: true}}\n")
+        assert r.parameters["rescale"] == "l1", m
+    r = mk("models:\n  - model: a\n    parameters: {weight: 1}\nmerge_method: task_arithmetic\nbase_model: base\nparameters: {rescale: true}\n")
+    assert "rescale" not in r.parameters and "rescale is ignored by task_arithmetic (no sparsification), as in mergekit" in r.notes
 
 
-def test_global_parameter_per_model_refused(ckpts: Path) -> None:
-    ps = mk_problems("models:\n  - model: a\n    parameters: {weight: 1, normalize: false}\nmerge_method: ties\nbase_model: base\n")
-    assert ps == [
-        "mk.yaml:3: models[0].parameters.normalize: 'normalize' is a global parameter of mergekit's 'ties' (mergekit ignores it "
-        "per model); move it to the top-level `parameters:`"
+def test_parameters_mergekit_does_not_read_are_warned_and_ignored(ckpts: Path) -> None:
+    r = mk(
+        "models:\n  - model: a\n    parameters: {weight: 1, normalize: false, densty: 0.5}\n    weigth: 2\nmerge_method: ties\n"
+        "base_model: base\nparameters: {t: 0.3}\nbase_mdoel: x\n"
+    )
+    assert r.parameters["normalize"] is True and r.models[0].parameters == {} and "t" not in r.parameters
+    assert list(r.warnings) == [
+        "mk.yaml:8: base_mdoel: unknown mergekit key 'base_mdoel' ignored, as mergekit ignores it; did you mean 'base_model'? "
+        "(mergekit keys: merge_method, models, base_model, parameters, dtype, out_dtype, tokenizer_source, tokenizer, chat_template, slices, modules)",
+        "mk.yaml:7: parameters.t: mergekit's 'ties' does not read a parameter 't'; ignored, as mergekit ignores it (it reads: int8_mask, "
+        "normalize, rescale, lambda, weight, density)",
+        "mk.yaml:4: models[0].weigth: unknown key 'weigth' in a mergekit model entry ignored, as mergekit ignores it (it reads: model, parameters)",
+        "mk.yaml:3: models[0].parameters.normalize: 'normalize' is a global parameter of mergekit's 'ties'; mergekit ignores it per model, "
+        "and so does modelsoup (move it to the top-level `parameters:` to use it)",
+        "mk.yaml:3: models[0].parameters.densty: mergekit's 'ties' does not read a parameter 'densty'; ignored, as mergekit ignores it; "
+        "did you mean 'density'? (it reads: int8_mask, normalize, rescale, lambda, weight, density)",
     ]
+    assert "warning: mk.yaml:7: parameters.t:" in describe(r)
 
 
 def test_tokenizer_and_chat_template(ckpts: Path) -> None:
@@ -317,9 +387,7 @@ def test_tokenizer_and_chat_template(ckpts: Path) -> None:
 
 def test_unknown_mergekit_key(ckpts: Path) -> None:
     ps = mk_problems("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_mdoel: base\n")
-    assert ps[0] == "mk.yaml:4: merge_method: mergekit's 'model_stock' needs `base_model:`"
-    assert ps[1] == ("mk.yaml:5: base_mdoel: unknown mergekit key 'base_mdoel'; did you mean 'base_model'? (mergekit keys: merge_method, "
-                     "models, base_model, parameters, dtype, out_dtype, tokenizer_source, tokenizer, chat_template, slices, modules)")
+    assert ps == ["mk.yaml:4: merge_method: mergekit's 'model_stock' needs `base_model:`"]
 
 
 def test_lora_reference_refused(ckpts: Path) -> None:

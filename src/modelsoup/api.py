@@ -19,7 +19,7 @@ from .engine import collect, run_jobs
 from .errors import RecipeError
 from .io import Checkpoint, open_checkpoint
 from .io.output import cached_sha256, check_output, copy_model_files, input_paths, staged_output
-from .io.records import hub_ids, input_record, set_config_dtype, write_records
+from .io.records import hub_ids, input_record, set_config_dtype, set_config_layers, write_records
 from .io.sinks import SafetensorsSink, Sink, TorchSink
 from .plan import MergePlan, OutputPlan, plan_merge
 from .recipe import Recipe, load_recipe, recipe_from_dict
@@ -214,9 +214,12 @@ def _write_folder_files(plan: MergePlan, folder: Path, out_hashes: dict[str, str
     assert out is not None
     sources = [*([plan.base] if plan.base is not None else []), *plan.models]
     hf_src = next((ck.folder for ck in sources if ck.folder is not None), None)
-    copied = copy_model_files(hf_src, folder) if (hf_src is not None and out.options.copy_files) else []
+    copied = copy_model_files(hf_src, folder, tokenizer=out.options.copy_tokenizer) if (hf_src is not None and out.options.copy_files) else []
     if rec.dtype is not None and "config.json" in copied:
         set_config_dtype(folder / "config.json", rec.dtype)
+    if plan.layer_sources and "config.json" in copied:
+        configs = [ck.folder / "config.json" if ck.folder is not None else None for ck in plan.models]
+        set_config_layers(folder / "config.json", [(configs[m], layer) for m, layer in plan.layer_sources])
     roles = [("model", m, ck) for m, ck in zip(rec.models, plan.models)] + ([("base", rec.base, plan.base)] if plan.base is not None else [])
     inputs = [input_record(role, str(ref.path) if ref.source is None else "(in memory)", ck.kind, ck.files, in_hashes, ck.notes)
               for role, ref, ck in roles]

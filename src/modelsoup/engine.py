@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .errors import NonFiniteError
 from .io import Checkpoint
 from .methods.ops import all_finite
-from .plan import MergePlan, TensorJob
+from .plan import MergePlan, Source, TensorJob
 from .progress import progress_on
 
 log = logging.getLogger("modelsoup")
@@ -58,7 +58,8 @@ class MergeRun:
     def __init__(self, plan: MergePlan) -> None:
         self.plan = plan
         self._lock = threading.Lock()
-        self._disagreeing: list[str] = []
+        self._disagreeing: list[tuple[str, str]] = []  # (tensor, the input it was taken from)
+        self.inputs = plan.inputs
 
     def _read(self, ck: Checkpoint, name: str, upcast: bool = False) -> torch.Tensor:
         """Read a tensor (in float32 if ``upcast`` and floating), refusing NaN/Inf unless allowed."""
@@ -74,28 +75,25 @@ class MergeRun:
             )
         return wide.to(torch.float32) if upcast else t
 
+    def _get(self, src: Source, upcast: bool = False) -> torch.Tensor:
+        return self._read(self.inputs[src[0]], src[1], upcast)
+
     def compute(self, job: TensorJob) -> torch.Tensor:
         """Compute one output tensor (in its output dtype)."""
         plan = self.plan
-        if job.action == "base":
-            assert plan.base is not None
-            return self._read(plan.base, job.name).to(job.dtype, copy=True)
-        if job.action == "first":
-            return self._read(plan.models[0], job.name).to(job.dtype, copy=True)
-        srcs = [plan.models[i] for i in plan.ingredients]
+        if job.action in ("base", "first"):
+            return self._get(job.sources[0]).to(job.dtype, copy=True)
         if job.action == "nonfloat":
-            ref_ck = plan.base if plan.uses_base and plan.base is not None else srcs[0]
-            everyone = srcs + ([plan.base] if plan.uses_base and plan.base is not None else [])
-            ref = ref_ck.read(job.name)
-            if any(not torch.equal(ref, ck.read(job.name)) for ck in everyone if ck is not ref_ck):
+            ref = self._get(job.sources[0])
+            if any(not torch.equal(ref, self._get(s)) for s in job.sources[1:]):
                 with self._lock:
-                    self._disagreeing.append(job.name)
+                    self._disagreeing.append((job.name, self.inputs[job.sources[0][0]].label))
             return ref.clone()
-        if job.nbytes >= PARALLEL_READ_BYTES and len(srcs) > 1:
-            tensors = list(_READ_POOL.map(lambda ck: self._read(ck, job.name, upcast=True), srcs))
+        if job.nbytes >= PARALLEL_READ_BYTES and len(job.sources) > 1:
+            tensors = list(_READ_POOL.map(lambda s: self._get(s, upcast=True), job.sources))
         else:
-            tensors = [self._read(ck, job.name, upcast=True) for ck in srcs]
-        base = self._read(plan.base, job.name, upcast=True) if plan.uses_base and plan.base is not None else None
+            tensors = [self._get(s, upcast=True) for s in job.sources]
+        base = self._get(job.base_source, upcast=True) if job.base_source is not None else None
         gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name)) if plan.method.random else None
         out = plan.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
         if tuple(out.shape) != job.shape:
@@ -115,8 +113,9 @@ class MergeRun:
         """Notes gathered while merging (integer buffers that differed), logged once."""
         plan = self.plan
         if self._disagreeing:
-            src = plan.base.label if plan.uses_base and plan.base is not None else plan.models[plan.ingredients[0]].label
-            msg = f"{len(self._disagreeing)} non-floating tensor(s) differ across models and were taken from {src}, not averaged: " + ", ".join(sorted(self._disagreeing)[:8])
+            src = " / ".join(dict.fromkeys(label for _, label in self._disagreeing))
+            names = sorted(name for name, _ in self._disagreeing)
+            msg = f"{len(names)} non-floating tensor(s) differ across models and were taken from {src}, not averaged: " + ", ".join(names[:8])
             log.info(msg)
             plan.notes.append(msg)
             self._disagreeing = []

@@ -23,7 +23,7 @@ from .errors import EmptyMergeError, KeyMismatchError, TensorMismatchError, name
 from .io import Checkpoint
 from .io.formats import is_file_output, is_torch_file, tensor_nbytes
 from .methods import MergeMethod, get_method
-from .recipe.schema import OutputOptions, Recipe, is_number
+from .recipe.schema import OutputOptions, Override, Recipe, Slice, is_number
 
 log = logging.getLogger("modelsoup")
 
@@ -124,11 +124,35 @@ def layer_positions(names: Sequence[str]) -> dict[str, float]:
     return out
 
 
-def tensor_rules(recipe: Recipe, names: Sequence[str]) -> dict[str, TensorRule]:
-    """Resolve overrides, conditionals and gradients into one rule per tensor name.
+def resolve_rule(
+    method: MergeMethod, name: str, t: float, overrides: Sequence[Override], entries: Sequence[tuple[Any, Mapping[str, Any]]],
+    shared: Sequence[Mapping[str, Any]],
+) -> TensorRule:
+    """The rule of tensor ``name`` at layer position ``t``.
 
-    The value of a parameter for one tensor is taken from, in order: the first matching override,
-    the model entry (per-model parameters), the top-level ``parameters``, the method's default.
+    A parameter's value is taken from, in order: the first override matching ``name``, the entry's own
+    setting (per-model parameters; ``entries`` is one (weight setting, parameter settings) per model),
+    each of the ``shared`` settings in turn (a slice's, then the recipe's), the method's default.
+    """
+    ov = next((o for o in overrides if o.matches(name)), None)
+    ov_params = ov.parameters if ov is not None else {}
+    params: dict[str, Any] = {}
+    for p in method.params:
+        common = [ov_params.get(p.name), *(sh.get(p.name) for sh in shared)]
+        if p.per_model:
+            params[p.name] = tuple(_first_value(name, t, p.default, common[0], own.get(p.name), *common[1:]) for _, own in entries)
+        else:
+            params[p.name] = _first_value(name, t, p.default, *common)
+    weights: tuple[float, ...] | None = None
+    if ov is not None and ov.weights is not None:
+        weights = tuple(ov.weights)
+    elif any(w is not None for w, _ in entries):
+        weights = tuple(float(_first_value(name, t, 1.0, w)) for w, _ in entries)
+    return TensorRule(take=ov.take if ov is not None else None, params=params, weights=weights)
+
+
+def tensor_rules(recipe: Recipe, names: Sequence[str]) -> dict[str, TensorRule]:
+    """Resolve overrides, conditionals and gradients into one rule per tensor name (see :func:`resolve_rule`).
 
     Args:
         recipe: a validated recipe.
@@ -139,30 +163,132 @@ def tensor_rules(recipe: Recipe, names: Sequence[str]) -> dict[str, TensorRule]:
     """
     method = get_method(recipe.method)
     positions = layer_positions(names)
-    rules: dict[str, TensorRule] = {}
-    for name in names:
-        t = positions[name]
-        ov = next((o for o in recipe.overrides if o.matches(name)), None)
-        ov_params = ov.parameters if ov is not None else {}
-        params: dict[str, Any] = {}
-        for p in method.params:
-            if p.per_model:
-                params[p.name] = tuple(
-                    _first_value(name, t, p.default, ov_params.get(p.name), m.parameters.get(p.name), recipe.parameters.get(p.name))
-                    for m in recipe.models
-                )
-            else:
-                params[p.name] = _first_value(name, t, p.default, ov_params.get(p.name), recipe.parameters.get(p.name))
-        weights: tuple[float, ...] | None = None
-        if ov is not None and ov.weights is not None:
-            weights = tuple(ov.weights)
-        elif any(m.weight is not None for m in recipe.models):
-            weights = tuple(float(_first_value(name, t, 1.0, m.weight)) for m in recipe.models)
-        rules[name] = TensorRule(take=ov.take if ov is not None else None, params=params, weights=weights)
-    return rules
+    entries = [(m.weight, m.parameters) for m in recipe.models]
+    return {name: resolve_rule(method, name, positions[name], recipe.overrides, entries, [recipe.parameters]) for name in names}
+
+
+# Tensors outside the layer stack that come before it (embeddings); the others (final norm, head) come after.
+# mergekit reads these from each architecture's definition; a slices recipe takes the ones before the stack
+# from its first slice's models and the ones after it from its last slice's.
+_BEFORE_LAYERS = re.compile(r"embed|wte|wpe|tok_embeddings|word_embeddings|position_embeddings|token_type_embeddings|patch_embed|pos_embed|cls_token")
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """A model's layer stack as a slices recipe sees it: prefix, layer count, tensor names per layer and outside it."""
+
+    prefix: str
+    count: int
+    layers: dict[int, list[str]]  # layer -> the name suffixes after ``prefix + str(layer)``
+    outside: list[str]
+
+    @classmethod
+    def of(cls, ck: Checkpoint) -> LayerStack:
+        """Read from a checkpoint's names.
+
+        Raises:
+            KeyMismatchError: not exactly one layer stack.
+        """
+        prefixes: dict[str, dict[int, list[str]]] = {}
+        outside: list[str] = []
+        for n in ck.names():
+            hit = layer_index(n)
+            if hit is None:
+                outside.append(n)
+                continue
+            prefix, i = hit
+            prefixes.setdefault(prefix, {}).setdefault(i, []).append(n[len(prefix) + len(str(i)):])
+        if len(prefixes) != 1:
+            found = ", ".join(sorted(prefixes)) or "none"
+            raise KeyMismatchError(f"{ck.label}: a `slices:` recipe needs a model with one stack of numbered layers; found {found}. "
+                                   "Merge whole models (`models:`) instead")
+        ((prefix, layers),) = prefixes.items()
+        return cls(prefix, max(layers) + 1, layers, outside)
+
+
+def plan_slices(recipe: Recipe, models: Sequence[Checkpoint], method: MergeMethod) -> tuple[list[TensorJob], list[tuple[int, int]]]:
+    """The jobs of a ``slices:`` recipe, and the (model, layer) each output layer comes from.
+
+    Output layer ``k`` is numbered in order over the slices; within a slice of ``n`` layers, offset ``i``
+    merges layer ``start + i`` of each source at gradient position ``i / (n - 1)`` (1 when n == 1), as
+    mergekit's ``plan_slice``. Tensors before the layer stack come from the first slice's sources, those
+    after it from the last slice's, at position 0. A source that is the base model is the method's base.
+
+    Raises:
+        KeyMismatchError: a layer range beyond a model's layers, or a layer or tensor some source lacks.
+        TensorMismatchError: shapes or dtypes that differ.
+    """
+    stacks = {s.model: LayerStack.of(models[s.model]) for sl in recipe.slices for s in sl.sources}
+    present = {k: set(models[k].names()) for k in stacks}
+    problems: list[str] = []
+    for i, sl in enumerate(recipe.slices):
+        for j, s in enumerate(sl.sources):
+            st = stacks[s.model]
+            if s.layers[1] > st.count:
+                problems.append(f"slices[{i}].sources[{j}]: layers {list(s.layers)} but {models[s.model].label} has {st.count} layers (0 to {st.count - 1})")
+    prefixes = {st.prefix for st in stacks.values()}
+    if len(prefixes) > 1:
+        problems.append(f"the models' layer stacks are named differently ({', '.join(sorted(prefixes))}); slices stack layers of one architecture")
+    if problems:
+        raise KeyMismatchError("the slices do not fit the models:\n  " + "\n  ".join(problems))
+    uses_base = method.base != "none" and recipe.base is not None
+    base_at = {k for k in stacks if uses_base and recipe.base is not None and recipe.models[k].same_as(recipe.base)}
+    out_dtype = DTYPE_NAMES[recipe.dtype] if recipe.dtype else None
+    jobs: list[TensorJob] = []
+    layer_sources: list[tuple[int, int]] = []
+    mismatch: list[str] = []
+
+    def add(out_name: str, sl: Slice, in_names: Sequence[str], t: float) -> None:
+        for s, n in zip(sl.sources, in_names):
+            if n not in present[s.model]:
+                mismatch.append(f"'{out_name}' needs '{n}', which {models[s.model].label} lacks")
+                return
+        ingredients = [(s, n) for s, n in zip(sl.sources, in_names) if s.model not in base_at]
+        base_src = next(((s.model, n) for s, n in zip(sl.sources, in_names) if s.model in base_at), None)
+        rule = resolve_rule(method, out_name, t, recipe.overrides, [(s.weight, s.parameters) for s, _ in ingredients], [sl.parameters, recipe.parameters])
+        if rule.take == "skip":
+            return
+        if rule.take == "base" and base_src is None:
+            mismatch.append(f"'{out_name}': `take: base` but no source of its slice is the base")
+            return
+        job = _job(out_name, rule.take, [(s.model, n) for s, n in ingredients], base_src, models, out_dtype, rule.params, rule.weights, None, problems)
+        if job is not None:
+            jobs.append(job)
+
+    first, last = recipe.slices[0], recipe.slices[-1]
+    outside = stacks[first.sources[0].model].outside
+    for n in (n for n in outside if _BEFORE_LAYERS.search(n)):
+        add(n, first, [n] * len(first.sources), 0.0)
+    (prefix,) = prefixes
+    for sl in recipe.slices:
+        ref = sl.sources[0]
+        for i in range(sl.length):
+            t = i / (sl.length - 1) if sl.length > 1 else 1.0
+            k = len(layer_sources)
+            suffixes = stacks[ref.model].layers[ref.layers[0] + i]
+            for s in sl.sources[1:]:
+                theirs = stacks[s.model].layers[s.layers[0] + i]
+                if sorted(theirs) != sorted(suffixes):
+                    mismatch.append(f"layer {s.layers[0] + i} of {models[s.model].label} and layer {ref.layers[0] + i} of "
+                                    f"{models[ref.model].label} hold different tensors: " + name_mismatch(
+                                        [x for x in suffixes if x not in theirs], [x for x in theirs if x not in suffixes]))
+            for suffix in suffixes:
+                add(f"{prefix}{k}{suffix}", sl, [f"{prefix}{s.layers[0] + i}{suffix}" for s in sl.sources], t)
+            layer_sources.append((ref.model, ref.layers[0] + i))
+    for n in (n for n in stacks[last.sources[0].model].outside if not _BEFORE_LAYERS.search(n)):
+        add(n, last, [n] * len(last.sources), 0.0)
+    if mismatch:
+        raise KeyMismatchError(f"{len(mismatch)} tensor(s) of the slices cannot be made:\n  " + "\n  ".join(mismatch[:50]))
+    _raise_mismatches(problems)
+    return jobs, layer_sources
+
 
 # ----------------------------------------------------------------------------------------------
 # Tensors of the output
+
+
+# Where a job reads one input tensor: (index into MergePlan.inputs, tensor name in that checkpoint).
+Source = tuple[int, str]
 
 
 @dataclass(frozen=True)
@@ -170,7 +296,7 @@ class TensorJob:
     """One output tensor.
 
     Attributes:
-        name: tensor name.
+        name: tensor name in the output.
         action: ``merge`` (run the method), ``base``/``first`` (copy from that model), ``nonfloat`` (copy
             an integer/bool tensor after checking that every model agrees).
         dtype: output dtype.
@@ -178,6 +304,9 @@ class TensorJob:
         params: method hyperparameters for this tensor (per-model ones already narrowed to ingredients).
         weights: per-ingredient weights or None.
         alias_of: set when this name shares storage with an earlier one in the inputs (tied weights).
+        sources: the method's input tensors, one per ingredient (for ``base``/``first``: the one tensor copied;
+            for ``nonfloat``: the tensors that must agree, the first copied).
+        base_source: the base tensor the method reads, or None.
     """
 
     name: str
@@ -187,6 +316,8 @@ class TensorJob:
     params: dict[str, Any] = field(default_factory=dict)
     weights: tuple[float, ...] | None = None
     alias_of: str | None = None
+    sources: tuple[Source, ...] = ()
+    base_source: Source | None = None
 
     @property
     def nbytes(self) -> int:
@@ -255,6 +386,43 @@ def tied_names(names: Sequence[str], models: Sequence[Checkpoint], base: Checkpo
     return {a: t for a, t in tied.items() if rules[a] == rules[t]}
 
 
+def _check_inputs(name: str, metas: Sequence[tuple[Checkpoint, torch.dtype, tuple[int, ...]]], out_dtype: torch.dtype | None) -> str | None:
+    """Why the tensors ``metas`` (checkpoint, dtype, shape) cannot make output tensor ``name``, or None."""
+    shapes = {m[2] for m in metas}
+    dtypes = {m[1] for m in metas}
+    floats = {d.is_floating_point for d in dtypes}
+    if len(shapes) > 1:
+        return f"'{name}' has different shapes: " + ", ".join(f"{ck.label}: {list(s)}" for ck, _, s in metas)
+    if len(floats) > 1 or (len(dtypes) > 1 and not (floats == {True} and out_dtype is not None)):
+        fix = "" if floats != {True} else " (set `dtype:` / --dtype to choose the output dtype)"
+        return f"'{name}' has different dtypes: " + ", ".join(f"{ck.label}: {str(d).replace('torch.', '')}" for ck, d, _ in metas) + fix
+    return None
+
+
+def _job(
+    name: str, take: str | None, sources: Sequence[Source], base_source: Source | None, inputs: Sequence[Checkpoint],
+    out_dtype: torch.dtype | None, params: dict[str, Any], weights: tuple[float, ...] | None, alias_of: str | None, problems: list[str],
+) -> TensorJob | None:
+    """One job: its inputs checked (shapes, dtypes; problems appended), its action decided; None if it cannot be made."""
+    copy = sources[:1] if take == "first" else ((base_source,) if take == "base" and base_source is not None else None)
+    read = list(copy if copy is not None else ([*sources, base_source] if base_source is not None else sources))
+    metas = [(inputs[i], *inputs[i].meta(n)) for i, n in read]
+    problem = _check_inputs(name, metas, out_dtype)
+    if problem:
+        problems.append(problem)
+        return None
+    in_dtype, shape = metas[0][1], metas[0][2]
+    floating = in_dtype.is_floating_point
+    if copy is not None:
+        action, sources, base_source = take or "first", tuple(copy), None
+    elif not floating:  # integer buffers are copied from the base (else the first model) after checking they agree
+        action, sources, base_source = "nonfloat", tuple(([base_source] if base_source is not None else []) + list(sources)), None
+    else:
+        action = "merge"
+    return TensorJob(name=name, action=action, dtype=(out_dtype or in_dtype) if floating else in_dtype, shape=shape, params=params,
+                     weights=weights, alias_of=alias_of, sources=tuple(sources), base_source=base_source)
+
+
 def build_jobs(
     names: Sequence[str],
     from_base: set[str],
@@ -267,10 +435,14 @@ def build_jobs(
 ) -> list[TensorJob]:
     """Turn aligned names and recipe rules into jobs, checking shapes and dtypes of every tensor.
 
+    Inputs are indexed as in :attr:`MergePlan.inputs`: the models, then the base.
+
     Raises:
         TensorMismatchError: every tensor whose shape or dtype differs across models, with each model's.
     """
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
+    inputs = [*models, *([base] if base is not None else [])]
+    base_index = len(models) if base is not None else None
     problems: list[str] = []
     jobs: list[TensorJob] = []
     aliases = tied_names(names, models, base, rules)
@@ -279,49 +451,21 @@ def build_jobs(
         rule = rules[name]
         if rule.take == "skip":
             continue
-        srcs = [models[i] for i in ingredients] if name not in from_base else []
-        if base is not None and (method.base != "none" or rule.take == "base" or name in from_base):
-            srcs = srcs + [base]
-        if rule.take == "first":
-            srcs = [models[0]]
-        metas = [(ck, *ck.meta(name)) for ck in srcs]
-        shapes = {m[2] for m in metas}
-        dtypes = {m[1] for m in metas}
-        floats = {d.is_floating_point for d in dtypes}
-        if len(shapes) > 1:
-            problems.append(f"'{name}' has different shapes: " + ", ".join(f"{ck.label}: {list(s)}" for ck, _, s in metas))
-            continue
-        if len(floats) > 1 or (len(dtypes) > 1 and not (floats == {True} and out_dtype is not None)):
-            fix = "" if floats != {True} else " (set `dtype:` / --dtype to choose the output dtype)"
-            problems.append(f"'{name}' has different dtypes: " + ", ".join(f"{ck.label}: {str(d).replace('torch.', '')}" for ck, d, _ in metas) + fix)
-            continue
-        (shape,) = shapes
-        in_dtype = metas[0][1]
-        floating = in_dtype.is_floating_point
-        if name in from_base or rule.take == "base":
-            action = "base"
-        elif rule.take == "first":
-            action = "first"
-        elif not floating:
-            action = "nonfloat"
-        else:
-            action = "merge"
+        take = "base" if name in from_base else rule.take
+        reads_base = base_index is not None and (method.base != "none" or take == "base")
         params = {k: (tuple(v[i] for i in ingredients) if k in per_model and isinstance(v, (tuple, list)) else v) for k, v in rule.params.items()}
         weights = tuple(rule.weights[i] for i in ingredients) if rule.weights is not None else None
-        jobs.append(
-            TensorJob(
-                name=name,
-                action=action,
-                dtype=(out_dtype or in_dtype) if floating else in_dtype,
-                shape=shape,
-                params=params,
-                weights=weights,
-                alias_of=aliases.get(name),
-            )
-        )
+        sources = [(i, name) for i in ingredients] if take != "first" else [(0, name)]
+        job = _job(name, take, sources, (base_index, name) if reads_base else None, inputs, out_dtype, params, weights, aliases.get(name), problems)
+        if job is not None:
+            jobs.append(job)
+    _raise_mismatches(problems)
+    return jobs
+
+
+def _raise_mismatches(problems: Sequence[str]) -> None:
     if problems:
         raise TensorMismatchError(f"{len(problems)} tensor(s) cannot be merged:\n  " + "\n  ".join(problems[:50]) + ("\n  ..." if len(problems) > 50 else ""))
-    return jobs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,6 +508,8 @@ class MergePlan:
         jobs: the planned output tensors.
         output: the output's form, when planned for writing.
         notes: what was detected or decided (logged once).
+        layer_sources: for a ``slices:`` recipe, the (model index, layer) each output layer comes from (its
+            config follows them); empty for whole models.
     """
 
     recipe: Recipe
@@ -374,6 +520,12 @@ class MergePlan:
     jobs: list[TensorJob]
     output: OutputPlan | None = None
     notes: list[str] = field(default_factory=list)
+    layer_sources: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        """The checkpoints jobs read, as :attr:`TensorJob.sources` index them: the models, then the base."""
+        return [*self.models, *([self.base] if self.base is not None else [])]
 
     @property
     def uses_base(self) -> bool:
@@ -409,18 +561,26 @@ def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None
     method = get_method(recipe.method)
     uses_base = method.base != "none" and base is not None
     ingredients = recipe.ingredients(uses_base)
-    if len(ingredients) < len(models):
-        log.info("the base model is also listed among the models; it is not an ingredient of '%s' (as in mergekit)", method.name)
-    names, from_base = align_names(models, base, recipe.keys, uses_base)
-    rules = tensor_rules(recipe, names)
-    jobs = build_jobs(names, from_base, models, ingredients, base, method, rules, recipe.dtype)
+    layer_sources: list[tuple[int, int]] = []
+    if recipe.slices:
+        names: list[str] = []
+        jobs, layer_sources = plan_slices(recipe, models, method)
+    else:
+        if len(ingredients) < len(models):
+            log.info("the base model is also listed among the models; it is not an ingredient of '%s' (as in mergekit)", method.name)
+        names, from_base = align_names(models, base, recipe.keys, uses_base)
+        rules = tensor_rules(recipe, names)
+        jobs = build_jobs(names, from_base, models, ingredients, base, method, rules, recipe.dtype)
     if not jobs:
         why = ("the models hold no tensors" if not any(ck.names() for ck in models) else
                "no tensor name is shared by every model (keys: intersection)" if recipe.keys == "intersection" and not names else
                "every tensor is left out (take: skip)")
         raise EmptyMergeError(f"the merge would write a model with no tensors: {why}. Check that the inputs are models of one "
                               "architecture (a wrapper prefix to strip? --strip-prefix), and the recipe's overrides")
-    notes = list(recipe.notes) + [f"{ck.label}: {n}" for ck in [*models, *([base] if base else [])] for n in ck.notes]
-    for n in notes:
+    for w in recipe.warnings:
+        log.warning(w)
+    notes = [f"warning: {w}" for w in recipe.warnings] + list(recipe.notes)
+    notes += [f"{ck.label}: {n}" for ck in [*models, *([base] if base else [])] for n in ck.notes]
+    for n in notes[len(recipe.warnings):]:
         log.info(n)
-    return MergePlan(recipe, models, base, method, ingredients, jobs, output, notes)
+    return MergePlan(recipe, models, base, method, ingredients, jobs, output, notes, layer_sources)

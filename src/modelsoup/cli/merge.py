@@ -4,25 +4,73 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import SoupError
 from .options import parse_set, parse_weights, progress
 
+log = logging.getLogger("modelsoup")
+
+
+# mergekit-yaml options that change nothing here, and why.
+_NOT_NEEDED = {
+    "cuda": "modelsoup merges on the CPU, streaming tensor by tensor",
+    "lazy_unpickle": "torch checkpoints are always read lazily (and only with weights_only)",
+    "low_cpu_memory": "memory stays at about one tensor per model per worker",
+}
+
+
+def parse_kmb(text: str) -> int:
+    """mergekit's size syntax: a number of bytes with an optional K, M or B (10^3, 10^6, 10^9) suffix."""
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale != 1 else text
+    if not digits.isdigit() or int(digits) == 0:
+        raise SoupError(f"--out-shard-size {text!r}: give a number of bytes with an optional K, M or B suffix, as mergekit reads it (e.g. 5B)")
+    return int(digits) * scale
+
+
+def _mergekit_options(a: argparse.Namespace, recipe: Any) -> Any:
+    """Apply the mergekit-yaml options given (their mergekit meaning) to a loaded recipe."""
+    for flag, why in _NOT_NEEDED.items():
+        if getattr(a, flag):
+            log.warning("--%s is not needed: %s", flag.replace("_", "-"), why)
+    if a.allow_crimes:
+        log.warning("--allow-crimes is not needed: modelsoup merges any models whose tensor names and shapes line up, and refuses the rest")
+    output = recipe.output
+    if a.out_shard_size:
+        output = dataclasses.replace(output, shard_size=parse_kmb(a.out_shard_size))
+    if a.copy_tokenizer is False:
+        output = dataclasses.replace(output, copy_tokenizer=False)
+    changes: dict[str, Any] = {"output": output}
+    if a.random_seed is not None:
+        changes["seed"] = a.random_seed
+    return dataclasses.replace(recipe, **changes)
+
 
 def cmd_merge(a: argparse.Namespace) -> int:
     from ..api import merge
     from ..recipe import load_recipe, recipe_from_dict
 
-    recipe_file = len(a.inputs) == 1 and a.method is None and Path(a.inputs[0]).suffix in (".yaml", ".yml")
-    if recipe_file:
+    is_recipe = bool(a.inputs) and a.method is None and Path(a.inputs[0]).suffix in (".yaml", ".yml")
+    if is_recipe and len(a.inputs) == 2:  # `soup merge RECIPE.yml OUT`, as `mergekit-yaml config.yml OUT` is typed
+        if a.output:
+            raise SoupError(f"two outputs given: {a.inputs[1]} and -o {a.output}; give one")
+        a.output = a.inputs.pop()
+    if not a.output:
+        raise SoupError("give the output: soup merge RECIPE.yaml OUT, or -o OUT")
+    mergekit_flags = [f for f in ("out_shard_size", "random_seed", "allow_crimes", *_NOT_NEEDED) if getattr(a, f) not in (None, False)]
+    mergekit_flags += ["copy_tokenizer"] if a.copy_tokenizer is False else []
+    if is_recipe and len(a.inputs) == 1:
         flags = [f for f in ("base", "weights", "set", "dtype", "keys", "seed", "shard_size", "format", "key", "strip_prefix") if getattr(a, f)]
         if flags:
             raise SoupError(f"--{flags[0].replace('_', '-')} cannot be combined with a recipe file; put it in {a.inputs[0]}")
-        recipe = load_recipe(a.inputs[0])
+        recipe = _mergekit_options(a, load_recipe(a.inputs[0]))
         if a.allow_nonfinite:
             recipe = dataclasses.replace(recipe, allow_nonfinite=True)
+    elif mergekit_flags:
+        raise SoupError(f"--{mergekit_flags[0].replace('_', '-')} is a mergekit-yaml option, for a recipe file: soup merge RECIPE.yml OUT --{mergekit_flags[0].replace('_', '-')} ...")
     else:
         if not a.inputs:
             raise SoupError("give a recipe file (soup merge recipe.yaml -o OUT) or models (soup merge --method linear A B -o OUT)")
@@ -92,8 +140,8 @@ def add_parsers(sub: Any) -> None:
     """Add this module's subcommands."""
     m = sub.add_parser("merge", help="merge checkpoints (a recipe file, or models and flags)",
                        description="soup merge RECIPE.yaml -o OUT   |   soup merge --method ties --base B A1 A2 -o OUT --set density=0.5")
-    m.add_argument("inputs", nargs="*", help="a recipe file (native or mergekit YAML), or the models to merge")
-    m.add_argument("-o", "--output", required=True, help="output folder (HF layout) or file (.safetensors / .pt)")
+    m.add_argument("inputs", nargs="*", help="a recipe file (native or mergekit YAML) and optionally the output, or the models to merge")
+    m.add_argument("-o", "--output", help="output folder (HF layout) or file (.safetensors / .pt)")
     m.add_argument("--method", help="merge method (see `soup methods`); default linear")
     m.add_argument("--base", help="base / pre-trained model")
     m.add_argument("--weights", help="comma-separated weight per model")
@@ -110,6 +158,14 @@ def add_parsers(sub: Any) -> None:
     m.add_argument("--workers", type=int, help="threads (default: cores + 1, 2..8)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--no-hash", action="store_true", help="skip sha256 of inputs and outputs")
+    mk = m.add_argument_group("mergekit-yaml options (with a recipe file; mergekit's meaning)")
+    mk.add_argument("--out-shard-size", metavar="SIZE", help="largest output shard in bytes, K/M/B suffixes as mergekit reads them (5B = 5e9)")
+    mk.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=None,
+                    help="copy the tokenizer files to the output (default: yes)")
+    mk.add_argument("--random-seed", type=int, help="seed of random methods (the recipe's seed)")
+    mk.add_argument("--allow-crimes", action="store_true", help="accepted; not needed (tensor names and shapes are checked either way)")
+    for flag in _NOT_NEEDED:
+        mk.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help="accepted; not needed here")
     m.set_defaults(fn=cmd_merge)
 
     v = sub.add_parser("validate", help="check a recipe without merging")

@@ -336,8 +336,15 @@ def _tree(p: Path, rel: Path, top: Path, seen: frozenset[Path]) -> list[tuple[Pa
     return out
 
 
-def copy_model_files(src: Path, dst: Path) -> list[str]:
-    """Copy config, tokenizer, generation and other small non-weight files of a model folder.
+# Files of a Hugging Face tokenizer (left out with ``tokenizer=False``).
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+})
+
+
+def copy_model_files(src: Path, dst: Path, *, tokenizer: bool = True) -> list[str]:
+    """Copy config, tokenizer (unless ``tokenizer`` is false), generation and other small non-weight files of a model folder.
 
     Subfolders (e.g. sentence-transformers' ``1_Pooling``) are copied when they hold no weight file.
     Every file must resolve inside the model folder (or the Hugging Face cache's blobs); contents are
@@ -348,7 +355,7 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
     """
     copied = []
     for p in sorted(src.iterdir()):
-        if p.name in SKIP_NAMES or p.name.startswith(".") or p.name.endswith(".index.json"):
+        if p.name in SKIP_NAMES or p.name.startswith(".") or p.name.endswith(".index.json") or (not tokenizer and p.name in TOKENIZER_FILES):
             continue
         files = _tree(p, Path(p.name), src, frozenset())
         if any(rel.suffix in FOREIGN_WEIGHT_SUFFIXES for rel, _ in files):

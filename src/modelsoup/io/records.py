@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import OutputError
+
 # ORG/NAME as the Hub spells a repository id (no leading dot or slash, one slash).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]*[A-Za-z0-9_-]$")
 
@@ -73,6 +75,51 @@ def set_config_dtype(config: Path, dtype: str) -> None:
             update(v)
     if not found:
         data["dtype"] = data["torch_dtype"] = dtype
+    config.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# config.json keys that give the number of layers of a layer stack (Llama/Mistral/Qwen/Gemma/BERT, GPT-2, T5/others).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def set_config_layers(config: Path, layer_sources: list[tuple[Path | None, int]]) -> None:
+    """Make a copied ``config.json`` describe a stack of ``len(layer_sources)`` layers (a ``slices:`` merge).
+
+    The layer count key is set; a per-layer list (``layer_types``) is rebuilt from the configs of the
+    models each layer came from (``layer_sources``: (that model's config.json or None, its layer)).
+
+    Raises:
+        OutputError: the config has no layer count key, or per-layer types that cannot be rebuilt; a model
+            that loads with a wrong layer count would silently drop or invent layers.
+    """
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    keys = [k for k in LAYER_COUNT_KEYS if isinstance(data.get(k), int)] if isinstance(data, dict) else []
+    if not isinstance(data, dict) or not keys:
+        raise OutputError(f"{config}: no layer count ({' / '.join(LAYER_COUNT_KEYS)}) to set to {len(layer_sources)}; a `slices:` merge "
+                          "writes a different number of layers, so its config must say so (set output.copy_files: false to write weights only)")
+    old = data[keys[0]]
+    for k in keys:
+        data[k] = len(layer_sources)
+    if isinstance(data.get("layer_types"), list):
+        types: list[Any] = []
+        cache: dict[Path, Any] = {}
+        for src, layer in layer_sources:
+            theirs = None
+            if src is not None:
+                if src not in cache:
+                    try:
+                        cache[src] = json.loads(src.read_text(encoding="utf-8")).get("layer_types")
+                    except (OSError, ValueError, AttributeError):
+                        cache[src] = None
+                theirs = cache[src]
+            if not isinstance(theirs, list) or layer >= len(theirs):
+                raise OutputError(f"{config}: `layer_types` lists each of the {old} layers, but the type of layer {layer} of "
+                                  f"{src or 'a model without a config.json'} cannot be read to rebuild it for the stacked layers")
+            types.append(theirs[layer])
+        data["layer_types"] = types
     config.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import torch
 
-from .ops import add_to_base, combine, divides_by_plain_weight_sum, model_weights, per_model, require_base, task_vectors, trim_outliers
-from .params import Density, DivideBy, Normalize, Scale, SignFrom, SignMethodOrNone
+from .ops import add_to_base, combine, divides_by_plain_weight_sum, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_outliers
+from .params import Density, DivideBy, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone
 from .registry import Param, PerModel, register
 
 
@@ -28,15 +28,16 @@ def breadcrumbs(
     density: Density = 0.9,
     gamma: Annotated[PerModel[float], Param(ge=0, lt=1, help="fraction of largest magnitudes removed as outliers")] = 0.01,
     scale: Scale = 1.0,
+    rescale: RescaleL1 = "none",
     sign_method: SignMethodOrNone = "none",
     sign_from: SignFrom = "weighted",
     normalize: Normalize = False,
     divide_by: DivideBy = "weight_sum",
 ) -> torch.Tensor:
-    """theta = base + scale * combine(trim_outliers(delta_i, density_i, gamma_i)); sign_method sum = mergekit's breadcrumbs_ties."""
+    """theta = base + scale * combine(rescale(trim_outliers(delta_i, density_i, gamma_i))); sign_method sum = :mod:`.breadcrumbs_ties`."""
     base = require_base(base, "breadcrumbs")
     deltas = task_vectors(tensors, base)
     dens, gam = per_model(density, len(deltas), "density"), per_model(gamma, len(deltas), "gamma")
-    trimmed = [trim_outliers(d, p, g) for d, p, g in zip(deltas, dens, gam)]
+    trimmed = [rescale_l1(trim_outliers(d, p, g), d, rescale) for d, p, g in zip(deltas, dens, gam)]
     merged = combine(trimmed, model_weights(weights, len(deltas)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
     return add_to_base(base, merged, scale)

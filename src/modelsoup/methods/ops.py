@@ -61,15 +61,16 @@ ZERO_WEIGHT_SUM = 1e-12
 DIVISOR_FLOOR = 1e-8
 
 
-def normalizing_sum(weights: Sequence[float]) -> float:
-    """sum_i w_i, to divide by.
+def normalizing_sum(weights: Sequence[float], option: str | None = "normalize") -> float:
+    """sum_i w_i, to divide by; ``option`` names the switch that turns the division off (None = there is none).
 
     Raises:
         MethodError: the weights cannot be normalised (see :func:`weight_sum_problem`).
     """
     problem = weight_sum_problem(weights)
     if problem:
-        raise MethodError(f"{problem}; cannot normalise (set normalize: false or change the weights)")
+        fix = f"set {option}: false or change the weights" if option else "change the weights"
+        raise MethodError(f"{problem}; cannot normalise ({fix})")
     return sum(weights)
 
 
@@ -125,10 +126,10 @@ def add_to_base(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch
 # ---------------------------------------------------------------------------------------- sparsify
 
 
-def trim_top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = floor(density * numel) largest magnitudes of ``delta``, zero the rest (see :class:`TopKTrim`)."""
+def trim_top_k(delta: torch.Tensor, density: float, *, at_least_one: bool = False) -> torch.Tensor:
+    """Keep the k = floor(density * numel) largest magnitudes of ``delta`` (at least one with ``at_least_one``), zero the rest (see :class:`TopKTrim`)."""
     src = MagnitudeSource(delta)
-    return TopKTrim(src, density).apply_(src.delta(0, src.n), 0).view_as(delta)
+    return TopKTrim(src, density, at_least_one=at_least_one).apply_(src.delta(0, src.n), 0).view_as(delta)
 
 
 class TopKDeltas:
@@ -138,9 +139,9 @@ class TopKDeltas:
     chunk is then computed and trimmed when asked for, in float32.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float], *, at_least_one: bool = False) -> None:
         self.srcs = [MagnitudeSource(t, base) for t in tensors]
-        self.trims = TopKTrim.for_sources(self.srcs, densities)
+        self.trims = TopKTrim.for_sources(self.srcs, densities, at_least_one=at_least_one)
         self.shape, self.dtype = base.shape, torch.float32
 
     def __len__(self) -> int:
@@ -165,6 +166,49 @@ def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator 
     if rescale == "l1":
         return _match_l1(kept, delta)
     return kept
+
+
+def magnitude_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float, method: str = "della") -> torch.Tensor:
+    """DELLA's MagPrune probabilities: density - epsilon for the smallest magnitude of each row up to density + epsilon for the largest.
+
+    Ranks run along dim 1 (a 1-D tensor is one row); ties are ranked in index order. A row of one entry
+    has the middle rank (probability ``density``; mergekit divides 0 by 0 there and fails); a 0-d tensor is one such row.
+
+    Raises:
+        MethodError: density -/+ epsilon outside (0, 1).
+    """
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise MethodError(f"{method}: density {density:g} -/+ epsilon {epsilon:g} must lie inside (0, 1); lower epsilon")
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)
+    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(delta.shape)
+
+
+def drop_by_magnitude(
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None, rescale: str, method: str = "della"
+) -> torch.Tensor:
+    """DELLA's MagPrune: keep each entry with its rank's probability (:func:`magnitude_keep_probabilities`), then rescale.
+
+    ``rescale``: ``density`` divides each survivor by its own keep probability (the DELLA paper); ``l1`` scales
+    the result to the L1 norm of the original delta (mergekit's ``rescale: true``); ``none`` leaves it. At
+    density 1 the delta is returned whole (mergekit's convention).
+    """
+    if density >= 1:
+        return delta.clone()
+    probs = magnitude_keep_probabilities(delta, density, epsilon, method)
+    kept = delta * torch.bernoulli(probs, generator=generator)
+    if rescale == "density":
+        return kept / probs
+    if rescale == "l1":
+        return _match_l1(kept, delta)
+    return kept
+
+
+def rescale_l1(kept: torch.Tensor, original: torch.Tensor, rescale: str) -> torch.Tensor:
+    """``kept`` scaled to the L1 norm of ``original`` (``rescale: l1``, mergekit's ``rescale: true``), or as it is (``none``)."""
+    return _match_l1(kept, original) if rescale == "l1" else kept
 
 
 def _match_l1(kept: torch.Tensor, original: torch.Tensor) -> torch.Tensor:

@@ -35,3 +35,10 @@ Rescale = Annotated[
     Literal["density", "l1", "none"],
     Param(help="survivors divided by density (DARE paper, peft), scaled to the delta's L1 norm (mergekit), or none"),
 ]
+
+DellaDensity = Annotated[Density, Param(help="mean probability of KEEPING an entry (the median-magnitude one)")]
+DellaEpsilon = Annotated[
+    PerModel[float], Param(ge=0, lt=0.5, help="keep probabilities run from density - epsilon (smallest) to density + epsilon (largest magnitude)")
+]
+
+RescaleL1 = Annotated[Literal["l1", "none"], Param(help="after trimming, scale each task vector back to its L1 norm (mergekit's rescale: true), or none")]

@@ -120,6 +120,12 @@ def kth_largest(mag: torch.Tensor, k: int) -> float:
     return kth_largest_magnitudes([MagnitudeSource(mag)], [k])[0].value
 
 
+def keep_count(density: float, n: int, at_least_one: bool = False) -> int:
+    """k = floor(density * n); with ``at_least_one`` (mergekit) a positive density keeps at least one entry of a nonempty tensor."""
+    k = int(density * n)
+    return max(k, 1) if at_least_one and density > 0 and n > 0 else k
+
+
 class TopKTrim:
     """Keeps the k = floor(density * n) largest magnitudes of theta - base, applied chunk by chunk.
 
@@ -129,9 +135,9 @@ class TopKTrim:
     Build several with :meth:`for_sources` to find their thresholds in one sweep.
     """
 
-    def __init__(self, src: MagnitudeSource, density: float, kth: Kth | None = None) -> None:
+    def __init__(self, src: MagnitudeSource, density: float, kth: Kth | None = None, *, at_least_one: bool = False) -> None:
         n = src.n
-        self.k = int(density * n)
+        self.k = keep_count(density, n, at_least_one)
         self.all, self.none = self.k >= n, self.k <= 0
         if not (self.all or self.none):
             kth = kth or kth_largest_magnitudes([src], [self.k])[0]
@@ -142,12 +148,12 @@ class TopKTrim:
             self.cut = _tie_cut(src, kth, self.k - kth.greater)
 
     @classmethod
-    def for_sources(cls, srcs: Sequence[MagnitudeSource], densities: Sequence[float]) -> list[TopKTrim]:
+    def for_sources(cls, srcs: Sequence[MagnitudeSource], densities: Sequence[float], *, at_least_one: bool = False) -> list[TopKTrim]:
         """One trim per source (all of one length), thresholds found together by :func:`kth_largest_magnitudes`."""
-        ks = [int(p * src.n) for src, p in zip(srcs, densities)]
+        ks = [keep_count(p, src.n, at_least_one) for src, p in zip(srcs, densities)]
         todo = [s for s, (src, k) in enumerate(zip(srcs, ks)) if 0 < k < src.n]
         kths = dict(zip(todo, kth_largest_magnitudes([srcs[s] for s in todo], [ks[s] for s in todo])))
-        return [cls(src, p, kths.get(s)) for s, (src, p) in enumerate(zip(srcs, densities))]
+        return [cls(src, p, kths.get(s), at_least_one=at_least_one) for s, (src, p) in enumerate(zip(srcs, densities))]
 
     def apply_(self, d: torch.Tensor, start: int) -> torch.Tensor:
         """Trim in place a flat chunk ``d`` of deltas holding entries [start, start + len(d)); return it."""

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import torch
 
-from .ops import TopKDeltas, add_to_base, combine, model_weights, per_model, require_base
-from .params import Density, DivideBy, Normalize, Scale, SignFrom, SignMethod
+from .ops import TopKDeltas, add_to_base, combine, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_top_k
+from .params import Density, DivideBy, Normalize, RescaleL1, Scale, SignFrom, SignMethod
 from .registry import Param, register
 
 
@@ -33,6 +33,8 @@ def ties(
     weights: Sequence[float] | None = None,
     density: Annotated[Density, Param(help="fraction of each task vector kept (largest magnitudes, per tensor)")] = 0.2,
     scale: Scale = 1.0,
+    rescale: RescaleL1 = "none",
+    keep_at_least_one: Annotated[bool, Param(help="a positive density keeps at least one entry of every tensor (mergekit)")] = False,
     sign_method: SignMethod = "sum",
     sign_from: SignFrom = "weighted",
     normalize: Normalize = True,
@@ -45,6 +47,11 @@ def ties(
     is held whole.
     """
     base = require_base(base, "ties")
-    deltas = TopKDeltas(tensors, base, per_model(density, len(tensors), "density"))
+    dens = per_model(density, len(tensors), "density")
+    deltas: TopKDeltas | list[torch.Tensor]
+    if rescale == "none":
+        deltas = TopKDeltas(tensors, base, dens, at_least_one=keep_at_least_one)
+    else:  # the L1 norms of the trimmed vectors are needed before any is combined: trim them whole
+        deltas = [rescale_l1(trim_top_k(d, p, at_least_one=keep_at_least_one), d, rescale) for d, p in zip(task_vectors(tensors, base), dens)]
     merged = combine(deltas, model_weights(weights, len(tensors)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
     return add_to_base(base, merged, scale)

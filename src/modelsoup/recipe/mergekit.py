@@ -11,17 +11,29 @@ linear              linear; normalize=true. Every listed model is an ingredient,
                     it is listed; an unlisted base_model is appended by mergekit as one more input and
                     then needs a global ``weight`` (else mergekit fails; refused here).
 task_arithmetic     task_arithmetic; scale=lambda (1.0), normalize=false.
-ties                ties; density=1.0, scale=lambda (1.0), normalize=true, sign_method=sum,
-                    sign_from=weighted, divide_by=weight_sum.
+ties                ties; density=1.0, scale=lambda (1.0), normalize=true, rescale=l1 (rescale: true) /
+                    none, keep_at_least_one=true, sign_method=sum, sign_from=weighted, divide_by=weight_sum.
 dare_ties           dare_ties; density=1.0, scale=lambda (1.0), rescale=l1 (rescale: true) / none,
                     normalize=false, sign_method=sum, sign_from=weighted, divide_by=weight_sum.
 dare_linear         dare_linear; density=1.0, scale=lambda (1.0), rescale=l1 / none, normalize=false.
-breadcrumbs         breadcrumbs; density=1.0, gamma=0.01, scale=lambda (1.0), sign_method=none,
+breadcrumbs         breadcrumbs; density=1.0, gamma=0.01, scale=lambda (1.0), rescale=none, sign_method=none,
                     normalize=false.
-breadcrumbs_ties    breadcrumbs; as above with sign_method=sum, sign_from=weighted, divide_by=weight_sum.
+breadcrumbs_ties    breadcrumbs_ties; as above with sign_method=sum, sign_from=weighted, divide_by=weight_sum.
+della               della; density=1.0, epsilon=0.15, rescale=l1, normalize=true, TIES sign election.
+della_linear        della_linear; density=1.0, epsilon=0.15, rescale=l1, normalize=false.
 slerp               slerp with base=base_model (the t=0 end) and the one other model (t=1); ``t`` is
                     required (no default); dot_threshold=0.9995, eps=1e-8.
+nuslerp             nuslerp; weights give t; nuslerp_flatten=true, nuslerp_row_wise=false, eps=1e-8;
+                    base_model optional (then on task vectors).
+multislerp          multislerp; weight required, normalize_weights=true, eps=1e-8, base_model optional.
+karcher             karcher; max_iter=10, tol=1e-5; every model weighs the same (mergekit reads no
+                    weight), base_model is one more input.
 model_stock         model_stock; filter_wise=false; base_model required, >= 2 other models.
+sce                 sce; select_topk=1.0; reads no weight.
+nearswap            nearswap; ``t`` required; base_model and exactly one other model.
+arcee_fusion        arcee_fusion; base_model and exactly one other model.
+ram, ramplus_tl     ram (epsilon=1e-5), ramplus_tl (r=0.1, alpha=0.2, epsilon=1e-5); read no weight.
+passthrough         passthrough; scale per model (1.0); one model.
 ==================  ===============================================================================
 
 Mergekit's parameters and defaults are written in :data:`MERGEKIT_METHODS`; what follows from our method is
@@ -60,15 +72,17 @@ Evidence (paths in arcee-ai/mergekit):
   :func:`modelsoup.plan.layer_positions`.
 * ``mergekit/common.py``: model references ``path+lora`` and hub ids; ``torch.`` prefixes on dtype names.
 
-Not supported (each refused with a problem that says so): the ``slices:`` and ``modules:`` forms,
-methods other than the ones above, LoRA references (``model+lora``), ``tokenizer_source`` other than
-``base`` or absent, the ``tokenizer:`` block (it can add tokens and so resize embeddings), ``rescale: true``
-for ties/breadcrumbs, parameters mergekit's method does not read (mergekit ignores them silently; here
-they are almost always typos). Accepted and ignored, with a note: ``int8_mask`` (a memory option),
-``chat_template`` (only affects the tokenizer files), weights given to slerp/model_stock (mergekit ignores
-them), ``density`` for task_arithmetic (no sparsification). Known numeric differences: DARE masks come from
-our generator (seeded per tensor), not torch's global RNG as in mergekit; mergekit computes in ``dtype``
-while modelsoup computes in float32 and casts at the end.
+Not supported (each refused with a problem that says so): the ``modules:`` form, LoRA references
+(``model+lora``), ``tokenizer_source`` other than ``base`` or absent, the ``tokenizer:`` block (it can add
+tokens and so resize embeddings). Parameters mergekit's method does not read are ignored with a warning
+naming the parameter and the method (mergekit ignores them silently, and a recipe that runs there must
+run here). Accepted and ignored, with a note: ``int8_mask`` (the mask holds the same 0/1 values in int8),
+``chat_template`` (only affects the tokenizer files), weights given to methods that read none (slerp,
+model_stock, karcher, sce, ram, nearswap, arcee_fusion: mergekit ignores them), ``density``/``rescale``
+for task_arithmetic (no sparsification). Known numeric differences: DARE and DELLA masks come from our
+generator (seeded per tensor), not torch's global RNG as in mergekit; mergekit computes in ``dtype``
+while modelsoup computes in float32 and casts at the end; arcee_fusion's quartiles are exact where mergekit
+samples 10^6 entries of larger tensors.
 """
 
 from __future__ import annotations
@@ -103,6 +117,8 @@ class MergekitMethod:
         tensor: mergekit's per-model parameters other than ``weight`` -> mergekit's default.
         fixed: our parameters that encode mergekit's algorithm.
         interpolates: mergekit interpolates base_model (t=0) and exactly one other model (t=1).
+        one_other: mergekit merges base_model with exactly one other model (slerp, nearswap, arcee_fusion).
+        weighted: whether mergekit reads a ``weight`` per model (None = whether our method takes weights).
     """
 
     name: str
@@ -111,6 +127,8 @@ class MergekitMethod:
     tensor: dict[str, Any] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
     interpolates: bool = False
+    one_other: bool = False
+    weighted: bool | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -123,27 +141,34 @@ class MergekitMethod:
         return self.method.base != "none"
 
     @property
+    def reads_weight(self) -> bool:
+        """Whether mergekit's method reads a (required) ``weight`` per model."""
+        return self.method.takes_weights if self.weighted is None else self.weighted
+
+    @property
     def per_model(self) -> dict[str, Any]:
         """Mergekit's per-model parameters: a required ``weight`` where the method is weighted, then the others."""
-        return {"weight": None, **self.tensor} if self.method.takes_weights else dict(self.tensor)
+        return {"weight": None, **self.tensor} if self.reads_weight else dict(self.tensor)
 
     def reads(self, pname: Any) -> bool:
         """Whether mergekit's method reads the parameter ``pname`` (globally or per model)."""
         return pname in self.globals_ or pname in self.per_model
 
-    def unread(self, pname: Any) -> str:
-        """The problem with a parameter mergekit's method does not read."""
-        valid = ", ".join([*self.globals_, *self.per_model])
-        return f"mergekit's '{self.name}' does not read a parameter '{pname}' (mergekit would silently ignore it); valid: {valid}"
+    def unread(self, pname: Any, where: str) -> str:
+        """The warning for a parameter mergekit's method does not read (mergekit ignores it, and so do we)."""
+        valid = ", ".join([*self.globals_, *self.per_model]) or "(none)"
+        close = difflib.get_close_matches(str(pname), [*self.globals_, *self.per_model], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{where}: mergekit's '{self.name}' does not read a parameter '{pname}'; ignored, as mergekit ignores it{hint} (it reads: {valid})"
 
 
 _GTA_GLOBALS = {"int8_mask": False, "normalize": None, "rescale": None, "lambda": 1.0}
 _TIES_FIXED = {"sign_method": "sum", "sign_from": "weighted", "divide_by": "weight_sum"}
 
 
-def _gta(name: str, ours: str, normalize: bool, rescale: bool, fixed: dict[str, Any], gamma: bool = False) -> MergekitMethod:
+def _gta(name: str, ours: str, normalize: bool, rescale: bool, fixed: dict[str, Any], gamma: bool = False, epsilon: bool = False) -> MergekitMethod:
     """A GeneralizedTaskArithmeticMerge of mergekit, with its ``default_normalize`` and ``default_rescale``."""
-    tensor: dict[str, Any] = {"density": 1.0, **({"gamma": 0.01} if gamma else {})}
+    tensor: dict[str, Any] = {"density": 1.0, **({"gamma": 0.01} if gamma else {}), **({"epsilon": 0.15} if epsilon else {})}
     return MergekitMethod(name, ours, {**_GTA_GLOBALS, "normalize": normalize, "rescale": rescale}, tensor, fixed)
 
 
@@ -152,20 +177,32 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     for m in (
         MergekitMethod("linear", "linear", {"normalize": True}),
         _gta("task_arithmetic", "task_arithmetic", False, False, {}),
-        _gta("ties", "ties", True, False, _TIES_FIXED),
+        _gta("ties", "ties", True, False, {**_TIES_FIXED, "keep_at_least_one": True}),
         _gta("dare_ties", "dare_ties", False, True, _TIES_FIXED),
         _gta("dare_linear", "dare_linear", False, True, {}),
         _gta("breadcrumbs", "breadcrumbs", False, False, {"sign_method": "none"}, gamma=True),
-        _gta("breadcrumbs_ties", "breadcrumbs", False, False, _TIES_FIXED, gamma=True),
-        MergekitMethod("slerp", "slerp", {"t": None}, fixed={"dot_threshold": 0.9995, "eps": 1e-8}, interpolates=True),
+        _gta("breadcrumbs_ties", "breadcrumbs_ties", False, False, _TIES_FIXED, gamma=True),
+        _gta("della", "della", True, True, _TIES_FIXED, epsilon=True),
+        _gta("della_linear", "della_linear", False, True, {}, epsilon=True),
+        MergekitMethod("slerp", "slerp", {"t": None}, fixed={"dot_threshold": 0.9995, "eps": 1e-8}, interpolates=True, one_other=True),
+        MergekitMethod("nuslerp", "nuslerp", {"nuslerp_row_wise": False, "nuslerp_flatten": True}, fixed={"eps": 1e-8}),
+        MergekitMethod("multislerp", "multislerp", {"normalize_weights": True, "eps": 1e-8}),
+        MergekitMethod("karcher", "karcher", {"max_iter": 10, "tol": 1e-5}, weighted=False),
         MergekitMethod("model_stock", "model_stock", {"filter_wise": False}),
+        MergekitMethod("sce", "sce", {"int8_mask": False, "select_topk": 1.0}),
+        MergekitMethod("nearswap", "nearswap", {"t": None}, one_other=True),
+        MergekitMethod("arcee_fusion", "arcee_fusion", {}, one_other=True),
+        MergekitMethod("ram", "ram", {"epsilon": 1e-5}),
+        MergekitMethod("ramplus_tl", "ramplus_tl", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
+        # mergekit's scale is optional (None = unchanged); 1.0 is the same tensor
+        MergekitMethod("passthrough", "passthrough", {}, tensor={"scale": 1.0}),
     )
 }
 
 # mergekit parameters that do nothing here (memory options).
-_MEMORY_OPTIONS = {"int8_mask"}
+_MEMORY_OPTIONS = {"int8_mask"}  # an int8 sign mask holds the same 0/1 values: results are identical
 # mergekit parameters that some of its methods read but do not use (ours lack them), and why: noted when given.
-_UNUSED = {"density": "no sparsification"}
+_UNUSED = {"density": "no sparsification", "rescale": "no sparsification"}
 
 
 @dataclass
@@ -175,6 +212,7 @@ class _Translation:
     source: str | None
     lines: Mapping[PathKey, int] | None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     origin: dict[PathKey, PathKey] = field(default_factory=lambda: {("method",): ("merge_method",), ("base",): ("base_model",)})
     problems: Problems = field(init=False)
 
@@ -192,24 +230,34 @@ class _Translation:
         """Record a problem at a path of the mergekit file."""
         self.problems.add(path, msg, native=False)
 
+    def where(self, path: PathKey) -> str:
+        """A path of the mergekit file as ``file:line: a.b[0]`` (line where known), for warnings."""
+        line = self.lines.get(path) if self.lines else None
+        return f"{self.source or 'recipe'}" + (f":{line}" if line else "") + f": {_dotted(path)}"
+
+
+def _dotted(path: PathKey) -> str:
+    """A path of the mergekit file as ``models[0].parameters``."""
+    return "".join(f"[{k}]" if isinstance(k, int) else (f".{k}" if i else str(k)) for i, k in enumerate(path))
+
 
 @dataclass(frozen=True)
 class _Entry:
-    """One model mergekit merges: its path and mergekit parameters, and where it stands in the mergekit file."""
+    """One model mergekit merges: its path and mergekit parameters, and where it stands in the mergekit file.
+
+    ``where`` is ``("models", i)``, ``("slices", i, "sources", j)``, or ``("base_model",)`` for a base_model
+    that is not listed (then ``where`` is the model reference itself: ``ref_key`` None).
+    """
 
     path: str
     parameters: dict[str, Any]
-    index: int | None  # its place under `models:`; None for a base_model that is not listed
-
-    @property
-    def where(self) -> PathKey:
-        """Its path in the mergekit file."""
-        return ("models", self.index) if self.index is not None else ("base_model",)
+    where: PathKey
+    ref_key: str | None = "model"
 
     @property
     def path_where(self) -> PathKey:
         """The path of its model reference in the mergekit file."""
-        return (*self.where, "model") if self.index is not None else self.where
+        return (*self.where, self.ref_key) if self.ref_key else self.where
 
 
 def _is_conditional(setting: Any) -> bool:
@@ -238,16 +286,6 @@ def _map_leaves(setting: Any, fn: Callable[[Any], Any]) -> Any:
     return fn(setting)
 
 
-def _leaves(setting: Any) -> list[Any]:
-    """The scalar values of a setting."""
-    if isinstance(setting, list):
-        out: list[Any] = []
-        for c in setting:
-            out += _leaves(c["value"]) if isinstance(c, Mapping) else [c]
-        return out
-    return [setting]
-
-
 def _rescale_value(v: Any) -> Any:
     """mergekit's boolean ``rescale`` (L1 norm or nothing) as our ``rescale``."""
     return ("l1" if v else "none") if isinstance(v, bool) else v
@@ -273,16 +311,15 @@ def _mapping(value: Any, where: PathKey, t: _Translation) -> Mapping[Any, Any]:
 
 
 def _check_top_keys(data: Mapping[str, Any], t: _Translation) -> None:
-    """Refuse unknown top-level keys and the `slices:` and `modules:` forms."""
+    """Warn of unknown top-level keys (mergekit ignores them); refuse the `modules:` form."""
     for key in data:
         if key not in TOP_KEYS:
             close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            t.bad((key,), f"unknown mergekit key '{key}'{hint} (mergekit keys: {', '.join(TOP_KEYS)})")
-    for form in ("slices", "modules"):
-        if data.get(form) is not None:
-            t.bad((form,), f"the `{form}:` form is not supported; modelsoup runs mergekit's whole-model form "
-                  "(`models:` with `model:` entries). If every slice spans all layers of every model, list the models under `models:` instead")
+            t.warnings.append(f"{t.where((key,))}: unknown mergekit key '{key}' ignored, as mergekit ignores it{hint} (mergekit keys: {', '.join(TOP_KEYS)})")
+    if data.get("modules") is not None:
+        t.bad(("modules",), "the `modules:` form (several sub-models, e.g. vision and text towers) is not supported; modelsoup runs "
+              "mergekit's `models:` and `slices:` forms")
 
 
 def _mergekit_method(data: Mapping[str, Any], t: _Translation) -> MergekitMethod | None:
@@ -343,13 +380,13 @@ def _base_model(data: Mapping[str, Any], t: _Translation) -> str | None:
     return base
 
 
-def _global_settings(raw: Mapping[Any, Any], spec: MergekitMethod, t: _Translation) -> dict[Any, Any]:
-    """The top-level `parameters:` that mergekit's method reads, each a well-formed setting (values are checked later, by ours)."""
+def _global_settings(raw: Mapping[Any, Any], spec: MergekitMethod, t: _Translation, at: PathKey = ("parameters",)) -> dict[Any, Any]:
+    """The `parameters:` at ``at`` (top level, or a slice's) that mergekit's method reads, each a well-formed setting (values are checked later, by ours)."""
     given: dict[Any, Any] = {}
     for pname, value in raw.items():
-        where: PathKey = ("parameters", pname)
+        where: PathKey = (*at, pname)
         if not spec.reads(str(pname)):
-            t.bad(where, spec.unread(pname))
+            t.warnings.append(spec.unread(pname, t.where(where)))
             continue
         msg = check_setting(value, lambda v: None)
         if msg:
@@ -370,7 +407,7 @@ def _listed_model(i: int, item: Any, t: _Translation) -> _Entry | None:
         return None
     for k in item:
         if k not in ("model", "parameters"):
-            t.bad((*here, k), f"unknown key '{k}' in a mergekit model entry (valid: model, parameters)")
+            t.warnings.append(f"{t.where((*here, k))}: unknown key '{k}' in a mergekit model entry ignored, as mergekit ignores it (it reads: model, parameters)")
     path = item.get("model")
     if not isinstance(path, str):
         t.bad((*here, "model"), "is required: the model's path" if path is None else "must be a path string")
@@ -378,7 +415,7 @@ def _listed_model(i: int, item: Any, t: _Translation) -> _Entry | None:
     if "+" in path:
         t.bad((*here, "model"), _lora(path))
         return None
-    return _Entry(path, dict(_mapping(item.get("parameters"), (*here, "parameters"), t)), i)
+    return _Entry(path, dict(_mapping(item.get("parameters"), (*here, "parameters"), t)), here)
 
 
 @dataclass
@@ -416,17 +453,20 @@ def _check_base(
     given: Mapping[Any, Any], t: _Translation,
 ) -> None:
     """Check base_model against what mergekit's method does with it; add it where linear averages it unlisted."""
-    if spec.uses_base and base is None and raw_models is not None:
+    if spec.method.base == "required" and base is None and raw_models is not None:
         t.bad(("base_model",) if "base_model" in data else ("merge_method",),
               f"mergekit's '{spec.name}' needs `base_model:`" + (" (the t=0 end of the interpolation)" if spec.interpolates else ""))
         models.complete = False
-    if spec.interpolates and base is not None and models.complete and len(models.entries) != 1:
-        t.bad(("models",), f"mergekit's {spec.name} interpolates base_model (t=0) and exactly one other model (t=1); "
-              f"got {len(models.entries)} other model(s)")
+    if spec.one_other and base is not None and models.complete and len(models.entries) != 1:
+        what = "interpolates base_model (t=0) and exactly one other model (t=1)" if spec.interpolates else "merges base_model with exactly one other model"
+        t.bad(("models",), f"mergekit's {spec.name} {what}; got {len(models.entries)} other model(s)")
         models.complete = False
     if not spec.uses_base and base is not None and not models.base_listed:
-        if "weight" in given:
-            models.entries.append(_Entry(base, {}, None))
+        if not spec.reads_weight:
+            models.entries.append(_Entry(base, {}, ("base_model",), None))
+            t.notes.append(f"mergekit's {spec.name} merge takes base_model as one more input (it is not listed under models)")
+        elif "weight" in given:
+            models.entries.append(_Entry(base, {}, ("base_model",), None))
             t.notes.append(f"mergekit's {spec.name} merge averages base_model too (it is not listed under models); it takes the global weight")
         else:
             t.bad(("base_model",), f"mergekit's {spec.name} merge also averages base_model when it is not listed under `models:`, and then "
@@ -438,22 +478,19 @@ def _our_name(pname: Any, value: Any, spec: MergekitMethod, t: _Translation, *, 
     p = spec.method.param(pname)
     if p is not None:
         return p.name
-    if pname == "rescale":
-        if any(v is not False for v in _leaves(value)):
-            t.bad(("parameters", "rescale"), f"rescale: true (L1-norm rescaling after pruning) is not supported for '{spec.name}'; remove it")
-    elif given:
+    if given:
         t.notes.append(f"{pname} is ignored by {spec.ours} ({_UNUSED[pname]}), as in mergekit")
     return None
 
 
-def _model_weight(weight: Any, j: int, entry: _Entry, spec: MergekitMethod, given: Mapping[Any, Any], t: _Translation) -> Any:
+def _model_weight(weight: Any, native_at: PathKey, entry: _Entry, spec: MergekitMethod, given: Mapping[Any, Any], t: _Translation) -> Any:
     """A model's weight: its own, else the global one (which also closes a conditional list); None where there is none."""
-    if not spec.method.takes_weights:
+    if not spec.reads_weight:
         if weight is not None:
-            t.notes.append(f"models[{entry.index}]: mergekit's '{spec.name}' takes no weight; the weight is ignored, as in mergekit")
+            t.notes.append(f"{_dotted(entry.where)}: mergekit's '{spec.name}' takes no weight; the weight is ignored, as in mergekit")
         return None
     g_weight = given.get("weight")
-    t.origin[("models", j, "weight")] = (*entry.where, "parameters", "weight") if weight is not None else ("parameters", "weight")
+    t.origin[(*native_at, "weight")] = (*entry.where, "parameters", "weight") if weight is not None else ("parameters", "weight")
     if weight is None:
         weight = g_weight
     elif g_weight is not None:
@@ -475,29 +512,112 @@ def _model_settings(entry: _Entry, spec: MergekitMethod, t: _Translation) -> tup
     for pname, value in settings.items():
         where = (*entry.where, "parameters", pname)
         if pname in spec.globals_:
-            t.bad(where, f"'{pname}' is a global parameter of mergekit's '{spec.name}' (mergekit ignores it per model); move it to the top-level `parameters:`")
+            t.warnings.append(f"{t.where(where)}: '{pname}' is a global parameter of mergekit's '{spec.name}'; mergekit ignores it "
+                              "per model, and so does modelsoup (move it to the top-level `parameters:` to use it)")
         elif not spec.reads(pname):
-            t.bad(where, spec.unread(pname))
+            t.warnings.append(spec.unread(pname, t.where(where)))
         else:
             read[pname] = value
     return weight, read
 
 
-def _native_model(j: int, entry: _Entry, spec: MergekitMethod, given: Mapping[Any, Any], t: _Translation) -> dict[str, Any]:
-    """The native entry ``models[j]``: the path, the weight, and the per-model parameters under our names."""
-    t.origin[("models", j)] = entry.where
-    t.origin[("models", j, "path")] = entry.path_where
+def _native_model(native_at: PathKey, entry: _Entry, spec: MergekitMethod, given: Mapping[Any, Any], t: _Translation) -> dict[str, Any]:
+    """The native model entry at ``native_at`` (``models[j]``, a slice source): the path, the weight, the per-model parameters under our names."""
+    t.origin[native_at] = entry.where
+    t.origin[(*native_at, "path")] = entry.path_where
     weight, read = _model_settings(entry, spec, t)
     native: dict[str, Any] = {"path": entry.path}
-    weight = _model_weight(weight, j, entry, spec, given, t)
+    weight = _model_weight(weight, native_at, entry, spec, given, t)
     if weight is not None:
         native["weight"] = weight
     for pname, value in read.items():
         ours = _our_name(pname, value, spec, t, given=True)
         if ours is not None:
-            t.origin[("models", j, "parameters", ours)] = (*entry.where, "parameters", pname)
+            t.origin[(*native_at, "parameters", ours)] = (*entry.where, "parameters", pname)
             native.setdefault("parameters", {})[ours] = value
     return native
+
+
+_SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
+_SOURCE_KEYS = ("model", "layer_range", "parameters")
+
+
+def _slice_source(at: PathKey, item: Any, t: _Translation) -> tuple[_Entry, Any] | None:
+    """One slice source (`- model: PATH` with `layer_range: [start, end]` and optional `parameters:`), or None (a problem)."""
+    if not isinstance(item, Mapping):
+        t.bad(at, f"a slice source is a mapping with `model:` and `layer_range:`, got {type(item).__name__}")
+        return None
+    for k in item:
+        if k not in _SOURCE_KEYS:
+            t.warnings.append(f"{t.where((*at, k))}: unknown key '{k}' in a mergekit slice source ignored, as mergekit ignores it "
+                              f"(it reads: {', '.join(_SOURCE_KEYS)})")
+    path = item.get("model")
+    if not isinstance(path, str):
+        t.bad((*at, "model"), "is required: the model's path" if path is None else "must be a path string")
+        return None
+    if "+" in path:
+        t.bad((*at, "model"), _lora(path))
+        return None
+    if item.get("layer_range") is None:
+        t.bad((*at, "layer_range"), "is required: [start, end], the layers taken from this model (end excluded)")
+        return None
+    return _Entry(path, dict(_mapping(item.get("parameters"), (*at, "parameters"), t)), at), item["layer_range"]
+
+
+def _slices(raw: Any, spec: MergekitMethod, given: Mapping[Any, Any], t: _Translation) -> tuple[list[dict[str, Any]], bool]:
+    """The native ``slices:`` (each source a native model entry with ``layers``; slice parameters over the global ones),
+    and whether every slice could be read (a slice with a problem is left out, its problem reported)."""
+    if not isinstance(raw, list):
+        t.bad(("slices",), f"must be a list of `- sources: [...]`, got {type(raw).__name__}")
+        return [], False
+    complete = True
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(raw):
+        here: PathKey = ("slices", i)
+        t.origin[here] = here
+        if not isinstance(item, Mapping):
+            t.bad(here, f"a slice is a mapping with `sources:`, got {type(item).__name__}")
+            complete = False
+            continue
+        for k in item:
+            if k not in _SLICE_KEYS:
+                t.warnings.append(f"{t.where((*here, k))}: unknown key '{k}' in a mergekit slice ignored, as mergekit ignores it "
+                                  f"(it reads: {', '.join(_SLICE_KEYS)})")
+        if item.get("base_model") is not None:
+            t.bad((*here, "base_model"), "a per-slice base_model is not supported; set the top-level `base_model:`")
+        if item.get("residual_weight") is not None:
+            t.warnings.append(f"{t.where((*here, 'residual_weight'))}: mergekit reads residual_weight but no merge method uses it; ignored")
+        own = _global_settings(_mapping(item.get("parameters"), (*here, "parameters"), t), spec, t, at=(*here, "parameters"))
+        sources = item.get("sources")
+        if not isinstance(sources, list) or not sources:
+            t.bad((*here, "sources"), "is required: a non-empty list of `- model: PATH` with `layer_range: [start, end]`")
+            complete = False
+            continue
+        native_sources = []
+        read_all = True
+        for j, raw_src in enumerate(sources):
+            at: PathKey = (*here, "sources", j)
+            read = _slice_source(at, raw_src, t)
+            if read is None:
+                read_all = False
+                continue
+            entry, layers = read
+            native = _native_model(at, entry, spec, {**given, **own}, t)
+            native["layers"] = layers
+            t.origin[(*at, "layers")] = (*at, "layer_range")
+            native_sources.append(native)
+        native_slice: dict[str, Any] = {"sources": native_sources}
+        for pname, value in own.items():
+            if pname == "weight" or pname in _MEMORY_OPTIONS:  # the weight went to each source; memory options do nothing
+                continue
+            ours = _our_name(pname, value, spec, t, given=True)
+            if ours is not None:
+                t.origin[(*here, "parameters", ours)] = (*here, "parameters", pname)
+                native_slice.setdefault("parameters", {})[ours] = _map_leaves(value, _rescale_value) if pname == "rescale" else value
+        if read_all:
+            out.append(native_slice)
+        complete = complete and read_all
+    return out, complete
 
 
 def _method_setting(pname: str, default: Any, spec: MergekitMethod, given: Mapping[Any, Any], missing_at: PathKey, t: _Translation) -> Any:
@@ -560,13 +680,17 @@ def recipe_from_mergekit(data: Mapping[str, Any], *, source: str | None = None, 
     assert spec is not None
 
     given = _global_settings(raw_params, spec, t)
-    models = _ingredients(raw_models, base, spec, t)
-    _check_base(data, raw_models, base, models, spec, given, t)
-    native: dict[str, Any] = {
-        "method": spec.ours,
-        "models": [_native_model(j, entry, spec, given, t) for j, entry in enumerate(models.entries)],
-        "parameters": _method_parameters(data, spec, given, t),
-    }
+    native: dict[str, Any] = {"method": spec.ours}
+    if data.get("slices") is not None:
+        if spec.method.base == "required" and base is None:
+            t.bad(("base_model",) if "base_model" in data else ("merge_method",), f"mergekit's '{spec.name}' needs `base_model:`")
+        native["slices"], complete = _slices(data.get("slices"), spec, given, t)
+    else:
+        models = _ingredients(raw_models, base, spec, t)
+        _check_base(data, raw_models, base, models, spec, given, t)
+        native["models"] = [_native_model(("models", j), entry, spec, given, t) for j, entry in enumerate(models.entries)]
+        complete = models.complete
+    native["parameters"] = _method_parameters(data, spec, given, t)
     if spec.method.random:
         t.notes.append("DARE drops entries with modelsoup's generator (seeded per tensor), so the random masks differ from mergekit's")
     if base is not None:
@@ -574,7 +698,8 @@ def recipe_from_mergekit(data: Mapping[str, Any], *, source: str | None = None, 
     if dtype is not None:
         native["dtype"] = dtype
     return build_recipe(
-        native, source=source, lines=lines, problems=t.problems, source_format="mergekit", notes=t.notes, check_count=models.complete
+        native, source=source, lines=lines, problems=t.problems, source_format="mergekit", notes=t.notes, warnings=t.warnings,
+        check_count=complete,
     )
 
 

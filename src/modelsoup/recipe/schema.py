@@ -23,7 +23,7 @@ A native recipe (YAML)::
         take: base                   # base | first | skip
       - match: "*.bias"
         weights: [1, 0]              # one weight per model for these tensors
-    output: {shard_size: 5GB, format: safetensors, copy_files: true, model_card: true}
+    output: {shard_size: 5GB, format: safetensors, copy_files: true, copy_tokenizer: true, model_card: true}
 
 A file with a top-level ``merge_method`` key is a mergekit recipe and is translated by
 :mod:`modelsoup.recipe.mergekit` into the same :class:`Recipe`.
@@ -145,6 +145,44 @@ class Override:
 
 
 @dataclass(frozen=True)
+class SliceSource:
+    """One model's layers in a slice: layers ``layers[0]`` to ``layers[1] - 1`` of ``Recipe.models[model]``.
+
+    Attributes:
+        model: index into :attr:`Recipe.models`.
+        layers: [start, end) of its layer stack.
+        weight: its weight setting in this slice (None = not given).
+        parameters: its per-model parameter settings in this slice, canonical names.
+    """
+
+    model: int
+    layers: tuple[int, int]
+    weight: Any = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A run of output layers, each merged from the same-offset layer of every source (mergekit's output slice).
+
+    Attributes:
+        sources: the models and their layer ranges, all of one length.
+        parameters: settings for this slice, over the recipe's ``parameters`` (canonical names).
+    """
+
+    sources: tuple[SliceSource, ...]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].length
+
+
+@dataclass(frozen=True)
 class OutputOptions:
     """How the merged checkpoint is written."""
 
@@ -152,6 +190,7 @@ class OutputOptions:
     format: str = "safetensors"
     copy_files: bool = True
     model_card: bool = True
+    copy_tokenizer: bool = True  # with copy_files: the tokenizer files too (mergekit's --copy-tokenizer)
 
 
 @dataclass(frozen=True)
@@ -171,6 +210,8 @@ class Recipe:
     source_format: Literal["native", "mergekit"] = "native"
     source: str | None = None
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # parts of a foreign recipe that are ignored, as that tool ignores them
+    slices: tuple[Slice, ...] = ()  # layer ranges stacked into the output; empty = whole models (``models`` are the ingredients)
 
     def ingredients(self, uses_base: bool) -> list[int]:
         """Indices of the models that are the method's ingredients.
@@ -212,7 +253,22 @@ class Recipe:
         data: dict[str, Any] = {"method": self.method}
         if self.base is not None:
             data["base"] = ref(self.base, with_weight=False)
-        data["models"] = [ref(m, with_weight=True) for m in self.models]
+        if self.slices:
+            data["slices"] = []
+            for sl in self.slices:
+                sources = []
+                for src in sl.sources:
+                    entry = ref(self.models[src.model], with_weight=False)
+                    entry = {"path": entry} if isinstance(entry, str) else entry
+                    entry["layers"] = list(src.layers)
+                    if src.weight is not None:
+                        entry["weight"] = src.weight
+                    if src.parameters:
+                        entry["parameters"] = dict(src.parameters)
+                    sources.append(entry)
+                data["slices"].append({"sources": sources, **({"parameters": dict(sl.parameters)} if sl.parameters else {})})
+        else:
+            data["models"] = [ref(m, with_weight=True) for m in self.models]
         data["parameters"] = dict(self.parameters)
         data["dtype"] = self.dtype
         data["keys"] = self.keys
@@ -233,6 +289,7 @@ class Recipe:
             "shard_size": self.output.shard_size,
             "format": self.output.format,
             "copy_files": self.output.copy_files,
+            "copy_tokenizer": self.output.copy_tokenizer,
             "model_card": self.output.model_card,
         }
         head = ""
@@ -252,10 +309,19 @@ def describe(recipe: Recipe) -> str:
         if m.parameters:
             extra += "  " + ", ".join(f"{k}={_short(v)}" for k, v in m.parameters.items())
         lines.append(f"  - {m.label()}{extra}")
+    if recipe.slices:
+        lines.append(f"slices ({len(recipe.slices)}, {sum(sl.length for sl in recipe.slices)} output layers):")
+    out_layer = 0
+    for i, sl in enumerate(recipe.slices):
+        parts = [f"{recipe.models[s.model].label()} [{s.layers[0]}, {s.layers[1]})" + ("" if s.weight is None else f" weight {_short(s.weight)}")
+                 for s in sl.sources]
+        lines.append(f"  {i}: layers {out_layer}-{out_layer + sl.length - 1} from " + " + ".join(parts))
+        out_layer += sl.length
     params = ", ".join(f"{p.name}={_short(recipe.parameters.get(p.name, p.default))}" for p in method.params)
     lines.append(f"parameters: {params or '(none)'}")
     lines.append(f"dtype: {recipe.dtype or 'keep input dtypes'}; keys: {recipe.keys}; seed: {recipe.seed}")
     lines.append(f"overrides: {len(recipe.overrides)}")
+    lines += [f"warning: {w}" for w in recipe.warnings]
     lines += [f"note: {n}" for n in recipe.notes]
     return "\n".join(lines)
 

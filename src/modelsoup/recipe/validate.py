@@ -21,7 +21,7 @@ from ..methods import available_methods, get_method
 from ..methods.ops import weight_sum_problem
 from ..methods.registry import MergeMethod, yaml_number_hint
 from .loader import PathKey, Problems
-from .schema import DEFAULT_SHARD_SIZE, DTYPES, ModelRef, OutputOptions, Override, Recipe, is_number, parse_size
+from .schema import DEFAULT_SHARD_SIZE, DTYPES, ModelRef, OutputOptions, Override, Recipe, Slice, SliceSource, is_number, parse_size
 
 
 class _Schema(BaseModel):
@@ -48,12 +48,19 @@ class _OutputEntry(_Schema):
     shard_size: Any = DEFAULT_SHARD_SIZE
     format: Literal["safetensors", "torch"] = "safetensors"
     copy_files: bool = True
+    copy_tokenizer: bool = True
     model_card: bool = True
+
+
+class _SliceEntry(_Schema):
+    sources: list[Any]
+    parameters: dict[str, Any] = {}
 
 
 class _Top(_Schema):
     method: str | None = None
     models: list[Any] | None = None
+    slices: list[Any] | None = None
     base: Any = None
     parameters: dict[str, Any] = {}
     dtype: str | None = None
@@ -322,6 +329,84 @@ def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Pr
     )
 
 
+def _layer_range(value: Any, path: PathKey, problems: Problems) -> tuple[int, int] | None:
+    """``layers: [start, end)`` as two integers with 0 <= start < end, or None (a problem recorded)."""
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    if not ok:
+        problems.add(path, f"must be [start, end], two layer indices (end excluded), got {_short_repr(value)}")
+        return None
+    start, end = value
+    if not 0 <= start < end:
+        problems.add(path, f"must satisfy 0 <= start < end (end excluded), got [{start}, {end}]")
+        return None
+    return int(start), int(end)
+
+
+def _slices(
+    raw: list[Any], method: MergeMethod | None, base: ModelRef | None, problems: Problems, root: Path | None, check_count: bool
+) -> tuple[list[ModelRef], tuple[Slice, ...]]:
+    """The ``slices:`` of a recipe: the distinct models their sources read, and each slice (sources, parameters).
+
+    Each source is a model entry (``path``, ``weight``, ``parameters``, ``key``, ``strip_prefix``) plus
+    ``layers: [start, end]``; the sources of a slice span the same number of layers, name distinct models,
+    and are as many as the method takes (a source that is the base is the method's base, not an ingredient).
+    """
+    models: list[ModelRef] = []
+    out: list[Slice] = []
+    if not raw and check_count:
+        problems.add(("slices",), "must list at least one slice (`- sources: [{path: ..., layers: [0, N]}]`)")
+    for i, raw_slice in enumerate(raw):
+        here: PathKey = ("slices", i)
+        entry = _validate_part(_SliceEntry, _listify(raw_slice), here, problems)
+        if entry is None:
+            continue
+        params = _check_params(entry.parameters, method, (*here, "parameters"), problems, per_model=False)
+        sources: list[SliceSource] = []
+        complete = bool(entry.sources)
+        if not entry.sources:
+            problems.add((*here, "sources"), "must list at least one source (`- path: ...` with `layers: [start, end]`)")
+        for j, raw_src in enumerate(entry.sources):
+            at: PathKey = (*here, "sources", j)
+            if not isinstance(raw_src, Mapping):
+                problems.add(at, f"must be a mapping with `path:` and `layers: [start, end]`, got {_describe_value(raw_src)}")
+                complete = False
+                continue
+            fields = dict(raw_src)
+            layers = _layer_range(fields.pop("layers", None), (*at, "layers"), problems) if "layers" in fields else None
+            if "layers" not in raw_src:
+                problems.add((*at, "layers"), "is required: [start, end], the layer indices taken from this model (end excluded)")
+            ref = _model_ref(fields, at, method, problems, is_base=False, root=root)
+            if ref is None or layers is None:
+                complete = False
+                continue
+            bare = ModelRef(path=ref.path, resolved=ref.resolved, key=ref.key, strip_prefix=ref.strip_prefix, source=ref.source)
+            k = next((n for n, m in enumerate(models) if m.same_as(bare)), None)
+            if k is None:
+                models.append(bare)
+                k = len(models) - 1
+            if any(s.model == k for s in sources):
+                problems.add(at, f"'{ref.label()}' is already a source of this slice; a slice merges distinct models")
+                complete = False
+                continue
+            sources.append(SliceSource(k, layers, ref.weight, ref.parameters))
+        lengths = sorted({s.length for s in sources})
+        if len(lengths) > 1:
+            problems.add((*here, "sources"), f"every source of a slice must span the same number of layers, got {lengths}")
+        if method is not None and complete and check_count:
+            uses_base = method.base != "none" and base is not None
+            n_base = sum(1 for s in sources if uses_base and base is not None and models[s.model].same_as(base))
+            if uses_base and not n_base and base is not None:
+                problems.add((*here, "sources"), f"method '{method.name}' reads the base in every slice: list the base ({base.label()}) "
+                             "among this slice's sources, with the layers it contributes")
+            else:
+                msg = method.count_problem(len(sources) - n_base, n_base > 0)
+                if msg:
+                    problems.add((*here, "sources"), msg)
+        if sources:
+            out.append(Slice(tuple(sources), params))
+    return models, tuple(out)
+
+
 def _zero_sum_problem(weights: Sequence[Any], method: MergeMethod) -> str | None:
     if not weights or any(_check_weight(w) for w in weights):  # a bad weight is reported on its own
         return None
@@ -339,6 +424,7 @@ def build_recipe(
     problems: Problems | None = None,
     source_format: Literal["native", "mergekit"] = "native",
     notes: Sequence[str] = (),
+    warnings: Sequence[str] = (),
     yaml_input: bool = False,
     check_count: bool = True,
     root: Path | None = None,
@@ -389,7 +475,12 @@ def build_recipe(
 
     models: list[ModelRef] = []
     models_ok = top.models is not None
-    if top.models is None and raw.get("models") is None:
+    slices: tuple[Slice, ...] = ()
+    if top.slices is not None:
+        if top.models is not None:
+            problems.add(("slices",), "give either `models:` (whole models) or `slices:` (layer ranges of models), not both")
+        models, slices = _slices(top.slices, method, base, problems, root, check_count)
+    elif top.models is None and raw.get("models") is None:
         problems.add(("models",), "is required: a list of checkpoint paths")
     for i, m in enumerate(top.models or []):
         if yaml_input and isinstance(m, Mapping) and "source" in m:
@@ -444,6 +535,8 @@ def build_recipe(
         if ov.weights is not None:
             if method is not None and not method.takes_weights:
                 problems.add((*here, "weights"), f"method '{method.name}' takes no weights; remove `weights:`")
+            elif slices:
+                problems.add((*here, "weights"), "overrides cannot give weights in a `slices:` recipe (each slice has its own sources); give `weight:` on the slice's sources")
             elif models_ok and len(ov.weights) != len(models):
                 problems.add((*here, "weights"), f"gives {len(ov.weights)} weight(s) but the recipe has {len(models)} model(s); give one per model, in order")
             elif method is not None and any(not math.isfinite(w) for w in ov.weights):
@@ -462,13 +555,13 @@ def build_recipe(
             if size is None:
                 problems.add(("output", "shard_size"), f"cannot read {_short_repr(out.shard_size)} as a size; give bytes (a positive integer up to 2**63 - 1) or e.g. '500MB', '5GB', '2GiB'")
                 size = DEFAULT_SHARD_SIZE
-            output = OutputOptions(shard_size=size, format=out.format, copy_files=out.copy_files, model_card=out.model_card)
+            output = OutputOptions(shard_size=size, format=out.format, copy_files=out.copy_files, copy_tokenizer=out.copy_tokenizer, model_card=out.model_card)
 
     problems.raise_if_any()
     assert method is not None and top.method is not None
     return Recipe(
         method=method.name, models=models, base=base, parameters=params, dtype=dtype, keys=top.keys, seed=top.seed,
         allow_nonfinite=top.allow_nonfinite, overrides=overrides, output=output, source_format=source_format,
-        source=source, notes=tuple(notes),
+        source=source, notes=tuple(notes), warnings=tuple(warnings), slices=slices,
     )
 

@@ -1,0 +1,43 @@
+"""DELLA: drop task-vector entries with probabilities ranked by magnitude (MagPrune), rescale, elect signs, average."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+import torch
+
+from .ops import add_to_base, combine, drop_by_magnitude, model_weights, per_model, require_base, task_vectors
+from .params import DellaDensity, DellaEpsilon, DivideBy, Normalize, Rescale, Scale, SignFrom, SignMethod
+from .registry import Param, register
+
+
+@register(
+    "della",
+    summary="MagPrune: keep entries with probability density +- epsilon by magnitude rank, rescale, TIES sign election, add to base",
+    paper="Deep et al. 2024, DELLA-Merging: reducing interference with magnitude-based sampling (arXiv 2406.11617)",
+    base="required",
+    workspace=2,
+)
+def della(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor | None = None,
+    weights: Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+    density: DellaDensity = 0.7,
+    epsilon: DellaEpsilon = 0.15,
+    scale: Scale = 1.0,
+    rescale: Annotated[Rescale, Param(help="survivors divided by their keep probability (paper), scaled to the delta's L1 norm (mergekit), or none")] = "density",
+    sign_method: SignMethod = "sum",
+    sign_from: SignFrom = "weighted",
+    normalize: Normalize = True,
+    divide_by: DivideBy = "weight_sum",
+) -> torch.Tensor:
+    """theta = base + scale * disjoint_mean(elect(rescale(m_i * delta_i))), m_i ~ Bernoulli(p_i), p_i from delta_i's magnitude ranks."""
+    base = require_base(base, "della")
+    deltas = task_vectors(tensors, base)
+    n = len(deltas)
+    dropped = [drop_by_magnitude(d, p, e, generator, rescale) for d, p, e in zip(deltas, per_model(density, n, "density"), per_model(epsilon, n, "epsilon"))]
+    merged = combine(dropped, model_weights(weights, n), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
+    return add_to_base(base, merged, scale)

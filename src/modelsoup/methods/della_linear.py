@@ -1,0 +1,41 @@
+"""DELLA without sign election: MagPrune each task vector, rescale, weighted sum."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+import torch
+
+from .ops import add_to_base, combine, divides_by_plain_weight_sum, drop_by_magnitude, model_weights, per_model, require_base, task_vectors
+from .params import DellaDensity, DellaEpsilon, Normalize, Rescale, Scale
+from .registry import Param, register
+
+
+@register(
+    "della_linear",
+    summary="MagPrune: keep entries with probability density +- epsilon by magnitude rank, rescale, weighted sum, add to base",
+    paper="Deep et al. 2024, DELLA-Merging (arXiv 2406.11617), linear variant as in mergekit",
+    base="required",
+    workspace=1,
+    divides_by_weight_sum=divides_by_plain_weight_sum,
+)
+def della_linear(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor | None = None,
+    weights: Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+    density: DellaDensity = 0.7,
+    epsilon: DellaEpsilon = 0.15,
+    scale: Scale = 1.0,
+    rescale: Annotated[Rescale, Param(help="survivors divided by their keep probability (paper), scaled to the delta's L1 norm (mergekit), or none")] = "density",
+    normalize: Normalize = False,
+) -> torch.Tensor:
+    """theta = base + scale * sum_i w_i rescale(m_i * delta_i), m_i ~ Bernoulli(p_i), p_i from delta_i's magnitude ranks."""
+    base = require_base(base, "della_linear")
+    deltas = task_vectors(tensors, base)
+    n = len(deltas)
+    dropped = [drop_by_magnitude(d, p, e, generator, rescale, "della_linear") for d, p, e in zip(deltas, per_model(density, n, "density"), per_model(epsilon, n, "epsilon"))]
+    merged = combine(dropped, model_weights(weights, n), normalize=normalize)
+    return add_to_base(base, merged, scale)

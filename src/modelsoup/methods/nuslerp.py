@@ -1,0 +1,80 @@
+"""NuSLERP: spherical interpolation of two models (or of their task vectors) with weights giving t.
+
+Limits: exactly two models. ``t = w_2 / (w_1 + w_2)`` (0.5 when the weights sum to ~0, as mergekit does).
+With a base the interpolation runs on the task vectors and the result is added back to the base.
+``flatten`` interpolates the whole tensor as one vector; otherwise each row (``row_wise``: each column,
+i.e. vectors along dim 0) is interpolated on its own. Nearly colinear vectors (1 - cos^2 <= eps^2)
+are interpolated linearly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+import torch
+
+from ..errors import MethodError
+from .ops import model_weights
+from .registry import Param, register
+
+# mergekit's cut-offs: a weight sum below this gives t = 0.5; norms are floored at NORM_FLOOR.
+T_FROM_WEIGHTS_FLOOR = 1e-6
+NORM_FLOOR = 1e-7
+
+
+def interpolation_t(weights: Sequence[float] | None) -> float:
+    """t = w_2 / (w_1 + w_2), 0.5 for no weights or weights summing to ~0."""
+    w = model_weights(weights, 2)
+    total = w[0] + w[1]
+    return 0.5 if abs(total) < T_FROM_WEIGHTS_FLOOR else w[1] / total
+
+
+def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float) -> torch.Tensor:
+    """Slerp between the rows of ``v0`` and ``v1`` (last dim), linear where a pair is colinear."""
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+    cos = (u0 * u1).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    sin = torch.sin(theta)
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.where(colinear, torch.ones_like(sin), sin)
+    return torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
+
+
+@register(
+    "nuslerp",
+    summary="slerp of two models (of their task vectors with a base), t = w_2 / (w_1 + w_2), whole tensor or row by row",
+    paper="Goddard et al., mergekit (arXiv 2403.13257), nuslerp; Shoemake 1985 (slerp)",
+    base="optional",
+    min_models=2,
+    max_models=2,
+)
+def nuslerp(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor | None = None,
+    weights: Sequence[float] | None = None,
+    flatten: Annotated[bool, Param(aliases=("nuslerp_flatten",), help="interpolate the whole tensor as one vector")] = True,
+    row_wise: Annotated[bool, Param(aliases=("nuslerp_row_wise",), help="without flatten: interpolate vectors along dim 0 (columns) instead of rows")] = False,
+    eps: Annotated[float, Param(gt=0, help="pairs with 1 - cos^2 <= eps^2 are interpolated linearly")] = 1e-8,
+) -> torch.Tensor:
+    """theta = base + slerp(t, theta_1 - base, theta_2 - base) (base = 0 without one), t = w_2 / (w_1 + w_2).
+
+    Raises:
+        MethodError: not exactly two models.
+    """
+    if len(tensors) != 2:
+        raise MethodError(f"nuslerp merges exactly two models (besides an optional base), got {len(tensors)}")
+    t = interpolation_t(weights)
+    v0, v1 = (x - base for x in tensors) if base is not None else tensors
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise and v0.dim() > 1:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    out = slerp_vectors(t, v0, v1, eps)
+    if not flatten and row_wise and out.dim() > 1:
+        out = out.transpose(0, -1)
+    out = out.reshape(shape).contiguous()
+    return out.add_(base) if base is not None else out
