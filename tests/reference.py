@@ -147,6 +147,11 @@ def dare(tensors, base, weights, masks, density, *, ties_style, scale=1.0, resca
     for t, m, p in zip(tensors, masks, density):
         d = [x - y for x, y in zip(_flat(t), b)]
         deltas.append(_rescaled(d, _flat(m), p, rescale))
+    return _add_combined(b, deltas, weights, ties_style, normalize, scale, base, conv)
+
+
+def _add_combined(b, deltas, weights, ties_style, normalize, scale, base, conv):
+    """base + scale * (sign-elected mean, or weighted sum / mean) of the (sparsified) deltas."""
     if ties_style:
         merged = sign_merge(deltas, weights, normalize=normalize, **conv)
     else:
@@ -579,10 +584,4 @@ def della(tensors, base, weights, masks, probs, *, ties_style, scale=1.0, rescal
         if rescale == "density":
             kept = [x / q for x, q in zip(kept, _flat(p))]
         deltas.append(_l1_rescaled(kept, d, "l1" if rescale == "l1" else "none"))
-    if ties_style:
-        merged = sign_merge(deltas, weights, normalize=normalize, **conv)
-    else:
-        merged = [sum(w * d[i] for w, d in zip(weights, deltas)) for i in range(len(b))]
-        if normalize:
-            merged = [x / sum(weights) for x in merged]
-    return _out([bi + scale * mi for bi, mi in zip(b, merged)], base)
+    return _add_combined(b, deltas, weights, ties_style, normalize, scale, base, conv)

@@ -266,13 +266,15 @@ def plan_slices(recipe: Recipe, models: Sequence[Checkpoint], method: MergeMetho
             t = i / (sl.length - 1) if sl.length > 1 else 1.0
             k = len(layer_sources)
             suffixes = stacks[ref.model].layers[ref.layers[0] + i]
+            aligned = True
             for s in sl.sources[1:]:
-                theirs = stacks[s.model].layers[s.layers[0] + i]
+                theirs = stacks[s.model].layers.get(s.layers[0] + i, [])
                 if sorted(theirs) != sorted(suffixes):
+                    aligned = False
                     mismatch.append(f"layer {s.layers[0] + i} of {models[s.model].label} and layer {ref.layers[0] + i} of "
                                     f"{models[ref.model].label} hold different tensors: " + name_mismatch(
                                         [x for x in suffixes if x not in theirs], [x for x in theirs if x not in suffixes]))
-            for suffix in suffixes:
+            for suffix in suffixes if aligned else ():
                 add(f"{prefix}{k}{suffix}", sl, [f"{prefix}{s.layers[0] + i}{suffix}" for s in sl.sources], t)
             layer_sources.append((ref.model, ref.layers[0] + i))
     for n in (n for n in stacks[last.sources[0].model].outside if not _BEFORE_LAYERS.search(n)):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
 
 import torch
 
 from .ops import add_to_base, combine, divides_by_plain_weight_sum, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_outliers
-from .params import Density, DivideBy, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone
-from .registry import Param, PerModel, register
+from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone
+from .registry import register
 
 
 @register(
@@ -26,7 +25,7 @@ def breadcrumbs(
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
     density: Density = 0.9,
-    gamma: Annotated[PerModel[float], Param(ge=0, lt=1, help="fraction of largest magnitudes removed as outliers")] = 0.01,
+    gamma: Gamma = 0.01,
     scale: Scale = 1.0,
     rescale: RescaleL1 = "none",
     sign_method: SignMethodOrNone = "none",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
 
 import torch
 
 from .breadcrumbs import breadcrumbs
-from .params import Density, DivideBy, Normalize, RescaleL1, Scale, SignFrom, SignMethod
-from .registry import Param, PerModel, register
+from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethod
+from .registry import register
 
 
 @register(
@@ -25,7 +24,7 @@ def breadcrumbs_ties(
     base: torch.Tensor | None = None,
     weights: Sequence[float] | None = None,
     density: Density = 0.9,
-    gamma: Annotated[PerModel[float], Param(ge=0, lt=1, help="fraction of largest magnitudes removed as outliers")] = 0.01,
+    gamma: Gamma = 0.01,
     scale: Scale = 1.0,
     rescale: RescaleL1 = "none",
     sign_method: SignMethod = "sum",

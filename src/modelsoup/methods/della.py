@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import add_to_base, combine, drop_by_magnitude, model_weights, per_model, require_base, task_vectors
+from .ops import add_to_base, combine, magprune_deltas, model_weights, require_base
 from .params import DellaDensity, DellaEpsilon, DivideBy, Normalize, Rescale, Scale, SignFrom, SignMethod
 from .registry import Param, register
 
@@ -36,8 +36,6 @@ def della(
 ) -> torch.Tensor:
     """theta = base + scale * disjoint_mean(elect(rescale(m_i * delta_i))), m_i ~ Bernoulli(p_i), p_i from delta_i's magnitude ranks."""
     base = require_base(base, "della")
-    deltas = task_vectors(tensors, base)
-    n = len(deltas)
-    dropped = [drop_by_magnitude(d, p, e, generator, rescale) for d, p, e in zip(deltas, per_model(density, n, "density"), per_model(epsilon, n, "epsilon"))]
-    merged = combine(dropped, model_weights(weights, n), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
+    dropped = magprune_deltas(tensors, base, density, epsilon, generator, rescale, "della")
+    merged = combine(dropped, model_weights(weights, len(tensors)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
     return add_to_base(base, merged, scale)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import add_to_base, combine, divides_by_plain_weight_sum, drop_by_magnitude, model_weights, per_model, require_base, task_vectors
+from .ops import add_to_base, combine, divides_by_plain_weight_sum, magprune_deltas, model_weights, require_base
 from .params import DellaDensity, DellaEpsilon, Normalize, Rescale, Scale
 from .registry import Param, register
 
@@ -34,8 +34,6 @@ def della_linear(
 ) -> torch.Tensor:
     """theta = base + scale * sum_i w_i rescale(m_i * delta_i), m_i ~ Bernoulli(p_i), p_i from delta_i's magnitude ranks."""
     base = require_base(base, "della_linear")
-    deltas = task_vectors(tensors, base)
-    n = len(deltas)
-    dropped = [drop_by_magnitude(d, p, e, generator, rescale, "della_linear") for d, p, e in zip(deltas, per_model(density, n, "density"), per_model(epsilon, n, "epsilon"))]
-    merged = combine(dropped, model_weights(weights, n), normalize=normalize)
+    dropped = magprune_deltas(tensors, base, density, epsilon, generator, rescale, "della_linear")
+    merged = combine(dropped, model_weights(weights, len(tensors)), normalize=normalize)
     return add_to_base(base, merged, scale)

@@ -186,6 +186,16 @@ def magnitude_keep_probabilities(delta: torch.Tensor, density: float, epsilon: f
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(delta.shape)
 
 
+def magprune_deltas(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, density: float | Sequence[float], epsilon: float | Sequence[float],
+    generator: torch.Generator | None, rescale: str, method: str,
+) -> list[torch.Tensor]:
+    """DELLA's first step for every model: delta_i = theta_i - base, MagPruned (:func:`drop_by_magnitude`) and rescaled."""
+    n = len(tensors)
+    return [drop_by_magnitude(t - base, p, e, generator, rescale, method)
+            for t, p, e in zip(tensors, per_model(density, n, "density"), per_model(epsilon, n, "epsilon"))]
+
+
 def drop_by_magnitude(
     delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator | None, rescale: str, method: str = "della"
 ) -> torch.Tensor:

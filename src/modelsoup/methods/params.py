@@ -42,3 +42,5 @@ DellaEpsilon = Annotated[
 ]
 
 RescaleL1 = Annotated[Literal["l1", "none"], Param(help="after trimming, scale each task vector back to its L1 norm (mergekit's rescale: true), or none")]
+
+Gamma = Annotated[PerModel[float], Param(ge=0, lt=1, help="fraction of largest magnitudes removed as outliers")]
