@@ -76,3 +76,14 @@ def test_random_methods_match_mergekit_in_distribution(root: Path, name: str, tm
     assert abs(l1_ours / l1_theirs - 1) < 0.05, (l1_ours, l1_theirs)
     # and the masks are really random: not mergekit's draws, not all kept
     assert 0.05 < u_ours < 0.5 and any(not torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_multi_stage_recipe_matches_mergekit_multi(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # mergekit-multi: stage ab_ties (ties of ft_a, ft_b), then the final linear of ab_ties and ft_c
+    assert MANIFEST["recipes"]["multistage"]["command"].startswith("mergekit-multi")
+    ours = _run(root, "multistage", tmp_path / "out", monkeypatch)
+    theirs = load_file(GOLDEN / "outputs" / "multistage.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], **FP32_VS_LIBRARY)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".soup-stages-")]  # the intermediate stage is removed

@@ -325,8 +325,6 @@ def test_mergekit_problems_all_at_once_with_lines(ckpts: Path) -> None:
         "parameter weight'); give `parameters: {weight: ...}` here or a global `weight`",
         ps[2],
         "mk.yaml:13: parameters.lambda: must be a number, got 'abc'",
-        "mk.yaml:15: tokenizer_source: tokenizer_source 'union' is not supported: modelsoup copies the tokenizer files of the "
-        "base model (or the first model) unchanged; use `tokenizer_source: base` or leave it out",
         "mk.yaml:16: out_dtype: unknown dtype 'float8'; did you mean 'float32'?; valid: float32, float16, bfloat16 (or leave it out to keep each tensor's dtype)",
     ]
     assert ps[2].startswith("mk.yaml:8: models[2].model: 'org/hub-model' does not exist")
@@ -379,10 +377,22 @@ def test_parameters_mergekit_does_not_read_are_warned_and_ignored(ckpts: Path) -
 
 
 def test_tokenizer_and_chat_template(ckpts: Path) -> None:
-    r = mk("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\ntokenizer_source: base\nchat_template: chatml\n")
-    assert any("tokenizer_source: base" in n for n in r.notes) and any("chat_template" in n for n in r.notes)
-    ps = mk_problems("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\ntokenizer:\n  source: union\n")
-    assert ps[0].startswith("mk.yaml:6: tokenizer: the `tokenizer:` block is not supported")
+    r = mk("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\ntokenizer_source: union\nchat_template: auto\n")
+    assert (r.output.tokenizer_source, r.output.chat_template, r.output.pad_to_multiple_of) == ("union", "auto", None)
+    (ckpts / "b" / "config.json").write_text("{}")
+    r = mk("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\ntokenizer:\n  source: b\n  pad_to_multiple_of: 64\n")
+    assert (r.output.tokenizer_source, r.output.pad_to_multiple_of) == (str(ckpts / "b"), 64)
+    again = recipe_from_yaml_text(r.to_yaml(), "again.yaml")
+    assert again.output == r.output
+    ps = mk_problems("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: base\ntokenizer_source: base\n"
+                     "tokenizer:\n  source: a+lora\n  tokens: {x: {source: a}}\nchat_template: chatml\n")
+    assert ps == [
+        "mk.yaml:7: tokenizer: give `tokenizer_source:` or the `tokenizer:` block, not both (mergekit refuses both)",
+        "mk.yaml:8: tokenizer.source: LoRA references ('a+lora') are not supported; merge the adapter into its model first",
+        "mk.yaml:9: tokenizer.tokens: added or re-sourced `tokens:` build new embedding rows, which is not supported; remove them",
+        "mk.yaml:10: chat_template: 'chatml': give the template's jinja text, or auto (the models' most common template); mergekit's bundled "
+        "named templates are not shipped with modelsoup",
+    ]
 
 
 def test_unknown_mergekit_key(ckpts: Path) -> None:
@@ -413,3 +423,10 @@ def test_load_file_detects_mergekit_and_round_trips(ckpts: Path) -> None:
 def test_mergekit_dict_input(ckpts: Path) -> None:
     r = recipe_from_dict({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}]})
     assert r.source_format == "mergekit" and r.method == "linear"
+
+
+def test_a_malformed_required_parameter_is_reported_once_as_malformed(ckpts: Path) -> None:
+    # mergekit's old `pattern:` conditions: the problem is the key, not a missing t
+    ps = mk_problems("models:\n  - model: a\nmerge_method: slerp\nbase_model: base\nparameters:\n  t:\n    - pattern: self_attn\n"
+                     "      value: [0, 1]\n    - value: 0.5\n")
+    assert ps == ["mk.yaml:6: parameters.t: condition [0] has unknown key(s) ['pattern']; a condition is {filter: <substring>, value: ...}"]

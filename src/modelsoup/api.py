@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,13 +20,15 @@ import torch
 
 from . import __version__
 from .engine import collect, run_jobs
-from .errors import RecipeError
+from .errors import RecipeError, TokenizerError
 from .io import Checkpoint, open_checkpoint
 from .io.output import cached_sha256, check_output, copy_model_files, input_paths, staged_output
 from .io.records import hub_ids, input_record, set_config_dtype, set_config_layers, write_records
 from .io.sinks import SafetensorsSink, Sink, TorchSink
+from .io.tokenizers import VOCAB_TENSOR, chat_template_text, shared_vocabulary, write_chat_template
 from .plan import MergePlan, OutputPlan, plan_merge
-from .recipe import Recipe, load_recipe, recipe_from_dict
+from .recipe import Recipe, load_recipe, read_recipe_text, recipe_from_dict
+from .recipe.stages import count_documents, load_stages
 
 log = logging.getLogger("modelsoup")
 
@@ -158,6 +164,11 @@ def merge(
     """
     if output is None:
         raise TypeError("merge() needs an output path")
+    if isinstance(recipe, (str, Path)) and models is None:
+        text = read_recipe_text(recipe)
+        if count_documents(text, str(recipe)) > 1:
+            return merge_stages(recipe, output, overwrite=overwrite, workers=workers, progress=progress, hash_files=hash_files,
+                                allow_globals=allow_globals)
     rec = _recipe(recipe, models, _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
     paths = recipe_inputs(rec)
     form = OutputPlan.for_path(output, rec.output)
@@ -165,6 +176,7 @@ def merge(
     t0 = time.perf_counter()
     with _opened(rec, allow_globals) as (cks, base_ck):
         plan = plan_merge(rec, cks, base_ck, form)
+        tokenizer = _tokenizer(plan)
         files = list(dict.fromkeys(f for ck in [*cks, *([base_ck] if base_ck else [])] for f in ck.files))
         hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash")  # inputs are hashed beside the merge
         try:
@@ -172,12 +184,58 @@ def merge(
             with staged_output(form.path, overwrite, inputs=[*paths, *files], as_file=form.as_file) as tmp:
                 out_hashes = _write_tensors(plan, tmp, workers, progress, hash_files)
                 if not form.as_file:
-                    _write_folder_files(plan, tmp, out_hashes, {f: d.result() for f, d in digests.items()})
+                    _write_folder_files(plan, tmp, out_hashes, {f: d.result() for f, d in digests.items()}, tokenizer)
         finally:
             hasher.shutdown(cancel_futures=True)
     dt = time.perf_counter() - t0
     log.debug("wrote %s: %d tensors, %.1f MB in %.1f s", form.path, len(plan.jobs), plan.nbytes / 1e6, dt)
     return MergeResult(form.path, out_hashes, len(plan.jobs), plan.nbytes, dt, plan.notes)
+
+
+def merge_stages(
+    recipe: str | Path,
+    output: str | Path,
+    *,
+    intermediate_dir: str | Path | None = None,
+    overwrite: bool = False,
+    workers: int | None = None,
+    progress: bool | None = None,
+    hash_files: bool = True,
+    allow_globals: Sequence[str] = (),
+) -> MergeResult:
+    """Run a multi-stage recipe (``mergekit-multi``: ``---`` separated documents with ``name:``), see :mod:`modelsoup.recipe.stages`.
+
+    Every stage is validated before the first is merged. The named stages are written to
+    ``intermediate_dir/<name>`` and kept there when ``intermediate_dir`` is given; otherwise to a temporary
+    folder beside ``output``, removed at the end. The final stage is written to ``output``.
+
+    Returns:
+        What the final stage wrote (its notes list the stages run before it).
+
+    Raises:
+        As :func:`merge`, for any stage; a failed stage leaves no output of its own and the final output unwritten.
+    """
+    out = Path(output)
+    run: dict[str, Any] = {"overwrite": overwrite, "workers": workers, "progress": progress, "hash_files": hash_files, "allow_globals": allow_globals}
+    keep = intermediate_dir is not None
+    folder = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=".soup-stages-", dir=out.absolute().parent))
+    try:
+        stages = load_stages(read_recipe_text(recipe), str(recipe), folder)
+        final = stages[-1]
+        given = [p for st in stages for p in recipe_inputs(st.recipe) if os.path.lexists(p)]
+        check_output(out, overwrite, inputs=[*given, folder], as_file=OutputPlan.for_path(out, final.recipe.output).as_file)
+        done: list[str] = []
+        for st in stages[:-1]:
+            folder.mkdir(parents=True, exist_ok=True)
+            assert st.name is not None
+            merge(st.recipe, folder / st.name, **run)
+            done.append(f"stage '{st.name}' ({st.recipe.method}) merged into {folder / st.name}" + ("" if keep else " (a temporary folder, removed)"))
+            log.info(done[-1])
+        result = merge(final.recipe, out, **run)
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    return dataclasses.replace(result, notes=[*done, *result.notes])
 
 
 def _sink(plan: MergePlan, folder: Path, hash_files: bool) -> Sink:
@@ -208,13 +266,49 @@ def _write_tensors(plan: MergePlan, folder: Path, workers: int | None, progress:
     return sink.close()
 
 
-def _write_folder_files(plan: MergePlan, folder: Path, out_hashes: dict[str, str], in_hashes: dict[Path, str]) -> None:
-    """A folder output's other files: config and tokenizer copied from the base or first model folder, and the records."""
+def _tokenizer(plan: MergePlan) -> tuple[Path | None, str | None]:
+    """The folder the output's tokenizer files come from (None: the config's folder) and its chat template, checked before any write.
+
+    Raises:
+        TokenizerError: a ``tokenizer_source`` whose vocabulary some model does not share, or a chat template that cannot be found.
+    """
+    opts = plan.recipe.output
+    readers = [plan.inputs[i] for i in sorted({s[0] for j in plan.jobs for s in (*j.sources, *([j.base_source] if j.base_source else []))})]
+    folder: Path | None = None
+    if opts.tokenizer_source is not None:
+        src = opts.tokenizer_source
+        if src == "union":  # the union of identical vocabularies is that vocabulary: the base's, else the first model's
+            ck = plan.base if plan.base is not None else plan.models[0]
+            label, folder = ck.label, ck.folder
+        elif src == "base":
+            assert plan.base is not None
+            label, folder = plan.base.label, plan.base.folder
+        else:
+            label, folder = src, Path(src)
+        rows = {j.shape[0] for j in plan.jobs if VOCAB_TENSOR.search(j.name) and j.shape}
+        shared_vocabulary((label, folder), [(ck.label, ck.folder) for ck in readers], max(rows) if rows else None, opts.pad_to_multiple_of)
+        if len(rows) > 1:
+            raise TokenizerError(f"the vocabulary tensors have different row counts ({sorted(rows)}); cannot check them against one tokenizer")
+    template = chat_template_text(opts.chat_template, [ck.folder for ck in readers]) if opts.chat_template is not None else None
+    return folder, template
+
+
+def _write_folder_files(plan: MergePlan, folder: Path, out_hashes: dict[str, str], in_hashes: dict[Path, str],
+                        tokenizer: tuple[Path | None, str | None] = (None, None)) -> None:
+    """A folder output's other files: config and tokenizer copied from the base or first model folder (the tokenizer from
+    ``tokenizer[0]`` when given), the chat template ``tokenizer[1]``, and the records."""
     rec, out = plan.recipe, plan.output
     assert out is not None
     sources = [*([plan.base] if plan.base is not None else []), *plan.models]
     hf_src = next((ck.folder for ck in sources if ck.folder is not None), None)
-    copied = copy_model_files(hf_src, folder, tokenizer=out.options.copy_tokenizer) if (hf_src is not None and out.options.copy_files) else []
+    tok_src, template = tokenizer
+    own_tokenizer = out.options.copy_tokenizer and tok_src is None
+    copied = copy_model_files(hf_src, folder, tokenizer=own_tokenizer) if (hf_src is not None and out.options.copy_files) else []
+    if out.options.copy_files and out.options.copy_tokenizer and tok_src is not None:
+        copied += copy_model_files(tok_src, folder, only_tokenizer=True)
+    if template is not None:
+        write_chat_template(folder, template)
+        copied.append("chat_template.jinja")
     if rec.dtype is not None and "config.json" in copied:
         set_config_dtype(folder / "config.json", rec.dtype)
     if plan.layer_sources and "config.json" in copied:

@@ -98,3 +98,7 @@ class OutputError(SoupError):
 
 class EmptyMergeError(SoupError):
     """A merge would write a model with no tensors."""
+
+
+class TokenizerError(SoupError):
+    """The models' tokenizers cannot give the output the vocabulary the recipe asks for (a merge would mix token rows)."""

@@ -49,9 +49,23 @@ def _mergekit_options(a: argparse.Namespace, recipe: Any) -> Any:
     return dataclasses.replace(recipe, **changes)
 
 
+def _merge_stages(a: argparse.Namespace) -> int:
+    """A multi-stage recipe (mergekit-multi): every stage validated, then run in order."""
+    from ..api import merge_stages
+
+    extra = [f for f in ("out_shard_size", "random_seed", "allow_nonfinite") if getattr(a, f) not in (None, False)] + (["copy_tokenizer"] if a.copy_tokenizer is False else [])
+    if extra:
+        raise SoupError(f"--{extra[0].replace('_', '-')} is not applied to multi-stage recipes; set it in each stage of {a.inputs[0]}")
+    result = merge_stages(a.inputs[0], a.output, intermediate_dir=a.intermediate_dir, overwrite=a.overwrite, workers=a.workers,
+                          progress=progress(a), hash_files=not a.no_hash)
+    print(f"wrote {result.output} ({result.tensors} tensors, {result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
+    return 0
+
+
 def cmd_merge(a: argparse.Namespace) -> int:
     from ..api import merge
-    from ..recipe import load_recipe, recipe_from_dict
+    from ..recipe import load_recipe, read_recipe_text, recipe_from_dict
+    from ..recipe.stages import count_documents
 
     is_recipe = bool(a.inputs) and a.method is None and Path(a.inputs[0]).suffix in (".yaml", ".yml")
     if is_recipe and len(a.inputs) == 2:  # `soup merge RECIPE.yml OUT`, as `mergekit-yaml config.yml OUT` is typed
@@ -66,9 +80,13 @@ def cmd_merge(a: argparse.Namespace) -> int:
         flags = [f for f in ("base", "weights", "set", "dtype", "keys", "seed", "shard_size", "format", "key", "strip_prefix") if getattr(a, f)]
         if flags:
             raise SoupError(f"--{flags[0].replace('_', '-')} cannot be combined with a recipe file; put it in {a.inputs[0]}")
+        if count_documents(read_recipe_text(a.inputs[0]), a.inputs[0]) > 1:
+            return _merge_stages(a)
         recipe = _mergekit_options(a, load_recipe(a.inputs[0]))
         if a.allow_nonfinite:
             recipe = dataclasses.replace(recipe, allow_nonfinite=True)
+    elif a.intermediate_dir:
+        raise SoupError("--intermediate-dir is for a multi-stage recipe file (several --- separated documents with `name:`)")
     elif mergekit_flags:
         raise SoupError(f"--{mergekit_flags[0].replace('_', '-')} is a mergekit-yaml option, for a recipe file: soup merge RECIPE.yml OUT --{mergekit_flags[0].replace('_', '-')} ...")
     else:
@@ -110,8 +128,19 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
-    from ..recipe import describe, load_recipe
+    import tempfile
 
+    from ..recipe import describe, load_recipe, read_recipe_text
+    from ..recipe.stages import count_documents, load_stages
+
+    text = read_recipe_text(a.recipe)
+    if count_documents(text, a.recipe) > 1:
+        stages = load_stages(text, a.recipe, Path(tempfile.gettempdir()) / "soup-stages")
+        print(f"{a.recipe}: valid, {len(stages)} stages, run in this order")
+        for st in stages:
+            print(f"\n## stage {st.name or '(final, unnamed)'}" + (f" (uses {', '.join(sorted(st.uses))})" if st.uses else ""))
+            print(describe(st.recipe))
+        return 0
     recipe = load_recipe(a.recipe)
     print(f"{a.recipe}: valid")
     print(describe(recipe))
@@ -158,6 +187,8 @@ def add_parsers(sub: Any) -> None:
     m.add_argument("--workers", type=int, help="threads (default: cores + 1, 2..8)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--no-hash", action="store_true", help="skip sha256 of inputs and outputs")
+    m.add_argument("--intermediate-dir", "-I", metavar="DIR",
+                   help="multi-stage recipe: write the named stages to DIR/<name> and keep them (default: a temporary folder, removed)")
     mk = m.add_argument_group("mergekit-yaml options (with a recipe file; mergekit's meaning)")
     mk.add_argument("--out-shard-size", metavar="SIZE", help="largest output shard in bytes, K/M/B suffixes as mergekit reads them (5B = 5e9)")
     mk.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=None,

@@ -343,8 +343,9 @@ TOKENIZER_FILES = frozenset({
 })
 
 
-def copy_model_files(src: Path, dst: Path, *, tokenizer: bool = True) -> list[str]:
-    """Copy config, tokenizer (unless ``tokenizer`` is false), generation and other small non-weight files of a model folder.
+def copy_model_files(src: Path, dst: Path, *, tokenizer: bool = True, only_tokenizer: bool = False) -> list[str]:
+    """Copy config, tokenizer (unless ``tokenizer`` is false), generation and other small non-weight files of a model folder
+    (only the tokenizer's with ``only_tokenizer``).
 
     Subfolders (e.g. sentence-transformers' ``1_Pooling``) are copied when they hold no weight file.
     Every file must resolve inside the model folder (or the Hugging Face cache's blobs); contents are
@@ -355,7 +356,7 @@ def copy_model_files(src: Path, dst: Path, *, tokenizer: bool = True) -> list[st
     """
     copied = []
     for p in sorted(src.iterdir()):
-        if p.name in SKIP_NAMES or p.name.startswith(".") or p.name.endswith(".index.json") or (not tokenizer and p.name in TOKENIZER_FILES):
+        if p.name in SKIP_NAMES or p.name.startswith(".") or p.name.endswith(".index.json") or (not tokenizer and p.name in TOKENIZER_FILES) or (only_tokenizer and p.name not in TOKENIZER_FILES):
             continue
         files = _tree(p, Path(p.name), src, frozenset())
         if any(rel.suffix in FOREIGN_WEIGHT_SUFFIXES for rel, _ in files):

@@ -53,6 +53,16 @@ def load_recipe(path: str | Path) -> Recipe:
         RecipeError: the file cannot be read, is not UTF-8 text, or every problem of its content.
     """
     p = Path(path)
+    return recipe_from_yaml_text(read_recipe_text(p), str(path), root=p.expanduser().absolute().parent)
+
+
+def read_recipe_text(path: str | Path) -> str:
+    """The text of a recipe file.
+
+    Raises:
+        RecipeError: not a regular file, too large, unreadable, or not UTF-8.
+    """
+    p = Path(path)
     try:
         if p.exists() and not p.is_file():
             raise RecipeError([f"{path}: is not a regular file (a FIFO or device?); give a recipe file"], str(path))
@@ -63,7 +73,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError([f"{path}: cannot read the recipe file: {e.strerror or e}"], str(path)) from None
     except UnicodeDecodeError as e:
         raise RecipeError([f"{path}: is not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8"], str(path)) from None
-    return recipe_from_yaml_text(text, str(path), root=p.expanduser().absolute().parent)
+    return text
 
 
 def recipe_from_dict(data: Mapping[str, Any], source: str | None = None) -> Recipe:
@@ -77,5 +87,5 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None) -> Reci
 
 __all__ = [
     "DTYPES", "KEY_MODES", "OUTPUT_FORMATS", "TAKE_CHOICES", "ModelRef", "OutputOptions", "Override", "Problems", "Recipe",
-    "build_recipe", "check_setting", "describe", "load_recipe", "load_yaml", "parse_size", "recipe_from_dict", "recipe_from_yaml_text",
+    "build_recipe", "check_setting", "describe", "load_recipe", "load_yaml", "parse_size", "read_recipe_text", "recipe_from_dict", "recipe_from_yaml_text",
 ]

@@ -162,26 +162,44 @@ def _check_expansion(root: yaml.Node, source: str | None) -> None:
 
 
 def load_yaml(text: str, source: str | None = None) -> tuple[Any, dict[PathKey, int]]:
-    """Parse YAML, recording the line of every mapping key and sequence item.
+    """Parse one YAML document, recording the line of every mapping key and sequence item.
 
     Nesting, alias expansion and size are bounded before anything is built (see MAX_YAML_*).
 
     Raises:
-        RecipeError: a syntax error, a duplicated key, or a file past the bounds, with its line.
+        RecipeError: a syntax error, a duplicated key, several documents, or a file past the bounds, with its line.
+    """
+    docs = load_yaml_documents(text, source)
+    if len(docs) > 1:
+        raise _yaml_error(source, docs[1][2], f"holds {len(docs)} YAML documents (separated by ---); a multi-stage recipe (mergekit-multi) "
+                          "is run from a file: soup merge STAGES.yml OUT")
+    return (docs[0][0], docs[0][1]) if docs else (None, {})
+
+
+def load_yaml_documents(text: str, source: str | None = None) -> list[tuple[Any, dict[PathKey, int], int]]:
+    """Parse every document of a YAML text (``---`` separated): (data, path -> line, the document's first line) each.
+
+    Lines count from the start of the text. Bounds and refusals are those of :func:`load_yaml`, per document.
+
+    Raises:
+        RecipeError: as :func:`load_yaml`.
     """
     if len(text) > MAX_RECIPE_BYTES:
         raise _yaml_error(source, None, f"the recipe is {len(text)} characters; a recipe over {MAX_RECIPE_BYTES >> 20} MB is refused")
     loader = None
+    built: list[tuple[Any, yaml.Node]] = []
     try:
         loader = _RecipeLoader(text)
         _check_nesting(text, source)
-        node = loader.get_single_node()
-        if node is not None:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
             _check_expansion(node, source)
-        try:
-            data = loader.construct_document(node) if node is not None else None
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:  # PyYAML's own conversions
-            raise _yaml_error(source, None, f"a value cannot be read ({type(e).__name__}: {str(e)[:100]}); check dates, numbers and !!tags") from None
+            try:
+                built.append((loader.construct_document(node), node))
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:  # PyYAML's own conversions
+                raise _yaml_error(source, None, f"a value cannot be read ({type(e).__name__}: {str(e)[:100]}); check dates, numbers and !!tags") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         what = " ".join(x for x in (e.context, e.problem) if x)
@@ -193,6 +211,11 @@ def load_yaml(text: str, source: str | None = None) -> tuple[Any, dict[PathKey, 
     finally:
         if loader is not None:
             loader.dispose()
+    return [(data, _lines(node, source), node.start_mark.line + 1) for data, node in built]
+
+
+def _lines(node: yaml.Node, source: str | None) -> dict[PathKey, int]:
+    """path -> line of every mapping key and sequence item under ``node``; a key given twice is refused."""
     lines: dict[PathKey, int] = {}
     problems = Problems(source, lines)
 
@@ -212,8 +235,6 @@ def load_yaml(text: str, source: str | None = None) -> tuple[Any, dict[PathKey, 
                 lines[(*path, i)] = item.start_mark.line + 1
                 walk(item, (*path, i))
 
-    if node is not None:
-        walk(node, ())
+    walk(node, ())
     problems.raise_if_any()
-    return data, lines
-
+    return lines

@@ -73,11 +73,13 @@ Evidence (paths in arcee-ai/mergekit):
 * ``mergekit/common.py``: model references ``path+lora`` and hub ids; ``torch.`` prefixes on dtype names.
 
 Not supported (each refused with a problem that says so): the ``modules:`` form, LoRA references
-(``model+lora``), ``tokenizer_source`` other than ``base`` or absent, the ``tokenizer:`` block (it can add
-tokens and so resize embeddings). Parameters mergekit's method does not read are ignored with a warning
+(``model+lora``), a per-slice ``base_model``, added ``tokens:`` in the ``tokenizer:`` block. ``tokenizer_source``
+(base, union, a model) and ``tokenizer: {source, pad_to_multiple_of}`` run where every model shares that
+vocabulary with one row per token, and are refused otherwise (:mod:`modelsoup.io.tokenizers`); ``chat_template``
+(jinja text or ``auto``) is written into the output's tokenizer files. Parameters mergekit's method does not read are ignored with a warning
 naming the parameter and the method (mergekit ignores them silently, and a recipe that runs there must
 run here). Accepted and ignored, with a note: ``int8_mask`` (the mask holds the same 0/1 values in int8),
-``chat_template`` (only affects the tokenizer files), weights given to methods that read none (slerp,
+weights given to methods that read none (slerp,
 model_stock, karcher, sce, ram, nearswap, arcee_fusion: mergekit ignores them), ``density``/``rescale``
 for task_arithmetic (no sparsification). Known numeric differences: DARE and DELLA masks come from our
 generator (seeded per tensor), not torch's global RNG as in mergekit; mergekit computes in ``dtype``
@@ -213,6 +215,7 @@ class _Translation:
     lines: Mapping[PathKey, int] | None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    malformed: set[PathKey] = field(default_factory=set)  # parameters given in a form that cannot be read (already problems)
     origin: dict[PathKey, PathKey] = field(default_factory=lambda: {("method",): ("merge_method",), ("base",): ("base_model",)})
     problems: Problems = field(init=False)
 
@@ -331,19 +334,45 @@ def _mergekit_method(data: Mapping[str, Any], t: _Translation) -> MergekitMethod
     return spec
 
 
-def _check_tokenizer(data: Mapping[str, Any], t: _Translation) -> None:
-    """Accept only the base model's tokenizer, copied unchanged; note what that means."""
-    tok = data.get("tokenizer_source")
-    if tok not in (None, "base"):
-        t.bad(("tokenizer_source",), f"tokenizer_source {tok!r} is not supported: modelsoup copies the tokenizer files of the base "
-              "model (or the first model) unchanged; use `tokenizer_source: base` or leave it out")
-    elif tok == "base":
-        t.notes.append("tokenizer_source: base -- the tokenizer files are copied from the base model; all models must share its vocabulary")
-    if data.get("tokenizer") is not None:
-        t.bad(("tokenizer",), "the `tokenizer:` block is not supported (it can add tokens and resize embeddings); "
-              "remove it, modelsoup copies the base model's tokenizer files")
+def _tokenizer(data: Mapping[str, Any], t: _Translation) -> dict[str, Any]:
+    """The native output options for mergekit's ``tokenizer_source``, ``tokenizer:`` block and ``chat_template``.
+
+    A tokenizer source is run when every model shares its vocabulary (then mergekit's re-ordering of token rows
+    is the identity; checked when the models are opened, see :mod:`modelsoup.io.tokenizers`); added ``tokens:``
+    would build new rows and are refused.
+    """
+    out: dict[str, Any] = {}
+    src = data.get("tokenizer_source")
+    block = data.get("tokenizer")
+    if block is not None:
+        if src is not None:
+            t.bad(("tokenizer",), "give `tokenizer_source:` or the `tokenizer:` block, not both (mergekit refuses both)")
+        if not isinstance(block, Mapping):
+            t.bad(("tokenizer",), f"must be a mapping with `source:`, got {type(block).__name__}")
+            block = {}
+        for k in block:
+            if k not in ("source", "tokens", "pad_to_multiple_of"):
+                t.warnings.append(f"{t.where(('tokenizer', k))}: unknown key '{k}' in the tokenizer block ignored, as mergekit ignores it")
+        if block.get("tokens"):
+            t.bad(("tokenizer", "tokens"), "added or re-sourced `tokens:` build new embedding rows, which is not supported; remove them")
+        src = block.get("source", "union")
+        t.origin[("output", "tokenizer_source")] = ("tokenizer", "source")
+        t.origin[("output", "pad_to_multiple_of")] = ("tokenizer", "pad_to_multiple_of")
+        if block.get("pad_to_multiple_of") is not None:
+            out["pad_to_multiple_of"] = block["pad_to_multiple_of"]
+    else:
+        t.origin[("output", "tokenizer_source")] = ("tokenizer_source",)
+    if src is not None:
+        if isinstance(src, str) and "+" in src:
+            t.bad(t.origin[("output", "tokenizer_source")], _lora(src))
+        elif not isinstance(src, str):
+            t.bad(t.origin[("output", "tokenizer_source")], "must be base, union or a model path")
+        else:
+            out["tokenizer_source"] = src
     if data.get("chat_template") is not None:
-        t.notes.append("chat_template is not applied: the tokenizer files are copied unchanged; set the template in tokenizer_config.json afterwards")
+        t.origin[("output", "chat_template")] = ("chat_template",)
+        out["chat_template"] = data["chat_template"]
+    return out
 
 
 def _output_dtype(data: Mapping[str, Any], t: _Translation) -> Any:
@@ -391,6 +420,7 @@ def _global_settings(raw: Mapping[Any, Any], spec: MergekitMethod, t: _Translati
         msg = check_setting(value, lambda v: None)
         if msg:
             t.bad(where, msg)
+            t.malformed.add(where)
             continue
         given[pname] = value
     return given
@@ -624,7 +654,7 @@ def _method_setting(pname: str, default: Any, spec: MergekitMethod, given: Mappi
     """A global parameter as mergekit resolves it: given (closed by the default where conditional), else the default; None = a problem."""
     value = given.get(pname)
     if value is None:
-        if default is None:
+        if default is None and ("parameters", pname) not in t.malformed:  # a malformed one is reported as such
             t.bad(missing_at, f"mergekit's '{spec.name}' needs the parameter '{pname}' (it has no default)")
         return default
     if not _has_catch_all(value) and default is None:
@@ -670,7 +700,7 @@ def recipe_from_mergekit(data: Mapping[str, Any], *, source: str | None = None, 
     t = _Translation(source, lines)
     _check_top_keys(data, t)
     spec = _mergekit_method(data, t)
-    _check_tokenizer(data, t)
+    tokenizer = _tokenizer(data, t)
     dtype = _output_dtype(data, t)
     raw_models = _models_list(data, t)
     base = _base_model(data, t)
@@ -697,6 +727,8 @@ def recipe_from_mergekit(data: Mapping[str, Any], *, source: str | None = None, 
         native["base"] = {"path": base}
     if dtype is not None:
         native["dtype"] = dtype
+    if tokenizer:
+        native["output"] = tokenizer
     return build_recipe(
         native, source=source, lines=lines, problems=t.problems, source_format="mergekit", notes=t.notes, warnings=t.warnings,
         check_count=complete,

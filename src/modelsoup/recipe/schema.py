@@ -191,6 +191,11 @@ class OutputOptions:
     copy_files: bool = True
     model_card: bool = True
     copy_tokenizer: bool = True  # with copy_files: the tokenizer files too (mergekit's --copy-tokenizer)
+    # mergekit's tokenizer_source / tokenizer.source: "base", "union", or a model folder (resolved); None = the base's (or
+    # first model's) files, copied without a check. Given, every model must share that tokenizer's vocabulary (io/tokenizers.py).
+    tokenizer_source: str | None = None
+    pad_to_multiple_of: int | None = None
+    chat_template: str | None = None  # jinja text, or "auto" (the models' most common template)
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,7 @@ class Recipe:
             "format": self.output.format,
             "copy_files": self.output.copy_files,
             "copy_tokenizer": self.output.copy_tokenizer,
+            **{k: getattr(self.output, k) for k in ("tokenizer_source", "pad_to_multiple_of", "chat_template") if getattr(self.output, k) is not None},
             "model_card": self.output.model_card,
         }
         head = ""

@@ -11,6 +11,7 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,10 @@ from ..methods.ops import weight_sum_problem
 from ..methods.registry import MergeMethod, yaml_number_hint
 from .loader import PathKey, Problems
 from .schema import DEFAULT_SHARD_SIZE, DTYPES, ModelRef, OutputOptions, Override, Recipe, Slice, SliceSource, is_number, parse_size
+
+
+# Outputs of earlier stages of a multi-stage recipe: models that will exist when this stage runs (see .stages).
+PENDING_OUTPUTS: ContextVar[frozenset[Path]] = ContextVar("PENDING_OUTPUTS", default=frozenset())
 
 
 class _Schema(BaseModel):
@@ -50,6 +55,9 @@ class _OutputEntry(_Schema):
     copy_files: bool = True
     copy_tokenizer: bool = True
     model_card: bool = True
+    tokenizer_source: str | None = None
+    pad_to_multiple_of: int | None = None
+    chat_template: str | None = None
 
 
 class _SliceEntry(_Schema):
@@ -294,7 +302,7 @@ def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Pr
     if entry.path is not None:
         try:
             resolved = _resolve(entry.path, root)
-            found = resolved.exists()
+            found = resolved.exists() or resolved in PENDING_OUTPUTS.get()
         except (OSError, RuntimeError) as e:  # a name too long; ~user that does not exist
             problems.add((*path, "path"), f"'{entry.path}' cannot be looked up ({getattr(e, 'strerror', None) or e}); check the path")
             return None
@@ -555,7 +563,23 @@ def build_recipe(
             if size is None:
                 problems.add(("output", "shard_size"), f"cannot read {_short_repr(out.shard_size)} as a size; give bytes (a positive integer up to 2**63 - 1) or e.g. '500MB', '5GB', '2GiB'")
                 size = DEFAULT_SHARD_SIZE
-            output = OutputOptions(shard_size=size, format=out.format, copy_files=out.copy_files, copy_tokenizer=out.copy_tokenizer, model_card=out.model_card)
+            tok = out.tokenizer_source
+            if tok == "base" and top.base is None:
+                problems.add(("output", "tokenizer_source"), "`base` names the base model's tokenizer, but the recipe has no `base:`")
+            elif tok is not None and tok not in ("base", "union"):
+                where = _resolve(tok, root)
+                if not (where / "config.json").exists() and not any((where / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+                    problems.add(("output", "tokenizer_source"), f"'{tok}' is not a model folder with a tokenizer (looked in {where}); give base, union "
+                                 "or the folder of one of the models")
+                tok = str(where)
+            if out.pad_to_multiple_of is not None and out.pad_to_multiple_of < 1:
+                problems.add(("output", "pad_to_multiple_of"), f"must be a positive integer, got {out.pad_to_multiple_of}")
+            if out.chat_template is not None and out.chat_template != "auto" and "{" not in out.chat_template:
+                problems.add(("output", "chat_template"), f"{_short_repr(out.chat_template)}: give the template's jinja text, or auto (the models' most "
+                             "common template); mergekit's bundled named templates are not shipped with modelsoup")
+            output = OutputOptions(shard_size=size, format=out.format, copy_files=out.copy_files, copy_tokenizer=out.copy_tokenizer,
+                                   model_card=out.model_card, tokenizer_source=tok, pad_to_multiple_of=out.pad_to_multiple_of,
+                                   chat_template=out.chat_template)
 
     problems.raise_if_any()
     assert method is not None and top.method is not None
