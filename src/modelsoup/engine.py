@@ -175,11 +175,10 @@ def run_jobs(
                 done += 1
                 bar.set_postfix_str(f"{done}/{len(jobs)} tensors", refresh=False)
         else:
-            readers = len(plan.ingredients) + (1 if plan.uses_base else 0)
-
             def cost(job: TensorJob) -> int:
                 # inputs and result in float32, the method's own buffers, and a few temporaries
-                buffers = readers + 2 + plan.method.workspace * len(plan.ingredients) + (2 if plan.method.workspace else 0)
+                readers = len(job.sources) + (1 if job.base_source is not None else 0)
+                buffers = readers + 2 + plan.method.workspace * len(job.sources) + (2 if plan.method.workspace else 0)
                 return (job.nbytes * 4 // job.dtype.itemsize) * buffers
 
             with ThreadPoolExecutor(n, thread_name_prefix="soup") as pool:

@@ -40,6 +40,7 @@ def order_statistic(flat: torch.Tensor, q: float) -> float:
     "arcee_fusion",
     summary="base plus the model's changes whose importance |delta| * KL(rows) is an outlier (>= median + 1.5 IQR)",
     paper="Arcee AI 2025, Arcee Fusion (arcee.ai); as in mergekit",
+    workspace=3,
     base="required",
     min_models=1,
     max_models=1,

@@ -23,6 +23,7 @@ from .registry import Param, register
     "karcher",
     summary="iterative Riemannian mean of the models' directions on the sphere, scaled by the weighted mean norm",
     paper="Karcher 1977, Riemannian center of mass; for model merging as in mergekit (arXiv 2603.04972)",
+    workspace=1,
     divides_by_weight_sum=lambda p: True,
 )
 def karcher(

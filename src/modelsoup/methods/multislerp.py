@@ -25,6 +25,7 @@ from .registry import Param, register
     "multislerp",
     summary="barycentric spherical interpolation of N models (of their task vectors with a base), norm = weighted mean norm",
     paper="Goddard 2024, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea); Buss & Fillmore 2001",
+    workspace=2,
     base="optional",
     divides_by_weight_sum=lambda p: bool(p["normalize_weights"]),
 )

@@ -23,6 +23,7 @@ DIFF_FLOOR = 1e-6
     "nearswap",
     summary="per entry, the model's value where it is within t of the base, else move t toward it",
     paper="alchemonaut 2024, NearSwap (huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001); as in mergekit",
+    workspace=2,
     base="required",
     min_models=1,
     max_models=1,

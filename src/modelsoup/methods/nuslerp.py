@@ -46,6 +46,7 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float) -> t
     "nuslerp",
     summary="slerp of two models (of their task vectors with a base), t = w_2 / (w_1 + w_2), whole tensor or row by row",
     paper="Goddard et al., mergekit (arXiv 2403.13257), nuslerp; Shoemake 1985 (slerp)",
+    workspace=3,
     base="optional",
     min_models=2,
     max_models=2,
