@@ -132,7 +132,7 @@ def test_a_config_without_a_layer_count_is_refused_before_anything_is_written(ll
     del data["num_hidden_layers"]
     cfg.write_text(json.dumps(data))
     r = recipe(llama, "slices:\n  - sources:\n      - {model: models/ft_a, layer_range: [0, 2]}\nmerge_method: passthrough\n")
-    with pytest.raises(OutputError, match="no layer count .* to set to 2"):
+    with pytest.raises(OutputError, match="ft_a/config.json: no top-level layer count .* to set to 2"):
         merge(r, llama / "out")
     assert not (llama / "out").exists() and not [p for p in llama.iterdir() if ".soup-tmp-" in p.name]
 
@@ -163,3 +163,64 @@ def test_native_slices_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         f"{r}:9: slices[1].sources[0].layers: is required: [start, end], the layer indices taken from this model (end excluded)",
         f"{r}:11: overrides[0].weights: overrides cannot give weights in a `slices:` recipe (each slice has its own sources); give `weight:` on the slice's sources",
     ]
+
+
+def _passthrough(root: Path, a: str = "models/ft_a", b: str = "models/ft_b") -> Path:
+    return recipe(root, f"slices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2]}}\n  - sources:\n"
+                        f"      - {{model: {b}, layer_range: [1, 4]}}\nmerge_method: passthrough\n")
+
+
+def _copy_model(root: Path, src: str, dst: str, state: dict[str, torch.Tensor] | None = None, config: dict | None = None) -> None:
+    (root / dst).mkdir(parents=True)
+    save_file(state if state is not None else weights(root / src), root / dst / "model.safetensors")
+    cfg = json.loads((root / src / "config.json").read_text())
+    (root / dst / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("tied", r"models/tied and models/ft_a hold different tensors outside their layers \(tied embeddings in one\?\): missing 1 \(lm_head.weight\)"),
+    ("half", r"the slices stack layers of different dtypes \('.input_layernorm.weight': float32 in model.layers.0.input_layernorm.weight, "
+             r"float16 in model.layers.2.input_layernorm.weight\); set `dtype:`"),
+    ("gap", r"models/gap: its layer stack 'model.layers.' has no layer 2 \(of 0 to 3\)"),
+    ("zero", r"models/zero: 'model.layers.00.[a-z_.]+' numbers its layer '00' \(leading zeros\)"),
+])
+def test_slices_of_models_that_do_not_stack_cleanly_are_refused(llama: Path, capsys: pytest.CaptureFixture[str], case: str, message: str) -> None:
+    b = weights(llama / "models" / "ft_b")
+    if case == "tied":
+        _copy_model(llama, "models/ft_b", "models/tied", {k: v for k, v in b.items() if k != "lm_head.weight"}, {"tie_word_embeddings": True})
+    elif case == "half":
+        _copy_model(llama, "models/ft_b", "models/half", {k: v.half() for k, v in b.items()})
+    elif case == "gap":
+        _copy_model(llama, "models/ft_b", "models/gap", {k: v for k, v in b.items() if ".layers.2." not in k})
+    else:
+        _copy_model(llama, "models/ft_b", "models/zero", {k.replace("layers.0.", "layers.00."): v for k, v in b.items()})
+    refused(["merge", str(_passthrough(llama, b=f"models/{case}")), str(llama / "out")], capsys, message, inputs=[llama / "models"], output=llama / "out")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"no_rope_layers": [1, 0, 1, 0]}, None),
+    ({"text_config": {"num_hidden_layers": 4, "layer_types": ["a", "b", "c", "d"]}}, None),
+    ({"sliding_layers": [0, 1, 0, 1]}, r"`sliding_layers` has one entry per layer \(4\) and is not known to modelsoup"),
+    ({"mlp_only_layers": [2]}, r"`mlp_only_layers` names layers by number"),
+])
+def test_per_layer_config_settings_follow_the_layers_or_are_refused(llama: Path, capsys: pytest.CaptureFixture[str], config: dict, message: str | None) -> None:
+    for name in ("ft_a", "ft_b"):
+        cfg = llama / "models" / name / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **config}))
+    if message is not None:
+        refused(["merge", str(_passthrough(llama)), str(llama / "out")], capsys, message, inputs=[llama / "models"], output=llama / "out")
+        return
+    merge(_passthrough(llama), llama / "out")
+    got = json.loads((llama / "out" / "config.json").read_text())
+    assert got["num_hidden_layers"] == 5
+    if "no_rope_layers" in config:
+        assert got["no_rope_layers"] == [1, 0, 0, 1, 0]  # ft_a's layers 0, 1, then ft_b's 1, 2, 3
+    else:
+        assert got["text_config"] == {"num_hidden_layers": 5, "layer_types": ["a", "b", "b", "c", "d"]}
+
+
+def test_skipping_a_layer_tensor_is_refused(llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    r = recipe(llama, "method: passthrough\nslices:\n  - sources:\n      - {path: models/ft_a, layers: [0, 4]}\n"
+                      "overrides:\n  - {match: 'model.layers.3.*', take: skip}\n")
+    refused(["merge", str(r), str(llama / "out")], capsys, r"'model.layers.3.[a-z_.]+': `take: skip` would leave a hole in a layer",
+            inputs=[llama / "models"], output=llama / "out")

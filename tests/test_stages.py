@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -125,3 +126,37 @@ def test_one_document_files_still_refuse_extra_documents_in_settings(root: Path)
     r = write(root, "method: linear\nmodels: [models/ft_a]\n---\nmethod: linear\nmodels: [models/ft_b]\n")
     with pytest.raises(RecipeError, match="holds 2 YAML documents .* soup merge STAGES.yml OUT"):
         load_recipe(r)
+
+
+def test_intermediate_dir_inside_an_input_is_refused_before_any_stage(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    r = write(root, THREE)
+    refused(["merge", str(r), str(root / "out"), "-I", str(root / "models" / "ft_c")], capsys, r"models/ft_c/ab: .*input",
+            inputs=[root / "models"], output=root / "out")
+    assert sorted(p.name for p in (root / "models" / "ft_c").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_killed_run_leaves_a_stage_folder_the_next_run_removes(root: Path) -> None:
+    from modelsoup.io.output import scratch_folder
+
+    stale = scratch_folder(root / "out", "stages")
+    owner = json.loads((stale / ".soup-owner.json").read_text())
+    (stale / ".soup-owner.json").write_text(json.dumps({**owner, "pid": 2**22 + 12345}))  # a process that no longer runs
+    (stale / "ab").mkdir()
+    merge(write(root, THREE), root / "out", hash_files=False)
+    assert not stale.exists()
+
+
+def test_stages_into_a_missing_parent_folder(root: Path) -> None:
+    merge(write(root, THREE), root / "new" / "sub" / "out", hash_files=False)
+    assert (root / "new" / "sub" / "out" / "model.safetensors").is_file()
+    assert not [p for p in root.rglob("*") if ".soup-tmp-" in p.name]
+
+
+def test_a_stage_name_works_as_tokenizer_source(root: Path) -> None:
+    import shutil
+
+    for name in ("ft_a", "ft_b", "ft_c", "base"):
+        shutil.copy(Path(__file__).parent / "golden" / "mergekit" / "manifest.json", root / "models" / name / "unrelated.json")
+    r = write(root, THREE.replace("merge_method: linear\n    models:\n      - {model: ab", "merge_method: linear\n    tokenizer_source: ab\n    models:\n      - {model: ab", 1))
+    with pytest.raises(Exception, match="the tokenizer of .*ab cannot be read"):  # substituted: it names the stage's folder, which has no tokenizer
+        merge(r, root / "out", hash_files=False)

@@ -94,3 +94,39 @@ def test_chat_template_auto_and_text(root: Path, tmp_path: Path) -> None:
 def test_a_named_chat_template_is_refused(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     refused(["merge", str(recipe(root, "chat_template: chatml\n")), str(root / "out")], capsys,
             r"r.yml:6: chat_template: 'chatml': give the template's jinja text, or auto", inputs=[root / "models"], output=root / "out")
+
+
+def test_a_tokenizer_donor_is_an_input(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    merge(recipe(root, ""), root / "prev")
+    tokenizer(root / "prev", TOKENS)
+    refused(["merge", str(recipe(root, "tokenizer_source: prev\n")), str(root / "prev"), "--overwrite"], capsys, r"prev: .*input",
+            inputs=[root / "models"], output=root / "prev")
+
+
+def test_a_linked_chat_template_outside_the_folder_is_refused(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = tmp_path.parent / f"{tmp_path.name}-secret.txt"
+    secret.write_text("{{ secret }}")
+    (root / "models" / "ft_a" / "chat_template.jinja").symlink_to(secret)
+    refused(["merge", str(recipe(root, "chat_template: auto\n")), str(root / "out")], capsys, r"models/ft_a/chat_template.jinja: is a link to .*-secret.txt, outside the model folder",
+            inputs=[root / "models"], output=root / "out")
+
+
+def test_mergekit_cli_options(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelsoup.cli import main
+
+    r = recipe(root, "")
+    refused(["merge", str(r), str(root / "o"), "extra"], capsys, r"a recipe file takes one output: soup merge .*r.yml OUT; got 2 \(.*o, extra\)",
+            inputs=[root / "models"], output=root / "o")
+    refused(["merge", str(r), str(root / "o"), "--out-shard-size", "\u00b2"], capsys, r"--out-shard-size '\u00b2': give a number of bytes",
+            inputs=[root / "models"], output=root / "o")
+    refused(["merge", str(r), str(root / "o"), "--out-shard-size", ""], capsys, r"--out-shard-size '': give a number of bytes",
+            inputs=[root / "models"], output=root / "o")
+    upper = root / "R.YAML"
+    upper.write_text(r.read_text())  # an upper-case suffix is still a recipe file
+    assert main(["merge", str(upper), "-o", str(root / "up"), "--no-progress", "--copy-tokenizer"]) == 0
+    assert (root / "up" / "tokenizer.json").is_file()
+    native = root / "n.yml"
+    native.write_text("method: linear\nmodels: [models/ft_a, models/ft_b]\noutput: {copy_tokenizer: false}\n")
+    assert main(["merge", str(native), str(root / "n1"), "--no-progress"]) == 0 and not (root / "n1" / "tokenizer.json").exists()
+    assert main(["merge", str(native), str(root / "n2"), "--no-progress", "--copy-tokenizer", "--out-shard-size", "5K"]) == 0
+    assert (root / "n2" / "tokenizer.json").is_file() and (root / "n2" / "model.safetensors.index.json").is_file()

@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from . import __version__
 from .engine import collect, run_jobs
 from .errors import RecipeError, TokenizerError
 from .io import Checkpoint, open_checkpoint
-from .io.output import cached_sha256, check_output, copy_model_files, input_paths, staged_output
+from .io.output import cached_sha256, check_output, copy_model_files, input_paths, scratch_folder, staged_output
 from .io.records import hub_ids, input_record, set_config_dtype, set_config_layers, write_records
 from .io.sinks import SafetensorsSink, Sink, TorchSink
 from .io.tokenizers import VOCAB_TENSOR, chat_template_text, shared_vocabulary, write_chat_template
@@ -98,7 +97,9 @@ def _options(method: str, base: Any, weights: Sequence[float] | None, parameters
 def recipe_inputs(recipe: Recipe) -> list[Path]:
     """The files and folders a recipe reads (in-memory models left out), for the output checks."""
     refs = [*recipe.models, *([recipe.base] if recipe.base is not None else [])]
-    return input_paths(r.resolved for r in refs if r.source is None and r.resolved is not None)
+    donor = recipe.output.tokenizer_source
+    extra = [Path(donor)] if donor not in (None, "base", "union") else []
+    return input_paths([*(r.resolved for r in refs if r.source is None and r.resolved is not None), *extra])
 
 
 @contextmanager
@@ -218,12 +219,15 @@ def merge_stages(
     out = Path(output)
     run: dict[str, Any] = {"overwrite": overwrite, "workers": workers, "progress": progress, "hash_files": hash_files, "allow_globals": allow_globals}
     keep = intermediate_dir is not None
-    folder = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=".soup-stages-", dir=out.absolute().parent))
+    text = read_recipe_text(recipe)
+    folder = Path(intermediate_dir) if keep else scratch_folder(out, "stages")
     try:
-        stages = load_stages(read_recipe_text(recipe), str(recipe), folder)
+        stages = load_stages(text, str(recipe), folder)
         final = stages[-1]
         given = [p for st in stages for p in recipe_inputs(st.recipe) if os.path.lexists(p)]
         check_output(out, overwrite, inputs=[*given, folder], as_file=OutputPlan.for_path(out, final.recipe.output).as_file)
+        for st in stages[:-1]:  # every stage's output keeps clear of every stage's inputs (an -I inside a model folder)
+            check_output(folder / str(st.name), overwrite, inputs=[p for p in given if p != folder / str(st.name)])
         done: list[str] = []
         for st in stages[:-1]:
             folder.mkdir(parents=True, exist_ok=True)
@@ -313,7 +317,7 @@ def _write_folder_files(plan: MergePlan, folder: Path, out_hashes: dict[str, str
         set_config_dtype(folder / "config.json", rec.dtype)
     if plan.layer_sources and "config.json" in copied:
         configs = [ck.folder / "config.json" if ck.folder is not None else None for ck in plan.models]
-        set_config_layers(folder / "config.json", [(configs[m], layer) for m, layer in plan.layer_sources])
+        set_config_layers(folder / "config.json", [(configs[m], layer) for m, layer in plan.layer_sources], f"{hf_src / 'config.json'}")
     roles = [("model", m, ck) for m, ck in zip(rec.models, plan.models)] + ([("base", rec.base, plan.base)] if plan.base is not None else [])
     inputs = [input_record(role, str(ref.path) if ref.source is None else "(in memory)", ck.kind, ck.files, in_hashes, ck.notes)
               for role, ref, ck in roles]

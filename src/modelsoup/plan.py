@@ -187,7 +187,7 @@ class LayerStack:
         """Read from a checkpoint's names.
 
         Raises:
-            KeyMismatchError: not exactly one layer stack.
+            KeyMismatchError: not exactly one layer stack, layers missing from it, or layer numbers with leading zeros.
         """
         prefixes: dict[str, dict[int, list[str]]] = {}
         outside: list[str] = []
@@ -197,12 +197,20 @@ class LayerStack:
                 outside.append(n)
                 continue
             prefix, i = hit
-            prefixes.setdefault(prefix, {}).setdefault(i, []).append(n[len(prefix) + len(str(i)):])
+            digits = n[len(prefix):].split(".", 1)[0]
+            if digits != str(i):
+                raise KeyMismatchError(f"{ck.label}: '{n}' numbers its layer '{digits}' (leading zeros); a `slices:` recipe renumbers layers "
+                                       "and cannot keep that form")
+            prefixes.setdefault(prefix, {}).setdefault(i, []).append(n[len(prefix) + len(digits):])
         if len(prefixes) != 1:
             found = ", ".join(sorted(prefixes)) or "none"
             raise KeyMismatchError(f"{ck.label}: a `slices:` recipe needs a model with one stack of numbered layers; found {found}. "
                                    "Merge whole models (`models:`) instead")
         ((prefix, layers),) = prefixes.items()
+        gaps = sorted(set(range(max(layers) + 1)) - set(layers))
+        if gaps:
+            raise KeyMismatchError(f"{ck.label}: its layer stack '{prefix}' has no layer {', '.join(map(str, gaps[:5]))} (of 0 to {max(layers)}); "
+                                   "a `slices:` recipe needs every layer")
         return cls(prefix, max(layers) + 1, layers, outside)
 
 
@@ -227,6 +235,12 @@ def plan_slices(recipe: Recipe, models: Sequence[Checkpoint], method: MergeMetho
             if s.layers[1] > st.count:
                 problems.append(f"slices[{i}].sources[{j}]: layers {list(s.layers)} but {models[s.model].label} has {st.count} layers (0 to {st.count - 1})")
     prefixes = {st.prefix for st in stacks.values()}
+    first_ck = recipe.slices[0].sources[0].model
+    for k, st in stacks.items():  # the tensors outside the stack come from the first and last slice: every model must have the same ones
+        if sorted(st.outside) != sorted(stacks[first_ck].outside):
+            mine, theirs = set(st.outside), set(stacks[first_ck].outside)
+            problems.append(f"{models[k].label} and {models[first_ck].label} hold different tensors outside their layers (tied embeddings in one?): "
+                            + name_mismatch(sorted(theirs - mine), sorted(mine - theirs)))
     if len(prefixes) > 1:
         problems.append(f"the models' layer stacks are named differently ({', '.join(sorted(prefixes))}); slices stack layers of one architecture")
     if problems:
@@ -247,6 +261,8 @@ def plan_slices(recipe: Recipe, models: Sequence[Checkpoint], method: MergeMetho
         base_src = next(((s.model, n) for s, n in zip(sl.sources, in_names) if s.model in base_at), None)
         rule = resolve_rule(method, out_name, t, recipe.overrides, [(s.weight, s.parameters) for s, _ in ingredients], [sl.parameters, recipe.parameters])
         if rule.take == "skip":
+            if layer_index(out_name) is not None:
+                mismatch.append(f"'{out_name}': `take: skip` would leave a hole in a layer the config counts; skip whole slices instead")
             return
         if rule.take == "base" and base_src is None:
             mismatch.append(f"'{out_name}': `take: base` but no source of its slice is the base")
@@ -282,6 +298,17 @@ def plan_slices(recipe: Recipe, models: Sequence[Checkpoint], method: MergeMetho
     if mismatch:
         raise KeyMismatchError(f"{len(mismatch)} tensor(s) of the slices cannot be made:\n  " + "\n  ".join(mismatch[:50]))
     _raise_mismatches(problems)
+    if out_dtype is None:  # layers of different models: the same tensor of each layer must come in one dtype
+        kinds: dict[str, dict[torch.dtype, str]] = {}
+        for job in jobs:
+            hit = layer_index(job.name)
+            if hit is not None and job.dtype.is_floating_point:
+                kinds.setdefault(job.name[len(hit[0]) + len(str(hit[1])):], {}).setdefault(job.dtype, job.name)
+        mixed = {k: v for k, v in kinds.items() if len(v) > 1}
+        if mixed:
+            k, v = next(iter(mixed.items()))
+            raise TensorMismatchError(f"the slices stack layers of different dtypes ('{k}': " + ", ".join(f"{str(d).replace('torch.', '')} in {n}" for d, n in v.items())
+                                      + "); set `dtype:` / --dtype to choose the output dtype")
     return jobs, layer_sources
 
 

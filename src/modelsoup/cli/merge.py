@@ -26,7 +26,7 @@ def parse_kmb(text: str) -> int:
     """mergekit's size syntax: a number of bytes with an optional K, M or B (10^3, 10^6, 10^9) suffix."""
     scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
     digits = text[:-1] if scale != 1 else text
-    if not digits.isdigit() or int(digits) == 0:
+    if not (digits.isascii() and digits.isdigit()) or int(digits) == 0:
         raise SoupError(f"--out-shard-size {text!r}: give a number of bytes with an optional K, M or B suffix, as mergekit reads it (e.g. 5B)")
     return int(digits) * scale
 
@@ -39,10 +39,10 @@ def _mergekit_options(a: argparse.Namespace, recipe: Any) -> Any:
     if a.allow_crimes:
         log.warning("--allow-crimes is not needed: modelsoup merges any models whose tensor names and shapes line up, and refuses the rest")
     output = recipe.output
-    if a.out_shard_size:
+    if a.out_shard_size is not None:
         output = dataclasses.replace(output, shard_size=parse_kmb(a.out_shard_size))
-    if a.copy_tokenizer is False:
-        output = dataclasses.replace(output, copy_tokenizer=False)
+    if a.copy_tokenizer is not None:
+        output = dataclasses.replace(output, copy_tokenizer=a.copy_tokenizer)
     changes: dict[str, Any] = {"output": output}
     if a.random_seed is not None:
         changes["seed"] = a.random_seed
@@ -53,7 +53,7 @@ def _merge_stages(a: argparse.Namespace) -> int:
     """A multi-stage recipe (mergekit-multi): every stage validated, then run in order."""
     from ..api import merge_stages
 
-    extra = [f for f in ("out_shard_size", "random_seed", "allow_nonfinite") if getattr(a, f) not in (None, False)] + (["copy_tokenizer"] if a.copy_tokenizer is False else [])
+    extra = [f for f in ("out_shard_size", "random_seed", "allow_nonfinite") if getattr(a, f) not in (None, False)] + (["copy_tokenizer"] if a.copy_tokenizer is not None else [])
     if extra:
         raise SoupError(f"--{extra[0].replace('_', '-')} is not applied to multi-stage recipes; set it in each stage of {a.inputs[0]}")
     result = merge_stages(a.inputs[0], a.output, intermediate_dir=a.intermediate_dir, overwrite=a.overwrite, workers=a.workers,
@@ -67,7 +67,9 @@ def cmd_merge(a: argparse.Namespace) -> int:
     from ..recipe import load_recipe, read_recipe_text, recipe_from_dict
     from ..recipe.stages import count_documents
 
-    is_recipe = bool(a.inputs) and a.method is None and Path(a.inputs[0]).suffix in (".yaml", ".yml")
+    is_recipe = bool(a.inputs) and a.method is None and Path(a.inputs[0]).suffix.lower() in (".yaml", ".yml")
+    if is_recipe and len(a.inputs) > 2:
+        raise SoupError(f"a recipe file takes one output: soup merge {a.inputs[0]} OUT; got {len(a.inputs) - 1} ({', '.join(a.inputs[1:])})")
     if is_recipe and len(a.inputs) == 2:  # `soup merge RECIPE.yml OUT`, as `mergekit-yaml config.yml OUT` is typed
         if a.output:
             raise SoupError(f"two outputs given: {a.inputs[1]} and -o {a.output}; give one")
@@ -75,7 +77,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     if not a.output:
         raise SoupError("give the output: soup merge RECIPE.yaml OUT, or -o OUT")
     mergekit_flags = [f for f in ("out_shard_size", "random_seed", "allow_crimes", *_NOT_NEEDED) if getattr(a, f) not in (None, False)]
-    mergekit_flags += ["copy_tokenizer"] if a.copy_tokenizer is False else []
+    mergekit_flags += ["copy_tokenizer"] if a.copy_tokenizer is not None else []
     if is_recipe and len(a.inputs) == 1:
         flags = [f for f in ("base", "weights", "set", "dtype", "keys", "seed", "shard_size", "format", "key", "strip_prefix") if getattr(a, f)]
         if flags:

@@ -196,6 +196,22 @@ def remove_stale_temporaries(parent: Path) -> list[Path]:
     return removed
 
 
+def scratch_folder(out: Path, purpose: str) -> Path:
+    """A temporary folder for work towards ``out`` (e.g. the stages of a multi-stage merge), owned by this process.
+
+    It is made in the nearest existing folder above ``out`` and named like a staged output, so that
+    :func:`remove_stale_temporaries` removes it if this process is killed. The caller removes it when done.
+    """
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    remove_stale_temporaries(parent)
+    folder = parent / _tmp_name(Path(f"{out.name}-{purpose}"))
+    folder.mkdir()
+    (folder / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return folder
+
+
 def _make_parents(parent: Path, out: Path) -> list[Path]:
     """Create the missing parents of the output; return those created, deepest last."""
     missing = []

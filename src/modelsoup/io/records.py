@@ -80,17 +80,32 @@ def set_config_dtype(config: Path, dtype: str) -> None:
 
 # config.json keys that give the number of layers of a layer stack (Llama/Mistral/Qwen/Gemma/BERT, GPT-2, T5/others).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Lists with one entry per layer: rebuilt from the configs of the models each output layer came from.
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
 
 
-def set_config_layers(config: Path, layer_sources: list[tuple[Path | None, int]]) -> None:
+def _layer_index_problem(d: dict[str, Any]) -> str | None:
+    """A setting that names layers by number (so stacking would move it onto other layers), if one is in effect."""
+    if d.get("mlp_only_layers"):
+        return "mlp_only_layers"
+    if d.get("use_sliding_window") and isinstance(d.get("max_window_layers"), int):
+        return "max_window_layers (with use_sliding_window)"
+    if isinstance(d.get("first_k_dense_replace"), int) and d["first_k_dense_replace"] > 0:
+        return "first_k_dense_replace"
+    return None
+
+
+def set_config_layers(config: Path, layer_sources: list[tuple[Path | None, int]], label: str) -> None:
     """Make a copied ``config.json`` describe a stack of ``len(layer_sources)`` layers (a ``slices:`` merge).
 
-    The layer count key is set; a per-layer list (``layer_types``) is rebuilt from the configs of the
-    models each layer came from (``layer_sources``: (that model's config.json or None, its layer)).
+    Each layer count key equal to the copied model's count is set, at the top and in sub-configs (``text_config``);
+    per-layer lists (:data:`PER_LAYER_KEYS`) are rebuilt from the configs of the models each layer came from
+    (``layer_sources``: (that model's config.json or None, its layer)). ``label`` names the copied config in messages.
 
     Raises:
-        OutputError: the config has no layer count key, or per-layer types that cannot be rebuilt; a model
-            that loads with a wrong layer count would silently drop or invent layers.
+        OutputError: no layer count key, another list with one entry per layer, a setting that names layers by
+            number, or per-layer entries that cannot be read: a model that loads with a wrong layer layout would
+            silently drop, invent or mis-configure layers.
     """
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
@@ -98,28 +113,51 @@ def set_config_layers(config: Path, layer_sources: list[tuple[Path | None, int]]
         data = None
     keys = [k for k in LAYER_COUNT_KEYS if isinstance(data.get(k), int)] if isinstance(data, dict) else []
     if not isinstance(data, dict) or not keys:
-        raise OutputError(f"{config}: no layer count ({' / '.join(LAYER_COUNT_KEYS)}) to set to {len(layer_sources)}; a `slices:` merge "
-                          "writes a different number of layers, so its config must say so (set output.copy_files: false to write weights only)")
+        nested = [f"{k}.{c}" for k, v in (data.items() if isinstance(data, dict) else ()) if isinstance(v, dict) for c in LAYER_COUNT_KEYS if c in v]
+        raise OutputError(f"{label}: no top-level layer count ({' / '.join(LAYER_COUNT_KEYS)}) to set to {len(layer_sources)}"
+                          + (f" (found only {', '.join(nested)}: a composite model; stack the layers of its text model instead)" if nested else "")
+                          + "; a `slices:` merge writes a different number of layers, so its config must say so (output.copy_files: false writes weights only)")
     old = data[keys[0]]
-    for k in keys:
-        data[k] = len(layer_sources)
-    if isinstance(data.get("layer_types"), list):
-        types: list[Any] = []
-        cache: dict[Path, Any] = {}
-        for src, layer in layer_sources:
-            theirs = None
-            if src is not None:
-                if src not in cache:
-                    try:
-                        cache[src] = json.loads(src.read_text(encoding="utf-8")).get("layer_types")
-                    except (OSError, ValueError, AttributeError):
-                        cache[src] = None
-                theirs = cache[src]
-            if not isinstance(theirs, list) or layer >= len(theirs):
-                raise OutputError(f"{config}: `layer_types` lists each of the {old} layers, but the type of layer {layer} of "
-                                  f"{src or 'a model without a config.json'} cannot be read to rebuild it for the stacked layers")
-            types.append(theirs[layer])
-        data["layer_types"] = types
+    cache: dict[Path, Any] = {}
+
+    def source_value(src: Path | None, path: tuple[str, ...]) -> Any:
+        if src is None:
+            return None
+        if src not in cache:
+            try:
+                cache[src] = json.loads(src.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                cache[src] = None
+        v = cache[src]
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        return v
+
+    def update(d: dict[str, Any], path: tuple[str, ...]) -> None:
+        where = ".".join(path) + "." if path else ""
+        problem = _layer_index_problem(d)
+        if problem:
+            raise OutputError(f"{label}: `{where}{problem}` names layers by number, which stacking layers would move; a `slices:` merge of this model is not supported")
+        for k in LAYER_COUNT_KEYS:
+            if d.get(k) == old:
+                d[k] = len(layer_sources)
+        for k, v in list(d.items()):
+            if isinstance(v, list) and len(v) == old and old > 1:
+                if k not in PER_LAYER_KEYS:
+                    raise OutputError(f"{label}: `{where}{k}` has one entry per layer ({old}) and is not known to modelsoup, so it cannot be rebuilt "
+                                      f"for the {len(layer_sources)} stacked layers")
+                rebuilt = []
+                for src, layer in layer_sources:
+                    theirs = source_value(src, (*path, k))
+                    if not isinstance(theirs, list) or layer >= len(theirs):
+                        raise OutputError(f"{label}: `{where}{k}` lists each of the {old} layers, but entry {layer} of "
+                                          f"{src or 'a model without a config.json'} cannot be read to rebuild it for the stacked layers")
+                    rebuilt.append(theirs[layer])
+                d[k] = rebuilt
+            elif isinstance(v, dict) and not path:
+                update(v, (k,))
+
+    update(data, ())
     config.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 

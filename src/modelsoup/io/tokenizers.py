@@ -11,12 +11,37 @@ model lacks (mergekit zero-fills or averages them), and is refused, never merged
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import TokenizerError
+from ..errors import CheckpointError, TokenizerError
+from .checkpoints import resolve_within
+
+# A tokenizer file larger than this is refused (the largest real ones are ~30 MB).
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
+def _file(folder: Path, name: str) -> Path | None:
+    """``folder/name`` if it is a file that stays inside the model folder, None if absent.
+
+    Raises:
+        TokenizerError: a link that leaves the folder, or a file too large to be a tokenizer.
+    """
+    p = folder / name
+    if not os.path.lexists(p):
+        return None
+    try:
+        real = resolve_within(p, folder, "copy the file into the model folder")
+    except CheckpointError as e:
+        raise TokenizerError(str(e)) from None
+    if not real.is_file():
+        return None
+    if real.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise TokenizerError(f"{p}: {real.stat().st_size} bytes is larger than any tokenizer file ({MAX_TOKENIZER_BYTES >> 20} MB); refused")
+    return real
 
 # Tensors whose first axis is the vocabulary (mergekit marks them in its architecture files).
 VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|lm_head|embed_out)\.weight$")
@@ -24,9 +49,9 @@ VOCAB_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embe
 
 def vocabulary(folder: Path) -> dict[str, int] | None:
     """token -> id of a Hugging Face tokenizer folder (tokenizer.json, else vocab.json / vocab.txt); None if none can be read."""
-    tj = folder / "tokenizer.json"
+    tj = _file(folder, "tokenizer.json")
     try:
-        if tj.is_file():
+        if tj is not None:
             data = json.loads(tj.read_text(encoding="utf-8"))
             model = data.get("model", {}) if isinstance(data, dict) else {}
             raw = model.get("vocab")
@@ -40,15 +65,15 @@ def vocabulary(folder: Path) -> dict[str, int] | None:
             for t in data.get("added_tokens") or []:
                 vocab[str(t["content"])] = int(t["id"])
             return vocab
-        vj = folder / "vocab.json"
-        if vj.is_file():
+        vj, vt = _file(folder, "vocab.json"), _file(folder, "vocab.txt")
+        if vj is not None:
             vocab = {str(k): int(v) for k, v in json.loads(vj.read_text(encoding="utf-8")).items()}
-        elif (folder / "vocab.txt").is_file():
-            vocab = {line.rstrip("\n"): i for i, line in enumerate((folder / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+        elif vt is not None:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(vt.read_text(encoding="utf-8").splitlines())}
         else:
             return None
-        added = folder / "added_tokens.json"
-        if added.is_file():
+        added = _file(folder, "added_tokens.json")
+        if added is not None:
             vocab.update({str(k): int(v) for k, v in json.loads(added.read_text(encoding="utf-8")).items()})
         return vocab
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
@@ -105,9 +130,10 @@ def chat_template_text(value: str, folders: Sequence[Path | None]) -> str:
     if value == "auto":
         found: list[str] = []
         for f in folders:
-            cfg = _read_json(f / "tokenizer_config.json") if f is not None else None
-            jinja = f / "chat_template.jinja" if f is not None else None
-            if jinja is not None and jinja.is_file():
+            cfg_file = _file(f, "tokenizer_config.json") if f is not None else None
+            cfg = _read_json(cfg_file) if cfg_file is not None else None
+            jinja = _file(f, "chat_template.jinja") if f is not None else None
+            if jinja is not None:
                 found.append(jinja.read_text(encoding="utf-8"))
             elif isinstance(cfg, dict) and isinstance(cfg.get("chat_template"), str):
                 found.append(cfg["chat_template"])

@@ -19,7 +19,7 @@ from .schema import Recipe
 from .validate import PENDING_OUTPUTS
 
 # Where a stage names its models: mergekit's model references, and native paths.
-_MODEL_KEYS = ("model", "base_model", "path", "base")
+_MODEL_KEYS = ("model", "base_model", "path", "base", "tokenizer_source", "source")
 
 
 @dataclass(frozen=True)

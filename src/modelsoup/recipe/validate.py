@@ -568,7 +568,8 @@ def build_recipe(
                 problems.add(("output", "tokenizer_source"), "`base` names the base model's tokenizer, but the recipe has no `base:`")
             elif tok is not None and tok not in ("base", "union"):
                 where = _resolve(tok, root)
-                if not (where / "config.json").exists() and not any((where / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+                pending = where.absolute() in PENDING_OUTPUTS.get()  # an earlier stage's output
+                if not pending and not (where / "config.json").exists() and not any((where / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
                     problems.add(("output", "tokenizer_source"), f"'{tok}' is not a model folder with a tokenizer (looked in {where}); give base, union "
                                  "or the folder of one of the models")
                 tok = str(where)
