@@ -87,3 +87,23 @@ def test_multi_stage_recipe_matches_mergekit_multi(root: Path, tmp_path: Path, m
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], **FP32_VS_LIBRARY)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".soup-stages-")]  # the intermediate stage is removed
+
+
+def test_entries_tied_at_the_trim_cut_are_the_ones_mergekit_keeps() -> None:
+    # 20k entries of 41 distinct magnitudes: most of the cut falls among exact ties. mergekit keeps the tied entries
+    # torch's (unstable) sort puts first; the mergekit translation asks for the same order (tie_break: torch_sort).
+    import numpy as np
+
+    from modelsoup.methods.ops import trim_outliers, trim_top_k, trim_top_k_torch_order
+
+    want = json.loads((GOLDEN / "ties_at_the_cut.json").read_text())
+    d = torch.randint(-20, 21, (20000,), generator=torch.Generator().manual_seed(0)).float() * 0.001
+
+    def mask(key: str) -> torch.Tensor:
+        return torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(want[key]), dtype=np.uint8))[: d.numel()].astype(bool))
+
+    assert torch.equal(trim_top_k_torch_order(d, 0.5, at_least_one=True) != 0, mask("magnitude_density_0.5"))
+    assert torch.equal(trim_outliers(d, 0.6, 0.05, "torch_sort") != 0, mask("magnitude_outliers_density_0.6_gamma_0.05"))
+    # the native default breaks ties by index: the same count, other entries
+    assert int((trim_top_k(d, 0.5) != 0).sum()) == int(mask("magnitude_density_0.5").sum()) == 10000
+    assert not torch.equal(trim_top_k(d, 0.5) != 0, mask("magnitude_density_0.5"))

@@ -62,7 +62,7 @@ def test_ties(ckpts: Path) -> None:
     assert r.base is not None and r.base.path == "base"
     assert [m.path for m in r.models] == ["a", "b"]  # base_model listed in models is not a task vector
     assert r.parameters == {
-        "density": 1.0, "scale": 1.0, "rescale": "none", "keep_at_least_one": True, "sign_method": "sum", "sign_from": "weighted",
+        "density": 1.0, "scale": 1.0, "rescale": "none", "keep_at_least_one": True, "tie_break": "torch_sort", "sign_method": "sum", "sign_from": "weighted",
         "normalize": True, "divide_by": "weight_sum",
     }
     assert r.dtype == "bfloat16"
@@ -133,7 +133,7 @@ def test_breadcrumbs_and_breadcrumbs_ties(ckpts: Path) -> None:
     plain = mk(text.replace("{m}", "breadcrumbs"))
     assert plain.method == "breadcrumbs"
     assert plain.parameters == {
-        "density": 1.0, "gamma": 0.01, "scale": 1.0, "rescale": "none", "sign_method": "none", "sign_from": "weighted", "normalize": False,
+        "density": 1.0, "gamma": 0.01, "scale": 1.0, "rescale": "none", "tie_break": "torch_sort", "sign_method": "none", "sign_from": "weighted", "normalize": False,
         "divide_by": "weight_sum",
     }
     assert tensor_rules(plain, ["x"])["x"].params["gamma"] == (0.02,)

@@ -75,7 +75,7 @@ def test_full_native_recipe(ckpts: Path) -> None:
     assert r.models[1].key == "state_dict" and r.models[1].strip_prefix == "module."
     assert r.base is not None and r.base.path == "base" and r.base.resolved == ckpts / "base"
     assert r.parameters == {
-        "density": 0.3, "scale": 0.8, "rescale": "none", "keep_at_least_one": False, "sign_method": "sum", "sign_from": "weighted",
+        "density": 0.3, "scale": 0.8, "rescale": "none", "keep_at_least_one": False, "tie_break": "index", "sign_method": "sum", "sign_from": "weighted",
         "normalize": True, "divide_by": "weight_sum",
     }
     assert (r.dtype, r.keys, r.seed, r.allow_nonfinite) == ("bfloat16", "intersection", 7, True)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .ops import add_to_base, combine, divides_by_plain_weight_sum, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_outliers
-from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone
+from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone, TieBreak
 from .registry import register
 
 
@@ -28,6 +28,7 @@ def breadcrumbs(
     gamma: Gamma = 0.01,
     scale: Scale = 1.0,
     rescale: RescaleL1 = "none",
+    tie_break: TieBreak = "index",
     sign_method: SignMethodOrNone = "none",
     sign_from: SignFrom = "weighted",
     normalize: Normalize = False,
@@ -37,6 +38,6 @@ def breadcrumbs(
     base = require_base(base, "breadcrumbs")
     deltas = task_vectors(tensors, base)
     dens, gam = per_model(density, len(deltas), "density"), per_model(gamma, len(deltas), "gamma")
-    trimmed = [rescale_l1(trim_outliers(d, p, g), d, rescale) for d, p, g in zip(deltas, dens, gam)]
+    trimmed = [rescale_l1(trim_outliers(d, p, g, tie_break), d, rescale) for d, p, g in zip(deltas, dens, gam)]
     merged = combine(trimmed, model_weights(weights, len(deltas)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
     return add_to_base(base, merged, scale)

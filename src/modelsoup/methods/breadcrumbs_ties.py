@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .breadcrumbs import breadcrumbs
-from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethod
+from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethod, TieBreak
 from .registry import register
 
 
@@ -27,6 +27,7 @@ def breadcrumbs_ties(
     gamma: Gamma = 0.01,
     scale: Scale = 1.0,
     rescale: RescaleL1 = "none",
+    tie_break: TieBreak = "index",
     sign_method: SignMethod = "sum",
     sign_from: SignFrom = "weighted",
     normalize: Normalize = False,
@@ -34,6 +35,6 @@ def breadcrumbs_ties(
 ) -> torch.Tensor:
     """theta = base + scale * disjoint_mean(elect(trim_outliers(delta_i, density_i, gamma_i)))."""
     return breadcrumbs(
-        tensors, base=base, weights=weights, density=density, gamma=gamma, scale=scale, rescale=rescale,
+        tensors, base=base, weights=weights, density=density, gamma=gamma, scale=scale, rescale=rescale, tie_break=tie_break,
         sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by,
     )

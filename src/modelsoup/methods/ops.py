@@ -126,6 +126,18 @@ def add_to_base(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch
 # ---------------------------------------------------------------------------------------- sparsify
 
 
+def trim_top_k_torch_order(delta: torch.Tensor, density: float, *, at_least_one: bool = False) -> torch.Tensor:
+    """As :func:`trim_top_k`, but entries tied at the cut are chosen as ``torch.argsort(|delta|, descending=True)[:k]``
+    chooses them (mergekit's ``magnitude``), not by index: the same recipe then keeps the same entries as mergekit."""
+    n = delta.numel()
+    k = selection.keep_count(density, n, at_least_one)
+    if k >= n:
+        return delta.clone()
+    keep = torch.zeros(n, dtype=delta.dtype)
+    keep[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = 1
+    return delta * keep.view_as(delta)
+
+
 def trim_top_k(delta: torch.Tensor, density: float, *, at_least_one: bool = False) -> torch.Tensor:
     """Keep the k = floor(density * numel) largest magnitudes of ``delta`` (at least one with ``at_least_one``), zero the rest (see :class:`TopKTrim`)."""
     src = MagnitudeSource(delta)
@@ -228,7 +240,7 @@ def _match_l1(kept: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     return kept * (float(original.abs().sum(dtype=torch.float64)) / new)
 
 
-def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def trim_outliers(delta: torch.Tensor, density: float, gamma: float, tie_break: str = "index") -> torch.Tensor:
     """Breadcrumbs: drop the largest ``gamma`` fraction of magnitudes and the smallest, keeping ``density``.
 
     n_top = floor(gamma n), n_keep = floor(density n), n_bottom = n - n_keep - n_top (if negative, fewer
@@ -242,7 +254,8 @@ def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Te
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
-    order = delta.abs().reshape(-1).argsort(stable=True)
+    # ties at the cuts: by index, or in the order torch.sort gives them (mergekit's magnitude_outliers)
+    order = delta.abs().reshape(-1).argsort(stable=True) if tie_break == "index" else torch.sort(delta.abs().reshape(-1).float()).indices
     keep = torch.zeros(n, dtype=torch.bool)
     keep[order[n_bot : n - n_top]] = True
     return delta * keep.view_as(delta)

@@ -41,6 +41,11 @@ DellaEpsilon = Annotated[
     PerModel[float], Param(ge=0, lt=0.5, help="keep probabilities run from density - epsilon (smallest) to density + epsilon (largest magnitude)")
 ]
 
+TieBreak = Annotated[
+    Literal["index", "torch_sort"],
+    Param(help="entries of equal magnitude at the trim cut: the first in index order, or as torch's sort orders them (mergekit)"),
+]
+
 RescaleL1 = Annotated[Literal["l1", "none"], Param(help="after trimming, scale each task vector back to its L1 norm (mergekit's rescale: true), or none")]
 
 Gamma = Annotated[PerModel[float], Param(ge=0, lt=1, help="fraction of largest magnitudes removed as outliers")]

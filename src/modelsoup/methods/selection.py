@@ -139,6 +139,7 @@ class TopKTrim:
         n = src.n
         self.k = keep_count(density, n, at_least_one)
         self.all, self.none = self.k >= n, self.k <= 0
+        self.tied_at_cut = False  # some entries equal to the k-th magnitude are kept and others not
         if not (self.all or self.none):
             kth = kth or kth_largest_magnitudes([src], [self.k])[0]
             self.kth = kth.value
@@ -146,6 +147,7 @@ class TopKTrim:
             below = torch.nextafter(torch.tensor(kth.value, dtype=src.theta.dtype), torch.tensor(-np.inf, dtype=src.theta.dtype))
             self.kth_or_equal = float(below)
             self.cut = _tie_cut(src, kth, self.k - kth.greater)
+            self.tied_at_cut = self.k - kth.greater < sum(kth.equal)
 
     @classmethod
     def for_sources(cls, srcs: Sequence[MagnitudeSource], densities: Sequence[float], *, at_least_one: bool = False) -> list[TopKTrim]:

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import torch
 
-from .ops import TopKDeltas, add_to_base, combine, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_top_k
-from .params import Density, DivideBy, Normalize, RescaleL1, Scale, SignFrom, SignMethod
+from .ops import TopKDeltas, add_to_base, combine, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_top_k, trim_top_k_torch_order
+from .params import Density, DivideBy, Normalize, RescaleL1, Scale, SignFrom, SignMethod, TieBreak
 from .registry import Param, register
 
 
@@ -35,6 +35,7 @@ def ties(
     scale: Scale = 1.0,
     rescale: RescaleL1 = "none",
     keep_at_least_one: Annotated[bool, Param(help="a positive density keeps at least one entry of every tensor (mergekit)")] = False,
+    tie_break: TieBreak = "index",
     sign_method: SignMethod = "sum",
     sign_from: SignFrom = "weighted",
     normalize: Normalize = True,
@@ -49,9 +50,11 @@ def ties(
     base = require_base(base, "ties")
     dens = per_model(density, len(tensors), "density")
     deltas: TopKDeltas | list[torch.Tensor]
-    if rescale == "none":
-        deltas = TopKDeltas(tensors, base, dens, at_least_one=keep_at_least_one)
-    else:  # the L1 norms of the trimmed vectors are needed before any is combined: trim them whole
-        deltas = [rescale_l1(trim_top_k(d, p, at_least_one=keep_at_least_one), d, rescale) for d, p in zip(task_vectors(tensors, base), dens)]
+    chunked = TopKDeltas(tensors, base, dens, at_least_one=keep_at_least_one) if rescale == "none" else None
+    if chunked is not None and (tie_break == "index" or not any(t.tied_at_cut for t in chunked.trims)):
+        deltas = chunked  # with no ties at a cut, every tie-break keeps the same entries
+    else:  # L1 norms of the trimmed vectors, or torch's order of ties at a cut, need each task vector whole
+        trim = trim_top_k if tie_break == "index" else trim_top_k_torch_order
+        deltas = [rescale_l1(trim(d, p, at_least_one=keep_at_least_one), d, rescale) for d, p in zip(task_vectors(tensors, base), dens)]
     merged = combine(deltas, model_weights(weights, len(tensors)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
     return add_to_base(base, merged, scale)
