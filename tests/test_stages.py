@@ -160,3 +160,16 @@ def test_a_stage_name_works_as_tokenizer_source(root: Path) -> None:
     r = write(root, THREE.replace("merge_method: linear\n    models:\n      - {model: ab", "merge_method: linear\n    tokenizer_source: ab\n    models:\n      - {model: ab", 1))
     with pytest.raises(Exception, match="the tokenizer of .*ab cannot be read"):  # substituted: it names the stage's folder, which has no tokenizer
         merge(r, root / "out", hash_files=False)
+
+
+def test_the_final_output_records_the_whole_multi_stage_recipe(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = write(root, THREE)
+    merge(r, root / "out", hash_files=False)
+    assert (root / "out" / "recipe.stages.yaml").read_text() == r.read_text()
+    assert "soup merge recipe.stages.yaml OUT" in (root / "out" / "README.md").read_text()
+    assert json.loads((root / "out" / "soup_manifest.json").read_text())["stages"] == "recipe.stages.yaml"
+    merge(root / "out" / "recipe.stages.yaml", tmp_path / "again", hash_files=False)  # from the folder the original ran in
+    a, b = load_file(root / "out" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    merge_stages(r, root / "kept", intermediate_dir=root / "inter", hash_files=False)  # stages kept: recipe.yaml re-runs, no copy
+    assert not (root / "kept" / "recipe.stages.yaml").exists()

@@ -142,6 +142,7 @@ def merge(
     progress: bool | None = None,
     hash_files: bool = True,
     allow_globals: Sequence[str] = (),
+    _stages_yaml: str | None = None,
 ) -> MergeResult:
     """Merge checkpoints into a new checkpoint on disk, streaming tensor by tensor.
 
@@ -155,6 +156,7 @@ def merge(
     beside it are relative to the output's folder, so it re-runs from anywhere.
 
     ``allow_globals``: further ``module.Class`` names torch pickles may hold, loaded as inert data.
+    (``_stages_yaml`` is :func:`merge_stages`' record of the whole multi-stage recipe, for the last stage.)
 
     Returns:
         What was written.
@@ -185,7 +187,7 @@ def merge(
             with staged_output(form.path, overwrite, inputs=[*paths, *files], as_file=form.as_file) as tmp:
                 out_hashes = _write_tensors(plan, tmp, workers, progress, hash_files)
                 if not form.as_file:
-                    _write_folder_files(plan, tmp, out_hashes, {f: d.result() for f, d in digests.items()}, tokenizer)
+                    _write_folder_files(plan, tmp, out_hashes, {f: d.result() for f, d in digests.items()}, tokenizer, _stages_yaml)
         finally:
             hasher.shutdown(cancel_futures=True)
     dt = time.perf_counter() - t0
@@ -235,7 +237,7 @@ def merge_stages(
             merge(st.recipe, folder / st.name, **run)
             done.append(f"stage '{st.name}' ({st.recipe.method}) merged into {folder / st.name}" + ("" if keep else " (a temporary folder, removed)"))
             log.info(done[-1])
-        result = merge(final.recipe, out, **run)
+        result = merge(final.recipe, out, **run, _stages_yaml=None if keep else text)
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -298,7 +300,7 @@ def _tokenizer(plan: MergePlan) -> tuple[Path | None, str | None]:
 
 
 def _write_folder_files(plan: MergePlan, folder: Path, out_hashes: dict[str, str], in_hashes: dict[Path, str],
-                        tokenizer: tuple[Path | None, str | None] = (None, None)) -> None:
+                        tokenizer: tuple[Path | None, str | None] = (None, None), stages_yaml: str | None = None) -> None:
     """A folder output's other files: config and tokenizer copied from the base or first model folder (the tokenizer from
     ``tokenizer[0]`` when given), the chat template ``tokenizer[1]``, and the records."""
     rec, out = plan.recipe, plan.output
@@ -323,7 +325,7 @@ def _write_folder_files(plan: MergePlan, folder: Path, out_hashes: dict[str, str
               for role, ref, ck in roles]
     write_records(folder, name=out.path.name, recipe_yaml=rec.to_yaml(relative_to=out.path.absolute()), method=plan.method, inputs=inputs,
                   outputs=out_hashes, copied=copied, notes=plan.notes, hf=hf_src is not None, base_models=hub_ids(ck.folder for ck in sources),
-                  card=out.options.model_card, version=__version__)
+                  card=out.options.model_card, version=__version__, stages_yaml=stages_yaml)
 
 
 def merge_state_dicts(

@@ -161,7 +161,8 @@ def set_config_layers(config: Path, layer_sources: list[tuple[Path | None, int]]
     config.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def model_card(*, name: str, method: str, summary: str, paper: str, base_models: list[str], inputs: list[dict[str, Any]], outputs: dict[str, str], recipe_yaml: str, version: str, hf: bool) -> str:
+def model_card(*, name: str, method: str, summary: str, paper: str, base_models: list[str], inputs: list[dict[str, Any]], outputs: dict[str, str], recipe_yaml: str, version: str, hf: bool,
+               stages: bool = False) -> str:
     """Markdown model card whose front matter the Hugging Face hub reads (``base_model``, ``tags``).
 
     ``base_models``: the Hub ids of the merged models where known; one is written as ``base_model``,
@@ -194,7 +195,10 @@ def model_card(*, name: str, method: str, summary: str, paper: str, base_models:
             lines.append(f"| {inp['role']} | `{inp['path']}` | {fname} | `{digest}` |")
     lines += ["", "## Output files", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| {f} | `{d}` |" for f, d in outputs.items()]
-    lines += ["", "## Recipe", "", "Re-run with `soup merge recipe.yaml -o OUT` (model paths in it are relative to this folder).", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    rerun = ("The last stage of a multi-stage recipe; its earlier stages were temporary. Re-run all of them with "
+             "`soup merge recipe.stages.yaml OUT` from the folder the original was run in (its paths are as written there).") if stages else \
+        "Re-run with `soup merge recipe.yaml -o OUT` (model paths in it are relative to this folder)."
+    lines += ["", "## Recipe", "", rerun, "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -208,15 +212,21 @@ def input_record(role: str, path: str, kind: str, files: Iterable[Path], hashes:
 
 
 def write_records(folder: Path, *, name: str, recipe_yaml: str, method: Any, inputs: list[dict[str, Any]], outputs: dict[str, str],
-                  copied: list[str], notes: list[str], hf: bool, base_models: list[str], card: bool, version: str) -> None:
+                  copied: list[str], notes: list[str], hf: bool, base_models: list[str], card: bool, version: str,
+                  stages_yaml: str | None = None) -> None:
     """Write ``recipe.yaml``, ``README.md`` (if ``card``) and ``soup_manifest.json`` into ``folder``.
 
-    ``method`` is the registered merge method (its name, summary and paper go on the card).
+    ``method`` is the registered merge method (its name, summary and paper go on the card). ``stages_yaml``: the
+    whole multi-stage recipe this output is the last stage of, written as ``recipe.stages.yaml`` (its earlier
+    stages were temporary, so ``recipe.yaml`` alone does not re-run).
     """
     (folder / "recipe.yaml").write_text(recipe_yaml)
+    if stages_yaml is not None:
+        (folder / "recipe.stages.yaml").write_text(stages_yaml)
     if card:
         (folder / "README.md").write_text(model_card(name=name, method=method.name, summary=method.summary, paper=method.paper,
                                                      base_models=base_models, inputs=inputs, outputs=outputs, recipe_yaml=recipe_yaml,
-                                                     version=version, hf=hf))
+                                                     version=version, hf=hf, stages=stages_yaml is not None))
     write_manifest(folder / "soup_manifest.json", {"modelsoup_version": version, "method": method.name, "recipe": "recipe.yaml",
+                                                   **({"stages": "recipe.stages.yaml"} if stages_yaml is not None else {}),
                                                    "inputs": inputs, "outputs": outputs, "copied_files": copied, "notes": notes})
