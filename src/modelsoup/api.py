@@ -26,8 +26,8 @@ from .io.records import hub_ids, input_record, set_config_dtype, set_config_laye
 from .io.sinks import SafetensorsSink, Sink, TorchSink
 from .io.tokenizers import VOCAB_TENSOR, chat_template_text, shared_vocabulary, write_chat_template
 from .plan import MergePlan, OutputPlan, plan_merge
-from .recipe import Recipe, load_recipe, read_recipe_text, recipe_from_dict
-from .recipe.stages import count_documents, load_stages
+from .recipe import Recipe, read_recipe, read_recipe_text, recipe_from_dict
+from .recipe.stages import load_stages
 
 log = logging.getLogger("modelsoup")
 
@@ -54,6 +54,7 @@ class MergeResult:
 
 
 def _recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, models: Sequence[Any] | None, options: dict[str, Any]) -> Recipe:
+    """The recipe of a call: given (a file was read by :func:`merge`), as a mapping, or built from ``models`` and ``options``."""
     if recipe is not None:
         if models is not None:
             raise TypeError("pass either a recipe or models, not both")
@@ -61,7 +62,7 @@ def _recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, models: Sequ
             return recipe
         if isinstance(recipe, Mapping):
             return recipe_from_dict(dict(recipe))
-        return load_recipe(recipe)
+        raise TypeError(f"recipe must be a Recipe, a mapping or a recipe file path, got {type(recipe).__name__}")
     if not models:
         raise TypeError("pass a recipe or a list of models")
 
@@ -168,10 +169,11 @@ def merge(
     if output is None:
         raise TypeError("merge() needs an output path")
     if isinstance(recipe, (str, Path)) and models is None:
-        text = read_recipe_text(recipe)
-        if count_documents(text, str(recipe)) > 1:
+        loaded, _ = read_recipe(recipe)
+        if loaded is None:  # several documents: a multi-stage recipe
             return merge_stages(recipe, output, overwrite=overwrite, workers=workers, progress=progress, hash_files=hash_files,
                                 allow_globals=allow_globals)
+        recipe = loaded
     rec = _recipe(recipe, models, _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
     paths = recipe_inputs(rec)
     form = OutputPlan.for_path(output, rec.output)

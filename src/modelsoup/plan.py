@@ -470,7 +470,7 @@ def build_jobs(
         TensorMismatchError: every tensor whose shape or dtype differs across models, with each model's.
     """
     out_dtype = DTYPE_NAMES[dtype] if dtype else None
-    inputs = [*models, *([base] if base is not None else [])]
+    inputs = plan_inputs(models, base)
     base_index = len(models) if base is not None else None
     problems: list[str] = []
     jobs: list[TensorJob] = []
@@ -490,6 +490,11 @@ def build_jobs(
             jobs.append(job)
     _raise_mismatches(problems)
     return jobs
+
+
+def plan_inputs(models: Sequence[Checkpoint], base: Checkpoint | None) -> list[Checkpoint]:
+    """The checkpoints jobs read, as :attr:`TensorJob.sources` index them: the models, then the base."""
+    return [*models, *([base] if base is not None else [])]
 
 
 def _raise_mismatches(problems: Sequence[str]) -> None:
@@ -553,8 +558,8 @@ class MergePlan:
 
     @property
     def inputs(self) -> list[Checkpoint]:
-        """The checkpoints jobs read, as :attr:`TensorJob.sources` index them: the models, then the base."""
-        return [*self.models, *([self.base] if self.base is not None else [])]
+        """The checkpoints jobs read, as :attr:`TensorJob.sources` index them (:func:`plan_inputs`)."""
+        return plan_inputs(self.models, self.base)
 
     @property
     def uses_base(self) -> bool:

@@ -64,8 +64,7 @@ def _merge_stages(a: argparse.Namespace) -> int:
 
 def cmd_merge(a: argparse.Namespace) -> int:
     from ..api import merge
-    from ..recipe import load_recipe, read_recipe_text, recipe_from_dict
-    from ..recipe.stages import count_documents
+    from ..recipe import read_recipe, recipe_from_dict
 
     is_recipe = bool(a.inputs) and a.method is None and Path(a.inputs[0]).suffix.lower() in (".yaml", ".yml")
     if is_recipe and len(a.inputs) > 2:
@@ -82,9 +81,10 @@ def cmd_merge(a: argparse.Namespace) -> int:
         flags = [f for f in ("base", "weights", "set", "dtype", "keys", "seed", "shard_size", "format", "key", "strip_prefix") if getattr(a, f)]
         if flags:
             raise SoupError(f"--{flags[0].replace('_', '-')} cannot be combined with a recipe file; put it in {a.inputs[0]}")
-        if count_documents(read_recipe_text(a.inputs[0]), a.inputs[0]) > 1:
+        loaded, _ = read_recipe(a.inputs[0])
+        if loaded is None:  # several documents: a multi-stage recipe
             return _merge_stages(a)
-        recipe = _mergekit_options(a, load_recipe(a.inputs[0]))
+        recipe = _mergekit_options(a, loaded)
         if a.allow_nonfinite:
             recipe = dataclasses.replace(recipe, allow_nonfinite=True)
     elif a.intermediate_dir:
@@ -132,18 +132,17 @@ def cmd_merge(a: argparse.Namespace) -> int:
 def cmd_validate(a: argparse.Namespace) -> int:
     import tempfile
 
-    from ..recipe import describe, load_recipe, read_recipe_text
-    from ..recipe.stages import count_documents, load_stages
+    from ..recipe import describe, read_recipe
+    from ..recipe.stages import load_stages
 
-    text = read_recipe_text(a.recipe)
-    if count_documents(text, a.recipe) > 1:
+    recipe, text = read_recipe(a.recipe)
+    if recipe is None:
         stages = load_stages(text, a.recipe, Path(tempfile.gettempdir()) / "soup-stages")
         print(f"{a.recipe}: valid, {len(stages)} stages, run in this order")
         for st in stages:
             print(f"\n## stage {st.name or '(final, unnamed)'}" + (f" (uses {', '.join(sorted(st.uses))})" if st.uses else ""))
             print(describe(st.recipe))
         return 0
-    recipe = load_recipe(a.recipe)
     print(f"{a.recipe}: valid")
     print(describe(recipe))
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecipeError
-from .loader import MAX_RECIPE_BYTES, PathKey, Problems, load_yaml
+from .loader import MAX_RECIPE_BYTES, PathKey, Problems, load_yaml, load_yaml_documents
 from .schema import DTYPES, KEY_MODES, OUTPUT_FORMATS, TAKE_CHOICES, ModelRef, OutputOptions, Override, Recipe, describe, parse_size
 from .validate import build_recipe, check_setting
 
@@ -56,6 +56,22 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe_from_yaml_text(read_recipe_text(p), str(path), root=p.expanduser().absolute().parent)
 
 
+def read_recipe(path: str | Path) -> tuple[Recipe | None, str]:
+    """Read a recipe file once: (its validated recipe, its text), or (None, its text) when it holds several
+    documents (a multi-stage recipe, for :func:`modelsoup.recipe.stages.load_stages`).
+
+    Raises:
+        RecipeError: as :func:`load_recipe`, for a one-document file.
+    """
+    p = Path(path)
+    text = read_recipe_text(p)
+    docs = load_yaml_documents(text, str(path))
+    if len(docs) > 1:
+        return None, text
+    data, lines = (docs[0][0], docs[0][1]) if docs else (None, {})
+    return _from_data(data, str(path), lines, yaml_input=True, root=p.expanduser().absolute().parent), text
+
+
 def read_recipe_text(path: str | Path) -> str:
     """The text of a recipe file.
 
@@ -87,5 +103,5 @@ def recipe_from_dict(data: Mapping[str, Any], source: str | None = None) -> Reci
 
 __all__ = [
     "DTYPES", "KEY_MODES", "OUTPUT_FORMATS", "TAKE_CHOICES", "ModelRef", "OutputOptions", "Override", "Problems", "Recipe",
-    "build_recipe", "check_setting", "describe", "load_recipe", "load_yaml", "parse_size", "read_recipe_text", "recipe_from_dict", "recipe_from_yaml_text",
+    "build_recipe", "check_setting", "describe", "load_recipe", "load_yaml", "parse_size", "read_recipe", "read_recipe_text", "recipe_from_dict", "recipe_from_yaml_text",
 ]

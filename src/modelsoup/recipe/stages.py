@@ -37,11 +37,6 @@ class Stage:
     uses: frozenset[str]
 
 
-def count_documents(text: str, source: str | None = None) -> int:
-    """How many YAML documents a recipe text holds (more than one: a multi-stage recipe)."""
-    return len(load_yaml_documents(text, source))
-
-
 def _replace_names(value: Any, names: Mapping[str, Path], used: set[str], key: Any = None) -> Any:
     """``value`` with every model reference that is a stage name replaced by that stage's output folder."""
     if isinstance(value, Mapping):
@@ -138,4 +133,4 @@ def _in_order(stages: dict[int, Stage], named: Mapping[str, int], source: str) -
     return [stages[i] for i in order] + [stages[finals[0]]]
 
 
-__all__ = ["Stage", "count_documents", "load_stages"]
+__all__ = ["Stage", "load_stages"]
