@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import MethodError
-from .ops import require_base
+from .ops import base_and_one_model
 from .registry import register
 
 # mergekit's constants: added to the probabilities before the log; the quartiles used.
@@ -57,10 +56,7 @@ def arcee_fusion(
     Raises:
         MethodError: no base, or not exactly one model besides it.
     """
-    base = require_base(base, "arcee_fusion")
-    if len(tensors) != 1:
-        raise MethodError(f"arcee_fusion merges one model into the base, got {len(tensors)} models")
-    (theta,) = tensors
+    base, theta = base_and_one_model(tensors, base, "arcee_fusion")
     imp = importance(theta, base)
     flat = imp.reshape(-1)
     q1, median, q3 = (order_statistic(flat, q) for q in QUARTILES)

@@ -11,8 +11,7 @@ from typing import Annotated
 
 import torch
 
-from ..errors import MethodError
-from .ops import require_base
+from .ops import base_and_one_model
 from .registry import Param, register
 
 # mergekit floors the difference at this before dividing.
@@ -41,9 +40,6 @@ def nearswap(
     Raises:
         MethodError: no base, or not exactly one model besides it.
     """
-    base = require_base(base, "nearswap")
-    if len(tensors) != 1:
-        raise MethodError(f"nearswap merges one model into the base, got {len(tensors)} models")
-    (theta,) = tensors
+    base, theta = base_and_one_model(tensors, base, "nearswap")
     w = (t / (base - theta).abs().clamp_(min=DIFF_FLOOR)).clamp_(0, 1)
     return w * theta + (1 - w) * base

@@ -111,6 +111,18 @@ def require_base(base: torch.Tensor | None, method: str) -> torch.Tensor:
     return base
 
 
+def base_and_one_model(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, the one model) of a method that merges one model into the base.
+
+    Raises:
+        MethodError: no base, or not exactly one model besides it.
+    """
+    base = require_base(base, method)
+    if len(tensors) != 1:
+        raise MethodError(f"{method} merges one model into the base, got {len(tensors)} models")
+    return base, tensors[0]
+
+
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
     """delta_i = theta_i - base."""
     return [t - base for t in tensors]
