@@ -388,7 +388,7 @@ def test_tokenizer_and_chat_template(ckpts: Path) -> None:
                      "tokenizer:\n  source: a+lora\n  tokens: {x: {source: a}}\nchat_template: chatml\n")
     assert ps == [
         "mk.yaml:7: tokenizer: give `tokenizer_source:` or the `tokenizer:` block, not both (mergekit refuses both)",
-        "mk.yaml:8: tokenizer.source: LoRA references ('a+lora') are not supported; merge the adapter into its model first",
+        "mk.yaml:8: tokenizer.source: LoRA references ('a+lora') are not supported here (only as a merged model); merge the adapter into its model first",
         "mk.yaml:9: tokenizer.tokens: added or re-sourced `tokens:` build new embedding rows, which is not supported; remove them",
         "mk.yaml:10: chat_template: 'chatml': give the template's jinja text, or auto (the models' most common template); mergekit's bundled "
         "named templates are not shipped with modelsoup",
@@ -400,9 +400,12 @@ def test_unknown_mergekit_key(ckpts: Path) -> None:
     assert ps == ["mk.yaml:4: merge_method: mergekit's 'model_stock' needs `base_model:`"]
 
 
-def test_lora_reference_refused(ckpts: Path) -> None:
-    ps = mk_problems("models:\n  - model: a+lora\n    parameters: {weight: 1}\nmerge_method: linear\n")
-    assert ps == ["mk.yaml:2: models[0].model: LoRA references ('a+lora') are not supported; merge the adapter into its model first"]
+def test_lora_reference_needs_an_adapter_folder(ckpts: Path) -> None:
+    ps = mk_problems("models:\n  - model: a+lora\n    parameters: {weight: 1}\n  - model: a+b+c\n    parameters: {weight: 1}\nmerge_method: linear\n")
+    assert sorted(ps) == [
+        "mk.yaml:2: models[0].model: 'lora' does not exist; `adapter:` is a PEFT LoRA adapter folder (adapter_config.json and adapter_model.safetensors)",
+        "mk.yaml:4: models[1].model: 'a+b+c' is not a model reference: mergekit reads `MODEL+LORA` with exactly one '+'",
+    ]
 
 
 def test_load_file_detects_mergekit_and_round_trips(ckpts: Path) -> None:

@@ -21,6 +21,7 @@ from . import __version__
 from .engine import collect, run_jobs
 from .errors import RecipeError, TokenizerError
 from .io import Checkpoint, open_checkpoint
+from .io.adapters import adapted
 from .io.output import cached_sha256, check_output, copy_model_files, input_paths, scratch_folder, staged_output
 from .io.records import hub_ids, input_record, set_config_dtype, set_config_layers, write_records
 from .io.sinks import SafetensorsSink, Sink, TorchSink
@@ -67,7 +68,11 @@ def _recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, models: Sequ
         raise TypeError("pass a recipe or a list of models")
 
     def ref(m: Any) -> dict[str, Any]:
-        return {"path": str(m)} if isinstance(m, (str, Path)) else {"source": m}
+        if isinstance(m, (str, Path)):
+            return {"path": str(m)}
+        if isinstance(m, Mapping) and "path" in m and not any(isinstance(v, torch.Tensor) for v in m.values()):
+            return dict(m)  # a recipe model entry: {"path": BASE, "adapter": ADAPTER, ...}
+        return {"source": m}
 
     weights = options.pop("weights", None)
     if weights is not None and len(weights) != len(models):
@@ -100,6 +105,7 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
     refs = [*recipe.models, *([recipe.base] if recipe.base is not None else [])]
     donor = recipe.output.tokenizer_source
     extra = [Path(donor)] if donor not in (None, "base", "union") else []
+    extra += [r.adapter_resolved for r in refs if r.adapter_resolved is not None]
     return input_paths([*(r.resolved for r in refs if r.source is None and r.resolved is not None), *extra])
 
 
@@ -108,8 +114,9 @@ def _opened(recipe: Recipe, allow_globals: Sequence[str] = ()) -> Iterator[tuple
     """The recipe's models and base, opened (headers only), closed on exit."""
     def one(ref: Any, label: str) -> Checkpoint:
         in_memory = ref.source is not None
-        return open_checkpoint(ref.source if in_memory else ref.resolved, label=label if in_memory else str(ref.path), key=ref.key,
-                               strip_prefix=ref.strip_prefix, allow_globals=allow_globals)
+        ck = open_checkpoint(ref.source if in_memory else ref.resolved, label=label if in_memory else str(ref.path), key=ref.key,
+                             strip_prefix=ref.strip_prefix, allow_globals=allow_globals)
+        return ck if ref.adapter_resolved is None else adapted(ck, ref.adapter_resolved, ref.adapter)
 
     opened: list[Checkpoint] = []
     try:
@@ -148,7 +155,8 @@ def merge(
     """Merge checkpoints into a new checkpoint on disk, streaming tensor by tensor.
 
     Either give a ``recipe`` (a :class:`Recipe`, a YAML path, native or mergekit form, or a dict), or
-    ``models`` plus options. ``output`` is a folder (Hugging Face layout: sharded safetensors, config and
+    ``models`` plus options. A model is a path, an in-memory state dict or module, or a recipe model entry
+    (``{"path": BASE, "adapter": LORA_FOLDER}``); a PEFT adapter folder given as a path is applied to ``base``. ``output`` is a folder (Hugging Face layout: sharded safetensors, config and
     tokenizer files copied from the base or first model, ``recipe.yaml``, ``README.md`` model card and
     ``soup_manifest.json`` with sha256 of every input and output file) or a single file
     (``x.safetensors``, or ``x.pt`` / ``x.pth.tar`` for a torch pickle nested like the first input).
@@ -323,7 +331,7 @@ def _write_folder_files(plan: MergePlan, folder: Path, out_hashes: dict[str, str
         configs = [ck.folder / "config.json" if ck.folder is not None else None for ck in plan.models]
         set_config_layers(folder / "config.json", [(configs[m], layer) for m, layer in plan.layer_sources], f"{hf_src / 'config.json'}")
     roles = [("model", m, ck) for m, ck in zip(rec.models, plan.models)] + ([("base", rec.base, plan.base)] if plan.base is not None else [])
-    inputs = [input_record(role, str(ref.path) if ref.source is None else "(in memory)", ck.kind, ck.files, in_hashes, ck.notes)
+    inputs = [input_record(role, ref.label() if ref.source is None else "(in memory)", ck.kind, ck.files, in_hashes, ck.notes)
               for role, ref, ck in roles]
     write_records(folder, name=out.path.name, recipe_yaml=rec.to_yaml(relative_to=out.path.absolute()), method=plan.method, inputs=inputs,
                   outputs=out_hashes, copied=copied, notes=plan.notes, hf=hf_src is not None, base_models=hub_ids(ck.folder for ck in sources),

@@ -92,6 +92,11 @@ class AdapterInputError(CheckpointError):
     """An adapter (PEFT LoRA) was given where a full model was expected."""
 
 
+class AdapterError(CheckpointError):
+    """A PEFT adapter that cannot be read, or cannot be applied to the given base exactly (an unsupported
+    LoRA variant such as DoRA, factors that do not fit the base, a config that disagrees with its tensors)."""
+
+
 class OutputError(SoupError):
     """The output cannot be written where asked (it is or holds an input, its parent is unusable, the disk is full)."""
 

@@ -267,7 +267,8 @@ def plan_slices(recipe: Recipe, models: Sequence[Checkpoint], method: MergeMetho
         if rule.take == "base" and base_src is None:
             mismatch.append(f"'{out_name}': `take: base` but no source of its slice is the base")
             return
-        job = _job(out_name, rule.take, [(s.model, n) for s, n in ingredients], base_src, models, out_dtype, rule.params, rule.weights, None, problems)
+        job = _job(out_name, rule.take, [(s.model, n) for s, n in ingredients], base_src, models, out_dtype, rule.params, rule.weights, None, problems,
+                   method.keeps_identical(rule.params))
         if job is not None:
             jobs.append(job)
 
@@ -428,9 +429,16 @@ def _check_inputs(name: str, metas: Sequence[tuple[Checkpoint, torch.dtype, tupl
     return None
 
 
+def _one_tensor(sources: Sequence[Source], inputs: Sequence[Checkpoint]) -> bool:
+    """Whether every source reads one stored tensor (the same file and entry, e.g. a tensor no adapter changes)."""
+    ids = {inputs[i].identity(n) for i, n in sources}
+    return len(ids) == 1 and None not in ids
+
+
 def _job(
     name: str, take: str | None, sources: Sequence[Source], base_source: Source | None, inputs: Sequence[Checkpoint],
     out_dtype: torch.dtype | None, params: dict[str, Any], weights: tuple[float, ...] | None, alias_of: str | None, problems: list[str],
+    keeps_identical: bool = False,
 ) -> TensorJob | None:
     """One job: its inputs checked (shapes, dtypes; problems appended), its action decided; None if it cannot be made."""
     copy = sources[:1] if take == "first" else ((base_source,) if take == "base" and base_source is not None else None)
@@ -444,6 +452,8 @@ def _job(
     floating = in_dtype.is_floating_point
     if copy is not None:
         action, sources, base_source = take or "first", tuple(copy), None
+    elif floating and base_source is None and keeps_identical and (weights is None or sum(weights) != 0) and _one_tensor(sources, inputs):
+        action, sources = "first", tuple(sources[:1])  # the mean of copies of one tensor is that tensor
     elif not floating:  # integer buffers are copied from the base (else the first model) after checking they agree
         action, sources, base_source = "nonfloat", tuple(([base_source] if base_source is not None else []) + list(sources)), None
     else:
@@ -485,7 +495,8 @@ def build_jobs(
         params = {k: (tuple(v[i] for i in ingredients) if k in per_model and isinstance(v, (tuple, list)) else v) for k, v in rule.params.items()}
         weights = tuple(rule.weights[i] for i in ingredients) if rule.weights is not None else None
         sources = [(i, name) for i in ingredients] if take != "first" else [(0, name)]
-        job = _job(name, take, sources, (base_index, name) if reads_base else None, inputs, out_dtype, params, weights, aliases.get(name), problems)
+        job = _job(name, take, sources, (base_index, name) if reads_base else None, inputs, out_dtype, params, weights, aliases.get(name), problems,
+                   method.keeps_identical(params))
         if job is not None:
             jobs.append(job)
     _raise_mismatches(problems)

@@ -71,6 +71,11 @@ class Checkpoint:
         """Read one tensor. The caller must not modify it in place."""
         raise NotImplementedError
 
+    def identity(self, name: str) -> tuple[Any, ...] | None:
+        """A token that two reads give only for the same stored tensor (file and name), whatever object
+        opened it; None when unknown (in-memory tensors). Lets a plan see that inputs are one tensor."""
+        return None
+
     def close(self) -> None:
         """Release file handles."""
 
@@ -125,6 +130,11 @@ class TensorDictCheckpoint(Checkpoint):
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach()
 
+    def identity(self, name: str) -> tuple[Any, ...] | None:
+        if not self.files or name not in self._meta:
+            return None
+        return ("torch", tuple(str(f.resolve()) for f in self.files), self.layout.get("key"), name)
+
 
 class SafetensorsCheckpoint(Checkpoint):
     """One or more safetensors files (a sharded folder lists them in its index)."""
@@ -157,6 +167,10 @@ class SafetensorsCheckpoint(Checkpoint):
         self._info = {renamed[k]: v for k, v in self._info.items()}
         self._meta = {k: (v.dtype, v.shape) for k, v in self._info.items()}
         self._fds: dict[Path, int] = {}
+
+    def identity(self, name: str) -> tuple[Any, ...] | None:
+        info = self._info.get(name)
+        return None if info is None else ("safetensors", str(info.file.resolve()), info.start)
 
     def read(self, name: str) -> torch.Tensor:
         info = self._info[name]
@@ -282,8 +296,9 @@ ADAPTER_NAMES = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude
 def _adapter_error(label: str, why: str) -> AdapterInputError:
     return AdapterInputError(
         f"{label}: is a PEFT adapter ({why}), not a model. Averaging LoRA factors separately is not the average of the adapters' "
-        "updates (the mean of products B@A is not the product of the means), so modelsoup refuses adapters until adapter soups exist. "
-        "Merge each adapter into its base model first and soup the results: "
+        "updates (the mean of products B@A is not the product of the means), so an adapter is read only together with the model it "
+        "changes: give an adapter folder with its base (`soup merge --base BASE ADAPTER...`, or `path: BASE` with `adapter: ADAPTER` "
+        "in a recipe), or merge it into its model first: "
         "PeftModel.from_pretrained(AutoModel...from_pretrained(BASE), ADAPTER).merge_and_unload().save_pretrained(OUT)"
     )
 

@@ -19,6 +19,7 @@ FLOAT64_ACCUMULATION_ABOVE = 16
     summary="weighted average sum_i w_i theta_i / sum_i w_i (uniform soup; SWA; WiSE-FT with the base listed)",
     paper="Wortsman et al. 2022, Model soups (arXiv 2203.05482); Izmailov et al. 2018 (SWA); Wortsman et al. 2022 (WiSE-FT)",
     divides_by_weight_sum=divides_by_plain_weight_sum,
+    keeps_identical=lambda p: bool(p["normalize"]),
 )
 def linear(
     tensors: Sequence[torch.Tensor],

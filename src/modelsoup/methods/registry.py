@@ -169,6 +169,16 @@ class MergeMethod:
     workspace: int = 0
     takes_weights: bool = True
     weight_sum_rule: Callable[[Mapping[str, Any]], bool] | None = None
+    identity_rule: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def keeps_identical(self, params: Mapping[str, Any]) -> bool:
+        """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the
+        weighted mean of copies of x is x): a plan then copies the tensor instead of computing it, so the
+        result is exact and a soup of adapters that leave a tensor alone is that tensor, bit for bit."""
+        if self.identity_rule is None:
+            return False
+        given = {self.aliases.get(k, k): v for k, v in params.items()}
+        return bool(self.identity_rule({p.name: given.get(p.name, p.default) for p in self.params}))
 
     def param(self, name: str) -> Param | None:
         """Find a parameter by name or alias."""
@@ -226,6 +236,7 @@ def register(
     workspace: int = 0,
     takes_weights: bool = True,
     divides_by_weight_sum: Callable[[Mapping[str, Any]], bool] | None = None,
+    keeps_identical: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method; reads its hyperparameters from its signature and checks it at import.
 
@@ -240,6 +251,8 @@ def register(
         takes_weights: False if ingredient weights mean nothing to the method (recipes may not give them).
         divides_by_weight_sum: given the resolved hyperparameters, whether the method divides by the plain
             sum of the weights (recipe validation then refuses weights summing to zero); None = never.
+        keeps_identical: given the resolved hyperparameters, whether identical inputs (no base read) give that
+            input back exactly in exact arithmetic; None = never (see :meth:`MergeMethod.keeps_identical`).
 
     Raises:
         MethodError: duplicate name, or a signature that does not follow the method contract.
@@ -264,6 +277,7 @@ def register(
             workspace=workspace,
             takes_weights=takes_weights,
             weight_sum_rule=divides_by_weight_sum,
+            identity_rule=keeps_identical,
         )
         return fn
 

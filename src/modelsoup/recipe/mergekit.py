@@ -72,8 +72,9 @@ Evidence (paths in arcee-ai/mergekit):
   :func:`modelsoup.plan.layer_positions`.
 * ``mergekit/common.py``: model references ``path+lora`` and hub ids; ``torch.`` prefixes on dtype names.
 
-Not supported (each refused with a problem that says so): the ``modules:`` form, LoRA references
-(``model+lora``), a per-slice ``base_model``, added ``tokens:`` in the ``tokenizer:`` block. ``tokenizer_source``
+``model+lora`` references are the model with the PEFT adapter applied (``path`` + ``adapter`` natively), as in
+mergekit; a ``base_model`` or ``tokenizer_source`` with a LoRA is refused. Not supported (each refused with a problem that
+says so): the ``modules:`` form, a per-slice ``base_model``, added ``tokens:`` in the ``tokenizer:`` block. ``tokenizer_source``
 (base, union, a model) and ``tokenizer: {source, pad_to_multiple_of}`` run where every model shares that
 vocabulary with one row per token, and are refused otherwise (:mod:`modelsoup.io.tokenizers`); ``chat_template``
 (jinja text or ``auto``) is written into the output's tokenizer files. Parameters mergekit's method does not read are ignored with a warning
@@ -256,6 +257,7 @@ class _Entry:
     parameters: dict[str, Any]
     where: PathKey
     ref_key: str | None = "model"
+    lora: str | None = None  # the adapter of a ``model+lora`` reference
 
     @property
     def path_where(self) -> PathKey:
@@ -300,8 +302,19 @@ def _dtype(value: Any) -> Any:
 
 
 def _lora(path: str) -> str:
-    """The problem with a LoRA reference (``model+lora``)."""
-    return f"LoRA references ('{path}') are not supported; merge the adapter into its model first"
+    """The problem with a LoRA reference (``model+lora``) where modelsoup takes none."""
+    return f"LoRA references ('{path}') are not supported here (only as a merged model); merge the adapter into its model first"
+
+
+def _model_ref(path: str, where: PathKey, t: _Translation) -> tuple[str, str | None] | None:
+    """A mergekit model reference split into (model, LoRA adapter or None), as mergekit parses ``model+lora``; None (a problem) if malformed."""
+    if "+" not in path:
+        return path, None
+    parts = path.split("+")
+    if len(parts) != 2 or not all(parts):
+        t.bad(where, f"'{path}' is not a model reference: mergekit reads `MODEL+LORA` with exactly one '+'")
+        return None
+    return parts[0], parts[1]
 
 
 def _mapping(value: Any, where: PathKey, t: _Translation) -> Mapping[Any, Any]:
@@ -442,10 +455,10 @@ def _listed_model(i: int, item: Any, t: _Translation) -> _Entry | None:
     if not isinstance(path, str):
         t.bad((*here, "model"), "is required: the model's path" if path is None else "must be a path string")
         return None
-    if "+" in path:
-        t.bad((*here, "model"), _lora(path))
+    ref = _model_ref(path, (*here, "model"), t)
+    if ref is None:
         return None
-    return _Entry(path, dict(_mapping(item.get("parameters"), (*here, "parameters"), t)), here)
+    return _Entry(ref[0], dict(_mapping(item.get("parameters"), (*here, "parameters"), t)), here, lora=ref[1])
 
 
 @dataclass
@@ -466,9 +479,9 @@ def _ingredients(raw_models: list[Any] | None, base: str | None, spec: MergekitM
         if entry is None:
             out.complete = False
             continue
-        is_base = base is not None and (entry.path == base or _resolve(entry.path) == _resolve(base))
+        is_base = base is not None and entry.lora is None and (entry.path == base or _resolve(entry.path) == _resolve(base))
         out.base_listed = out.base_listed or is_base
-        key = str(_resolve(entry.path))
+        key = str(_resolve(entry.path)) + ("" if entry.lora is None else "+" + str(_resolve(entry.lora)))
         if key in seen:
             t.notes.append(f"models[{i}] ({entry.path}) is listed twice; mergekit uses it once, with the parameters of its first entry")
             continue
@@ -557,6 +570,9 @@ def _native_model(native_at: PathKey, entry: _Entry, spec: MergekitMethod, given
     t.origin[(*native_at, "path")] = entry.path_where
     weight, read = _model_settings(entry, spec, t)
     native: dict[str, Any] = {"path": entry.path}
+    if entry.lora is not None:
+        native["adapter"] = entry.lora
+        t.origin[(*native_at, "adapter")] = entry.path_where
     weight = _model_weight(weight, native_at, entry, spec, given, t)
     if weight is not None:
         native["weight"] = weight
@@ -585,13 +601,13 @@ def _slice_source(at: PathKey, item: Any, t: _Translation) -> tuple[_Entry, Any]
     if not isinstance(path, str):
         t.bad((*at, "model"), "is required: the model's path" if path is None else "must be a path string")
         return None
-    if "+" in path:
-        t.bad((*at, "model"), _lora(path))
+    ref = _model_ref(path, (*at, "model"), t)
+    if ref is None:
         return None
     if item.get("layer_range") is None:
         t.bad((*at, "layer_range"), "is required: [start, end], the layers taken from this model (end excluded)")
         return None
-    return _Entry(path, dict(_mapping(item.get("parameters"), (*at, "parameters"), t)), at), item["layer_range"]
+    return _Entry(ref[0], dict(_mapping(item.get("parameters"), (*at, "parameters"), t)), at, lora=ref[1]), item["layer_range"]
 
 
 def _slices(raw: Any, spec: MergekitMethod, given: Mapping[Any, Any], t: _Translation) -> tuple[list[dict[str, Any]], bool]:

@@ -107,6 +107,8 @@ class ModelRef:
         key: entry of a nested torch pickle that holds the weights.
         strip_prefix: tensor-name prefix to remove.
         source: an in-memory object (state dict, module) given through the Python API.
+        adapter: a PEFT LoRA adapter folder applied to the model at ``path`` (the ingredient is that
+            model with the adapter merged in), as written; ``adapter_resolved`` resolved like ``path``.
     """
 
     path: str | None = None
@@ -116,15 +118,22 @@ class ModelRef:
     key: str | None = None
     strip_prefix: str | None = None
     source: Any = None
+    adapter: str | None = None
+    adapter_resolved: Path | None = None
 
     def label(self) -> str:
-        return self.path if self.path is not None else f"<in-memory {type(self.source).__name__}>"
+        model = self.path if self.path is not None else f"<in-memory {type(self.source).__name__}>"
+        return f"{self.adapter} (on {model})" if self.adapter is not None else model
 
     def same_as(self, other: ModelRef) -> bool:
         """Whether both refer to the same checkpoint read the same way (one object, or one real path with the same key and prefix)."""
         if self.source is not None or other.source is not None:
             return self.source is other.source
         if self.resolved is None or other.resolved is None:
+            return False
+        if (self.adapter_resolved is None) != (other.adapter_resolved is None):
+            return False
+        if self.adapter_resolved is not None and other.adapter_resolved is not None and self.adapter_resolved.resolve() != other.adapter_resolved.resolve():
             return False
         return self.resolved.resolve() == other.resolved.resolve() and self.key == other.key and self.strip_prefix == other.strip_prefix
 
@@ -240,11 +249,14 @@ class Recipe:
         """
         def where(m: ModelRef) -> str:
             if relative_to is None or m.resolved is None:
-                return m.label()
+                return m.path if m.path is not None else f"<in-memory {type(m.source).__name__}>"
             return os.path.relpath(os.path.abspath(m.resolved), os.path.abspath(relative_to))
 
         def ref(m: ModelRef, with_weight: bool) -> Any:
             entry: dict[str, Any] = {"path": where(m)}
+            if m.adapter is not None:
+                entry["adapter"] = (m.adapter if relative_to is None or m.adapter_resolved is None
+                                    else os.path.relpath(os.path.abspath(m.adapter_resolved), os.path.abspath(relative_to)))
             if with_weight and m.weight is not None:
                 entry["weight"] = m.weight
             if m.parameters:

@@ -7,6 +7,7 @@ weights, overrides (patterns that compile and cannot backtrack catastrophically)
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import MethodError
+from ..io.adapters import ADAPTER_CONFIG, is_adapter
 from ..methods import available_methods, get_method
 from ..methods.ops import weight_sum_problem
 from ..methods.registry import MergeMethod, yaml_number_hint
@@ -40,6 +42,7 @@ class _ModelEntry(_Schema):
     parameters: dict[str, Any] = {}
     key: str | None = None
     strip_prefix: str | None = None
+    adapter: str | None = None
 
 
 class _OverrideEntry(_Schema):
@@ -313,6 +316,21 @@ def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Pr
                 "and cannot fetch Hugging Face hub ids: download the model first "
                 "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and give that folder",
             )
+    adapter, adapter_resolved = entry.adapter, None
+    if adapter is not None:
+        adapter_resolved = _adapter_path(adapter, (*path, "adapter"), root, problems)
+        if adapter_resolved is None:
+            ok = False
+        elif is_base:
+            problems.add((*path, "adapter"), "the base is the model adapters are applied to, and takes no adapter itself; "
+                         "list the adapted model under `models:` (with the base it needs as its `path:`)")
+            ok = False
+    elif resolved is not None and is_adapter(resolved):
+        if is_base:
+            problems.add((*path, "path"), f"'{entry.path}' is a PEFT adapter, not a model; the base must be the full model the adapters were trained on")
+            ok = False
+        else:  # a bare adapter: applied to the recipe's base (see _attach_base)
+            adapter, adapter_resolved, entry.path, resolved = entry.path, resolved, None, None
     weight = entry.weight
     if weight is not None:
         if is_base:
@@ -333,8 +351,35 @@ def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Pr
         return None
     return ModelRef(
         path=entry.path, resolved=resolved, weight=weight, parameters=params,
-        key=entry.key, strip_prefix=entry.strip_prefix, source=entry.source,
+        key=entry.key, strip_prefix=entry.strip_prefix, source=entry.source, adapter=adapter, adapter_resolved=adapter_resolved,
     )
+
+
+def _adapter_path(adapter: str, at: PathKey, root: Path | None, problems: Problems) -> Path | None:
+    """The resolved folder of an ``adapter:`` entry, or None with a problem recorded."""
+    try:
+        resolved = _resolve(adapter, root)
+        if is_adapter(resolved):
+            return resolved
+        why = "does not exist" if not resolved.exists() else f"has no {ADAPTER_CONFIG}"
+    except (OSError, RuntimeError) as e:
+        why = f"cannot be looked up ({getattr(e, 'strerror', None) or e})"
+    problems.add(at, f"'{adapter}' {why}; `adapter:` is a PEFT LoRA adapter folder (adapter_config.json and adapter_model.safetensors)")
+    return None
+
+
+def _attach_base(refs: Sequence[ModelRef], where: Sequence[PathKey], base: ModelRef | None, problems: Problems) -> list[ModelRef]:
+    """Bare adapters (``path:`` naming an adapter folder) applied to the recipe's base: their model is the base."""
+    out = []
+    for ref, at in zip(refs, where):
+        if ref.adapter is not None and ref.path is None and ref.source is None:
+            if base is None or base.resolved is None:
+                problems.add((*at, "path"), f"'{ref.adapter}' is a PEFT adapter: it changes a model, so give the model it was trained on as "
+                             "`base:` (--base B), or write the entry as `path: MODEL` with `adapter: ADAPTER`")
+                continue
+            ref = dataclasses.replace(ref, path=base.path, resolved=base.resolved, key=base.key, strip_prefix=base.strip_prefix)
+        out.append(ref)
+    return out
 
 
 def _layer_range(value: Any, path: PathKey, problems: Problems) -> tuple[int, int] | None:
@@ -384,10 +429,13 @@ def _slices(
             if "layers" not in raw_src:
                 problems.add((*at, "layers"), "is required: [start, end], the layer indices taken from this model (end excluded)")
             ref = _model_ref(fields, at, method, problems, is_base=False, root=root)
-            if ref is None or layers is None:
+            attached = _attach_base([ref], [at], base, problems) if ref is not None else []
+            if not attached or layers is None:
                 complete = False
                 continue
-            bare = ModelRef(path=ref.path, resolved=ref.resolved, key=ref.key, strip_prefix=ref.strip_prefix, source=ref.source)
+            ref = attached[0]
+            bare = ModelRef(path=ref.path, resolved=ref.resolved, key=ref.key, strip_prefix=ref.strip_prefix, source=ref.source,
+                            adapter=ref.adapter, adapter_resolved=ref.adapter_resolved)
             k = next((n for n, m in enumerate(models) if m.same_as(bare)), None)
             if k is None:
                 models.append(bare)
@@ -496,10 +544,11 @@ def build_recipe(
             models_ok = False
             continue
         ref = _model_ref(m, ("models", i), method, problems, is_base=False, root=root)
-        if ref is None:
+        attached = _attach_base([ref], [("models", i)], base, problems) if ref is not None else []
+        if not attached:
             models_ok = False
         else:
-            models.append(ref)
+            models.append(attached[0])
 
     if method is not None and models_ok and check_count:
         uses_base = method.base != "none" and base is not None
