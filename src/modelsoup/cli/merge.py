@@ -75,6 +75,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
         a.output = a.inputs.pop()
     if not a.output:
         raise SoupError("give the output: soup merge RECIPE.yaml OUT, or -o OUT")
+    if a.as_adapter is not None or a.rank is not None:
+        return _merge_as_adapter(a, is_recipe)
     mergekit_flags = [f for f in ("out_shard_size", "random_seed", "allow_crimes", *_NOT_NEEDED) if getattr(a, f) not in (None, False)]
     mergekit_flags += ["copy_tokenizer"] if a.copy_tokenizer is not None else []
     if is_recipe and len(a.inputs) == 1:
@@ -126,6 +128,42 @@ def cmd_merge(a: argparse.Namespace) -> int:
         recipe = recipe_from_dict(data, source="command line")
     result = merge(recipe, a.output, overwrite=a.overwrite, workers=a.workers, progress=progress(a), hash_files=not a.no_hash)
     print(f"wrote {result.output} ({result.tensors} tensors, {result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
+    return 0
+
+
+def _merge_as_adapter(a: argparse.Namespace, is_recipe: bool) -> int:
+    """``soup merge --base B AD1 AD2 --as-adapter cat|svd|linear -o OUT``: the result is a PEFT adapter."""
+    from ..adapters import merge_adapters
+
+    if a.as_adapter is None:
+        raise SoupError("--rank is the output rank of --as-adapter svd; add --as-adapter svd")
+    if is_recipe:
+        raise SoupError("--as-adapter takes adapter folders on the command line (soup merge --base B AD1 AD2 --as-adapter cat -o OUT), not a recipe file")
+    if not a.base:
+        raise SoupError("--as-adapter needs --base: the model the adapters were trained on")
+    unused = [f for f in ("dtype", "keys", "shard_size", "format", "key", "strip_prefix") if getattr(a, f)]
+    if unused:
+        raise SoupError(f"--{unused[0].replace('_', '-')} does not apply to an adapter output (--as-adapter)")
+    weights = parse_weights(a.weights) if a.weights else None
+    result = merge_adapters(a.inputs, a.output, base=a.base, combination=a.as_adapter, method=a.method or "linear", weights=weights,
+                            parameters=parse_set(a.set), rank=a.rank, seed=a.seed or 0, overwrite=a.overwrite, progress=progress(a),
+                            hash_files=not a.no_hash)
+    errs = [v["relative_error"] for v in result.modules.values() if "relative_error" in v]
+    extra = f", largest relative error of the truncation {max(errs):.3g}" if errs else ""
+    print(f"wrote {result.output} (PEFT adapter, {len(result.modules)} modules, rank {result.rank}{extra}, {result.seconds:.1f} s)")
+    return 0
+
+
+def cmd_extract_lora(a: argparse.Namespace) -> int:
+    from ..adapters import extract_lora
+
+    result = extract_lora(a.finetuned, a.output, base=a.base, rank=a.rank, others=a.others, overwrite=a.overwrite, progress=progress(a),
+                          hash_files=not a.no_hash)
+    for module, v in result.modules.items():
+        print(f"  {module}: rank {int(v['rank'])}, retained energy {v['retained_energy']:.4f}, relative error {v['relative_error']:.3g}")
+    for n in result.full:
+        print(f"  {n}: saved whole")
+    print(f"wrote {result.output} (PEFT adapter, {len(result.modules)} LoRA modules, {len(result.full)} tensors saved whole, {result.seconds:.1f} s)")
     return 0
 
 
@@ -190,6 +228,11 @@ def add_parsers(sub: Any) -> None:
     m.add_argument("--no-hash", action="store_true", help="skip sha256 of inputs and outputs")
     m.add_argument("--intermediate-dir", "-I", metavar="DIR",
                    help="multi-stage recipe: write the named stages to DIR/<name> and keep them (default: a temporary folder, removed)")
+    ad = m.add_argument_group("adapters (PEFT LoRA folders among the models are applied to --base)")
+    ad.add_argument("--as-adapter", choices=["cat", "svd", "linear"],
+                    help="write a PEFT adapter instead of a full model: cat (exact, rank = sum of ranks), svd (the merged delta "
+                         "truncated to --rank), linear (peft's factor-wise combination, same rank only; not the mean of the updates)")
+    ad.add_argument("--rank", type=int, help="output rank of --as-adapter svd (default: the largest input rank)")
     mk = m.add_argument_group("mergekit-yaml options (with a recipe file; mergekit's meaning)")
     mk.add_argument("--out-shard-size", metavar="SIZE", help="largest output shard in bytes, K/M/B suffixes as mergekit reads them (5B = 5e9)")
     mk.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=None,
@@ -199,6 +242,20 @@ def add_parsers(sub: Any) -> None:
     for flag in _NOT_NEEDED:
         mk.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help="accepted; not needed here")
     m.set_defaults(fn=cmd_merge)
+
+    x = sub.add_parser("extract-lora", help="extract a PEFT LoRA adapter from a full fine-tune (rank-R SVD of FT - BASE per linear weight)",
+                       description="soup extract-lora FT --base B --rank 16 -o OUT: per 2-D weight that changed, the rank-R SVD of "
+                                   "FT - B as a LoRA module; the retained energy of each is printed.")
+    x.add_argument("finetuned", help="the full fine-tune")
+    x.add_argument("--base", required=True, help="the model it was fine-tuned from")
+    x.add_argument("--rank", type=int, required=True, help="rank of every extracted module")
+    x.add_argument("-o", "--output", required=True, help="the adapter folder to write")
+    x.add_argument("--others", choices=["save", "refuse"], default="save",
+                   help="changed tensors that are not 2-D weights (norms, biases): save them whole (default) or refuse")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    x.add_argument("--no-hash", action="store_true", help="skip sha256 of the inputs")
+    x.set_defaults(fn=cmd_extract_lora)
 
     v = sub.add_parser("validate", help="check a recipe without merging")
     v.add_argument("recipe")
