@@ -265,3 +265,86 @@ def test_peft_model_logits_match_the_merged_single_adapter(bert: dict, tmp_path:
     x = torch.randint(0, 60, (2, 5))
     torch.testing.assert_close(load_model(tmp_path / "one")(input_ids=x).logits, peft_model(bert["base"], bert["ads"][0])(input_ids=x).logits,
                                **MODEL_OUTPUT)
+
+
+# -- soups with data over adapters ------------------------------------------------------------------------
+def _evaluator(base: Path):  # type: ignore[no-untyped-def]
+    from modelsoup.eval import ClassificationEvaluator
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 60, (24, 8), generator=g)
+    y = torch.randint(0, 2, (24,), generator=g)
+    batches = [{"input_ids": x[i:i + 8], "labels": y[i:i + 8]} for i in range(0, 24, 8)]
+    return ClassificationEvaluator(load_model(base), batches, progress=False)
+
+
+def test_greedy_and_cook_over_adapters_swap_only_adapted_tensors(bert: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelsoup.eval.cache import EvalCache
+    from modelsoup.recipes import Pantry, cook
+    from modelsoup.recipes import pantry as pantry_module
+
+    ev = _evaluator(bert["base"])
+    reads: list[str] = []
+    real = pantry_module.SoupState.__getitem__
+
+    def counting(self, name):  # type: ignore[no-untyped-def]
+        reads.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(pantry_module.SoupState, "__getitem__", counting)
+    with Pantry([str(a) for a in bert["ads"]], base=str(bert["base"]), cache=EvalCache(enabled=False)) as pantry:
+        first = pantry.score(0, ev)
+        n_all = len(reads)
+        reads.clear()
+        pantry.score(1, ev)
+        assert sorted(set(reads)) == sorted([f"bert.encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")]
+                                            + ["classifier.bias", "classifier.weight"])  # 6 of the model's tensors, not all of them
+        assert n_all > 3 * len(reads)
+        # each score is the score of the merged adapted model, as a fresh evaluator sees it
+        fresh = _evaluator(bert["base"])
+        fresh.module.load_state_dict(bert["merged"][0])
+        assert fresh.evaluate({k: v for k, v in bert["merged"][0].items()}).value == first.value
+        res = cook(pantry, ev, recipes=["uniform", "greedy"], output=tmp_path / "cooked", calibrate=False, progress=False)
+    uniform = load_file(next((tmp_path / "cooked").rglob("uniform*/model.safetensors")))
+    for k, v in uniform.items():
+        torch.testing.assert_close(v.double(), sum(m[k].double() for m in bert["merged"]) / 3, rtol=0, atol=1e-6)
+    assert "greedy" in res.to_markdown()
+
+
+def test_pantry_refuses_an_adapter_without_base(bert: dict) -> None:
+    from modelsoup.errors import OptionError
+    from modelsoup.recipes import Pantry
+
+    with pytest.raises(OptionError, match="is a PEFT adapter; give the model it was trained on"):
+        Pantry([str(bert["ads"][0])])
+
+
+def test_skipped_tensors_are_reloaded_after_an_in_place_change(bert: dict) -> None:
+    from modelsoup.eval.cache import EvalCache
+    from modelsoup.recipes import Pantry
+
+    ev = _evaluator(bert["base"])
+    with Pantry([str(a) for a in bert["ads"]], base=str(bert["base"]), cache=EvalCache(enabled=False)) as pantry:
+        s0 = pantry.score(0, ev).value
+        with torch.no_grad():
+            ev.module.bert.embeddings.word_embeddings.weight.mul_(0)  # someone changes an untouched tensor in place
+        _, state = pantry.soup([0])
+        assert ev.evaluate(state).value == s0
+
+
+def test_inspect_on_adapters_compares_their_deltas(bert: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelsoup.cli import main
+
+    rc = main(["inspect", *map(str, bert["ads"][:2]), "--base", str(bert["base"]), "-o", str(tmp_path / "insp"), "--no-progress", "--no-plots"])
+    assert rc == 0, capsys.readouterr().err
+    total = json.loads((tmp_path / "insp" / "inspect.json").read_text())["result"]["total"]
+    # the task-vector cosine is the cosine of the two adapted models' changes (the adapters' deltas and heads), over every tensor
+    base = load_file(bert["base"] / "model.safetensors")
+    d = [{k: m[k].double() - base[k].double() for k in base} for m in bert["merged"][:2]]
+    dot = sum(float((d[0][k] * d[1][k]).sum()) for k in base)
+    norms = [sum(float((x[k] ** 2).sum()) for k in base) ** 0.5 for x in d]
+    assert abs(total["task_cosine"][0][1] - dot / (norms[0] * norms[1])) < 1e-5
+    assert abs(total["task_norm"][0] - norms[0]) < 1e-4
+    assert 0 < total["sign_conflicts"][0][1] < 1
+    assert main(["inspect", *map(str, bert["ads"][:2]), "--no-progress"]) == 2
+    assert "give the model it was trained on with --base" in capsys.readouterr().err

@@ -306,10 +306,9 @@ def _fmt(x: Any) -> str:
 
 def default_labels(sources: Sequence[Any]) -> list[str]:
     """The names tables give these models: as :class:`~modelsoup.recipes.Pantry` names its ingredients (file names)."""
-    from ..eval.cache import EvalCache
-    from ..recipes.pantry import Pantry
+    from ..recipes.pantry import short_labels
 
-    return Pantry(list(sources), cache=EvalCache(enabled=False)).labels
+    return short_labels(list(sources))
 
 
 def _open(sources: Sequence[Any], labels: Sequence[str], key: str | None, strip_prefix: str | None) -> tuple[list[Checkpoint], list[Checkpoint]]:

@@ -33,6 +33,7 @@ def finish(a: argparse.Namespace, name: str, result: Any, *, inputs: list[dict[s
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from ..io import open_checkpoint
+    from ..io.adapters import adapted, is_adapter
     from ..analysis import plots
     from ..analysis.results import input_record
     from ..analysis.similarity import default_labels, similarity
@@ -41,8 +42,17 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     prepare(a)
     sources = a.inputs + ([a.base] if a.base else [])
     labels = default_labels(sources)
-    cks = [open_checkpoint(s, key=a.key, strip_prefix=a.strip_prefix) for s in sources]
+    cks = []
     try:
+        for s in sources:  # an adapter folder is its base with the adapter applied: its task vector is the adapter's delta
+            if is_adapter(s):
+                if not a.base:
+                    raise SoupError(f"{s}: is a PEFT adapter; give the model it was trained on with --base")
+                if s == sources[-1] and len(cks) == len(a.inputs):
+                    raise SoupError(f"--base {s}: is a PEFT adapter; the base must be the full model the adapters were trained on")
+                cks.append(adapted(open_checkpoint(a.base, key=a.key, strip_prefix=a.strip_prefix), Path(s), s))
+            else:
+                cks.append(open_checkpoint(s, key=a.key, strip_prefix=a.strip_prefix))
         sim = similarity(cks[: len(a.inputs)], base=cks[-1] if a.base else None, labels=labels, progress=progress(a))
         inputs = [input_record("base" if a.base and i == len(sources) - 1 else "model", lab, ck, src)
                   for i, (lab, ck, src) in enumerate(zip(labels, cks, sources))] if a.output else []

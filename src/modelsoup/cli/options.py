@@ -50,6 +50,8 @@ def add_eval_options(p: argparse.ArgumentParser, *, required: bool = True) -> No
     g.add_argument("--device", help="cpu (default), cuda, cuda:1 ...")
     g.add_argument("--cache-dir", help="evaluation cache (default ~/.cache/modelsoup/evals)")
     g.add_argument("--no-cache", action="store_true", help="re-evaluate everything, store nothing")
+    g.add_argument("--base", help="the model PEFT adapter folders among the inputs were trained on: each adapter is scored as that model "
+                   "with the adapter applied, and the evaluator swaps only the adapted tensors between soups")
     g.add_argument("--key", help="entry of nested torch checkpoints holding the weights")
     g.add_argument("--strip-prefix", help="tensor name prefix to remove (e.g. module.)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -58,7 +60,7 @@ def add_eval_options(p: argparse.ArgumentParser, *, required: bool = True) -> No
 def evaluators(a: argparse.Namespace, default_model: str | None) -> tuple[Any, Any]:
     from ..eval.factory import make_domain_evaluators, make_evaluators, parse_domains
 
-    opts = dict(model=a.model or default_model, text_column=a.text_column, label_column=a.label_column, text_pair_column=a.text_pair_column,
+    opts = dict(model=a.model or (a.base if getattr(a, "base", None) else default_model), text_column=a.text_column, label_column=a.label_column, text_pair_column=a.text_pair_column,
                 max_length=a.max_length, batch_size=a.batch_size, limit=a.limit, device=a.device, progress=progress(a))
     held_domains, test_domains = parse_domains(a.heldout, "--heldout"), parse_domains(a.test, "--test")
     if held_domains is None:
@@ -84,7 +86,7 @@ def open_pantry(a: argparse.Namespace, paths: list[str]) -> Any:
     from ..eval.cache import EvalCache
     from ..recipes import Pantry
 
-    return Pantry(paths, key=a.key, strip_prefix=a.strip_prefix, cache=EvalCache(a.cache_dir, enabled=not a.no_cache))
+    return Pantry(paths, key=a.key, strip_prefix=a.strip_prefix, cache=EvalCache(a.cache_dir, enabled=not a.no_cache), base=getattr(a, "base", None))
 
 
 def parse_floats(text: str, what: str) -> list[float]:

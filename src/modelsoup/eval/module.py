@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -34,6 +35,12 @@ log = logging.getLogger("modelsoup")
 
 def _ignored(name: str, patterns: Sequence[str]) -> bool:
     return any(re.search(p, name) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# Per module: tensor name -> (the state's token for it, its storage, its version counter after the copy). A
+# tensor is skipped on the next load only if the token is the same and the tensor was not changed in place since
+# (an optimizer step or batch-norm statistics bump ``_version``), so a skip never leaves stale weights behind.
+_HELD: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[Any, int, int]]] = weakref.WeakKeyDictionary()
 
 
 def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], *, ignore_unexpected: Sequence[str] = (), label: str = "weights") -> None:
@@ -66,6 +73,8 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], *, ignore
             + ". Fix: evaluate checkpoints of the same architecture as the evaluator's model, or strip a wrapper prefix (strip_prefix)."
         )
     done: set[int] = set()
+    token_of = getattr(state, "token", None)
+    held = _HELD.setdefault(module, {})
     with torch.no_grad():
         for name, target in targets.items():
             if name not in have:
@@ -73,10 +82,17 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], *, ignore
             ptr = target.data_ptr() if target.numel() else -1
             if ptr in done:
                 continue
+            token = token_of(name) if token_of is not None else None
+            if token is not None and held.get(name) == (token, ptr, target._version):
+                done.add(ptr)
+                continue  # the module holds this very stored tensor already, unmodified since
+            held.pop(name, None)
             src = state[name]
             if tuple(src.shape) != tuple(target.shape):
                 raise TensorMismatchError(f"{label}: tensor '{name}' has shape {list(src.shape)} but the evaluator's model expects {list(target.shape)}")
             target.copy_(src)
+            if token is not None:
+                held[name] = (token, ptr, target._version)
             if ptr != -1:
                 done.add(ptr)
 

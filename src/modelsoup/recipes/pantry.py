@@ -26,6 +26,7 @@ from ..errors import OptionError
 from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score, require_predictions
 from ..eval.cache import EvalCache
 from ..io import Checkpoint, open_checkpoint
+from ..io.adapters import adapted, is_adapter
 from ..io.output import cached_sha256
 
 log = logging.getLogger("modelsoup")
@@ -46,13 +47,17 @@ class Ingredient:
     source: Any
     key: str | None = None
     strip_prefix: str | None = None
+    base: str | None = None  # for a PEFT adapter folder: the model it is applied to
 
     @property
     def path(self) -> Path | None:
         return Path(self.source) if isinstance(self.source, (str, Path)) else None
 
     def model_ref(self) -> dict[str, Any]:
-        ref: dict[str, Any] = {"path": str(self.source)} if self.path is not None else {"source": self.source}
+        if self.base is not None:
+            ref: dict[str, Any] = {"path": self.base, "adapter": str(self.source)}
+        else:
+            ref = {"path": str(self.source)} if self.path is not None else {"source": self.source}
         if self.key:
             ref["key"] = self.key
         if self.strip_prefix:
@@ -94,6 +99,14 @@ class SoupState(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.run.compute(self._jobs[name])
 
+    def token(self, name: str) -> tuple[Any, ...] | None:
+        """A token equal between two states only where both give the same stored tensor (a tensor no adapter
+        changes is the base's); None where the tensor is computed. Lets an evaluator skip reloading it."""
+        job = self._jobs[name]
+        if job.action in ("first", "base") and job.dtype == self.run.inputs[job.sources[0][0]].meta(job.sources[0][1])[0]:
+            return self.run.inputs[job.sources[0][0]].identity(job.sources[0][1])
+        return None
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._jobs)
 
@@ -108,6 +121,9 @@ class Pantry:
         sources: checkpoint paths (files or folders) or in-memory state dicts / modules.
         labels: names for tables (default: file names).
         key, strip_prefix: applied to every path ingredient (see :func:`modelsoup.io.open_checkpoint`).
+        base: the model PEFT adapter folders among ``sources`` were trained on; each adapter is that model
+            with the adapter applied (:class:`~modelsoup.io.adapters.AdaptedCheckpoint`). Evaluators that
+            already hold a soup reload only the tensors the next one changes (for adapters: a few MB).
         keys: how tensor names must line up (``exact``, ``intersection``).
         cache: on-disk evaluation cache (default: the user cache); ``EvalCache(enabled=False)`` turns it off.
 
@@ -116,7 +132,7 @@ class Pantry:
     """
 
     def __init__(self, sources: Sequence[Any], *, labels: Sequence[str] | None = None, key: str | None = None,
-                 strip_prefix: str | None = None, keys: str = "exact", cache: EvalCache | None = None) -> None:
+                 strip_prefix: str | None = None, keys: str = "exact", cache: EvalCache | None = None, base: str | Path | None = None) -> None:
         if not sources:
             raise OptionError("a soup needs at least one ingredient; give one or more checkpoints")
         names = list(labels) if labels is not None else short_labels(sources)
@@ -125,7 +141,15 @@ class Pantry:
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise OptionError(f"labels must be unique; {', '.join(map(repr, dups))} appear(s) more than once in {names}")
-        self.items = [Ingredient(n, s, key if isinstance(s, (str, Path)) else None, strip_prefix if isinstance(s, (str, Path)) else None) for n, s in zip(names, sources)]
+        self.items = []
+        for n, src in zip(names, sources):
+            on_disk = isinstance(src, (str, Path))
+            if on_disk and is_adapter(src):
+                if base is None:
+                    raise OptionError(f"{src}: is a PEFT adapter; give the model it was trained on (--base BASE, or base= in the API)")
+                self.items.append(Ingredient(n, str(src), key, strip_prefix, base=str(base)))
+            else:
+                self.items.append(Ingredient(n, src, key if on_disk else None, strip_prefix if on_disk else None))
         self.keys = keys
         self.cache = cache if cache is not None else EvalCache()
         self._open: dict[int, Checkpoint] = {}
@@ -145,7 +169,10 @@ class Pantry:
         """Ingredient ``i``, opened on first use and kept open."""
         if i not in self._open:
             it = self.items[i]
-            self._open[i] = open_checkpoint(it.source, label=it.label if it.path is None else str(it.source), key=it.key, strip_prefix=it.strip_prefix)
+            if it.base is not None:
+                self._open[i] = adapted(open_checkpoint(it.base, key=it.key, strip_prefix=it.strip_prefix), Path(it.source), str(it.source))
+            else:
+                self._open[i] = open_checkpoint(it.source, label=it.label if it.path is None else str(it.source), key=it.key, strip_prefix=it.strip_prefix)
         return self._open[i]
 
     def fingerprint(self, i: int) -> str | None:
@@ -188,6 +215,8 @@ class Pantry:
         cks = []
         for m in recipe.models:
             ref: dict[str, Any] = {"path": str(m.path)} if m.source is None else {"source": m.source}
+            if m.adapter is not None:
+                ref["adapter"] = str(m.adapter)
             if m.key:
                 ref["key"] = m.key
             if m.strip_prefix:
@@ -201,7 +230,7 @@ class Pantry:
     @staticmethod
     def _ref_id(ref: Mapping[str, Any]) -> tuple[Any, ...]:
         src = ref.get("path") if "path" in ref else id(ref["source"])
-        return (src, ref.get("key"), ref.get("strip_prefix"))
+        return (src, ref.get("adapter"), ref.get("key"), ref.get("strip_prefix"))
 
     def soup(self, members: Sequence[int], weights: Sequence[float] | None = None, **kw: Any) -> tuple[Recipe, SoupState]:
         """(recipe, lazy state) of a soup of ``members``."""
