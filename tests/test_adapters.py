@@ -112,7 +112,7 @@ def _copy(bert: dict, tmp_path: Path, i: int = 0) -> Path:
     ({"r": 8}, "the factors have rank 4 but adapter_config.json gives r = 8"),
     ({"rank_pattern": {"query": 2}}, "(rank_pattern 'query'); the scaling alpha/r would be wrong"),
     ({"lora_alpha": "eight"}, "lora_alpha = \"eight\", expected a positive number"),
-    ({"rank_pattern": {"(": 2}}, "is not a valid regular expression"),
+    ({"rank_pattern": {"(": 2}}, "is not a valid pattern as peft matches it"),
 ], ids=["dora", "loha", "lora-bias", "replication", "alora", "pissa", "unknown", "rank", "rank-pattern", "alpha", "bad-regex"])
 def test_adapter_configs_refused(bert: dict, tmp_path: Path, changes: dict, message: str) -> None:
     ad = _copy(bert, tmp_path)
@@ -348,3 +348,29 @@ def test_inspect_on_adapters_compares_their_deltas(bert: dict, tmp_path: Path, c
     assert 0 < total["sign_conflicts"][0][1] < 1
     assert main(["inspect", *map(str, bert["ads"][:2]), "--no-progress"]) == 2
     assert "give the model it was trained on with --base" in capsys.readouterr().err
+
+
+def test_soups_of_adapters_written_as_adapters(bert: dict, tmp_path: Path) -> None:
+    from modelsoup.eval.cache import EvalCache
+    from modelsoup.errors import OptionError
+    from modelsoup.recipes import Pantry, cook
+
+    ev = _evaluator(bert["base"])
+    with Pantry([str(a) for a in bert["ads"]], base=str(bert["base"]), cache=EvalCache(enabled=False)) as pantry:
+        res = cook(pantry, ev, recipes=["uniform", "greedy", "learned"], output=tmp_path / "cooked", calibrate=False, progress=False,
+                   as_adapter="cat", learned_options={"by": "tensor", "epochs": 2})
+        for name in ("uniform", "greedy", "learned"):
+            folder = tmp_path / "cooked" / name
+            assert (folder / "adapter_config.json").exists() and not (folder / "model.safetensors").exists()
+            # the adapter computes the very soup that was scored: the full merge of its recipe
+            merge(res.recipes[name], tmp_path / f"full-{name}")
+            torch.testing.assert_close(peft_model(bert["base"], folder)(input_ids=torch.arange(12).view(2, 6)).logits,
+                                       load_model(tmp_path / f"full-{name}")(input_ids=torch.arange(12).view(2, 6)).logits, **MODEL_OUTPUT)
+        with pytest.raises(OptionError, match="rank is the output rank"):
+            cook(pantry, ev, recipes=["uniform"], output=tmp_path / "x", as_adapter="cat", rank=2)
+    full = tmp_path / "full"
+    shutil.copytree(tmp_path / "full-uniform", full)
+    with Pantry([str(bert["ads"][0]), str(full)], base=str(bert["base"]), cache=EvalCache(enabled=False)) as mixed:
+        with pytest.raises(OptionError, match="every ingredient is an adapter; full is a full model"):
+            cook(mixed, ev, recipes=["uniform"], output=tmp_path / "y", as_adapter="svd")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

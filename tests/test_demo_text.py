@@ -14,6 +14,9 @@ import torch
 from modelsoup.demo import finetune as ft
 from modelsoup.demo import rotten_tomatoes as rt
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="session")
 def corpus(rt_corpus: Path) -> Path:
     return rt_corpus

@@ -45,11 +45,12 @@ from . import __version__
 from .engine import tensor_seed
 from .errors import AdapterError, OptionError
 from .io import Checkpoint, open_checkpoint
-from .io.adapters import PEFT_PREFIX, AdaptedCheckpoint, adapted
+from .io.adapters import CONV1D_MODELS, PEFT_PREFIX, AdaptedCheckpoint, adapted, model_config
 from .io.output import cached_sha256, input_paths, staged_output
 from .methods import get_method
 from .methods.registry import MergeMethod
 from .progress import progress_on
+from .recipe import Recipe
 
 log = logging.getLogger("modelsoup")
 
@@ -348,6 +349,90 @@ def _full_tensors(cks: Sequence[AdaptedCheckpoint], m: MergeMethod, params: Mapp
     return names
 
 
+def recipe_adapter(recipe: Recipe, output: str | Path, *, combination: str = "cat", rank: int | None = None, overwrite: bool = False,
+                   progress: bool | None = None, hash_files: bool = True) -> AdapterResult:
+    """Write a linear soup of adapters (a recipe whose models are all adapters of one base, as soups build them) as one adapter.
+
+    Each module's coefficients are that tensor's weights in the recipe (per-model or per-tensor, as a learned
+    soup gives them), normalised as the linear merge normalises them; full tensors (heads) are computed by the
+    merge engine itself, so they are the very tensors :func:`modelsoup.merge` would write.
+
+    Raises:
+        OptionError: not a linear soup of adapters of one base, or a combination other than cat / svd.
+    """
+    from .engine import MergeRun
+    from .plan import plan_merge
+
+    t0 = time.perf_counter()
+    if combination not in ("cat", "svd"):
+        raise OptionError(f"a soup is written as an adapter by cat (exact) or svd (truncated), not {combination!r}")
+    if recipe.method != "linear":
+        raise OptionError(f"only linear soups can be written as an adapter this way, not '{recipe.method}'; use soup merge --as-adapter svd")
+    plain = [m.label() for m in recipe.models if m.adapter_resolved is None or m.resolved is None]
+    if plain:
+        raise OptionError(f"{plain[0]} is not an adapter: a soup that holds full models cannot be written as an adapter; write full models instead")
+    bases = {m.resolved.resolve() for m in recipe.models if m.resolved is not None}
+    if len(bases) != 1:
+        raise OptionError("the adapters of the soup are applied to different base models; an adapter has one base")
+    out = Path(output)
+    paths = input_paths([*bases, *(m.adapter_resolved for m in recipe.models if m.adapter_resolved is not None)])
+    cks: list[AdaptedCheckpoint] = []
+    try:
+        for m in recipe.models:
+            assert m.resolved is not None and m.adapter_resolved is not None
+            cks.append(adapted(open_checkpoint(m.resolved, key=m.key, strip_prefix=m.strip_prefix), m.adapter_resolved, m.adapter))
+        plan = plan_merge(recipe, list(cks), None)
+        run = MergeRun(plan)
+        normalize = bool(get_method("linear").divides_by_weight_sum(recipe.parameters))
+        tensors: dict[str, torch.Tensor] = {}
+        modules: dict[str, dict[str, float]] = {}
+        full: list[str] = []
+        r_out = rank if rank is not None else max((md.rank for ck in cks for md in ck.adapter.modules.values()), default=1)
+        for job in tqdm(plan.jobs, desc=f"soup as adapter ({combination})", unit="tensor", disable=not progress_on(progress), leave=False):
+            users = [(k, ck) for k, ck in enumerate(cks) if job.name in ck.adapted]
+            owners = [ck for ck in cks if job.name in ck.replaced]
+            if job.action == "first" and not users and not owners:
+                continue  # every adapter leaves it alone: the base's tensor
+            if owners and not users:
+                tensors[PEFT_PREFIX + owners[0].replaced[job.name]] = run.compute(job)
+                full.append(job.name)
+                continue
+            if not users or owners or job.action != "merge":
+                raise OptionError(f"'{job.name}' of the soup is not a weighted sum of the adapters' changes (action {job.action}); write full models instead")
+            w = list(job.weights) if job.weights is not None else [1.0] * len(cks)
+            if not normalize and abs(sum(w) - 1) > 1e-9:
+                raise OptionError(f"the soup's weights of '{job.name}' sum to {sum(w):g} without normalisation, which also scales the base's "
+                                  "weights: not an adapter; write full models instead")
+            total = sum(w) if normalize else 1.0
+            module = users[0][1].adapted[job.name]
+            info = users[0][1].adapter.modules[module]
+            facs = [ck.adapter.factors(ck.adapted[job.name]) for _, ck in users]
+            coef = [w[k] / total * ck.adapter.modules[ck.adapted[job.name]].scaling for k, ck in users]
+            if combination == "cat":
+                b, a = cat_factors(facs, coef)
+                modules[module] = {"rank": a.shape[0]}
+            else:
+                dense = sum(c * (bb @ aa) for (aa, bb), c in zip(facs, coef))
+                b, a, err, energy = truncate(dense, r_out)  # type: ignore[arg-type]
+                modules[module] = {"rank": a.shape[0], "relative_error": err, "retained_energy": energy}
+            suffix = ("lora_embedding_A", "lora_embedding_B") if info.embedding else ("lora_A.weight", "lora_B.weight")
+            tensors[f"{PEFT_PREFIX}{module}.{suffix[0]}"], tensors[f"{PEFT_PREFIX}{module}.{suffix[1]}"] = a, b
+        to_save = sorted({s for ck in cks for s in (ck.adapter.config.get("modules_to_save") or []) if any(n == s or n.startswith(s + ".") for n in full)})
+        fifo = {bool(ck.adapter.config.get("fan_in_fan_out")) for ck in cks}
+        ranks = {mod: int(v["rank"]) for mod, v in modules.items()}
+        config = _config(cks[0].adapter.config, ranks, to_save, bool(fifo.pop()))
+        what = f"the linear soup of {len(cks)} adapter(s) ({combination}" + (f", rank {r_out})" if combination == "svd" else ")")
+        record = {"modelsoup_version": __version__, "what": what, "combination": combination, "recipe": recipe.to_yaml(),
+                  "inputs": _inputs_record([ck.adapter.reader for ck in cks], [str(m.adapter) for m in recipe.models], hash_files),
+                  "modules": modules, "full_tensors": sorted(full), "notes": []}
+        with staged_output(out, overwrite, inputs=paths) as tmp:
+            _write_adapter(tmp, config, tensors, record)
+    finally:
+        for ck in cks:
+            ck.close()
+    return AdapterResult(out, max(ranks.values(), default=0), modules, sorted(full), time.perf_counter() - t0, [])
+
+
 def extract_lora(
     finetuned: str | Path,
     output: str | Path,
@@ -383,8 +468,8 @@ def extract_lora(
     paths = input_paths([base, finetuned])
     with open_checkpoint(finetuned) as ft, open_checkpoint(base) as bs:
         _same_layout(ft, bs)
-        kind = _model_type(bs)
-        if kind in _CONV1D_MODELS:
+        kind = model_config(bs).get("model_type")
+        if kind in CONV1D_MODELS:
             raise AdapterError(f"{base}: a {kind} model stores its linear weights transposed (Conv1D); extracting LoRA from it is not supported yet")
         tensors: dict[str, torch.Tensor] = {}
         modules: dict[str, dict[str, float]] = {}
@@ -446,19 +531,6 @@ def extract_lora(
         log.info(n)
     return AdapterResult(out, max(ranks.values(), default=0), modules, record["full_tensors"], time.perf_counter() - t0, notes)
 
-
-# Model types whose linear layers are transformers' Conv1D (weights stored (in, out)).
-_CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-
-
-def _model_type(ck: Checkpoint) -> str | None:
-    if ck.folder is None:
-        return None
-    try:
-        cfg = json.loads((ck.folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return cfg.get("model_type") if isinstance(cfg, dict) else None
 
 
 def _same_layout(ft: Checkpoint, bs: Checkpoint) -> None:

@@ -29,11 +29,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from ..demo.text import describe_sweep, run_text_demo, sweep_config
 
     try:
-        config = sweep_config(quick=a.quick, ingredients=a.ingredients, split_seed=a.split_seed)
+        config = sweep_config(quick=a.quick, ingredients=a.ingredients, split_seed=a.split_seed, lora=a.lora)
     except ValueError as e:
         raise SoupError(str(e)) from None
     print(f"all-MiniLM-L6-v2 on Rotten Tomatoes: {config.train} train / {config.val} held-out / {config.test} test reviews, "
-          f"{len(config.ingredients)} fine-tunes from one linear-probe start:", flush=True)
+          f"{len(config.ingredients)} {'LoRA adapters (r8 on query/value, the head whole)' if a.lora else 'fine-tunes'} from one linear-probe start:", flush=True)
     for line in describe_sweep(config):
         print(f"  {line}")
     res = run_text_demo(Path(a.out), config=config, cache_dir=Path(a.cache) if a.cache else None, learned_epochs=1 if a.quick else 5,
@@ -56,6 +56,8 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--ingredients", type=int, help="size of the sweep (default 8; up to 14)")
     d.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out/test split")
     d.add_argument("--quick", action="store_true", help="tiny sizes (about 2 minutes), for tests")
+    d.add_argument("--lora", action="store_true", help="the same sweep as LoRA runs (peft adapters), cooked as adapter soups "
+                   "(the soups written as PEFT adapters)")
     d.add_argument("--digits", action="store_true", help="the small digits demo instead: MLPs on scikit-learn's digits, every merge method")
     d.add_argument("--domains", action="store_true", help="multi-domain digits: linear classifiers fine-tuned on digits 0-4 and 5-9, souped; "
                    "per-domain table and class-template grid")

@@ -30,7 +30,8 @@ def cmd_cook(a: argparse.Namespace) -> int:
     heldout, test = evaluators(a, first_folder(a.inputs))
     with open_pantry(a, a.inputs) as pantry:
         result = cook(pantry, heldout, test=test, recipes=recipes, output=a.output, save=save, overwrite=a.overwrite, allow_equal=a.allow_equal,
-                      learned_options=learned, calibrate=a.calibrate, progress=progress(a))
+                      learned_options=learned, calibrate=a.calibrate, progress=progress(a),
+                      as_adapter=getattr(a, "as_adapter", None), rank=getattr(a, "rank", None))
     print(result.to_markdown())
     if a.output:
         print(f"results and soups in {a.output} ({result.seconds:.0f} s)")
@@ -90,7 +91,7 @@ def add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, o
     from ..recipes.names import RECIPES
 
     c = sub.add_parser(name, help=help, description=help)
-    c.add_argument("inputs", nargs="+", help="the ingredients: checkpoint files or model folders")
+    c.add_argument("inputs", nargs="+", help="the ingredients: checkpoint files, model folders, or PEFT adapter folders (with --base)")
     c.add_argument("-o", "--output", required=output_required, help="folder for results.md, results.json and one subfolder per soup")
     if recipes is None:
         c.add_argument("--soups", default=",".join(r.replace("_", "-") for r in RECIPES),
@@ -108,6 +109,10 @@ def add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, o
     c.add_argument("--no-temperature-scaling", dest="calibrate", action="store_false",
                    help="report calibration as is only (default: also after a temperature fitted on held-out predictions, with --test)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    if output_required:
+        c.add_argument("--as-adapter", choices=["cat", "svd"],
+                       help="with adapter ingredients (--base): write each soup as a PEFT adapter, cat (exact) or svd (truncated to --rank)")
+        c.add_argument("--rank", type=int, help="output rank of --as-adapter svd (default: the largest input rank)")
     add_eval_options(c)
     c.set_defaults(fn=cmd_cook, recipes=recipes, save=None, learn_by="model", lr=0.05, epochs=5, temperature=1.0, optimizer="adamw", max_memory=None)
     return c

@@ -85,6 +85,9 @@ class Hyper:
         freeze_embeddings: keep the word-embedding matrix (11.7M of 22.7M parameters) at the start's
             values; saves time, and all ingredients then share it exactly.
         max_grad_norm: gradient clipping.
+        lora_rank: 0 for a full fine-tune; else a PEFT LoRA adapter of this rank (alpha = 2 x rank) on the
+            attention query and value projections, with the classifier head trained whole (modules_to_save),
+            saved as an adapter folder.
     """
 
     lr: float = 5e-5
@@ -98,6 +101,7 @@ class Hyper:
     max_length: int = 64
     freeze_embeddings: bool = True
     max_grad_norm: float = 1.0
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
         # 1 and 1.0 must hash alike in the cache key.
@@ -116,6 +120,7 @@ class Hyper:
             (self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1"),
             (self.max_length >= 3, f"max_length={self.max_length}: must be >= 3 ([CLS], a token, [SEP])"),
             (self.max_grad_norm > 0, f"max_grad_norm={self.max_grad_norm}: must be > 0"),
+            (self.lora_rank >= 0, f"lora_rank={self.lora_rank}: must be >= 0 (0 = full fine-tune)"),
         ]
         return [msg for ok, msg in checks if not ok]
 
@@ -126,6 +131,8 @@ class Hyper:
             parts.append(f"ls {self.label_smoothing:g}")
         if self.word_dropout:
             parts.append(f"wdrop {self.word_dropout:g}")
+        if self.lora_rank:
+            parts.append(f"LoRA r{self.lora_rank}")
         return ", ".join(parts)
 
 
@@ -322,7 +329,7 @@ def _complete(folder: Path, key: str) -> bool:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("key") == key and (folder / "model.safetensors").is_file()
+    return marker.get("key") == key and any((folder / f).is_file() for f in ("model.safetensors", "adapter_model.safetensors"))
 
 
 def _save(model: Any, tok: Any, out: Path, marker: Mapping[str, Any]) -> None:
@@ -332,8 +339,9 @@ def _save(model: Any, tok: Any, out: Path, marker: Mapping[str, Any]) -> None:
     versions = {"modelsoup_version": __version__, "torch_version": torch.__version__, "transformers_version": transformers.__version__}
     # its own cache entry: replaced whatever is there (a stale or partial fine-tune), no manifest of a merge
     with staged_output(out, overwrite=True, inputs=(), replace_foreign=True, manifest=False) as staging, quiet_transformers():
-        model.save_pretrained(staging)
-        tok.save_pretrained(staging)
+        model.save_pretrained(staging)  # a PeftModel saves only its adapter
+        if tok is not None:
+            tok.save_pretrained(staging)
         (staging / MARKER).write_text(json.dumps({**marker, **versions}, indent=1, default=str))
 
 
@@ -527,14 +535,28 @@ def _fine_tune(out: Path, start: Path, texts: Sequence[str], labels: Sequence[in
     enc = _encode(tok, texts, h.max_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(h.seed)
+        if h.lora_rank:
+            model = _with_lora(model, h.lora_rank)
         final_loss = _train(model, enc, torch.tensor([int(y) for y in labels]), h, bar)
     seconds = time.perf_counter() - t0
     steps = _steps(h, len(texts))
-    _save(model, tok, out, {"key": key, "kind": "fine_tune", "start": str(start), "hyper": asdict(h), "steps": steps,
+    _save(model, None if h.lora_rank else tok, out, {"key": key, "kind": "lora" if h.lora_rank else "fine_tune", "start": str(start), "hyper": asdict(h), "steps": steps,
                             "train_examples": len(texts), "final_loss": final_loss, "seconds": seconds,
                             "examples_per_second": steps * h.batch_size / seconds})
     log.info("%s: %s, %d steps, final loss %.3f, %.0f s", out, h.describe(), steps, final_loss, seconds)
     return True
+
+
+def _with_lora(model: Any, rank: int) -> Any:
+    """``model`` wrapped by peft: LoRA on query and value, the classifier head trained whole (saved in modules_to_save)."""
+    try:
+        import peft
+    except ImportError as e:
+        raise FineTuneError("the LoRA demo trains adapters with peft, which is not installed; fix: pip install peft") from e
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "value"],
+                             modules_to_save=["classifier"], task_type="SEQ_CLS")
+    with quiet_transformers():
+        return peft.get_peft_model(model, config)
 
 
 def fine_tune(
@@ -613,7 +635,7 @@ def run_sweep(
     texts, labels = splits.train.texts, splits.train.labels
     start = out_dir / LP_DIR
     trained = [start] if _linear_probe(start, texts, labels, base_model_path(base), config.probe, ID2LABEL, progress) else []
-    folders = [out_dir / INGREDIENTS_DIR / f"ft-{i:02d}" for i in range(len(config.ingredients))]
+    folders = [out_dir / (INGREDIENTS_DIR + ("-lora" if h.lora_rank else "")) / f"ft-{i:02d}" for i, h in enumerate(config.ingredients)]
     total = sum(_steps(h, len(texts)) * h.batch_size for h in config.ingredients)
     with tqdm(total=total, desc="fine-tuning", unit="ex", disable=not _show(progress), dynamic_ncols=True) as bar:
         for i, (folder, h) in enumerate(zip(folders, config.ingredients)):

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,43 @@ _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|l
 _LORA_PART = re.compile(r"(^|\.)(lora_[A-Za-z_]+|hada_w[12]_[ab]|lokr_w[12](_[ab])?|ia3_l|trainable_tokens_[a-z]+)(\.|$)")
 
 
+# A group followed by a quantifier: the shape of patterns whose matching can backtrack exponentially ('(.|..)+!').
+_QUANTIFIED_GROUP = re.compile(r"\)(\*|\+|\{|\?\?)")
+# Model types whose linear layers are transformers' Conv1D (weight stored (in, out)), and the names of those layers.
+CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_LAYERS = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+# Architectures with an output head that tie_word_embeddings ties to the input embedding.
+_LM_HEAD_ARCHS = ("LMHead", "CausalLM", "MaskedLM", "ConditionalGeneration", "PreTraining")
+
+
+def _positive(v: Any) -> bool:
+    """Whether a config value is a finite positive number (a 400-digit JSON integer is not: it has no float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v)) and v > 0
+    except OverflowError:
+        return False
+
+
+def model_config(ck: Checkpoint) -> dict[str, Any]:
+    """The base's ``config.json`` (empty when it has none or it cannot be read)."""
+    if ck.folder is None:
+        return {}
+    try:
+        cfg = json.loads((ck.folder / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def ties_output_head(cfg: Mapping[str, Any]) -> bool:
+    """Whether a model of this config ties an output head to its input embedding."""
+    archs = cfg.get("architectures") or []
+    has_head = isinstance(archs, list) and any(isinstance(a, str) and any(k in a for k in _LM_HEAD_ARCHS) for a in archs)
+    return has_head and cfg.get("tie_word_embeddings", True) is not False
+
+
 def is_adapter(path: str | Path) -> bool:
     """Whether ``path`` is a PEFT adapter folder (it holds ``adapter_config.json``)."""
     p = Path(path)
@@ -91,10 +129,11 @@ class LoraModule:
         module: its name in the model peft wrapped (``bert.encoder.layer.0.attention.self.query``).
         a, b: the names of its factors in the adapter file.
         embedding: factors of an embedding (``lora_embedding_A/B``): the delta is ``(B @ A).T``.
-        transpose: the delta is ``(B @ A).T`` (``fan_in_fan_out``, or an embedding).
+        transpose: the delta is ``(B @ A).T`` (an embedding). Whether a linear layer stores its weight transposed
+            (GPT-2's Conv1D) is decided against the base, per layer, by :class:`AdaptedCheckpoint`.
         rank, alpha: as the config gives them for this module (patterns applied).
         scaling: ``alpha / r`` (``alpha / sqrt(r)`` with rslora).
-        shape: the shape of the delta, which is the shape of the base weight it changes.
+        shape: the shape of the delta in the layer's own layout ((out, in) for a linear layer, (vocab, dim) for an embedding).
     """
 
     module: str
@@ -140,6 +179,8 @@ class Adapter:
         self._name = {n[len(prefix):]: n for n in names}
         self.modules: dict[str, LoraModule] = {}
         self.full: dict[str, str] = {}
+        self.base_weights: dict[str, str] = {}  # module -> its saved layer weight (the delta adds to it, not to the base's)
+        self.ignored: list[str] = []  # tensors peft would not load (a base_layer tensor of a module without LoRA)
         self._scan()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -175,9 +216,8 @@ class Adapter:
             raise self._bad(f"{ADAPTER_CONFIG} sets {', '.join(repr(k) for k in unknown[:4])}, LoRA option(s) modelsoup does not know; "
                             "refused, since they may change what the factors mean (upgrade modelsoup, or merge the adapter with peft)")
         for key in ("r", "lora_alpha"):
-            v = cfg.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise self._bad(f"{ADAPTER_CONFIG}: {key} = {json.dumps(v)[:40]}, expected a positive number")
+            if not _positive(cfg.get(key)):
+                raise self._bad(f"{ADAPTER_CONFIG}: {key} = {json.dumps(cfg.get(key))[:40]}, expected a positive number")
         for key in ("rank_pattern", "alpha_pattern"):
             pat = cfg.get(key) or {}
             if not isinstance(pat, dict):
@@ -185,11 +225,14 @@ class Adapter:
             for k, v in pat.items():
                 if len(k) > MAX_PATTERN:
                     raise self._bad(f"{ADAPTER_CONFIG}: a {key} key is {len(k)} characters long (at most {MAX_PATTERN})")
+                if _QUANTIFIED_GROUP.search(k):
+                    raise self._bad(f"{ADAPTER_CONFIG}: {key} key '{k[:60]}' repeats a group ('(...)+', '(...)*'), which can make matching "
+                                    "take exponential time; modelsoup refuses such patterns (name the modules plainly, e.g. 'layers.0.self_attn.q_proj')")
                 try:
-                    re.compile(k)
+                    re.compile(rf"(.*\.)?({k})$")  # as peft places it (an inline flag inside a group fails only there)
                 except re.error as e:
-                    raise self._bad(f"{ADAPTER_CONFIG}: {key} key '{k[:60]}' is not a valid regular expression ({e})") from None
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    raise self._bad(f"{ADAPTER_CONFIG}: {key} key '{k[:60]}' is not a valid pattern as peft matches it ({e})") from None
+                if not _positive(v):
                     raise self._bad(f"{ADAPTER_CONFIG}: {key}['{k[:60]}'] = {json.dumps(v)[:40]}, expected a positive number")
         if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
             raise self._bad(f"{ADAPTER_CONFIG}: bias = {json.dumps(cfg.get('bias'))[:40]}, expected none, all or lora_only")
@@ -206,6 +249,7 @@ class Adapter:
 
     def _scan(self) -> None:
         parts: dict[str, dict[str, str]] = {}
+        rest: list[str] = []
         for name in self._name:
             m = _FACTOR.match(name)
             if m:
@@ -217,18 +261,29 @@ class Adapter:
                         else f"an adapter tensor of a kind modelsoup does not merge ('{hit[2]}')")
                 raise self._bad(f"tensor '{self._name[name]}' is {what}; refused rather than merged wrongly "
                                 "(merge the adapter into its base with peft's merge_and_unload and soup the full models)")
-            elif ".original_module." not in name:  # peft's wrapper keeps the base's own copy there (saved by bias: all)
-                # a LoRA-wrapped layer keeps its tensors under base_layer; a modules_to_save wrapper its trained copy
-                # under modules_to_save (bias: all saves it there as well as under the plain name)
-                plain = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
-                if plain in self.full:
-                    self._same(plain, name)
-                    if plain != name:
-                        continue
-                elif plain != name and plain in self._name:
-                    self._same(plain, name)
+            else:
+                rest.append(name)
+        for name in rest:
+            if ".original_module." in name:  # peft's wrapper keeps the base's own copy there (saved by bias: all)
+                continue
+            if ".base_layer." in name:  # a LoRA-wrapped layer's own tensors: peft loads them only into an adapted module
+                module, param = name.split(".base_layer.", 1)
+                if module not in parts:
+                    self.ignored.append(self._name[name])  # peft has no such parameter and ignores it on load
                     continue
-                self.full[plain] = self._name[name]
+                if param == "weight":  # the layer's weight saved with the adapter (an lm_head or resized embedding): W = it + delta
+                    self.base_weights[module] = self._name[name]
+                    continue
+            # a modules_to_save wrapper keeps its trained copy under modules_to_save (bias: all saves it there as well as plainly)
+            plain = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+            if plain in self.full:
+                self._same(plain, name)
+                if plain != name:
+                    continue
+            elif plain != name and plain in self._name:
+                self._same(plain, name)
+                continue
+            self.full[plain] = self._name[name]
         for module, got in parts.items():
             emb = "lora_embedding_A" in got or "lora_embedding_B" in got
             need = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
@@ -255,9 +310,8 @@ class Adapter:
                 raise self._bad(f"module '{module}': the factors have rank {rank} but {ADAPTER_CONFIG} gives r = {r} for it"
                                 f"{f' (rank_pattern {r_key!r})' if r_key else ''}; the scaling alpha/r would be wrong, so it is refused")
             scaling = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
-            transpose = emb or bool(self.config.get("fan_in_fan_out"))
-            delta = (b_shape[0], a_shape[1])
-            self.modules[module] = LoraModule(module, a, b, emb, transpose, int(rank), alpha, scaling, delta[::-1] if transpose else delta)
+            delta = (b_shape[0], a_shape[1])  # B @ A: (out, in); an embedding's weight is its transpose
+            self.modules[module] = LoraModule(module, a, b, emb, emb, int(rank), alpha, scaling, delta[::-1] if emb else delta)
         if not self.modules and not self.full:
             raise self._bad("the adapter holds no tensors")
 
@@ -279,12 +333,12 @@ class Adapter:
         m = self.modules[module]
         return self.reader.read(m.a).to(torch.float32), self.reader.read(m.b).to(torch.float32)
 
-    def delta(self, module: str) -> torch.Tensor:
-        """``scaling * B @ A`` of a module in float32, shaped like the base weight it changes."""
+    def delta(self, module: str, transpose: bool | None = None) -> torch.Tensor:
+        """``scaling * B @ A`` of a module in float32, transposed for embeddings (or when ``transpose`` says so)."""
         m = self.modules[module]
         a, b = self.factors(module)
         d = (b @ a) * m.scaling
-        return d.T.contiguous() if m.transpose else d
+        return d.T.contiguous() if (m.transpose if transpose is None else transpose) else d
 
     def read_full(self, name: str) -> torch.Tensor:
         return self.reader.read(self.full[name])
@@ -363,6 +417,11 @@ def bind(adapter: Adapter, base_names: list[str]) -> tuple[dict[str, str], dict[
     note = None if (cut, pre) == (0, "") else f"{adapter.label}: its module names were matched to the base's by " + (
         f"dropping {cut} leading part(s)" if cut else "") + (" and " if cut and pre else "") + (f"adding '{pre}'" if pre else "")
     by_name = dict(zip(wanted, mapped))
+    seen: dict[str, str] = {}
+    for n in adapter.full:
+        if by_name[n] in seen:
+            raise AdapterError(f"{adapter.label}: tensors '{seen[by_name[n]]}' and '{n}' both become the base's '{by_name[n]}'; refused as ambiguous")
+        seen[by_name[n]] = n
     modules = {m: by_name[m + ".weight"] for m in adapter.modules}
     full = {n: by_name[n] for n in adapter.full}
     return modules, full, note
@@ -403,24 +462,42 @@ class AdaptedCheckpoint(Checkpoint):
         self.notes = list(base.notes)
         self._meta = {n: base.meta(n) for n in base.names()}
         self._alias = base.aliases()
+        cfg = model_config(base)
+        tied_head = ties_output_head(cfg)
+        for module in adapter.modules:
+            if module.split(".")[-1] == "lm_head" and f"{module}.weight" not in self._meta and tied_head:
+                raise AdapterError(self._tied(module, "the base stores no lm_head: it is tied to the input embedding (tie_word_embeddings)"))
         modules, full, note = bind(adapter, base.names())
         if note:
             self.notes.append(note)
+        if adapter.ignored:
+            self.notes.append(f"{adapter.label}: ignored {len(adapter.ignored)} tensor(s) of layers without LoRA, as peft ignores them: "
+                              + ", ".join(adapter.ignored[:3]))
+        kind = cfg.get("model_type")
         self._delta: dict[str, str] = {}
+        self._transpose: dict[str, bool] = {}
         self._full: dict[str, str] = {}
+        self._layer_weight: dict[str, str] = {}  # target -> the adapter's saved layer weight the delta adds to
+        tied = set(self._alias) | set(self._alias.values())
         for module, name in modules.items():
             target = self._alias.get(name, name)
             dtype, shape = base.meta(target)
             m = adapter.modules[module]
             if not dtype.is_floating_point:
                 raise AdapterError(f"{adapter.label}: adapts '{name}', a {dtype} tensor of the base; only floating-point weights can take a delta")
-            if tuple(shape) != m.shape:
-                fix = " (fan_in_fan_out says the layer stores its weight transposed; is it set right?)" if tuple(shape) == m.shape[::-1] else ""
-                raise AdapterError(f"{adapter.label}: module '{module}' makes a delta of shape {list(m.shape)} but the base's '{name}' is "
-                                   f"{list(shape)}{fix}; give as base the model the adapter was trained on")
+            if name in tied or (m.embedding and tied_head):
+                raise AdapterError(self._tied(module, f"'{name}' is tied to another tensor of the base"
+                                              if name in tied else "the base ties its output head to this embedding (tie_word_embeddings)"))
+            self._transpose[target] = self._layout(module, name, m, tuple(shape), kind)
             if target in self._delta:
-                raise AdapterError(f"{adapter.label}: modules '{self._delta[target]}' and '{module}' both change '{target}' (tied weights); refused")
+                raise AdapterError(f"{adapter.label}: modules '{self._delta[target]}' and '{module}' both change '{target}'; refused")
             self._delta[target] = module
+            if module in adapter.base_weights:
+                saved = adapter.base_weights[module]
+                if tuple(adapter.reader.meta(saved)[1]) != tuple(shape):
+                    raise AdapterError(f"{adapter.label}: its saved layer weight '{saved}' is {list(adapter.reader.meta(saved)[1])} but the base's "
+                                       f"'{name}' is {list(shape)}; give as base the model the adapter was trained on")
+                self._layer_weight[target] = saved
         for fname, name in full.items():
             dtype, shape = adapter.reader.meta(adapter.full[fname])
             bdtype, bshape = base.meta(name)
@@ -429,10 +506,42 @@ class AdaptedCheckpoint(Checkpoint):
                                    f"'{name}' is {str(bdtype).replace('torch.', '')} {list(bshape)}; give as base the model the adapter was trained on")
             if name in self._delta or self._alias.get(name, name) in self._delta:
                 raise AdapterError(f"{adapter.label}: '{name}' is both adapted by LoRA factors and saved whole; refused as ambiguous")
-            if name in self._alias or name in self._alias.values():
+            if name in tied:
                 raise AdapterError(f"{adapter.label}: saves '{name}' whole, but it is tied to another tensor in the base; refused "
                                    "(untie the weights before training, or merge with peft)")
             self._full[name] = fname
+
+    def _tied(self, module: str, why: str) -> str:
+        return (f"{self.adapter.label}: adapts '{module}', but {why}. peft applies the adapter to one side only while it runs, and folding the "
+                "delta into the shared tensor changes both sides, so the merged model would not be the adapted one; refused "
+                "(untie the weights, or train the adapter on untied layers)")
+
+    def _layout(self, module: str, name: str, m: LoraModule, shape: tuple[int, ...], kind: Any) -> bool:
+        """Whether this linear layer stores its weight transposed (GPT-2's Conv1D), as peft decides it: from the layer, not the config flag.
+
+        With the base's config the model type says it (Conv1D layers of GPT-2-like models); without it, the shape must:
+        a square weight is then ambiguous unless the adapter claims no transposed layer at all.
+        """
+        if m.embedding:
+            if shape != m.shape:
+                raise AdapterError(f"{self.adapter.label}: embedding '{module}' makes a delta of shape {list(m.shape)} but the base's '{name}' is "
+                                   f"{list(shape)}; give as base the model the adapter was trained on")
+            return True
+        plain, flipped = shape == m.shape, shape == m.shape[::-1]
+        if isinstance(kind, str):
+            conv1d = kind in CONV1D_MODELS and module.split(".")[-1] in CONV1D_LAYERS
+            if (flipped if conv1d else plain):
+                return conv1d
+            layout = "Conv1D, stored (in, out)" if conv1d else "nn.Linear, stored (out, in)"
+            raise AdapterError(f"{self.adapter.label}: module '{module}' makes a delta of shape {list(m.shape if not conv1d else m.shape[::-1])} "
+                               f"but the base's '{name}' is {list(shape)} ({kind}: {layout}); give as base the model the adapter was trained on")
+        if plain and flipped and self.adapter.config.get("fan_in_fan_out"):
+            raise AdapterError(f"{self.adapter.label}: module '{module}' has a square weight and the adapter says fan_in_fan_out, but the base has "
+                               "no config.json to tell a transposed (Conv1D) layer from nn.Linear; give the base as a model folder")
+        if plain or flipped:
+            return not plain
+        raise AdapterError(f"{self.adapter.label}: module '{module}' makes a delta of shape {list(m.shape)} but the base's '{name}' is "
+                           f"{list(shape)}; give as base the model the adapter was trained on")
 
     @property
     def adapted(self) -> dict[str, str]:
@@ -449,8 +558,9 @@ class AdaptedCheckpoint(Checkpoint):
         return self._alias.get(name, name) in self._delta or name in self._full
 
     def delta(self, name: str) -> torch.Tensor:
-        """The adapter's change to base tensor ``name`` in float32 (zeros never: only for adapted names)."""
-        return self.adapter.delta(self._delta[self._alias.get(name, name)])
+        """The adapter's change to base tensor ``name`` in float32, in the base's layout (only for adapted names)."""
+        target = self._alias.get(name, name)
+        return self.adapter.delta(self._delta[target], self._transpose[target])
 
     def identity(self, name: str) -> tuple[Any, ...] | None:
         if not self.changes(name):
@@ -460,8 +570,9 @@ class AdaptedCheckpoint(Checkpoint):
     def read(self, name: str) -> torch.Tensor:
         target = self._alias.get(name, name)
         if target in self._delta:
-            w = self.base.read(target)
-            return w.to(torch.float32) + self.adapter.delta(self._delta[target])
+            saved = self._layer_weight.get(target)
+            w = self.adapter.reader.read(saved) if saved is not None else self.base.read(target)
+            return w.to(torch.float32) + self.delta(target)
         if name in self._full:
             return self.adapter.read_full(self._full[name])
         return self.base.read(name)

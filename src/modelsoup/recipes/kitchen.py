@@ -252,15 +252,16 @@ def _figures(result: CookResult, folder: Path) -> dict[str, Path]:
 def pantry_paths(ingredients: Any) -> list[Path]:
     """The checkpoint paths of a pantry or of a list of ingredients (in-memory ones left out)."""
     if isinstance(ingredients, Pantry):
-        return [it.path for it in ingredients.items if it.path is not None]
+        return [*(it.path for it in ingredients.items if it.path is not None), *(Path(it.base) for it in ingredients.items if it.base is not None)]
     return [Path(s) for s in ingredients if isinstance(s, (str, Path))]
 
 
 def write_results(output: Path, soups: dict[str, Recipe], files: Callable[[Path], None], *, inputs: Sequence[Any],
-                  overwrite: bool = False, progress: bool | None = None) -> dict[str, Path]:
+                  overwrite: bool = False, progress: bool | None = None, as_adapter: str | None = None, rank: int | None = None) -> dict[str, Path]:
     """Write soups (one subfolder each, by :func:`modelsoup.merge`), then ``files(folder)``, atomically.
 
-    ``inputs``: the ingredients' paths; the output folder must keep clear of them.
+    ``inputs``: the ingredients' paths; the output folder must keep clear of them. ``as_adapter``: write each
+    soup of adapters as one PEFT adapter (``cat`` or ``svd`` at ``rank``, see :func:`modelsoup.adapters.recipe_adapter`).
 
     Returns:
         soup name -> its folder.
@@ -270,7 +271,12 @@ def write_results(output: Path, soups: dict[str, Recipe], files: Callable[[Path]
     written: dict[str, Path] = {}
     with staged_output(output, overwrite, inputs=pantry_paths(inputs)) as tmp:
         for name, recipe in soups.items():
-            merge(recipe, tmp / name, progress=progress)
+            if as_adapter is not None:
+                from ..adapters import recipe_adapter
+
+                recipe_adapter(recipe, tmp / name, combination=as_adapter, rank=rank, progress=progress)
+            else:
+                merge(recipe, tmp / name, progress=progress)
             written[name] = output / name
         files(tmp)
     return written
@@ -300,6 +306,8 @@ def cook(
     learned_options: dict[str, Any] | None = None,
     baselines: dict[str, Any] | None = None,
     progress: bool | None = None,
+    as_adapter: str | None = None,
+    rank: int | None = None,
     **pantry_options: Any,
 ) -> CookResult:
     """Score ingredients, cook soups and ensembles, and tabulate them on held-out and test data.
@@ -323,6 +331,8 @@ def cook(
         baselines: name -> model (path or in-memory) scored for comparison only, never an ingredient
             (e.g. the pre-trained or zero-shot start).
         progress: progress bars; None = only on a terminal.
+        as_adapter: with adapter ingredients (``base=``), write each soup as one PEFT adapter: ``cat`` (exact) or
+            ``svd`` (truncated to ``rank``, default the largest input rank); None writes full models.
 
     Raises:
         OptionError: an unknown recipe name; a ``save`` name that is not a soup or not cooked; an unknown
@@ -347,11 +357,18 @@ def cook(
     bad_options = [k for k in (learned_options or {}) if k not in LEARNED_OPTIONS]
     if bad_options:
         raise OptionError(f"learned_options: unknown {', '.join(map(repr, bad_options))}; choose from {', '.join(LEARNED_OPTIONS)}")
+    if as_adapter not in (None, "cat", "svd"):
+        raise OptionError(f"as_adapter must be cat or svd, got {as_adapter!r}")
+    if rank is not None and as_adapter != "svd":
+        raise OptionError("rank is the output rank of soups written as svd adapters (as_adapter='svd')")
     out = Path(output) if output is not None else None
-    if out is not None:
-        check_output(out, overwrite, inputs=pantry_paths(ingredients))
     pantry, own = as_pantry(ingredients, **pantry_options)
     try:
+        if out is not None:
+            check_output(out, overwrite, inputs=pantry_paths(pantry))
+        full = [it.label for it in pantry.items if it.base is None]
+        if as_adapter is not None and full:
+            raise OptionError(f"soups can be written as adapters only when every ingredient is an adapter; {full[0]} is a full model")
         result = _Kitchen(pantry, heldout, test, allow_equal, progress).cook(recipes, learned_options or {}, baselines or {})
         if calibrate:
             _temperature_scale(result.rows)
@@ -359,7 +376,7 @@ def cook(
         if out is not None:
             to_write = {s: result.recipes[s] for s in (save if save is not None else SOUPS) if s in result.recipes}
             result.written = {name: out / name for name in to_write}
-            write_results(out, to_write, result.write_files, inputs=pantry, overwrite=overwrite, progress=progress)
+            write_results(out, to_write, result.write_files, inputs=pantry, overwrite=overwrite, progress=progress, as_adapter=as_adapter, rank=rank)
             result.figures = {k: out / v.name for k, v in result.figures.items()}
         return result
     finally:
