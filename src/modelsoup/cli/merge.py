@@ -148,8 +148,14 @@ def _merge_as_adapter(a: argparse.Namespace, is_recipe: bool) -> int:
     result = merge_adapters(a.inputs, a.output, base=a.base, combination=a.as_adapter, method=a.method or "linear", weights=weights,
                             parameters=parse_set(a.set), rank=a.rank, seed=a.seed or 0, overwrite=a.overwrite, progress=progress(a),
                             hash_files=not a.no_hash)
-    errs = [v["relative_error"] for v in result.modules.values() if "relative_error" in v]
-    extra = f", largest relative error of the truncation {max(errs):.3g}" if errs else ""
+    errs = sorted(((v["relative_error"], m) for m, v in result.modules.items() if "relative_error" in v), reverse=True)
+    if errs:
+        shown = errs if len(errs) <= 20 else errs[:10]
+        for err, m in shown:
+            print(f"  {m}: rank {int(result.modules[m]['rank'])}, relative error {err:.3g}, retained energy {result.modules[m]['retained_energy']:.4f}")
+        if len(errs) > len(shown):
+            print(f"  ... {len(errs) - len(shown)} more modules with smaller errors (all in {Path(a.output) / 'soup_manifest.json'})")
+    extra = f", largest relative error of the truncation {errs[0][0]:.3g}" if errs else ""
     print(f"wrote {result.output} (PEFT adapter, {len(result.modules)} modules, rank {result.rank}{extra}, {result.seconds:.1f} s)")
     return 0
 
@@ -159,8 +165,11 @@ def cmd_extract_lora(a: argparse.Namespace) -> int:
 
     result = extract_lora(a.finetuned, a.output, base=a.base, rank=a.rank, others=a.others, overwrite=a.overwrite, progress=progress(a),
                           hash_files=not a.no_hash)
-    for module, v in result.modules.items():
+    ranked = sorted(result.modules.items(), key=lambda kv: kv[1]["retained_energy"])
+    for module, v in ranked if len(ranked) <= 20 else ranked[:10]:
         print(f"  {module}: rank {int(v['rank'])}, retained energy {v['retained_energy']:.4f}, relative error {v['relative_error']:.3g}")
+    if len(ranked) > 20:
+        print(f"  ... {len(ranked) - 10} more modules that keep more energy (all in {Path(a.output) / 'soup_manifest.json'})")
     for n in result.full:
         print(f"  {n}: saved whole")
     print(f"wrote {result.output} (PEFT adapter, {len(result.modules)} LoRA modules, {len(result.full)} tensors saved whole, {result.seconds:.1f} s)")
