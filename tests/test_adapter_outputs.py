@@ -206,3 +206,13 @@ def test_extract_low_rank_and_refusals(lab: dict, finetune: Path, tmp_path: Path
     with pytest.raises(AdapterError, match="no tensor differs from the base"):
         extract_lora(lab["base"], tmp_path / "x", base=lab["base"], rank=2)
     assert not (tmp_path / "x").exists()
+
+
+def test_adapter_files_get_the_users_umask(lab: dict, tmp_path: Path) -> None:
+    import os
+
+    merge_adapters(lab["ads"], tmp_path / "cat", base=lab["base"])
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (tmp_path / "cat").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f.name

@@ -136,9 +136,10 @@ def _config(first: Mapping[str, Any], modules: Mapping[str, int], to_save: Seque
 
 
 def _write_adapter(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    # serialised here and written by open(), so the file gets the user's umask (save_file's temporary file is 0600)
+    (folder / "adapter_model.safetensors").write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
     (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "modelsoup_version"}, indent=2) + "\n")
     (folder / "soup_manifest.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"# {folder.name}", "", f"A PEFT LoRA adapter written by modelsoup {__version__}: {record['what']}.", "",
