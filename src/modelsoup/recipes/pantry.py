@@ -244,7 +244,7 @@ class Pantry:
         got = self._memo.get(memo_key)
         if got is not None and (got[1] is not None or not need_predictions):
             return got
-        fp = self.fingerprint(i)
+        fp = self.fingerprint(i) if self.cache.enabled else None  # no cache: nothing to key, so no input is hashed
         disk_key = EvalCache.key(evaluator.identity(), fp) if fp is not None else None
         wants_preds = isinstance(evaluator, PredictionEvaluator)
         if disk_key is not None:
