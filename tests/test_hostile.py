@@ -537,7 +537,7 @@ def test_sigterm_and_sighup_leave_nothing(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": SRC}
     script = ("import sys, time, modelsoup.engine as e\n"
               "orig = e.MergeRun.compute\n"
-              "def slow(self, job):\n    time.sleep(0.05)\n    return orig(self, job)\n"
+              "def slow(self, job):\n    time.sleep(0.2)\n    return orig(self, job)\n"
               "e.MergeRun.compute = slow\nfrom modelsoup.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", script, "merge", *map(str, paths), "-o", str(out), "--no-progress", "--workers", "1"],
                             env=env, stderr=subprocess.PIPE, text=True)
