@@ -109,8 +109,8 @@ W = [0.7, 0.4]
 
 
 def test_cat_and_linear_agree_with_peft_factor_for_factor(lab: dict, tmp_path: Path) -> None:
-    for combination in ("cat", "linear"):
-        merge_adapters(lab["plain"], tmp_path / combination, base=lab["base"], combination=combination, weights=W, parameters={"normalize": False})
+    for combination, method in (("cat", "task_arithmetic"), ("linear", "linear")):  # peft's weights are task arithmetic's: not normalised
+        merge_adapters(lab["plain"], tmp_path / combination, base=lab["base"], combination=combination, method=method, weights=W)
         want, got = _peft_weighted(lab, combination, W), _ours(tmp_path / combination)
         assert sorted(got) == sorted(want)
         for m in want:
@@ -119,7 +119,7 @@ def test_cat_and_linear_agree_with_peft_factor_for_factor(lab: dict, tmp_path: P
 
 
 @pytest.mark.parametrize("combination, method, params, kw", [
-    ("svd", "linear", {"normalize": False}, {}),
+    ("svd", "task_arithmetic", {}, {}),
     ("ties_svd", "ties", {"density": 0.5, "sign_from": "unweighted", "divide_by": "count"}, {"density": 0.5}),
 ])
 def test_svd_family_agrees_with_peft_on_the_product(lab: dict, tmp_path: Path, combination: str, method: str, params: dict, kw: dict) -> None:
@@ -152,7 +152,7 @@ def test_dare_linear_factor_wise_agrees_with_peft(lab: dict, tmp_path: Path) -> 
 
 def test_refusals(lab: dict, tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="cat is exact only for a weighted sum"):
-        merge_adapters(lab["ads"], tmp_path / "x", base=lab["base"], combination="cat", method="ties")
+        merge_adapters(lab["ads"], tmp_path / "x", base=lab["base"], combination="cat", method="ties", parameters={"density": 0.5})
     with pytest.raises(OptionError, match="needs one rank, got ranks \\[2, 4\\]"):
         merge_adapters(lab["ads"], tmp_path / "x", base=lab["base"], combination="linear")
     with pytest.raises(OptionError, match="--rank is the output rank of --as-adapter svd"):

@@ -81,7 +81,7 @@ def test_peft_add_weighted_adapter_refuses_heads_and_agrees_on_plain_adapters(la
         pm.add_weighted_adapter(["a0", "a1"], w, "cat", combination_type="cat")
         pm.add_weighted_adapter(["a0", "a1"], w, "svd", combination_type="svd")
     for combination in ("cat", "svd"):
-        merge_adapters(lab["plain"], tmp_path / combination, base=lab["base"], combination=combination, weights=w, parameters={"normalize": False})
+        merge_adapters(lab["plain"], tmp_path / combination, base=lab["base"], combination=combination, method="task_arithmetic", weights=w)
         pm.set_adapter(combination)
         theirs = peft_model(lab["base"], tmp_path / combination)
         torch.testing.assert_close(_logits(theirs, lab["batch"]), _logits(pm, lab["batch"]), rtol=1e-4, atol=1e-5)

@@ -1,26 +1,30 @@
 """Merges whose output is a PEFT LoRA adapter: several adapters of one base combined into one, and an
 adapter extracted from a full fine-tune.
 
-Combining adapters ``d_i = s_i B_i A_i`` (each module's delta, ``s_i`` its scaling) with weights ``w_i``:
+``cat`` and ``svd`` write, as an adapter, the very merge :func:`modelsoup.merge` would write for the same
+adapters, method, weights, parameters and seed (planned by the same planner, computed in float32):
 
-* ``cat`` (exact): ``A = [w_1 s_1 A_1; ...; w_n s_n A_n]`` stacked by rows, ``B = [B_1, ..., B_n]`` by
-  columns, so ``B A = sum_i w_i d_i``; rank = the sum of the ranks. Only for a weighted sum of deltas
-  (the ``linear`` method; ``w`` normalised to sum 1 unless ``normalize: false``, as the merge would).
-* ``svd``: the merged dense delta ``D = method(d_1, ..., d_n)`` (any merge method: linear, ties, dare...,
-  applied to the deltas with a zero base), truncated to rank ``r`` by its SVD: ``B = U_r S_r``, ``A = V_r^T``.
-  The relative error ``||D - B A||_F / ||D||_F`` is reported per module. At full rank it equals ``cat``.
-* ``linear``: peft's ``add_weighted_adapter(combination_type="linear")`` and its factor-wise relatives: the
-  method is applied to the A factors and to the B factors separately, with weights ``sqrt(|w_i s_i|)`` (the
-  sign on A's side); same rank only. This is **not** the average of the adapters' updates (the product of
-  the averaged factors has cross terms ``B_i A_j``); it is here to reproduce peft.
+* ``cat`` (exact): for a weighted sum of the adapters' changes ``d_i = s_i B_i A_i`` (methods ``linear``, with
+  weights normalised to sum 1, and ``task_arithmetic``), ``A = [c_1 s_1 A_1; ...; c_n s_n A_n]`` stacked by rows
+  and ``B = [B_1, ..., B_n]`` by columns, so ``B A = sum_i c_i d_i``; rank = the sum of the ranks. A layer weight
+  an adapter saved (``base_layer.weight``) is combined the same way.
+* ``svd``: each adapted tensor computed by the merge (any method), and its change from the base truncated to
+  rank ``r`` by its SVD: ``B = U_r S_r``, ``A = V_r^T``, with the relative error ``||D - B A||_F / ||D||_F``
+  reported per module. At full rank it is the merge exactly.
 
-peft's conventions, for agreement with ``add_weighted_adapter``: weights are not normalised there (use
-``normalize: false`` with ``linear``), and peft's ``ties`` elects signs on unweighted deltas and divides by
-the count (``sign_from: unweighted, divide_by: count``).
+A tensor no adapter changes must come out as the base's (else the merge is not an adapter and is refused), and
+full tensors (``modules_to_save`` heads) are the merge's own. The output has ``lora_alpha = r`` per module
+(scaling 1) and no rslora, so its factors carry the whole change.
 
-Full tensors (``modules_to_save`` copies) merge as deltas against the base's tensor with the same method and
-weights (for the normalised linear method: the weighted mean of the copies). The output adapter has
-``lora_alpha = r`` per module (scaling 1) and no rslora, so its factors carry the whole delta.
+* ``linear`` is peft's ``add_weighted_adapter(combination_type="linear")`` and its factor-wise relatives (ties,
+  dare_linear, dare_ties): the method is applied to the A factors and to the B factors separately, with weights
+  ``sqrt(|w_i s_i|)`` (the sign on A's side), the weights as given (default 1/n); same rank only. This is **not**
+  the average of the adapters' updates (the product of combined factors has cross terms ``B_i A_j``: two copies
+  of one adapter at weights 1/2 give twice its update); it is here to reproduce peft.
+
+peft's conventions, for agreement with ``add_weighted_adapter``: its weights are task arithmetic's (not
+normalised: ``method="task_arithmetic"`` for cat and svd), and its ``ties`` elects signs on unweighted deltas and
+divides by the count (``sign_from: unweighted, divide_by: count``).
 
 ``extract_lora``: per 2-D weight, the rank-``r`` SVD of ``W_ft - W_base`` as a LoRA module; other changed
 tensors (norms, biases) are saved whole in ``modules_to_save`` form or refused, as asked.
@@ -28,6 +32,7 @@ tensors (norms, biases) are saved whole in ``modules_to_save`` form or refused, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -102,16 +107,6 @@ def cat_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], coefficien
     return b, a
 
 
-def _method_weights(method: MergeMethod, params: Mapping[str, Any], weights: Sequence[float]) -> list[float]:
-    """The coefficient of each delta in a linear merge: the weights, normalised when the method divides by their sum."""
-    if method.divides_by_weight_sum(params):
-        total = sum(weights)
-        if total == 0:
-            raise OptionError("the weights sum to zero, so the normalised linear merge is undefined; give other weights or normalize=false")
-        return [w / total for w in weights]
-    return list(weights)
-
-
 def _combine_dense(method: MergeMethod, tensors: list[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any], seed: int, name: str) -> torch.Tensor:
     """The method over deltas (a zero base where it takes one)."""
     base = torch.zeros_like(tensors[0]) if method.base != "none" else None
@@ -180,145 +175,285 @@ def merge_adapters(
 ) -> AdapterResult:
     """Combine LoRA adapters of one base into one PEFT adapter folder (see the module doc for ``combination``).
 
+    ``cat`` and ``svd`` write the merge that :func:`modelsoup.merge` would write for the same adapters, method,
+    weights, parameters and seed, as an adapter: ``cat`` exactly (linear and task_arithmetic only), ``svd``
+    truncated to ``rank``. ``linear`` is peft's factor-wise combination.
+
     Args:
         adapters: adapter folders, all trained on ``base``.
         output: the adapter folder to write (staged, moved into place at the end).
-        base: the model the adapters change (needed to check them, and for full tensors).
-        combination: ``cat``, ``svd`` or ``linear`` (peft's factor-wise combination).
-        method: the merge method applied to the deltas (``svd``) or factors (``linear``); ``cat`` takes ``linear``.
-        weights: one per adapter (default 1 each: with the normalised linear method, the uniform soup).
+        base: the model the adapters change.
+        combination: ``cat``, ``svd`` or ``linear``.
+        method: the merge method (``svd``: any; ``cat``: linear or task_arithmetic; ``linear``: linear,
+            task_arithmetic, ties, dare_linear or dare_ties applied to the factors).
+        weights: one per adapter; None = the method's default (``linear`` combination: 1/n each).
         parameters: the method's hyperparameters.
         rank: the output rank of ``svd`` (default: the largest input rank).
-        seed: seed of random methods (per module name, as in merges).
+        seed: seed of random methods (per tensor name, as in merges).
 
     Raises:
-        OptionError: a combination that cannot do what is asked; AdapterError: adapters that do not fit the
-            base or each other; OutputExistsError / OutputError: see :func:`modelsoup.merge`.
+        OptionError / RecipeError: a combination that cannot do what is asked, bad weights or parameters;
+            AdapterError: adapters that do not fit the base or each other; OutputExistsError / OutputError:
+            see :func:`modelsoup.merge`.
     """
-    t0 = time.perf_counter()
     if combination not in COMBINATIONS:
         raise OptionError(f"unknown adapter combination '{combination}'; choose one of {', '.join(COMBINATIONS)}")
     if not adapters:
         raise OptionError("give at least one adapter to combine")
-    m, params = _resolve_method(method, parameters)
-    if combination == "cat" and m.name != "linear":
-        raise OptionError(f"cat is exact only for a weighted sum of the adapters' updates (method linear); for '{m.name}' use --as-adapter svd")
-    if m.min_models > len(adapters):
-        raise OptionError(f"method '{m.name}' takes at least {m.min_models} models; got {len(adapters)} adapter(s)")
-    w = [1.0] * len(adapters) if weights is None else [float(x) for x in weights]
-    if len(w) != len(adapters):
-        raise OptionError(f"--weights: {len(w)} given for {len(adapters)} adapter(s); give one weight per adapter, in order")
+    if weights is not None and len(weights) != len(adapters):
+        raise OptionError(f"--weights: {len(weights)} given for {len(adapters)} adapter(s); give one weight per adapter, in order")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise OptionError(f"--rank must be a positive integer, got {rank!r}")
     if rank is not None and combination != "svd":
         raise OptionError(f"--rank is the output rank of --as-adapter svd; {combination} decides its own rank")
+    if combination == "linear":
+        return _factor_wise_merge(adapters, Path(output), base, method, weights, parameters, seed, overwrite, progress, hash_files)
+    from .recipe import recipe_from_dict
+
+    models = [{"path": str(base), "adapter": str(a)} | ({"weight": float(weights[i])} if weights is not None else {}) for i, a in enumerate(adapters)]
+    recipe = recipe_from_dict({"method": method, "models": models, "base": {"path": str(base)}, "parameters": dict(parameters or {}), "seed": seed},
+                              source="--as-adapter")
+    return recipe_adapter(recipe, output, combination=combination, rank=rank, overwrite=overwrite, progress=progress, hash_files=hash_files)
+
+
+CAT_METHODS = ("linear", "task_arithmetic")
+
+
+def _cat_coefficients(method: MergeMethod, job: Any) -> list[float]:
+    """Each source's coefficient in the job's merge when it is a weighted sum of the models' changes (cat's case).
+
+    Raises:
+        OptionError: a merge that also scales the base (weights not summing to 1 without normalisation).
+    """
+    n = len(job.sources)
+    w = list(job.weights) if job.weights is not None else [1.0] * n
+    normalize = bool(job.params.get("normalize", True))
+    total = sum(w)
+    if method.name == "linear":
+        if normalize:
+            if total == 0:
+                raise OptionError(f"'{job.name}': the weights sum to zero, so the normalised linear merge is undefined")
+            return [x / total for x in w]
+        if abs(total - 1) > 1e-9:
+            raise OptionError(f"'{job.name}': linear weights summing to {total:g} without normalisation also scale the base's weights, "
+                              "which no adapter can express; normalise, use task_arithmetic, or write a full model")
+        return w
+    scale = float(job.params.get("scale", 1.0))
+    if normalize and total == 0:
+        raise OptionError(f"'{job.name}': the weights sum to zero, so the normalised task arithmetic is undefined")
+    return [scale * x / (total if normalize else 1.0) for x in w]
+
+
+def recipe_adapter(recipe: Recipe, output: str | Path, *, combination: str = "cat", rank: int | None = None, overwrite: bool = False,
+                   progress: bool | None = None, hash_files: bool = True) -> AdapterResult:
+    """Write a merge of adapters of one base (a recipe whose models are all adapters of it) as one adapter.
+
+    The merge is planned as :func:`modelsoup.merge` plans it (per-tensor weights and overrides, ``take:``,
+    seeds by tensor name) in float32. ``cat`` writes each adapted tensor's weighted sum of the adapters' factors
+    (methods linear and task_arithmetic), with a layer weight an adapter saved (``base_layer.weight``) combined
+    the same way; ``svd`` computes each adapted tensor as the merge does and truncates its change from the base.
+    Full tensors (heads) are the merge's own tensors. A tensor no adapter changes must come out as the base's.
+
+    Raises:
+        OptionError: not a merge of adapters of one base, a combination other than cat / svd, a method cat
+            cannot express, ``take: skip``, or a merge that changes a tensor no adapter changes.
+    """
+    from .engine import MergeRun
+    from .plan import plan_merge
+
+    t0 = time.perf_counter()
+    if combination not in ("cat", "svd"):
+        raise OptionError(f"a merge is written as an adapter by cat (exact) or svd (truncated), not {combination!r}")
+    if combination == "cat" and recipe.method not in CAT_METHODS:
+        raise OptionError(f"cat is exact only for a weighted sum of the adapters' updates (methods {', '.join(CAT_METHODS)}); "
+                          f"for '{recipe.method}' use --as-adapter svd")
+    plain = [m.label() for m in recipe.models if m.adapter_resolved is None or m.resolved is None]
+    if plain:
+        raise OptionError(f"{plain[0]} is not an adapter: a merge that holds full models cannot be written as an adapter; write full models instead")
+    bases = {m.resolved.resolve() for m in [*recipe.models, *([recipe.base] if recipe.base is not None else [])] if m.resolved is not None}
+    if len(bases) != 1:
+        raise OptionError("the adapters are applied to different base models (or the recipe's base is another model); an adapter has one base")
     out = Path(output)
+    paths = input_paths([*bases, *(m.adapter_resolved for m in recipe.models if m.adapter_resolved is not None)])
+    rec = dataclasses.replace(recipe, dtype="float32")  # every computed tensor exact in float32
+    cks: list[AdaptedCheckpoint] = []
+    base_ck: Checkpoint | None = None
+    try:
+        for m in recipe.models:
+            assert m.resolved is not None and m.adapter_resolved is not None
+            cks.append(adapted(open_checkpoint(m.resolved, key=m.key, strip_prefix=m.strip_prefix), m.adapter_resolved, m.adapter))
+        if recipe.base is not None:
+            base_ck = open_checkpoint(recipe.base.resolved, key=recipe.base.key, strip_prefix=recipe.base.strip_prefix)
+        plan = plan_merge(rec, list(cks), base_ck)
+        result = _plan_to_adapter(plan, MergeRun(plan), cks, combination, rank, progress)
+        tensors, modules, full, notes = result
+        to_save = sorted({s for ck in cks for s in (ck.adapter.config.get("modules_to_save") or []) if any(n == s or n.startswith(s + ".") for n in full)})
+        fifo = {bool(ck.adapter.config.get("fan_in_fan_out")) for ck in cks}
+        ranks = {mod: int(v["rank"]) for mod, v in modules.items()}
+        if not ranks:
+            raise OptionError("the merge changes no tensor through LoRA factors (only whole tensors, or nothing); an adapter needs at least one "
+                              "adapted layer: write a full model instead")
+        config = _config(cks[0].adapter.config, ranks, to_save, bool(fifo.pop()) if len(fifo) == 1 else False)
+        what = f"{recipe.method} of {len(cks)} adapter(s) as {combination}" + (f" (rank {max(ranks.values())})" if combination == "svd" else "")
+        record = {"modelsoup_version": __version__, "what": what, "combination": combination, "recipe": recipe.to_yaml(),
+                  "inputs": _inputs_record([ck.adapter.reader for ck in cks], [str(m.adapter) for m in recipe.models], hash_files),
+                  "modules": modules, "full_tensors": sorted(full), "notes": notes}
+        with staged_output(out, overwrite, inputs=paths) as tmp:
+            _write_adapter(tmp, config, tensors, record)
+    finally:
+        for ck in cks:
+            ck.close()
+        if base_ck is not None:
+            base_ck.close()
+    for n in notes:
+        log.info(n)
+    return AdapterResult(out, max(ranks.values(), default=0), modules, sorted(full), time.perf_counter() - t0, notes)
+
+
+def _plan_to_adapter(plan: Any, run: Any, cks: Sequence[AdaptedCheckpoint], combination: str, rank: int | None,
+                     progress: bool | None) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]], list[str], list[str]]:
+    """The output adapter's tensors, per-module records, full tensor names and notes, job by job of ``plan``."""
+    base = cks[0].base
+    planned = {j.name for j in plan.jobs}
+    skipped = [n for n in base.names() if n not in planned]
+    if skipped:
+        raise OptionError(f"the merge leaves out {len(skipped)} tensor(s) (take: skip), e.g. '{skipped[0]}'; an adapter changes a model and "
+                          "cannot remove tensors from it: write a full model instead")
+    r_out = rank if rank is not None else max((md.rank for ck in cks for md in ck.adapter.modules.values()), default=1)
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, float]] = {}
+    full: list[str] = []
+    show = progress_on(progress)
+    bar = tqdm(total=len(plan.jobs), desc=f"adapter ({combination})", unit="tensor", disable=not show, leave=False)
+    last_log = time.monotonic()
+    for k, job in enumerate(plan.jobs):
+        bar.update(1)
+        if not show and time.monotonic() - last_log > 30:
+            log.info("adapter (%s): %d/%d tensors", combination, k + 1, len(plan.jobs))
+            last_log = time.monotonic()
+        name = job.name
+        if job.alias_of is not None or job.action == "base":
+            continue  # written with the tensor it is tied to / the base's own tensor
+        users = [(i, ck) for i, ck in enumerate(cks) if name in ck.adapted]
+        owners = [ck for ck in cks if name in ck.replaced]
+        if users and owners:
+            raise OptionError(f"'{name}' is changed by LoRA factors in one adapter and saved whole in another; one adapter cannot hold both")
+        if not users and not owners:
+            if job.action == "first":
+                continue  # copies of the base's own tensor
+            got = run.compute(job)
+            if not torch.equal(got, base.read(name).to(torch.float32)):
+                raise OptionError(f"the merge changes '{name}', which no adapter changes ({plan.method.name} does not give the base back there, "
+                                  "e.g. weights that do not sum to 1 without normalisation); an adapter cannot express it: write a full model")
+            continue
+        if owners:
+            dtype = owners[0].adapter.reader.meta(owners[0].adapter.full[owners[0].replaced[name]])[0]
+            tensors[PEFT_PREFIX + owners[0].replaced[name]] = run.compute(job).to(dtype)
+            full.append(name)
+            continue
+        names = {ck.adapted[name] for _, ck in users}
+        if len(names) > 1:
+            raise AdapterError(f"the adapters name the module of '{name}' differently ({', '.join(sorted(names))}): they were made on different "
+                               "model classes; one adapter must load into one model")
+        module = users[0][1].adapted[name]
+        info = users[0][1].adapter.modules[module]
+        if combination == "cat":
+            if job.action != "merge":
+                raise OptionError(f"'{name}' is taken from one model (take: {job.action}), which cat cannot express; use svd")
+            coef = _cat_coefficients(plan.method, job)
+            by_model = {src[0]: c for src, c in zip(job.sources, coef)}
+            facs, cs = [], []
+            for i, ck in users:
+                facs.append(ck.adapter.factors(ck.adapted[name]))
+                cs.append(by_model.get(i, 0.0) * ck.adapter.modules[ck.adapted[name]].scaling)
+            b, a = cat_factors(facs, cs)
+            modules[module] = {"rank": a.shape[0]}
+            saved = [(by_model.get(i, 0.0), ck) for i, ck in enumerate(cks) if ck.layer_weight(name) is not None]
+            if saved:  # the layer weights the adapters saved, combined like their changes: base + sum_i c_i (S_i - base)
+                w0 = base.read(name).to(torch.float32)
+                layer = w0 + sum((c * (ck.layer_weight(name).to(torch.float32) - w0) for c, ck in saved), torch.zeros_like(w0))  # type: ignore[union-attr]
+                tensors[f"{PEFT_PREFIX}{module}.base_layer.weight"] = layer.to(base.meta(name)[0])
+        else:
+            delta = run.compute(job) - base.read(name).to(torch.float32)
+            layer_delta = delta.T if users[0][1].transposed(name) else delta  # the layer's own (out, in) layout, as B @ A
+            b, a, err, energy = truncate(layer_delta, r_out)
+            modules[module] = {"rank": a.shape[0], "relative_error": err, "retained_energy": energy}
+        suffix = ("lora_embedding_A", "lora_embedding_B") if info.embedding else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PEFT_PREFIX}{module}.{suffix[0]}"], tensors[f"{PEFT_PREFIX}{module}.{suffix[1]}"] = a.contiguous(), b.contiguous()
+    bar.close()
+    notes = []
+    if combination == "svd" and modules:
+        worst = max(modules.items(), key=lambda kv: kv[1]["relative_error"])
+        notes.append(f"svd to rank {r_out}: largest relative error {worst[1]['relative_error']:.3g} ({worst[0]})")
+    return tensors, modules, full, notes
+
+
+FACTOR_WISE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+
+def _factor_wise_merge(adapters: Sequence[str | Path], out: Path, base: str | Path, method: str, weights: Sequence[float] | None,
+                       parameters: Mapping[str, Any] | None, seed: int, overwrite: bool, progress: bool | None, hash_files: bool) -> AdapterResult:
+    """peft's factor-wise combination (``add_weighted_adapter`` linear, ties, dare_linear, dare_ties): the weights as given
+    (default 1/n each), ``sqrt(|w s|)`` on each factor, the sign on A's side. Full tensors: base + sum_i w_i (H_i - base)."""
+    t0 = time.perf_counter()
+    m, params = _resolve_method(method, parameters)
+    if m.name not in FACTOR_WISE_METHODS:
+        raise OptionError(f"--as-adapter linear combines factors with {', '.join(FACTOR_WISE_METHODS)} (peft's factor-wise methods), not "
+                          f"'{m.name}'; use --as-adapter svd")
+    if m.name in ("linear", "task_arithmetic") and parameters:
+        raise OptionError(f"--as-adapter linear sums the factors with the weights as given (peft's convention); '{m.name}' takes no "
+                          f"parameters here (got {', '.join(parameters)})")
+    w = [1.0 / len(adapters)] * len(adapters) if weights is None else [float(x) for x in weights]
     paths = input_paths([base, *adapters])
     cks: list[AdaptedCheckpoint] = []
     try:
         for a in adapters:
             cks.append(adapted(open_checkpoint(base), Path(a), str(a)))
-        result = _combine(cks, out, paths, combination, m, params, w, rank, seed, overwrite, progress, hash_files, [str(a) for a in adapters], str(base))
+        ranks_in = {md.rank for ck in cks for md in ck.adapter.modules.values()}
+        if len(ranks_in) > 1:
+            raise OptionError(f"--as-adapter linear combines the factors entry by entry and needs one rank, got ranks {sorted(ranks_in)}; use cat or svd")
+        layered = [ck.adapter.label for ck in cks if ck.adapter.base_weights]
+        if layered:
+            raise OptionError(f"{layered[0]} saves a layer's own weight (base_layer.weight), which a factor-wise combination cannot carry; use cat or svd")
+        targets: dict[str, list[tuple[int, str]]] = {}
+        for i, ck in enumerate(cks):
+            for name, module in ck.adapted.items():
+                targets.setdefault(name, []).append((i, module))
+        tensors: dict[str, torch.Tensor] = {}
+        modules: dict[str, dict[str, float]] = {}
+        for name, users in targets.items():
+            found = {module for _, module in users}
+            if len(found) > 1:
+                raise AdapterError(f"the adapters name the module of '{name}' differently ({', '.join(sorted(found))}); one adapter must load into one model")
+            module = users[0][1]
+            info = cks[users[0][0]].adapter.modules[module]
+            b, a = _factor_wise(m, params, [cks[i] for i, _ in users], [w[i] for i, _ in users], users, seed, name)
+            modules[module] = {"rank": a.shape[0]}
+            suffix = ("lora_embedding_A", "lora_embedding_B") if info.embedding else ("lora_A.weight", "lora_B.weight")
+            tensors[f"{PEFT_PREFIX}{module}.{suffix[0]}"], tensors[f"{PEFT_PREFIX}{module}.{suffix[1]}"] = a, b
+        full = _full_tensors(cks, w, tensors)
+        to_save = sorted({s for ck in cks for s in (ck.adapter.config.get("modules_to_save") or []) if any(n == s or n.startswith(s + ".") for n in full)})
+        fifo = {bool(ck.adapter.config.get("fan_in_fan_out")) for ck in cks}
+        ranks = {mod: int(v["rank"]) for mod, v in modules.items()}
+        config = _config(cks[0].adapter.config, ranks, to_save, bool(fifo.pop()) if len(fifo) == 1 else False)
+        what = f"peft's factor-wise {m.name} of {len(cks)} adapter(s), weights {', '.join(f'{x:g}' for x in w)}"
+        record = {"modelsoup_version": __version__, "what": what, "combination": "linear", "method": m.name, "parameters": _jsonable(params),
+                  "weights": w, "seed": seed, "base": str(base), "inputs": _inputs_record([ck.adapter.reader for ck in cks], [str(a) for a in adapters], hash_files),
+                  "modules": modules, "full_tensors": sorted(full), "notes": []}
+        with staged_output(out, overwrite, inputs=paths) as tmp:
+            _write_adapter(tmp, config, tensors, record)
     finally:
         for ck in cks:
             ck.close()
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-def _combine(cks: list[AdaptedCheckpoint], out: Path, paths: list[Path], combination: str, m: MergeMethod, params: dict[str, Any],
-             w: list[float], rank: int | None, seed: int, overwrite: bool, progress: bool | None, hash_files: bool,
-             labels: list[str], base_label: str) -> AdapterResult:
-    notes: list[str] = []
-    fifo = {bool(ck.adapter.config.get("fan_in_fan_out")) for ck in cks}
-    if len(fifo) > 1:
-        raise AdapterError("the adapters disagree on fan_in_fan_out; they were not trained on one model")
-    targets: dict[str, list[tuple[int, str]]] = {}  # base weight -> [(adapter index, module)]
-    for i, ck in enumerate(cks):
-        for name, module in ck.adapted.items():
-            targets.setdefault(name, []).append((i, module))
-    names: dict[str, str] = {}
-    for name, users in targets.items():
-        found = {module for _, module in users}
-        if len(found) > 1:
-            raise AdapterError(f"the adapters name the module of '{name}' differently ({', '.join(sorted(found))}): they were made on different "
-                               "model classes; one adapter must load into one model")
-        names[name] = users[0][1]
-    ranks_in = {ck.adapter.modules[mod].rank for ck in cks for mod in ck.adapter.modules}
-    if combination == "linear" and len(ranks_in) > 1:
-        raise OptionError(f"--as-adapter linear combines the factors entry by entry and needs one rank, got ranks {sorted(ranks_in)}; use cat or svd")
-    r_out = rank if rank is not None else max(ranks_in, default=1)
-    coeff = _method_weights(m, params, w) if combination == "cat" else w
-    tensors: dict[str, torch.Tensor] = {}
-    modules: dict[str, dict[str, float]] = {}
-    show = progress_on(progress)
-    bar = tqdm(total=len(targets), desc=f"adapters ({combination})", unit="module", disable=not show, leave=False)
-    done_at = time.monotonic()
-    for k, (name, users) in enumerate(targets.items()):
-        module = names[name]
-        info = cks[users[0][0]].adapter.modules[users[0][1]]
-        idx = [i for i, _ in users]
-        if combination == "linear":
-            b, a = _factor_wise(m, params, [cks[i] for i in idx], [w[i] for i in idx], users, seed, module)
-            modules[module] = {"rank": a.shape[0]}
-        else:
-            facs = [cks[i].adapter.factors(mod) for i, mod in users]
-            scal = [cks[i].adapter.modules[mod].scaling for i, mod in users]
-            if combination == "cat":
-                b, a = cat_factors(facs, [coeff[i] * s for i, s in zip(idx, scal)])
-                modules[module] = {"rank": a.shape[0]}
-            else:
-                # deltas in the layer's own (out, in) layout: B @ A, transposed back for fan_in_fan_out / embeddings at the end
-                deltas = [s * (bb @ aa) for (aa, bb), s in zip(facs, scal)]
-                if len(users) < len(cks):  # adapters that leave this module alone contribute a zero delta
-                    deltas, ww = _with_zeros(deltas, idx, len(cks)), w
-                else:
-                    ww = [w[i] for i in idx]
-                dense = _combine_dense(m, deltas, ww, params, seed, module)
-                b, a, err, energy = truncate(dense, r_out)
-                modules[module] = {"rank": a.shape[0], "relative_error": err, "retained_energy": energy}
-        if info.embedding:
-            tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"], tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = a, b
-        else:
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = a, b
-        bar.update(1)
-        if not show and time.monotonic() - done_at > 30:
-            log.info("adapters: %d/%d modules", k + 1, len(targets))
-            done_at = time.monotonic()
-    bar.close()
-    full = _full_tensors(cks, m, params, w, seed, tensors)
-    to_save = sorted({s for ck in cks for s in (ck.adapter.config.get("modules_to_save") or []) if any(n == s or n.startswith(s + ".") for n in full)})
-    ranks = {mod: int(v["rank"]) for mod, v in modules.items()}
-    config = _config(cks[0].adapter.config, ranks, to_save, fifo.pop())
-    if combination == "svd":
-        worst = max(modules.items(), key=lambda kv: kv[1]["relative_error"], default=None)
-        if worst is not None:
-            notes.append(f"svd to rank {r_out}: largest relative error {worst[1]['relative_error']:.3g} ({worst[0]})")
-    what = (f"{combination} of {len(cks)} adapter(s) with {m.name}" + (f" (rank {r_out})" if combination == "svd" else "")
-            + f", weights {', '.join(f'{x:g}' for x in w)}")
-    record = {"modelsoup_version": __version__, "what": what, "combination": combination, "method": m.name, "parameters": _jsonable(params),
-              "weights": w, "seed": seed, "base": base_label, "inputs": _inputs_record([ck.adapter.reader for ck in cks], labels, hash_files),
-              "modules": modules, "full_tensors": sorted(full), "notes": notes}
-    with staged_output(out, overwrite, inputs=paths) as tmp:
-        _write_adapter(tmp, config, tensors, record)
-    for n in notes:
-        log.info(n)
-    return AdapterResult(out, max(ranks.values(), default=0), modules, sorted(full), 0.0, notes)
+    return AdapterResult(out, max(ranks.values(), default=0), modules, sorted(full), time.perf_counter() - t0, [])
 
 
 def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
 
 
-def _with_zeros(deltas: list[torch.Tensor], idx: list[int], n: int) -> list[torch.Tensor]:
-    """The deltas of all ``n`` adapters, zeros for those that do not adapt this module."""
-    by = dict(zip(idx, deltas))
-    zero = torch.zeros_like(deltas[0])
-    return [by.get(i, zero) for i in range(n)]
-
-
 def _factor_wise(m: MergeMethod, params: Mapping[str, Any], cks: Sequence[AdaptedCheckpoint], w: Sequence[float],
-                 users: Sequence[tuple[int, str]], seed: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 users: Sequence[tuple[int, str]], seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """peft's factor-wise combination: the method over the A's with weights sign*sqrt(|w s|), over the B's with sqrt(|w s|)."""
     as_, bs, wa, wb = [], [], [], []
     for ck, wi, (_, mod) in zip(cks, w, users):
@@ -328,110 +463,23 @@ def _factor_wise(m: MergeMethod, params: Mapping[str, Any], cks: Sequence[Adapte
         bs.append(b)
         wa.append(math.copysign(math.sqrt(abs(ws)), ws))
         wb.append(math.sqrt(abs(ws)))
-    a = _combine_dense(m, as_, wa, params, seed, module + ".lora_A")
-    b = _combine_dense(m, bs, wb, params, seed, module + ".lora_B")
+    if m.name in ("linear", "task_arithmetic"):  # peft's task_arithmetic: the weighted sum
+        return sum((x * f for x, f in zip(wb, bs)), torch.zeros_like(bs[0])), sum((x * f for x, f in zip(wa, as_)), torch.zeros_like(as_[0]))
+    a = _combine_dense(m, as_, wa, params, seed, name + ".lora_A")
+    b = _combine_dense(m, bs, wb, params, seed, name + ".lora_B")
     return b, a
 
 
-def _full_tensors(cks: Sequence[AdaptedCheckpoint], m: MergeMethod, params: Mapping[str, Any], w: Sequence[float], seed: int,
-                  out: dict[str, torch.Tensor]) -> list[str]:
-    """Merge the adapters' full tensors (modules_to_save) as deltas against the base's, into ``out``; their names."""
+def _full_tensors(cks: Sequence[AdaptedCheckpoint], w: Sequence[float], out: dict[str, torch.Tensor]) -> list[str]:
+    """The adapters' full tensors (modules_to_save) as base + sum_i w_i (H_i - base), into ``out``; their names."""
     names = list(dict.fromkeys(n for ck in cks for n in ck.replaced))
     for name in names:
         base = cks[0].base.read(name).to(torch.float32)
-        deltas = [(ck.read(name).to(torch.float32) - base) if name in ck.replaced else torch.zeros_like(base) for ck in cks]
-        if m.name == "linear" and m.divides_by_weight_sum(params):
-            merged = _combine_dense(m, [d + base for d in deltas], w, params, seed, name)  # the weighted mean of the copies
-        else:
-            merged = base + _combine_dense(m, deltas, w, params, seed, name)
+        merged = base + sum((wi * (ck.read(name).to(torch.float32) - base) for ck, wi in zip(cks, w) if name in ck.replaced), torch.zeros_like(base))
         first = next(ck for ck in cks if name in ck.replaced)
         dtype = first.adapter.reader.meta(first.adapter.full[first.replaced[name]])[0]
         out[PEFT_PREFIX + first.replaced[name]] = merged.to(dtype)
     return names
-
-
-def recipe_adapter(recipe: Recipe, output: str | Path, *, combination: str = "cat", rank: int | None = None, overwrite: bool = False,
-                   progress: bool | None = None, hash_files: bool = True) -> AdapterResult:
-    """Write a linear soup of adapters (a recipe whose models are all adapters of one base, as soups build them) as one adapter.
-
-    Each module's coefficients are that tensor's weights in the recipe (per-model or per-tensor, as a learned
-    soup gives them), normalised as the linear merge normalises them; full tensors (heads) are computed by the
-    merge engine itself, so they are the very tensors :func:`modelsoup.merge` would write.
-
-    Raises:
-        OptionError: not a linear soup of adapters of one base, or a combination other than cat / svd.
-    """
-    from .engine import MergeRun
-    from .plan import plan_merge
-
-    t0 = time.perf_counter()
-    if combination not in ("cat", "svd"):
-        raise OptionError(f"a soup is written as an adapter by cat (exact) or svd (truncated), not {combination!r}")
-    if recipe.method != "linear":
-        raise OptionError(f"only linear soups can be written as an adapter this way, not '{recipe.method}'; use soup merge --as-adapter svd")
-    plain = [m.label() for m in recipe.models if m.adapter_resolved is None or m.resolved is None]
-    if plain:
-        raise OptionError(f"{plain[0]} is not an adapter: a soup that holds full models cannot be written as an adapter; write full models instead")
-    bases = {m.resolved.resolve() for m in recipe.models if m.resolved is not None}
-    if len(bases) != 1:
-        raise OptionError("the adapters of the soup are applied to different base models; an adapter has one base")
-    out = Path(output)
-    paths = input_paths([*bases, *(m.adapter_resolved for m in recipe.models if m.adapter_resolved is not None)])
-    cks: list[AdaptedCheckpoint] = []
-    try:
-        for m in recipe.models:
-            assert m.resolved is not None and m.adapter_resolved is not None
-            cks.append(adapted(open_checkpoint(m.resolved, key=m.key, strip_prefix=m.strip_prefix), m.adapter_resolved, m.adapter))
-        plan = plan_merge(recipe, list(cks), None)
-        run = MergeRun(plan)
-        normalize = bool(get_method("linear").divides_by_weight_sum(recipe.parameters))
-        tensors: dict[str, torch.Tensor] = {}
-        modules: dict[str, dict[str, float]] = {}
-        full: list[str] = []
-        r_out = rank if rank is not None else max((md.rank for ck in cks for md in ck.adapter.modules.values()), default=1)
-        for job in tqdm(plan.jobs, desc=f"soup as adapter ({combination})", unit="tensor", disable=not progress_on(progress), leave=False):
-            users = [(k, ck) for k, ck in enumerate(cks) if job.name in ck.adapted]
-            owners = [ck for ck in cks if job.name in ck.replaced]
-            if job.action == "first" and not users and not owners:
-                continue  # every adapter leaves it alone: the base's tensor
-            if owners and not users:
-                tensors[PEFT_PREFIX + owners[0].replaced[job.name]] = run.compute(job)
-                full.append(job.name)
-                continue
-            if not users or owners or job.action != "merge":
-                raise OptionError(f"'{job.name}' of the soup is not a weighted sum of the adapters' changes (action {job.action}); write full models instead")
-            w = list(job.weights) if job.weights is not None else [1.0] * len(cks)
-            if not normalize and abs(sum(w) - 1) > 1e-9:
-                raise OptionError(f"the soup's weights of '{job.name}' sum to {sum(w):g} without normalisation, which also scales the base's "
-                                  "weights: not an adapter; write full models instead")
-            total = sum(w) if normalize else 1.0
-            module = users[0][1].adapted[job.name]
-            info = users[0][1].adapter.modules[module]
-            facs = [ck.adapter.factors(ck.adapted[job.name]) for _, ck in users]
-            coef = [w[k] / total * ck.adapter.modules[ck.adapted[job.name]].scaling for k, ck in users]
-            if combination == "cat":
-                b, a = cat_factors(facs, coef)
-                modules[module] = {"rank": a.shape[0]}
-            else:
-                dense = sum(c * (bb @ aa) for (aa, bb), c in zip(facs, coef))
-                b, a, err, energy = truncate(dense, r_out)  # type: ignore[arg-type]
-                modules[module] = {"rank": a.shape[0], "relative_error": err, "retained_energy": energy}
-            suffix = ("lora_embedding_A", "lora_embedding_B") if info.embedding else ("lora_A.weight", "lora_B.weight")
-            tensors[f"{PEFT_PREFIX}{module}.{suffix[0]}"], tensors[f"{PEFT_PREFIX}{module}.{suffix[1]}"] = a, b
-        to_save = sorted({s for ck in cks for s in (ck.adapter.config.get("modules_to_save") or []) if any(n == s or n.startswith(s + ".") for n in full)})
-        fifo = {bool(ck.adapter.config.get("fan_in_fan_out")) for ck in cks}
-        ranks = {mod: int(v["rank"]) for mod, v in modules.items()}
-        config = _config(cks[0].adapter.config, ranks, to_save, bool(fifo.pop()))
-        what = f"the linear soup of {len(cks)} adapter(s) ({combination}" + (f", rank {r_out})" if combination == "svd" else ")")
-        record = {"modelsoup_version": __version__, "what": what, "combination": combination, "recipe": recipe.to_yaml(),
-                  "inputs": _inputs_record([ck.adapter.reader for ck in cks], [str(m.adapter) for m in recipe.models], hash_files),
-                  "modules": modules, "full_tensors": sorted(full), "notes": []}
-        with staged_output(out, overwrite, inputs=paths) as tmp:
-            _write_adapter(tmp, config, tensors, record)
-    finally:
-        for ck in cks:
-            ck.close()
-    return AdapterResult(out, max(ranks.values(), default=0), modules, sorted(full), time.perf_counter() - t0, [])
 
 
 def extract_lora(

@@ -553,6 +553,15 @@ class AdaptedCheckpoint(Checkpoint):
         """Base tensor name -> the adapter's full tensor that replaces it."""
         return dict(self._full)
 
+    def transposed(self, name: str) -> bool:
+        """Whether the base stores adapted weight ``name`` transposed from the layer's (out, in) (an embedding, GPT-2's Conv1D)."""
+        return self._transpose[self._alias.get(name, name)]
+
+    def layer_weight(self, name: str) -> torch.Tensor | None:
+        """The layer weight the adapter saved for adapted tensor ``name`` (its delta adds to it), or None (it adds to the base's)."""
+        saved = self._layer_weight.get(self._alias.get(name, name))
+        return self.adapter.reader.read(saved) if saved is not None else None
+
     def changes(self, name: str) -> bool:
         """Whether the adapter changes tensor ``name`` (through its factors or a full copy)."""
         return self._alias.get(name, name) in self._delta or name in self._full
