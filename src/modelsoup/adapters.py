@@ -50,7 +50,7 @@ from . import __version__
 from .engine import tensor_seed
 from .errors import AdapterError, OptionError
 from .io import Checkpoint, open_checkpoint
-from .io.adapters import CONV1D_MODELS, PEFT_PREFIX, AdaptedCheckpoint, adapted, model_config
+from .io.adapters import PEFT_PREFIX, AdaptedCheckpoint, adapted, model_config
 from .io.output import cached_sha256, input_paths, staged_output
 from .methods import get_method
 from .methods.registry import MergeMethod
@@ -517,17 +517,17 @@ def extract_lora(
     paths = input_paths([base, finetuned])
     with open_checkpoint(finetuned) as ft, open_checkpoint(base) as bs:
         _same_layout(ft, bs)
-        kind = model_config(bs).get("model_type")
-        if kind in CONV1D_MODELS:
-            raise AdapterError(f"{base}: a {kind} model stores its linear weights transposed (Conv1D); extracting LoRA from it is not supported yet")
-        tensors: dict[str, torch.Tensor] = {}
-        modules: dict[str, dict[str, float]] = {}
-        saved: list[str] = []
+        layers = model_layers(bs)
+        missing = [n for n in ft.names() if n not in layers.param_module]
+        if missing:
+            raise AdapterError(f"{finetuned}: tensor '{missing[0]}' is not a parameter of the {layers.arch} that {base}/config.json describes; "
+                               "extract from a Hugging Face folder saved by that model class")
+        tied = {n for group in layers.tied for n in group}
+        lora: dict[str, torch.Tensor] = {}  # module -> its weight's change
+        others_changed: list[str] = []
         unchanged = 0
-        aliases = ft.aliases()
         show = progress_on(progress)
-        names = [n for n in ft.names() if n not in aliases]
-        for name in tqdm(names, desc="extracting", unit="tensor", disable=not show, leave=False):
+        for name in tqdm(ft.names(), desc="extracting", unit="tensor", disable=not show, leave=False):
             dtype = ft.meta(name)[0]
             if not dtype.is_floating_point:
                 if not torch.equal(ft.read(name), bs.read(name)):
@@ -537,49 +537,123 @@ def extract_lora(
             if not bool((d.abs() > min_change).any()):
                 unchanged += 1
                 continue
-            if d.dim() == 2 and name.endswith(".weight") and "embed" not in name.split(".")[-2]:
-                module = name[: -len(".weight")]
-                b, a, err, energy = truncate(d, rank)
-                tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = a, b
-                modules[module] = {"rank": a.shape[0], "relative_error": err, "retained_energy": energy}
+            if name in tied:
+                group = next(g for g in layers.tied if name in g)
+                raise AdapterError(f"{finetuned}: '{name}' changed, and it is tied to {', '.join(sorted(set(group) - {name}))} in the base; a LoRA "
+                                   "on one side of a tie cannot change both the way the fine-tune did: refused (extract from an untied model)")
+            module, param = layers.param_module[name], name.rsplit(".", 1)[1]
+            if param == "weight" and layers.kind.get(module) in ("linear", "conv1d", "embedding"):
+                lora[module] = d
             else:
-                saved.append(name)
-        if not modules and not saved:
+                others_changed.append(name)
+        if not lora and not others_changed:
             raise AdapterError(f"{finetuned}: no tensor differs from the base {base}; there is nothing to extract")
-        if saved and others == "refuse":
-            raise AdapterError(f"{finetuned}: {len(saved)} changed tensor(s) are not 2-D linear weights and cannot be LoRA factors: "
-                               f"{', '.join(saved[:6])}{'...' if len(saved) > 6 else ''}; use --others save to keep them whole (modules_to_save)")
-        to_save: list[str] = []
+        if others_changed and others == "refuse":
+            raise AdapterError(f"{finetuned}: {len(others_changed)} changed tensor(s) are not weights of linear layers or embeddings and cannot be "
+                               f"LoRA factors: {', '.join(others_changed[:6])}{'...' if len(others_changed) > 6 else ''}; use --others save to keep "
+                               "them whole (modules_to_save)")
+        whole = {layers.param_module[n] for n in others_changed if layers.param_module[n] not in lora}
+        whole = {m for m in whole if not any(m != o and m.startswith(o + ".") for o in whole)}  # the outermost of nested ones
+        inside = sorted(m for m in lora if any(m.startswith(o + ".") for o in whole))
+        for m in inside:  # a layer inside a module saved whole goes with it (peft cannot adapt a layer of a module it saves)
+            del lora[m]
+        tied_inside = sorted(n for n in tied for o in whole if n.startswith(o + "."))
+        if tied_inside:
+            raise AdapterError(f"{finetuned}: saving '{next(o for o in whole if tied_inside[0].startswith(o + '.'))}' whole would copy '{tied_inside[0]}', "
+                               "which is tied to another tensor in the base, and untie it; refused (use --others refuse to see what changed)")
+        if not lora:
+            raise AdapterError(f"{finetuned}: only tensors that LoRA cannot carry changed ({', '.join(others_changed[:4])}); an adapter needs at "
+                               "least one adapted layer and peft would not load one without: write a full model instead")
+        tensors: dict[str, torch.Tensor] = {}
+        modules: dict[str, dict[str, float]] = {}
         bias_all = False
-        for name in saved:
-            module, param = name.rsplit(".", 1)
-            if module in modules:  # a changed bias of an extracted layer: peft keeps it on the wrapped layer (bias: all)
+        for module, d in lora.items():
+            kind = layers.kind[module]
+            b, a, err, energy = truncate(d if kind == "linear" else d.T, rank)  # the layer's own (out, in) layout, as B @ A
+            suffix = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+            tensors[f"{PEFT_PREFIX}{module}.{suffix[0]}"], tensors[f"{PEFT_PREFIX}{module}.{suffix[1]}"] = a, b
+            modules[module] = {"rank": a.shape[0], "relative_error": err, "retained_energy": energy}
+        for name in others_changed:
+            module, param = layers.param_module[name], name.rsplit(".", 1)[1]
+            if module in lora:  # a changed bias of an extracted layer: peft keeps it on the wrapped layer (bias: all)
                 tensors[f"{PEFT_PREFIX}{module}.base_layer.{param}"] = ft.read(name).clone()
                 bias_all = True
-            else:
-                to_save.append(module)
-        for module in dict.fromkeys(to_save):  # every tensor of a module saved whole (modules_to_save)
+        for module in sorted(whole):  # every tensor of a module saved whole (modules_to_save)
             for n in ft.names():
-                if n.rsplit(".", 1)[0] == module and n not in aliases:
+                if n.startswith(module + "."):
                     tensors[PEFT_PREFIX + n] = ft.read(n).clone()
         ranks = {mod: int(v["rank"]) for mod, v in modules.items()}
-        config = _config({}, ranks, list(dict.fromkeys(to_save)), False)
+        config = _config({}, ranks, sorted(whole), any(layers.kind[m] == "conv1d" for m in modules))
         if bias_all:
             config["bias"] = "all"
-        worst = max(modules.items(), key=lambda kv: kv[1]["relative_error"], default=None)
-        notes = [f"{len(modules)} weight(s) extracted at rank {rank}, {len(dict.fromkeys(to_save))} module(s) saved whole, {unchanged} unchanged tensor(s) left out"]
-        if worst is not None:
-            notes.append(f"largest relative error {worst[1]['relative_error']:.3g} ({worst[0]}), least retained energy "
-                         f"{min(v['retained_energy'] for v in modules.values()):.4f}")
+        worst = max(modules.items(), key=lambda kv: kv[1]["relative_error"])
+        notes = [f"{len(modules)} weight(s) extracted at rank {rank}, {len(whole)} module(s) saved whole, {unchanged} unchanged tensor(s) left out",
+                 f"largest relative error {worst[1]['relative_error']:.3g} ({worst[0]}), least retained energy "
+                 f"{min(v['retained_energy'] for v in modules.values()):.4f}"]
+        if inside:
+            notes.append(f"{len(inside)} changed layer(s) inside modules saved whole go with them: {', '.join(inside[:4])}")
         record = {"modelsoup_version": __version__, "what": f"rank-{rank} LoRA extracted from {finetuned} against {base}", "combination": "extract",
                   "rank": rank, "base": str(base), "inputs": _inputs_record([ft, bs], [str(finetuned), str(base)], hash_files),
-                  "modules": modules, "full_tensors": sorted(n for n in tensors if not ("lora_A" in n or "lora_B" in n)), "notes": notes}
+                  "modules": modules, "full_tensors": sorted(n for n in tensors if not any(p in n for p in ("lora_A", "lora_B", "lora_embedding_"))),
+                  "notes": notes}
         with staged_output(out, overwrite, inputs=paths) as tmp:
             _write_adapter(tmp, config, tensors, record)
     for n in notes:
         log.info(n)
     return AdapterResult(out, max(ranks.values(), default=0), modules, record["full_tensors"], time.perf_counter() - t0, notes)
 
+
+
+@dataclass(frozen=True)
+class ModelLayers:
+    """What a Hugging Face model's classes say about its tensors (a skeleton built on the meta device, no weights).
+
+    Attributes:
+        arch: the model class.
+        param_module: tensor name -> the module that holds it.
+        kind: module -> ``linear`` (nn.Linear), ``conv1d`` (transformers' Conv1D, weight stored (in, out)),
+            ``embedding`` (nn.Embedding) or ``other``.
+        tied: groups of tensor names that are one parameter (tied weights).
+    """
+
+    arch: str
+    param_module: dict[str, str]
+    kind: dict[str, str]
+    tied: list[tuple[str, ...]]
+
+
+def model_layers(ck: Checkpoint) -> ModelLayers:
+    """The layer types and ties of ``ck``'s model, from its config.json and its transformers class.
+
+    Raises:
+        AdapterError: no config.json, no architecture that transformers knows, or transformers missing.
+    """
+    cfg = model_config(ck)
+    archs = cfg.get("architectures") or []
+    if ck.folder is None or not archs:
+        raise AdapterError(f"{ck.label}: extracting LoRA needs the base as a Hugging Face model folder whose config.json names its architecture, "
+                           "to know which tensors are linear layers, embeddings or transposed Conv1D layers")
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+    except ImportError as e:
+        raise AdapterError("extracting LoRA reads the model's layer types with transformers, which is not installed; pip install transformers") from e
+    cls = getattr(transformers, str(archs[0]), None)
+    if cls is None:
+        raise AdapterError(f"{ck.label}: transformers has no model class '{archs[0]}' (config.json architectures); cannot tell its layer types")
+    config = transformers.AutoConfig.from_pretrained(ck.folder, local_files_only=True)
+    with torch.device("meta"):
+        model = cls(config)
+    kind: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        kind[name] = ("conv1d" if isinstance(mod, Conv1D) else "linear" if isinstance(mod, torch.nn.Linear)
+                      else "embedding" if isinstance(mod, torch.nn.Embedding) else "other")
+    param_module: dict[str, str] = {}
+    groups: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        param_module[name] = name.rsplit(".", 1)[0] if "." in name else ""
+        groups.setdefault(id(t), []).append(name)
+    return ModelLayers(type(model).__name__, param_module, kind, [tuple(g) for g in groups.values() if len(g) > 1])
 
 
 def _same_layout(ft: Checkpoint, bs: Checkpoint) -> None:
