@@ -374,3 +374,28 @@ def test_soups_of_adapters_written_as_adapters(bert: dict, tmp_path: Path) -> No
         with pytest.raises(OptionError, match="every ingredient is an adapter; full is a full model"):
             cook(mixed, ev, recipes=["uniform"], output=tmp_path / "y", as_adapter="svd")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_learned_soup_of_adapters_by_layer(bert: dict) -> None:
+    """One coefficient per adapter and layer: the tensors of one layer share theirs; only adapted tensors are learned."""
+    from modelsoup.eval.cache import EvalCache
+    from modelsoup.recipes import Pantry, learned_soup
+
+    ev = _evaluator(bert["base"])
+    with Pantry([str(a) for a in bert["ads"]], base=str(bert["base"]), cache=EvalCache(enabled=False)) as pantry:
+        res = learned_soup(pantry, ev, by="layer", epochs=2, lr=0.5)
+    w = res.weights
+    assert sorted(w) == sorted([f"bert.encoder.layer.{i}.attention.self.{m}.weight" for i in (0, 1) for m in ("query", "value")]
+                               + ["classifier.bias", "classifier.weight"])
+    assert all(len(v) == 3 and abs(sum(v) - 1) < 1e-6 for v in w.values())
+    for i in (0, 1):
+        assert w[f"bert.encoder.layer.{i}.attention.self.query.weight"] == w[f"bert.encoder.layer.{i}.attention.self.value.weight"]
+    assert res.history[-1]["epoch"] == 2
+
+
+def test_learned_soup_layer_groups() -> None:
+    from modelsoup.recipes.learned import _groups
+
+    names = ["model.layers.0.q.weight", "model.layers.0.v.weight", "model.layers.1.q.weight", "lm_head.weight", "model.norm.weight",
+             "model.layers.10.q.weight", "model.layers.1.v.weight"]
+    assert _groups(names) == [0, 0, 1, 2, 3, 4, 1]

@@ -100,7 +100,8 @@ def add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, o
         c.add_argument("--save", help="soups to write: all (default), none, or a list like greedy,learned")
     c.add_argument("--allow-equal", action="store_true", help="greedy: keep a candidate when the held-out score ties (>=), not only when it improves")
     if recipes is None or "learned" in recipes:
-        c.add_argument("--learn-by", choices=["model", "tensor"], default="model", help="learned soup: one coefficient per model, or per model and tensor")
+        c.add_argument("--learn-by", choices=["model", "layer", "tensor"], default="model",
+                      help="learned soup: one coefficient per model, per model and layer (of the layer stack), or per model and tensor")
         c.add_argument("--lr", type=float, default=0.05, help="learned soup learning rate (default 0.05)")
         c.add_argument("--epochs", type=int, default=5, help="learned soup epochs over the held-out data (default 5)")
         c.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the coefficients")

@@ -1,7 +1,9 @@
 """Learned soup (Wortsman et al. 2022, Section 3): mixing coefficients optimised on held-out data.
 
 The soup is theta = sum_i a_i theta_i with a = softmax(alpha / temperature), one alpha per model
-(``by="model"``) or one per model and tensor (``by="tensor"``, the paper's "by layer"), starting from
+(``by="model"``), one per model and layer of the layer stack (``by="layer"``: every tensor of ``layers.3.`` shares
+one; a tensor outside the stack has its own), or one per model and tensor (``by="tensor"``, the paper's "by
+layer", whose layers are parameter blocks), starting from
 alpha = 0 (the uniform soup). The held-out loss is minimised by gradient descent through
 ``torch.func.functional_call``, every ingredient resident in float32 on the evaluator's device.
 
@@ -30,12 +32,13 @@ from ..eval.module import ModuleEvaluator, load_weights, to_device
 from ..eval.base import run_evaluator
 from .pantry import as_pantry
 from .pantry import Pantry
+from ..plan import layer_index
 from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-GRANULARITY = ("model", "tensor")
+GRANULARITY = ("model", "layer", "tensor")
 
 
 @dataclass
@@ -43,7 +46,7 @@ class LearnedResult:
     """A learned soup.
 
     Attributes:
-        recipe: the soup as a ``linear`` recipe (per-tensor weights as overrides when ``by="tensor"``).
+        recipe: the soup as a ``linear`` recipe (per-tensor weights as overrides when ``by`` is ``layer`` or ``tensor``).
         weights: mixing coefficients per model (``by="model"``), or tensor name -> per-model coefficients.
         score: held-out score of the returned soup (of the weights :func:`modelsoup.merge` writes).
         start_score: held-out score of the uniform soup it started from.
@@ -101,6 +104,16 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _groups(names: Sequence[str]) -> list[int]:
+    """The coefficient row of each tensor for ``by="layer"``: one per (stack, layer index), one per tensor outside a stack."""
+    keys: dict[Any, int] = {}
+    out = []
+    for name in names:
+        key = layer_index(name) or ("tensor", name)
+        out.append(keys.setdefault(key, len(keys)))
+    return out
+
+
 def learned_soup(
     ingredients: Pantry | Sequence[Any],
     evaluator: Evaluator,
@@ -123,7 +136,8 @@ def learned_soup(
         ingredients: a :class:`Pantry`, or paths / state dicts / modules.
         evaluator: a :class:`~modelsoup.eval.module.ModuleEvaluator` (it supplies the batches and the
             differentiable loss; the built-in evaluators are).
-        by: ``model`` (one coefficient per model) or ``tensor`` (one per model per tensor).
+        by: ``model`` (one coefficient per model), ``layer`` (one per model per layer of the stack) or ``tensor``
+            (one per model per tensor).
         temperature: softmax temperature of the coefficients.
         optimizer: ``adamw``, ``adam`` or ``sgd``.
         lr, epochs, weight_decay: optimiser settings.
@@ -175,7 +189,10 @@ def learned_soup(
         names = [j.name for j in learnable]
         cks = [pantry.checkpoint(i) for i in every]
         stacks = {name: torch.stack([ck.read(name).to(device=device, dtype=torch.float32) for ck in cks]) for name in names}
-        alpha = torch.zeros((n,) if by == "model" else (len(names), n), device=device, requires_grad=True)
+        # by layer: one row of coefficients per layer of the stack (``layers.3.``), and one for every tensor outside it
+        group = _groups(names) if by == "layer" else list(range(len(names)))
+        rows = max(group, default=-1) + 1
+        alpha = torch.zeros((n,) if by == "model" else (rows, n), device=device, requires_grad=True)
         opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
         opt = opt_cls([alpha], lr=lr, weight_decay=weight_decay)
 
@@ -183,14 +200,14 @@ def learned_soup(
             return torch.softmax(alpha / temperature, dim=-1)
 
         def merged(coef: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {name: torch.tensordot(coef if by == "model" else coef[k], stacks[name], dims=1) for k, name in enumerate(names)}
+            return {name: torch.tensordot(coef if by == "model" else coef[group[k]], stacks[name], dims=1) for k, name in enumerate(names)}
 
         def as_recipe(coef: torch.Tensor) -> tuple[Recipe, list[float] | dict[str, list[float]]]:
             c = coef.detach().double().cpu()
             if by == "model":
                 w = [float(x) for x in c]
                 return pantry.recipe(every, w), w
-            per = {name: [float(x) for x in c[k]] for k, name in enumerate(names)}
+            per = {name: [float(x) for x in c[group[k]]] for k, name in enumerate(names)}
             return pantry.recipe(every, tensor_weights=per), per
 
         uniform_weights: Any = [1.0 / n] * n if by == "model" else {name: [1.0 / n] * n for name in names}
