@@ -347,7 +347,7 @@ def test_inspect_on_adapters_compares_their_deltas(bert: dict, tmp_path: Path, c
     assert abs(total["task_norm"][0] - norms[0]) < 1e-4
     assert 0 < total["sign_conflicts"][0][1] < 1
     assert main(["inspect", *map(str, bert["ads"][:2]), "--no-progress"]) == 2
-    assert "give the model it was trained on with --base" in capsys.readouterr().err
+    assert "give the model it was trained on (--base BASE)" in capsys.readouterr().err
 
 
 def test_soups_of_adapters_written_as_adapters(bert: dict, tmp_path: Path) -> None:
@@ -368,6 +368,16 @@ def test_soups_of_adapters_written_as_adapters(bert: dict, tmp_path: Path) -> No
                                        load_model(tmp_path / f"full-{name}")(input_ids=torch.arange(12).view(2, 6)).logits, **MODEL_OUTPUT)
         with pytest.raises(OptionError, match="rank is the output rank"):
             cook(pantry, ev, recipes=["uniform"], output=tmp_path / "x", as_adapter="cat", rank=2)
+    # an adapter soup's recipe.yaml re-runs: as the same adapter, or as the full model it stands for
+    from modelsoup.cli import main
+
+    rec = tmp_path / "cooked" / "learned" / "recipe.yaml"
+    assert main(["merge", str(rec), str(tmp_path / "again"), "--as-adapter", "cat", "--no-progress"]) == 0
+    a, b = load_file(tmp_path / "cooked" / "learned" / "adapter_model.safetensors"), load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["merge", str(rec), str(tmp_path / "again-full"), "--no-progress"]) == 0
+    assert all(torch.equal(x, y) for x, y in zip(load_file(tmp_path / "again-full" / "model.safetensors").values(),
+                                                  load_file(tmp_path / "full-learned" / "model.safetensors").values()))
     full = tmp_path / "full"
     shutil.copytree(tmp_path / "full-uniform", full)
     with Pantry([str(bert["ads"][0]), str(full)], base=str(bert["base"]), cache=EvalCache(enabled=False)) as mixed:

@@ -130,20 +130,23 @@ def _config(first: Mapping[str, Any], modules: Mapping[str, int], to_save: Seque
             "inference_mode": True, "modelsoup_version": __version__}
 
 
-def _write_adapter(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+def _write_adapter(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], record: dict[str, Any],
+                   recipe_yaml: str | None = None) -> None:
     from safetensors.torch import save
 
     # serialised here and written by open(), so the file gets the user's umask (save_file's temporary file is 0600)
     (folder / "adapter_model.safetensors").write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
     (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "modelsoup_version"}, indent=2) + "\n")
     (folder / "soup_manifest.json").write_text(json.dumps(record, indent=2) + "\n")
+    if recipe_yaml is not None:  # re-runs: soup merge recipe.yaml OUT --as-adapter (or without it, as a full model)
+        (folder / "recipe.yaml").write_text(recipe_yaml)
     lines = [f"# {folder.name}", "", f"A PEFT LoRA adapter written by modelsoup {__version__}: {record['what']}.", "",
              "Load it with `PeftModel.from_pretrained(BASE_MODEL, THIS_FOLDER)`.", "", "| input | sha256 |", "|---|---|"]
     lines += [f"| {i['path']} | {', '.join(f'{n}: {h[:12]}' for n, h in i['files'].items())} |" for i in record["inputs"]]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def _inputs_record(cks: Sequence[Checkpoint], labels: Sequence[str], hash_files: bool) -> list[dict[str, Any]]:
+def _inputs_record(cks: Sequence[Any], labels: Sequence[str], hash_files: bool) -> list[dict[str, Any]]:
     return [{"path": label, "files": {f.name: (cached_sha256(f) if hash_files else "") for f in ck.files}} for ck, label in zip(cks, labels)]
 
 
@@ -296,10 +299,10 @@ def recipe_adapter(recipe: Recipe, output: str | Path, *, combination: str = "ca
         config = _config(cks[0].adapter.config, ranks, to_save, bool(fifo.pop()) if len(fifo) == 1 else False)
         what = f"{recipe.method} of {len(cks)} adapter(s) as {combination}" + (f" (rank {max(ranks.values())})" if combination == "svd" else "")
         record = {"modelsoup_version": __version__, "what": what, "combination": combination, "recipe": recipe.to_yaml(),
-                  "inputs": _inputs_record([ck.adapter.reader for ck in cks], [str(m.adapter) for m in recipe.models], hash_files),
+                  "inputs": _inputs_record([ck.adapter for ck in cks], [str(m.adapter) for m in recipe.models], hash_files),
                   "modules": modules, "full_tensors": sorted(full), "notes": notes}
         with staged_output(out, overwrite, inputs=paths) as tmp:
-            _write_adapter(tmp, config, tensors, record)
+            _write_adapter(tmp, config, tensors, record, recipe.to_yaml(relative_to=out.absolute()))
     finally:
         for ck in cks:
             ck.close()
@@ -438,7 +441,7 @@ def _factor_wise_merge(adapters: Sequence[str | Path], out: Path, base: str | Pa
         config = _config(cks[0].adapter.config, ranks, to_save, bool(fifo.pop()) if len(fifo) == 1 else False)
         what = f"peft's factor-wise {m.name} of {len(cks)} adapter(s), weights {', '.join(f'{x:g}' for x in w)}"
         record = {"modelsoup_version": __version__, "what": what, "combination": "linear", "method": m.name, "parameters": _jsonable(params),
-                  "weights": w, "seed": seed, "base": str(base), "inputs": _inputs_record([ck.adapter.reader for ck in cks], [str(a) for a in adapters], hash_files),
+                  "weights": w, "seed": seed, "base": str(base), "inputs": _inputs_record([ck.adapter for ck in cks], [str(a) for a in adapters], hash_files),
                   "modules": modules, "full_tensors": sorted(full), "notes": []}
         with staged_output(out, overwrite, inputs=paths) as tmp:
             _write_adapter(tmp, config, tensors, record)

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import SoupError
 from collections.abc import Callable
 
-from .options import add_eval_options, add_output_options, evaluators, first_folder, open_pantry, parse_floats, prepare, progress
+from .options import add_eval_options, add_output_options, default_model, evaluators, open_pantry, parse_floats, prepare, progress
 
 
 def pantry_inputs(pantry: Any) -> list[dict[str, Any]]:
@@ -47,7 +47,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         for s in sources:  # an adapter folder is its base with the adapter applied: its task vector is the adapter's delta
             if is_adapter(s):
                 if not a.base:
-                    raise SoupError(f"{s}: is a PEFT adapter; give the model it was trained on with --base")
+                    raise SoupError(f"{s}: is a PEFT adapter; give the model it was trained on (--base BASE)")
                 if s == sources[-1] and len(cks) == len(a.inputs):
                     raise SoupError(f"--base {s}: is a PEFT adapter; the base must be the full model the adapters were trained on")
                 cks.append(adapted(open_checkpoint(a.base, key=a.key, strip_prefix=a.strip_prefix), Path(s), s))
@@ -72,7 +72,7 @@ def cmd_curve(a: argparse.Namespace) -> int:
     models = [a.a, a.b] + ([a.c] if a.c else [])
     alphas = parse_floats(a.alphas, "alphas")
     prepare(a)
-    heldout, test = evaluators(a, first_folder(models))
+    heldout, test = evaluators(a, default_model(a, models))
     with open_pantry(a, models) as pantry:
         if a.c:
             curve = triangle_curve(pantry, heldout, steps=a.steps, test=test, progress=progress(a))
@@ -90,7 +90,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from ..analysis.verdict import ensemble_reasons, verdict
 
     prepare(a)
-    heldout, test = evaluators(a, first_folder(a.inputs))
+    heldout, test = evaluators(a, default_model(a, a.inputs))
     with open_pantry(a, a.inputs) as pantry:
         splits = {"heldout": soup_vs_ensemble(pantry, heldout, order=a.order, combine=a.combine, progress=progress(a))}
         if test is not None:
@@ -123,7 +123,7 @@ def cmd_scale(a: argparse.Namespace) -> int:
 
     factors = parse_floats(a.factors, "factors")
     prepare(a)
-    heldout, _ = evaluators(a, first_folder(a.inputs))
+    heldout, _ = evaluators(a, default_model(a, a.inputs))
     with open_pantry(a, a.inputs) as pantry:
         res = magnitude_stability(pantry, heldout, factors=factors, scope=a.scope, soup=not a.no_soup, progress=progress(a))
         inputs = pantry_inputs(pantry) if a.output else []

@@ -137,8 +137,21 @@ def _merge_as_adapter(a: argparse.Namespace, is_recipe: bool) -> int:
 
     if a.as_adapter is None:
         raise SoupError("--rank is the output rank of --as-adapter svd; add --as-adapter svd")
-    if is_recipe:
-        raise SoupError("--as-adapter takes adapter folders on the command line (soup merge --base B AD1 AD2 --as-adapter cat -o OUT), not a recipe file")
+    if is_recipe:  # a recipe whose models are all adapters of one base (e.g. the recipe.yaml of an adapter soup)
+        from ..adapters import recipe_adapter
+        from ..recipe import read_recipe
+
+        flags = [f for f in ("base", "weights", "set", "seed", "method") if getattr(a, f)]
+        if flags:
+            raise SoupError(f"--{flags[0]} cannot be combined with a recipe file; put it in {a.inputs[0]}")
+        recipe, _ = read_recipe(a.inputs[0])
+        if recipe is None:
+            raise SoupError(f"{a.inputs[0]}: a multi-stage recipe cannot be written as one adapter")
+        if a.as_adapter == "linear":
+            raise SoupError("a recipe is written as an adapter by cat or svd (--as-adapter linear is peft's factor-wise combination of adapter folders)")
+        res = recipe_adapter(recipe, a.output, combination=a.as_adapter, rank=a.rank, overwrite=a.overwrite, progress=progress(a), hash_files=not a.no_hash)
+        print(f"wrote {res.output} (PEFT adapter, {len(res.modules)} modules, rank {res.rank}, {res.seconds:.1f} s)")
+        return 0
     if not a.base:
         raise SoupError("--as-adapter needs --base: the model the adapters were trained on")
     unused = [f for f in ("dtype", "keys", "shard_size", "format", "key", "strip_prefix") if getattr(a, f)]

@@ -57,10 +57,10 @@ def add_eval_options(p: argparse.ArgumentParser, *, required: bool = True) -> No
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def evaluators(a: argparse.Namespace, default_model: str | None) -> tuple[Any, Any]:
+def evaluators(a: argparse.Namespace, model_folder: str | None) -> tuple[Any, Any]:
     from ..eval.factory import make_domain_evaluators, make_evaluators, parse_domains
 
-    opts = dict(model=a.model or (a.base if getattr(a, "base", None) else default_model), text_column=a.text_column, label_column=a.label_column, text_pair_column=a.text_pair_column,
+    opts = dict(model=a.model or (a.base if getattr(a, "base", None) else model_folder), text_column=a.text_column, label_column=a.label_column, text_pair_column=a.text_pair_column,
                 max_length=a.max_length, batch_size=a.batch_size, limit=a.limit, device=a.device, progress=progress(a))
     held_domains, test_domains = parse_domains(a.heldout, "--heldout"), parse_domains(a.test, "--test")
     if held_domains is None:
@@ -80,6 +80,21 @@ def evaluators(a: argparse.Namespace, default_model: str | None) -> tuple[Any, A
 
 def first_folder(paths: list[str]) -> str | None:
     return next((p for p in paths if (Path(p) / "config.json").is_file()), None)
+
+
+def default_model(a: argparse.Namespace, paths: list[str]) -> str | None:
+    """The evaluator's default model folder (the first input folder), after refusing adapters given without --base.
+
+    Raises:
+        SoupError: a PEFT adapter folder among ``paths`` and no --base (said first: the evaluator's own complaint
+            about a missing model folder would point the wrong way).
+    """
+    from ..io.adapters import is_adapter
+
+    bare = [p for p in paths if is_adapter(p)]
+    if bare and not getattr(a, "base", None):
+        raise SoupError(f"{bare[0]}: is a PEFT adapter; give the model it was trained on (--base BASE)")
+    return first_folder(paths)
 
 
 def open_pantry(a: argparse.Namespace, paths: list[str]) -> Any:

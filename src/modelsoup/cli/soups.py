@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SoupError
-from .options import add_eval_options, evaluators, first_folder, open_pantry, progress
+from .options import add_eval_options, default_model, evaluators, open_pantry, progress
 
 
 def cmd_cook(a: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def cmd_cook(a: argparse.Namespace) -> int:
         if size is None:
             raise SoupError(f"--max-memory {a.max_memory!r}: give a size like 8GB")
         learned["max_memory"] = size
-    heldout, test = evaluators(a, first_folder(a.inputs))
+    heldout, test = evaluators(a, default_model(a, a.inputs))
     with open_pantry(a, a.inputs) as pantry:
         result = cook(pantry, heldout, test=test, recipes=recipes, output=a.output, save=save, overwrite=a.overwrite, allow_equal=a.allow_equal,
                       learned_options=learned, calibrate=a.calibrate, progress=progress(a),
@@ -49,7 +49,7 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
     except ValueError as e:
         raise SoupError(str(e)) from None
     check_output(Path(a.output), a.overwrite, inputs=[a.a, a.b])
-    heldout, test = evaluators(a, first_folder([a.a, a.b]))
+    heldout, test = evaluators(a, default_model(a, [a.a, a.b]))
     show = progress(a)
     with open_pantry(a, [a.a, a.b]) as pantry:
         res = interpolate(pantry, None, heldout, alphas=alphas, test=test, progress=show)
@@ -78,7 +78,7 @@ def cmd_topk(a: argparse.Namespace) -> int:
         elif a.from_names:
             res = topk_average(pantry, a.k, metrics=metrics_from_names(a.inputs, a.from_names), lower_is_better=a.lower_is_better, metric_name=a.from_names)
         else:
-            heldout, _ = evaluators(a, first_folder(a.inputs))
+            heldout, _ = evaluators(a, default_model(a, a.inputs))
             res = topk_average(pantry, a.k, evaluator=heldout)
         write_results(Path(a.output), {"topk": res.recipe}, json_files(res.to_markdown, res.to_json), inputs=pantry, overwrite=a.overwrite,
                       progress=progress(a))

@@ -37,10 +37,21 @@ def _ignored(name: str, patterns: Sequence[str]) -> bool:
     return any(re.search(p, name) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-# Per module: tensor name -> (the state's token for it, its storage, its version counter after the copy). A
-# tensor is skipped on the next load only if the token is the same and the tensor was not changed in place since
-# (an optimizer step or batch-norm statistics bump ``_version``), so a skip never leaves stale weights behind.
-_HELD: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[Any, int, int]]] = weakref.WeakKeyDictionary()
+# Per module: tensor name -> (the state's token for it, its storage, its version counter and a checksum of its bytes
+# after the copy). A tensor is skipped on the next load only if the token is the same and the module's tensor is
+# still what was copied: same storage, same version (in-place changes bump it), and the same checksum (writes
+# through ``.data`` or a dtype round trip into reused storage do not bump the version, but change the bytes).
+_HELD: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[Any, int, int, int]]] = weakref.WeakKeyDictionary()
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _checksum(t: torch.Tensor) -> int:
+    """The sum of a tensor's bytes read as integers of its element size: one read pass, changed by any edit of a value."""
+    if t.numel() == 0:
+        return 0
+    flat = t.detach().reshape(-1)
+    ints = flat.view(_INT_VIEW[flat.element_size()]) if flat.dtype != torch.bool else flat.view(torch.int8)
+    return int(ints.sum(dtype=torch.int64))
 
 
 def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], *, ignore_unexpected: Sequence[str] = (), label: str = "weights") -> None:
@@ -83,16 +94,17 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], *, ignore
             if ptr in done:
                 continue
             token = token_of(name) if token_of is not None else None
-            if token is not None and held.get(name) == (token, ptr, target._version):
+            record = held.get(name)
+            if token is not None and record is not None and record[:3] == (token, ptr, target._version) and record[3] == _checksum(target):
                 done.add(ptr)
-                continue  # the module holds this very stored tensor already, unmodified since
+                continue  # the module holds this very tensor already, unmodified since
             held.pop(name, None)
             src = state[name]
             if tuple(src.shape) != tuple(target.shape):
                 raise TensorMismatchError(f"{label}: tensor '{name}' has shape {list(src.shape)} but the evaluator's model expects {list(target.shape)}")
             target.copy_(src)
             if token is not None:
-                held[name] = (token, ptr, target._version)
+                held[name] = (token, ptr, target._version, _checksum(target))
             if ptr != -1:
                 done.add(ptr)
 
@@ -138,12 +150,11 @@ def _hash_into(h: Any, obj: Any) -> None:
 
 
 class _ModuleSlot:
-    """A module shared by evaluators, and which weights it holds now (so they are loaded once)."""
+    """A module shared by evaluators (what it holds is tracked per module by :func:`load_weights`)."""
 
     def __init__(self, module: nn.Module, device: torch.device) -> None:
         self.module = module
         self.device = device
-        self.loaded: tuple[Any, int] | None = None
 
 
 class ModuleEvaluator(Evaluator):
@@ -205,19 +216,13 @@ class ModuleEvaluator(Evaluator):
     def load(self, state: Mapping[str, torch.Tensor], *, label: str | None = None) -> None:
         """Put ``state`` into the module, then recalibrate BN if asked.
 
-        Skipped when the module already holds this very mapping and the mapping cannot change (a soup's
-        lazy state, marked ``immutable``), with the same BN recalibration: e.g. when a held-out and a
-        test evaluator sharing one module score one soup.
+        A tensor the module already holds unchanged from the same source (a soup's state gives tokens, see
+        :func:`load_weights`) is not copied again: e.g. when a held-out and a test evaluator sharing one module
+        score one soup, or when soups of adapters differ only in the adapted tensors.
         """
-        key = (state, id(self.bn_loader))
-        loaded = self._slot.loaded
-        if loaded is not None and loaded[0] is state and loaded[1] == key[1] and getattr(state, "immutable", False):
-            return
-        self._slot.loaded = None
         load_weights(self.module, state, ignore_unexpected=self.ignore_unexpected, label=label or "weights")
         if self.bn_loader is not None:
             recalibrate_bn(self.module, self.bn_loader, device=self.device)
-        self._slot.loaded = key
 
     def share_module(self, other: ModuleEvaluator) -> None:
         """Use ``other``'s module (e.g. a test-set evaluator beside a held-out one): one copy of the model."""

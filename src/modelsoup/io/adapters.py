@@ -173,7 +173,7 @@ class Adapter:
         self.label = label or str(folder)
         self.config = self._read_config()
         self.reader = self._open_weights()
-        self.files = list(self.reader.files)
+        self.files = [self.folder / ADAPTER_CONFIG, *self.reader.files]  # the config decides what the factors mean: hashed with them
         names = self.reader.names()
         prefix = PEFT_PREFIX if names and all(n.startswith(PEFT_PREFIX) for n in names) else ""
         self._name = {n[len(prefix):]: n for n in names}

@@ -106,12 +106,22 @@ def unsupported_tensor(t: torch.Tensor) -> str | None:
     return None
 
 
+def file_stamp(path: Path) -> tuple[Any, ...]:
+    """A file's real path with its device, inode, size and modification time: changes when the file is replaced or rewritten."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (str(path), None)
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class TensorDictCheckpoint(Checkpoint):
     """Tensors already in memory (a state dict, a module's state, or a loaded torch pickle)."""
 
     def __init__(self, label: str, tensors: Mapping[str, torch.Tensor], kind: str = "memory") -> None:
         super().__init__(label)
         self.kind = kind
+        self.stored_names: dict[str, str] = {}  # name -> its name in the file, where a prefix was stripped
         self._tensors = dict(tensors)
         seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
         for name, t in self._tensors.items():
@@ -133,7 +143,7 @@ class TensorDictCheckpoint(Checkpoint):
     def identity(self, name: str) -> tuple[Any, ...] | None:
         if not self.files or name not in self._meta:
             return None
-        return ("torch", tuple(str(f.resolve()) for f in self.files), self.layout.get("key"), name)
+        return ("torch", tuple(file_stamp(f) for f in self.files), self.layout.get("key"), self.stored_names.get(name, name))
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -170,7 +180,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def identity(self, name: str) -> tuple[Any, ...] | None:
         info = self._info.get(name)
-        return None if info is None else ("safetensors", str(info.file.resolve()), info.start)
+        return None if info is None else ("safetensors", file_stamp(info.file), info.start)
 
     def read(self, name: str) -> torch.Tensor:
         info = self._info[name]
@@ -209,6 +219,7 @@ def _torch_checkpoint(label: str, files: list[Path], key: str | None, strip_pref
     if stripped:
         layout["prefix"] = stripped
     ck = TensorDictCheckpoint(label, {renamed[k]: v for k, v in tensors.items()}, kind="torch")
+    ck.stored_names = {renamed[k]: k for k in tensors}
     ck.files = files
     ck.notes = notes
     ck.layout = layout

@@ -9,6 +9,7 @@ the weights scored are bit for bit the weights that :func:`modelsoup.merge` writ
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -83,6 +84,9 @@ def short_labels(sources: Sequence[Any]) -> list[str]:
     return out
 
 
+_STATES = itertools.count()  # a serial per state: an id() could be reused by a later state
+
+
 class SoupState(Mapping[str, torch.Tensor]):
     """The tensors of a merge, each computed when it is read (nothing is kept).
 
@@ -95,17 +99,21 @@ class SoupState(Mapping[str, torch.Tensor]):
     def __init__(self, run: MergeRun) -> None:
         self.run = run
         self._jobs = {j.name: j for j in run.plan.jobs}
+        self._serial = next(_STATES)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.run.compute(self._jobs[name])
 
     def token(self, name: str) -> tuple[Any, ...] | None:
-        """A token equal between two states only where both give the same stored tensor (a tensor no adapter
-        changes is the base's); None where the tensor is computed. Lets an evaluator skip reloading it."""
+        """A token equal between two loads only where both give the same tensor: the stored tensor a copied tensor
+        comes from (a tensor no adapter changes is the base's), else this state and the name. Lets an evaluator skip
+        reloading it."""
         job = self._jobs[name]
         if job.action in ("first", "base") and job.dtype == self.run.inputs[job.sources[0][0]].meta(job.sources[0][1])[0]:
-            return self.run.inputs[job.sources[0][0]].identity(job.sources[0][1])
-        return None
+            stored = self.run.inputs[job.sources[0][0]].identity(job.sources[0][1])
+            if stored is not None:
+                return stored
+        return ("soup", self._serial, name)  # this state always gives the same tensor (immutable)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._jobs)
