@@ -132,7 +132,7 @@ def test_interpolate_options():
 # -- learned soup ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, match", [
-    ({"by": "layer"}, "by must be one of model, tensor, got 'layer'"),
+    ({"by": "block"}, "by must be one of model, layer, tensor, got 'block'"),
     ({"optimizer": "lion"}, "optimizer must be one of adamw, adam, sgd, got 'lion'"),
     ({"lr": 0.0}, "needs temperature > 0, lr > 0 and epochs >= 0; got temperature 1.0, lr 0.0, epochs 5"),
     ({"temperature": -1.0}, "got temperature -1.0"),
