@@ -114,6 +114,33 @@ def _combine_dense(method: MergeMethod, tensors: list[torch.Tensor], weights: Se
     return method(tensors, base=base, weights=list(weights), generator=gen, **params)
 
 
+def _put_factors(tensors: dict[str, torch.Tensor], module: str, embedding: bool, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Store a module's factors under the names peft saves them (``lora_embedding_A/B`` for an embedding)."""
+    names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+    tensors[f"{PEFT_PREFIX}{module}.{names[0]}"], tensors[f"{PEFT_PREFIX}{module}.{names[1]}"] = a.contiguous(), b.contiguous()
+
+
+def _module_name(name: str, users: Sequence[tuple[int, str]]) -> str:
+    """The one module name the adapters give the layer of base tensor ``name``.
+
+    Raises:
+        AdapterError: the adapters name it differently (made on different model classes).
+    """
+    found = {module for _, module in users}
+    if len(found) > 1:
+        raise AdapterError(f"the adapters name the module of '{name}' differently ({', '.join(sorted(found))}): they were made on different "
+                           "model classes; one adapter must load into one model")
+    return users[0][1]
+
+
+def _output_config(cks: Sequence[AdaptedCheckpoint], modules: Mapping[str, Mapping[str, float]], full: Sequence[str]) -> dict[str, Any]:
+    """adapter_config.json of an output combining ``cks``: their modules_to_save that cover the full tensors written."""
+    to_save = sorted({s for ck in cks for s in (ck.adapter.config.get("modules_to_save") or []) if any(n == s or n.startswith(s + ".") for n in full)})
+    fifo = {bool(ck.adapter.config.get("fan_in_fan_out")) for ck in cks}
+    ranks = {mod: int(v["rank"]) for mod, v in modules.items()}
+    return _config(cks[0].adapter.config, ranks, to_save, fifo.pop() if len(fifo) == 1 else False)
+
+
 def _rank_pattern(ranks: Mapping[str, int], r: int) -> dict[str, int]:
     """peft's rank_pattern for the modules whose rank is not ``r`` (keys matched as ``(.*\\.)?(key)$``)."""
     return {re.escape(m): k for m, k in ranks.items() if k != r}
@@ -127,7 +154,7 @@ def _config(first: Mapping[str, Any], modules: Mapping[str, int], to_save: Seque
     return {**keep, "peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
             "target_modules": sorted(modules), "modules_to_save": sorted(set(to_save)) or None, "fan_in_fan_out": fan_in_fan_out,
             "bias": "none", "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "init_lora_weights": True,
-            "inference_mode": True, "modelsoup_version": __version__}
+            "inference_mode": True}
 
 
 def _write_adapter(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], record: dict[str, Any],
@@ -136,7 +163,7 @@ def _write_adapter(folder: Path, config: dict[str, Any], tensors: dict[str, torc
 
     # serialised here and written by open(), so the file gets the user's umask (save_file's temporary file is 0600)
     (folder / "adapter_model.safetensors").write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
-    (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "modelsoup_version"}, indent=2) + "\n")
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "soup_manifest.json").write_text(json.dumps(record, indent=2) + "\n")
     if recipe_yaml is not None:  # re-runs: soup merge recipe.yaml OUT --as-adapter (or without it, as a full model)
         (folder / "recipe.yaml").write_text(recipe_yaml)
@@ -290,14 +317,11 @@ def recipe_adapter(recipe: Recipe, output: str | Path, *, combination: str = "ca
         plan = plan_merge(rec, list(cks), base_ck)
         result = _plan_to_adapter(plan, MergeRun(plan), cks, combination, rank, progress)
         tensors, modules, full, notes = result
-        to_save = sorted({s for ck in cks for s in (ck.adapter.config.get("modules_to_save") or []) if any(n == s or n.startswith(s + ".") for n in full)})
-        fifo = {bool(ck.adapter.config.get("fan_in_fan_out")) for ck in cks}
-        ranks = {mod: int(v["rank"]) for mod, v in modules.items()}
-        if not ranks:
+        if not modules:
             raise OptionError("the merge changes no tensor through LoRA factors (only whole tensors, or nothing); an adapter needs at least one "
                               "adapted layer: write a full model instead")
-        config = _config(cks[0].adapter.config, ranks, to_save, bool(fifo.pop()) if len(fifo) == 1 else False)
-        what = f"{recipe.method} of {len(cks)} adapter(s) as {combination}" + (f" (rank {max(ranks.values())})" if combination == "svd" else "")
+        config = _output_config(cks, modules, full)
+        what = f"{recipe.method} of {len(cks)} adapter(s) as {combination}" + (f" (rank {config['r']})" if combination == "svd" else "")
         record = {"modelsoup_version": __version__, "what": what, "combination": combination, "recipe": recipe.to_yaml(),
                   "inputs": _inputs_record([ck.adapter for ck in cks], [str(m.adapter) for m in recipe.models], hash_files),
                   "modules": modules, "full_tensors": sorted(full), "notes": notes}
@@ -310,7 +334,7 @@ def recipe_adapter(recipe: Recipe, output: str | Path, *, combination: str = "ca
             base_ck.close()
     for n in notes:
         log.info(n)
-    return AdapterResult(out, max(ranks.values(), default=0), modules, sorted(full), time.perf_counter() - t0, notes)
+    return AdapterResult(out, config["r"], modules, sorted(full), time.perf_counter() - t0, notes)
 
 
 def _plan_to_adapter(plan: Any, run: Any, cks: Sequence[AdaptedCheckpoint], combination: str, rank: int | None,
@@ -354,11 +378,7 @@ def _plan_to_adapter(plan: Any, run: Any, cks: Sequence[AdaptedCheckpoint], comb
             tensors[PEFT_PREFIX + owners[0].replaced[name]] = run.compute(job).to(dtype)
             full.append(name)
             continue
-        names = {ck.adapted[name] for _, ck in users}
-        if len(names) > 1:
-            raise AdapterError(f"the adapters name the module of '{name}' differently ({', '.join(sorted(names))}): they were made on different "
-                               "model classes; one adapter must load into one model")
-        module = users[0][1].adapted[name]
+        module = _module_name(name, [(i, ck.adapted[name]) for i, ck in users])
         info = users[0][1].adapter.modules[module]
         if combination == "cat":
             if job.action != "merge":
@@ -371,18 +391,17 @@ def _plan_to_adapter(plan: Any, run: Any, cks: Sequence[AdaptedCheckpoint], comb
                 cs.append(by_model.get(i, 0.0) * ck.adapter.modules[ck.adapted[name]].scaling)
             b, a = cat_factors(facs, cs)
             modules[module] = {"rank": a.shape[0]}
-            saved = [(by_model.get(i, 0.0), ck) for i, ck in enumerate(cks) if ck.layer_weight(name) is not None]
-            if saved:  # the layer weights the adapters saved, combined like their changes: base + sum_i c_i (S_i - base)
+            layers = [(by_model.get(i, 0.0), saved) for i, ck in enumerate(cks) if (saved := ck.layer_weight(name)) is not None]
+            if layers:  # the layer weights the adapters saved, combined like their changes: base + sum_i c_i (S_i - base)
                 w0 = base.read(name).to(torch.float32)
-                layer = w0 + sum((c * (ck.layer_weight(name).to(torch.float32) - w0) for c, ck in saved), torch.zeros_like(w0))  # type: ignore[union-attr]
+                layer = w0 + sum((c * (saved.to(torch.float32) - w0) for c, saved in layers), torch.zeros_like(w0))
                 tensors[f"{PEFT_PREFIX}{module}.base_layer.weight"] = layer.to(base.meta(name)[0])
         else:
             delta = run.compute(job) - base.read(name).to(torch.float32)
             layer_delta = delta.T if users[0][1].transposed(name) else delta  # the layer's own (out, in) layout, as B @ A
             b, a, err, energy = truncate(layer_delta, r_out)
             modules[module] = {"rank": a.shape[0], "relative_error": err, "retained_energy": energy}
-        suffix = ("lora_embedding_A", "lora_embedding_B") if info.embedding else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PEFT_PREFIX}{module}.{suffix[0]}"], tensors[f"{PEFT_PREFIX}{module}.{suffix[1]}"] = a.contiguous(), b.contiguous()
+        _put_factors(tensors, module, info.embedding, a, b)
     bar.close()
     notes = []
     if combination == "svd" and modules:
@@ -425,20 +444,14 @@ def _factor_wise_merge(adapters: Sequence[str | Path], out: Path, base: str | Pa
         tensors: dict[str, torch.Tensor] = {}
         modules: dict[str, dict[str, float]] = {}
         for name, users in targets.items():
-            found = {module for _, module in users}
-            if len(found) > 1:
-                raise AdapterError(f"the adapters name the module of '{name}' differently ({', '.join(sorted(found))}); one adapter must load into one model")
-            module = users[0][1]
-            info = cks[users[0][0]].adapter.modules[module]
+            module = _module_name(name, users)
             b, a = _factor_wise(m, params, [cks[i] for i, _ in users], [w[i] for i, _ in users], users, seed, name)
             modules[module] = {"rank": a.shape[0]}
-            suffix = ("lora_embedding_A", "lora_embedding_B") if info.embedding else ("lora_A.weight", "lora_B.weight")
-            tensors[f"{PEFT_PREFIX}{module}.{suffix[0]}"], tensors[f"{PEFT_PREFIX}{module}.{suffix[1]}"] = a, b
+            _put_factors(tensors, module, cks[users[0][0]].adapter.modules[module].embedding, a, b)
+        if not modules:
+            raise OptionError("the adapters hold no LoRA factors (only whole tensors); an adapter needs at least one adapted layer: write a full model instead")
         full = _full_tensors(cks, w, tensors)
-        to_save = sorted({s for ck in cks for s in (ck.adapter.config.get("modules_to_save") or []) if any(n == s or n.startswith(s + ".") for n in full)})
-        fifo = {bool(ck.adapter.config.get("fan_in_fan_out")) for ck in cks}
-        ranks = {mod: int(v["rank"]) for mod, v in modules.items()}
-        config = _config(cks[0].adapter.config, ranks, to_save, bool(fifo.pop()) if len(fifo) == 1 else False)
+        config = _output_config(cks, modules, full)
         what = f"peft's factor-wise {m.name} of {len(cks)} adapter(s), weights {', '.join(f'{x:g}' for x in w)}"
         record = {"modelsoup_version": __version__, "what": what, "combination": "linear", "method": m.name, "parameters": _jsonable(params),
                   "weights": w, "seed": seed, "base": str(base), "inputs": _inputs_record([ck.adapter for ck in cks], [str(a) for a in adapters], hash_files),
@@ -448,7 +461,7 @@ def _factor_wise_merge(adapters: Sequence[str | Path], out: Path, base: str | Pa
     finally:
         for ck in cks:
             ck.close()
-    return AdapterResult(out, max(ranks.values(), default=0), modules, sorted(full), time.perf_counter() - t0, [])
+    return AdapterResult(out, config["r"], modules, sorted(full), time.perf_counter() - t0, [])
 
 
 def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -573,8 +586,7 @@ def extract_lora(
         for module, d in lora.items():
             kind = layers.kind[module]
             b, a, err, energy = truncate(d if kind == "linear" else d.T, rank)  # the layer's own (out, in) layout, as B @ A
-            suffix = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
-            tensors[f"{PEFT_PREFIX}{module}.{suffix[0]}"], tensors[f"{PEFT_PREFIX}{module}.{suffix[1]}"] = a, b
+            _put_factors(tensors, module, kind == "embedding", a, b)
             modules[module] = {"rank": a.shape[0], "relative_error": err, "retained_energy": energy}
         for name in others_changed:
             module, param = layers.param_module[name], name.rsplit(".", 1)[1]
