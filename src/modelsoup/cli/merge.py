@@ -80,9 +80,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     mergekit_flags = [f for f in ("out_shard_size", "random_seed", "allow_crimes", *_NOT_NEEDED) if getattr(a, f) not in (None, False)]
     mergekit_flags += ["copy_tokenizer"] if a.copy_tokenizer is not None else []
     if is_recipe and len(a.inputs) == 1:
-        flags = [f for f in ("base", "weights", "set", "dtype", "keys", "seed", "shard_size", "format", "key", "strip_prefix") if getattr(a, f)]
-        if flags:
-            raise SoupError(f"--{flags[0].replace('_', '-')} cannot be combined with a recipe file; put it in {a.inputs[0]}")
+        _refuse_recipe_flags(a)
         loaded, _ = read_recipe(a.inputs[0])
         if loaded is None:  # several documents: a multi-stage recipe
             return _merge_stages(a)
@@ -131,6 +129,28 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_recipe_flags(a: argparse.Namespace) -> None:
+    """Flags that a recipe file says for itself, refused beside one."""
+    flags = [f for f in ("base", "weights", "set", "dtype", "keys", "seed", "shard_size", "format", "key", "strip_prefix") if getattr(a, f)]
+    if flags:
+        raise SoupError(f"--{flags[0].replace('_', '-')} cannot be combined with a recipe file; put it in {a.inputs[0]}")
+
+
+def _print_modules(result: Any, output: str) -> None:
+    """Each truncated module's rank, retained energy and relative error, the least energy first (10 of them beyond 20)."""
+    ranked = sorted(((m, v) for m, v in result.modules.items() if "retained_energy" in v), key=lambda kv: kv[1]["retained_energy"])
+    for module, v in ranked if len(ranked) <= 20 else ranked[:10]:
+        print(f"  {module}: rank {int(v['rank'])}, retained energy {v['retained_energy']:.4f}, relative error {v['relative_error']:.3g}")
+    if len(ranked) > 20:
+        print(f"  ... {len(ranked) - 10} more modules that keep more energy (all in {Path(output) / 'soup_manifest.json'})")
+
+
+def _print_adapter(result: Any, output: str) -> None:
+    _print_modules(result, output)
+    extra = f", largest relative error of the truncation {result.worst_error:.3g}" if any("relative_error" in v for v in result.modules.values()) else ""
+    print(f"wrote {result.output} (PEFT adapter, {len(result.modules)} modules, rank {result.rank}{extra}, {result.seconds:.1f} s)")
+
+
 def _merge_as_adapter(a: argparse.Namespace, is_recipe: bool) -> int:
     """``soup merge --base B AD1 AD2 --as-adapter cat|svd|linear -o OUT``: the result is a PEFT adapter."""
     from ..adapters import merge_adapters
@@ -141,16 +161,14 @@ def _merge_as_adapter(a: argparse.Namespace, is_recipe: bool) -> int:
         from ..adapters import recipe_adapter
         from ..recipe import read_recipe
 
-        flags = [f for f in ("base", "weights", "set", "seed", "method") if getattr(a, f)]
-        if flags:
-            raise SoupError(f"--{flags[0]} cannot be combined with a recipe file; put it in {a.inputs[0]}")
+        _refuse_recipe_flags(a)
         recipe, _ = read_recipe(a.inputs[0])
         if recipe is None:
             raise SoupError(f"{a.inputs[0]}: a multi-stage recipe cannot be written as one adapter")
         if a.as_adapter == "linear":
             raise SoupError("a recipe is written as an adapter by cat or svd (--as-adapter linear is peft's factor-wise combination of adapter folders)")
-        res = recipe_adapter(recipe, a.output, combination=a.as_adapter, rank=a.rank, overwrite=a.overwrite, progress=progress(a), hash_files=not a.no_hash)
-        print(f"wrote {res.output} (PEFT adapter, {len(res.modules)} modules, rank {res.rank}, {res.seconds:.1f} s)")
+        _print_adapter(recipe_adapter(recipe, a.output, combination=a.as_adapter, rank=a.rank, overwrite=a.overwrite, progress=progress(a),
+                                      hash_files=not a.no_hash), a.output)
         return 0
     if not a.base:
         raise SoupError("--as-adapter needs --base: the model the adapters were trained on")
@@ -161,15 +179,7 @@ def _merge_as_adapter(a: argparse.Namespace, is_recipe: bool) -> int:
     result = merge_adapters(a.inputs, a.output, base=a.base, combination=a.as_adapter, method=a.method or "linear", weights=weights,
                             parameters=parse_set(a.set), rank=a.rank, seed=a.seed or 0, overwrite=a.overwrite, progress=progress(a),
                             hash_files=not a.no_hash)
-    errs = sorted(((v["relative_error"], m) for m, v in result.modules.items() if "relative_error" in v), reverse=True)
-    if errs:
-        shown = errs if len(errs) <= 20 else errs[:10]
-        for err, m in shown:
-            print(f"  {m}: rank {int(result.modules[m]['rank'])}, relative error {err:.3g}, retained energy {result.modules[m]['retained_energy']:.4f}")
-        if len(errs) > len(shown):
-            print(f"  ... {len(errs) - len(shown)} more modules with smaller errors (all in {Path(a.output) / 'soup_manifest.json'})")
-    extra = f", largest relative error of the truncation {errs[0][0]:.3g}" if errs else ""
-    print(f"wrote {result.output} (PEFT adapter, {len(result.modules)} modules, rank {result.rank}{extra}, {result.seconds:.1f} s)")
+    _print_adapter(result, a.output)
     return 0
 
 
@@ -178,11 +188,7 @@ def cmd_extract_lora(a: argparse.Namespace) -> int:
 
     result = extract_lora(a.finetuned, a.output, base=a.base, rank=a.rank, others=a.others, overwrite=a.overwrite, progress=progress(a),
                           hash_files=not a.no_hash)
-    ranked = sorted(result.modules.items(), key=lambda kv: kv[1]["retained_energy"])
-    for module, v in ranked if len(ranked) <= 20 else ranked[:10]:
-        print(f"  {module}: rank {int(v['rank'])}, retained energy {v['retained_energy']:.4f}, relative error {v['relative_error']:.3g}")
-    if len(ranked) > 20:
-        print(f"  ... {len(ranked) - 10} more modules that keep more energy (all in {Path(a.output) / 'soup_manifest.json'})")
+    _print_modules(result, a.output)
     for n in result.full:
         print(f"  {n}: saved whole")
     print(f"wrote {result.output} (PEFT adapter, {len(result.modules)} LoRA modules, {len(result.full)} tensors saved whole, {result.seconds:.1f} s)")

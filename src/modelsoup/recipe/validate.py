@@ -368,18 +368,16 @@ def _adapter_path(adapter: str, at: PathKey, root: Path | None, problems: Proble
     return None
 
 
-def _attach_base(refs: Sequence[ModelRef], where: Sequence[PathKey], base: ModelRef | None, problems: Problems) -> list[ModelRef]:
-    """Bare adapters (``path:`` naming an adapter folder) applied to the recipe's base: their model is the base."""
-    out = []
-    for ref, at in zip(refs, where):
-        if ref.adapter is not None and ref.path is None and ref.source is None:
-            if base is None or base.resolved is None:
-                problems.add((*at, "path"), f"'{ref.adapter}' is a PEFT adapter: it changes a model, so give the model it was trained on as "
-                             "`base:` (--base B), or write the entry as `path: MODEL` with `adapter: ADAPTER`")
-                continue
-            ref = dataclasses.replace(ref, path=base.path, resolved=base.resolved, key=base.key, strip_prefix=base.strip_prefix)
-        out.append(ref)
-    return out
+def _attach_base(ref: ModelRef | None, at: PathKey, base: ModelRef | None, problems: Problems) -> ModelRef | None:
+    """``ref``, or for a bare adapter (``path:`` naming an adapter folder) the recipe's base with it applied; None (a
+    problem recorded) when there is no base to apply it to, or ``ref`` is already None."""
+    if ref is None or ref.adapter is None or ref.path is not None or ref.source is not None:
+        return ref
+    if base is None or base.resolved is None:
+        problems.add((*at, "path"), f"'{ref.adapter}' is a PEFT adapter: it changes a model, so give the model it was trained on as "
+                     "`base:` (--base B), or write the entry as `path: MODEL` with `adapter: ADAPTER`")
+        return None
+    return dataclasses.replace(ref, path=base.path, resolved=base.resolved, key=base.key, strip_prefix=base.strip_prefix)
 
 
 def _layer_range(value: Any, path: PathKey, problems: Problems) -> tuple[int, int] | None:
@@ -428,12 +426,10 @@ def _slices(
             layers = _layer_range(fields.pop("layers", None), (*at, "layers"), problems) if "layers" in fields else None
             if "layers" not in raw_src:
                 problems.add((*at, "layers"), "is required: [start, end], the layer indices taken from this model (end excluded)")
-            ref = _model_ref(fields, at, method, problems, is_base=False, root=root)
-            attached = _attach_base([ref], [at], base, problems) if ref is not None else []
-            if not attached or layers is None:
+            ref = _attach_base(_model_ref(fields, at, method, problems, is_base=False, root=root), at, base, problems)
+            if ref is None or layers is None:
                 complete = False
                 continue
-            ref = attached[0]
             bare = ModelRef(path=ref.path, resolved=ref.resolved, key=ref.key, strip_prefix=ref.strip_prefix, source=ref.source,
                             adapter=ref.adapter, adapter_resolved=ref.adapter_resolved)
             k = next((n for n, m in enumerate(models) if m.same_as(bare)), None)
@@ -543,12 +539,11 @@ def build_recipe(
             problems.add(("models", i, "source"), "`source` is only for in-memory objects given through the Python API; use `path:`")
             models_ok = False
             continue
-        ref = _model_ref(m, ("models", i), method, problems, is_base=False, root=root)
-        attached = _attach_base([ref], [("models", i)], base, problems) if ref is not None else []
-        if not attached:
+        ref = _attach_base(_model_ref(m, ("models", i), method, problems, is_base=False, root=root), ("models", i), base, problems)
+        if ref is None:
             models_ok = False
         else:
-            models.append(attached[0])
+            models.append(ref)
 
     if method is not None and models_ok and check_count:
         uses_base = method.base != "none" and base is not None
