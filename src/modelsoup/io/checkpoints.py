@@ -122,6 +122,7 @@ class TensorDictCheckpoint(Checkpoint):
         super().__init__(label)
         self.kind = kind
         self.stored_names: dict[str, str] = {}  # name -> its name in the file, where a prefix was stripped
+        self._stamps: tuple[Any, ...] | None = None  # the files the tensors were loaded from, as they were then (None: in memory)
         self._tensors = dict(tensors)
         seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
         for name, t in self._tensors.items():
@@ -141,9 +142,9 @@ class TensorDictCheckpoint(Checkpoint):
         return self._tensors[name].detach()
 
     def identity(self, name: str) -> tuple[Any, ...] | None:
-        if not self.files or name not in self._meta:
+        if self._stamps is None or name not in self._meta:
             return None
-        return ("torch", tuple(file_stamp(f) for f in self.files), self.layout.get("key"), self.stored_names.get(name, name))
+        return ("torch", self._stamps, self.layout.get("key"), self.stored_names.get(name, name))
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -177,10 +178,11 @@ class SafetensorsCheckpoint(Checkpoint):
         self._info = {renamed[k]: v for k, v in self._info.items()}
         self._meta = {k: (v.dtype, v.shape) for k, v in self._info.items()}
         self._fds: dict[Path, int] = {}
+        self._stamps = {f: file_stamp(f) for f in files}  # the files as their headers were read, for identity()
 
     def identity(self, name: str) -> tuple[Any, ...] | None:
         info = self._info.get(name)
-        return None if info is None else ("safetensors", file_stamp(info.file), info.start)
+        return None if info is None else ("safetensors", self._stamps[info.file], info.start)
 
     def read(self, name: str) -> torch.Tensor:
         info = self._info[name]
@@ -221,6 +223,7 @@ def _torch_checkpoint(label: str, files: list[Path], key: str | None, strip_pref
     ck = TensorDictCheckpoint(label, {renamed[k]: v for k, v in tensors.items()}, kind="torch")
     ck.stored_names = {renamed[k]: k for k in tensors}
     ck.files = files
+    ck._stamps = tuple(file_stamp(f) for f in files)
     ck.notes = notes
     ck.layout = layout
     return ck
