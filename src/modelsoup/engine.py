@@ -96,6 +96,11 @@ class MergeRun:
         base = self._get(job.base_source, upcast=True) if job.base_source is not None else None
         gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name)) if plan.method.random else None
         out = plan.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
+        return self.finish(job, out)
+
+    def finish(self, job: TensorJob, out: torch.Tensor) -> torch.Tensor:
+        """A method's float32 result for ``job`` as written: shape checked, cast to the output dtype, refused if not finite."""
+        plan = self.plan
         if tuple(out.shape) != job.shape:
             raise RuntimeError(f"method '{plan.method.name}' returned shape {list(out.shape)} for '{job.name}' {list(job.shape)}")
         result = out.to(job.dtype)

@@ -10,8 +10,22 @@ import torch
 from .ops import divides_by_plain_weight_sum, normalizing_sum
 from .registry import Param, register
 
-# Above this many models the running sum is kept in float64 so that rounding does not grow with N.
-FLOAT64_ACCUMULATION_ABOVE = 16
+
+def accumulate(acc: torch.Tensor | None, t: torch.Tensor, w: float) -> torch.Tensor:
+    """One step of the linear running sum: ``acc + w * t`` in float64, in place (``acc`` None starts it at zero).
+
+    The linear method and the greedy soup's running sum (:mod:`modelsoup.recipes.running`) both build their
+    sums with this, member by member in the same order, so a soup scored from a running sum has the bits
+    :func:`linear` writes for it.
+    """
+    if acc is None:
+        acc = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+    return acc.add_(t, alpha=w)
+
+
+def finish(acc: torch.Tensor, total: float | None) -> torch.Tensor:
+    """The float32 result of a running sum: divided by ``total`` (the weight sum) when normalising, else as is."""
+    return (acc.div_(total) if total is not None else acc).to(torch.float32)
 
 
 @register(
@@ -30,6 +44,9 @@ def linear(
 ) -> torch.Tensor:
     """theta = sum_i w_i theta_i / sum_i w_i (``normalize``) or sum_i w_i theta_i.
 
+    The sum is accumulated in float64 in the order of the models, then divided by the weight sum (rounding
+    does not grow with N, and a running sum gives the same bits, see :func:`accumulate`).
+
     ``base`` is not an ingredient here: list the base among the models for WiSE-FT
     (weights [1 - alpha, alpha]).
 
@@ -37,11 +54,9 @@ def linear(
         MethodError: weights sum to zero while normalising.
     """
     w = [1.0] * len(tensors) if weights is None else [float(x) for x in weights]
-    if normalize:
-        total = normalizing_sum(w)
-        w = [x / total for x in w]
-    acc_dtype = torch.float64 if len(tensors) > FLOAT64_ACCUMULATION_ABOVE else torch.float32
-    acc = tensors[0].to(acc_dtype) * w[0]
-    for t, wi in zip(tensors[1:], w[1:]):
-        acc.add_(t.to(acc_dtype), alpha=wi)
-    return acc.to(torch.float32)
+    total = normalizing_sum(w) if normalize else None
+    acc = None
+    for t, wi in zip(tensors, w):
+        acc = accumulate(acc, t, wi)
+    assert acc is not None
+    return finish(acc, total)

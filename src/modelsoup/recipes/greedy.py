@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from ..recipe import Recipe
 from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score, run_evaluator
+from ..errors import OptionError
 from .pantry import Pantry, as_pantry
+from .running import STORES, RunningSoup
 from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
@@ -81,6 +83,7 @@ def greedy_select(
     allow_equal: bool = False,
     progress: bool | None = None,
     desc: str = "greedy soup",
+    on_keep: Callable[[int], None] | None = None,
 ) -> tuple[list[int], Score, list[GreedyStep]]:
     """The greedy rule over any way of combining members.
 
@@ -90,6 +93,7 @@ def greedy_select(
         try_with: scores the combination of the given members (the last one is the candidate).
         allow_equal: keep a candidate when the score ties (``>=``) instead of only when it improves.
         progress: tqdm bar over candidates; None = only on a terminal.
+        on_keep: called with each candidate kept, before the next is tried.
 
     Returns:
         (members in the order added, the final score, the history).
@@ -108,6 +112,8 @@ def greedy_select(
             if better:
                 members.append(i)
                 current = s
+                if on_keep is not None:
+                    on_keep(i)
             history.append(GreedyStep(labels[i], scores[i].value, s.value, better, len(members), time.perf_counter() - t0))
             log.info("%s: %s %s (with it: %s; %d members)", desc, "kept" if better else "skipped", labels[i], s, len(members))
             bar.set_postfix_str(f"{len(members)} kept, {current}")
@@ -120,14 +126,16 @@ def greedy_soup(
     *,
     allow_equal: bool = False,
     progress: bool | None = None,
+    running_sum: str = "auto",
+    spill_dir: str | None = None,
     **pantry_options: Any,
 ) -> GreedyResult:
     """Greedy soup of checkpoints (paths) or in-memory models, chosen on ``evaluator``'s data.
 
-    Each candidate soup is computed lazily by the merge engine while the evaluator loads it: memory is
-    the evaluator's model plus one tensor per member; a soup of k members reads k checkpoints (from
-    the page cache after the first time). The score of each soup is the score of exactly the weights
-    :func:`modelsoup.merge` writes for ``result.recipe``.
+    Each candidate soup is computed lazily while the evaluator loads it. With the running sum (the default,
+    :class:`~modelsoup.recipes.running.RunningSoup`) the members' float64 sum is kept, so trying a candidate
+    reads only the candidate: N ingredients take O(N) checkpoint reads, not O(N^2). The score of each soup is
+    the score of exactly the weights :func:`modelsoup.merge` writes for ``result.recipe``, bit for bit, either way.
 
     Args:
         ingredients: a :class:`Pantry`, or paths / state dicts / modules (then ``pantry_options`` are
@@ -135,6 +143,10 @@ def greedy_soup(
         evaluator: held-out scorer, higher is better.
         allow_equal: keep a candidate on a tie in score (``>=``) instead of only on a strict improvement.
         progress: progress bars; None = only on a terminal.
+        running_sum: where the members' running sum is kept: ``auto`` (memory when twice the float32 model fits
+            in a quarter of the free memory, else a temporary file), ``memory``, ``disk``, or ``off`` (rebuild
+            each candidate from every member: memory of one tensor per member, k reads for a soup of k).
+        spill_dir: folder for the running sum's temporary file (default: the system's temporary folder).
 
     Returns:
         The soup's members, held-out score, history and recipe.
@@ -144,15 +156,31 @@ def greedy_soup(
     try:
         scores = [pantry.score(i, evaluator) for i in range(len(pantry))]
         preds: dict[tuple[int, ...], Predictions] = {}
+        running: RunningSoup | None = None
+        if running_sum != "off":
+            if running_sum not in STORES:
+                raise OptionError(f"running_sum must be one of {', '.join((*STORES, 'off'))}, got {running_sum!r}")
+            running = RunningSoup(pantry, rank(scores)[0], store=running_sum, spill_dir=spill_dir)
 
         def try_with(members: list[int]) -> Score:
-            _, state = pantry.soup(members)
+            if running is not None:
+                state = running.candidate(members[-1])
+            else:
+                _, state = pantry.soup(members)
             s, p = run_evaluator(evaluator, state, f"soup of {len(members)}")
             if p is not None:
                 preds[tuple(members)] = p
             return s
 
-        members, score, history = greedy_select(pantry.labels, scores, try_with, allow_equal=allow_equal, progress=progress)
+        def kept(i: int) -> None:
+            if running is not None:
+                running.add(i)
+
+        try:
+            members, score, history = greedy_select(pantry.labels, scores, try_with, allow_equal=allow_equal, progress=progress, on_keep=kept)
+        finally:
+            if running is not None:
+                running.close()
         final = preds.get(tuple(members))
         if final is None and len(members) == 1 and isinstance(evaluator, PredictionEvaluator):
             final = pantry.predictions(members[0], evaluator)
