@@ -121,8 +121,8 @@ def test_learned_soup_concentrates_on_the_clearly_best_and_never_ends_below_unif
     good = digits_run.paths[3]
     bad = [_corrupted(digits_run.base, tmp_path / f"bad{i}.safetensors", 0.15, i) for i in range(2)]
     val = digits_run.evaluator("val")
-    res = learned_soup([bad[0], good, bad[1]], val, by=by, epochs=4, lr=0.1, progress=False, cache=EvalCache(enabled=False))
-    assert res.score.value >= res.start_score.value
+    res = learned_soup([bad[0], good, bad[1]], val, by=by, epochs=4, lr=0.1, start="uniform", progress=False, cache=EvalCache(enabled=False))
+    assert res.start == "uniform" and res.score.value >= res.start_score.value
     assert res.epoch > 0
     if by == "model":
         assert res.weights[1] > 0.5 and res.weights[1] == max(res.weights)

@@ -98,3 +98,63 @@ def test_greedy_reads_each_checkpoint_a_number_of_times_independent_of_n(digits_
     greedy_soup(paths, val, running_sum="off", progress=False, cache=EvalCache(enabled=False))
     rebuilt = [reads[str(p)] / tensors for p in paths]
     assert sum(rebuilt) > sum(per_file) or n <= 2
+
+
+# -- learned soup: streaming = resident, and a start that is never below greedy ---------------------------------------
+
+from modelsoup.errors import InsufficientMemoryError  # noqa: E402
+from modelsoup.recipes import learned_soup  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_clearly_best(digits_run, tmp_path_factory) -> list[Path]:
+    """The best digits fine-tune between two noisy copies of the pre-trained start (the issue's case: one clearly best)."""
+    folder = tmp_path_factory.mktemp("learned-scale")
+    bad = [_noisy(digits_run.base, folder / f"bad{i}.safetensors", 0.15, i) for i in range(2)]
+    return [bad[0], digits_run.paths[3], bad[1]]
+
+
+def _coefficients(res) -> torch.Tensor:
+    w = res.weights
+    return torch.tensor(w if isinstance(w, list) else [w[k] for k in sorted(w)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("by,start,accumulate", [("model", "uniform", 2), ("layer", "greedy", 3), ("tensor", "uniform", 1)])
+def test_streaming_learned_soup_reaches_the_resident_coefficients(digits_run, one_clearly_best, by, start, accumulate):
+    val = digits_run.evaluator("val")
+    kw = dict(by=by, epochs=3, lr=0.1, start=start, accumulate=accumulate, progress=False, cache=EvalCache(enabled=False))
+    resident = learned_soup(one_clearly_best, val, memory="resident", **kw)
+    streaming = learned_soup(one_clearly_best, val, memory="streaming", **kw)
+    assert (resident.memory, streaming.memory) == ("resident", "streaming")
+    assert resident.epoch == streaming.epoch
+    assert [h["score"] for h in resident.history] == [h["score"] for h in streaming.history]
+    assert [h["loss"] for h in resident.history] == pytest.approx([h["loss"] for h in streaming.history], rel=1e-5)
+    assert torch.allclose(_coefficients(resident), _coefficients(streaming), atol=1e-5, rtol=0)
+    # and it learned something (the check is not of two soups that never moved)
+    assert (_coefficients(resident) - _coefficients(resident).mean()).abs().max() > 1e-3
+
+
+def test_learned_soup_by_default_starts_from_the_better_of_uniform_and_greedy(digits_run, one_clearly_best):
+    val = digits_run.evaluator("val")
+    greedy = greedy_soup(one_clearly_best, val, progress=False, cache=EvalCache(enabled=False))
+    res = learned_soup(one_clearly_best, val, epochs=3, lr=0.1, progress=False, cache=EvalCache(enabled=False))
+    assert res.greedy_score is not None and res.uniform_score is not None
+    assert res.greedy_score.value == greedy.score.value > res.uniform_score.value  # one clearly best: greedy wins
+    assert res.start == "greedy" and res.start_score.value == greedy.score.value
+    assert res.score.value >= greedy.score.value
+    if res.epoch == 0:  # nothing beat the start: the greedy soup itself is returned
+        assert [m.label() for m in res.recipe.models] == [m.label() for m in greedy.recipe.models]
+    uniform = learned_soup(one_clearly_best, val, epochs=3, lr=0.1, start="uniform", progress=False, cache=EvalCache(enabled=False))
+    assert uniform.start == "uniform" and uniform.greedy_score is None
+
+
+def test_learned_soup_memory_choice_follows_the_estimate(digits_run, one_clearly_best):
+    val = digits_run.evaluator("val")
+    model_bytes = sum(4 * t.numel() for t in load_file(one_clearly_best[0]).values())
+    kw = dict(epochs=1, start="uniform", progress=False, cache=EvalCache(enabled=False))
+    assert learned_soup(one_clearly_best, val, max_memory=10 * model_bytes, **kw).memory == "resident"  # (3 + 3) x fits
+    assert learned_soup(one_clearly_best, val, max_memory=4 * model_bytes, **kw).memory == "streaming"  # only 3 x fits
+    with pytest.raises(InsufficientMemoryError, match="streams the ingredients"):
+        learned_soup(one_clearly_best, val, max_memory=2 * model_bytes, **kw)
+    with pytest.raises(InsufficientMemoryError, match="--learn-memory streaming"):
+        learned_soup(one_clearly_best, val, memory="resident", max_memory=4 * model_bytes, **kw)

@@ -47,7 +47,7 @@ def add_eval_options(p: argparse.ArgumentParser, *, required: bool = True) -> No
     g.add_argument("--max-length", type=int, help="tokens per example/block (default 128 / 512)")
     g.add_argument("--batch-size", type=int, help="examples per forward pass")
     g.add_argument("--limit", type=int, help="use only the first N rows (tokens, for perplexity)")
-    g.add_argument("--device", help="cpu (default), cuda, cuda:1 ...")
+    g.add_argument("--device", help="where evaluation (and the learned soup's gradient) runs: cuda when a GPU is present, else cpu (default); or cpu, cuda:1 ...")
     g.add_argument("--cache-dir", help="evaluation cache (default ~/.cache/modelsoup/evals)")
     g.add_argument("--no-cache", action="store_true", help="re-evaluate everything, store nothing")
     g.add_argument("--base", help="the model PEFT adapter folders among the inputs were trained on: each adapter is scored as that model "

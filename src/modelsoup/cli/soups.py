@@ -21,7 +21,8 @@ def cmd_cook(a: argparse.Namespace) -> int:
     if unknown:
         raise SoupError(f"--soups: unknown {', '.join(unknown)}; choose from {', '.join(r.replace('_', '-') for r in RECIPES)}")
     save = None if a.save in (None, "all") else ([] if a.save == "none" else [s.strip() for s in a.save.split(",") if s.strip()])
-    learned = {"by": a.learn_by, "lr": a.lr, "epochs": a.epochs, "temperature": a.temperature, "optimizer": a.optimizer}
+    learned = {"by": a.learn_by, "lr": a.lr, "epochs": a.epochs, "temperature": a.temperature, "optimizer": a.optimizer,
+               "start": a.learn_start, "memory": a.learn_memory, "accumulate": a.learn_accumulate}
     if a.max_memory:
         size = parse_size(a.max_memory)
         if size is None:
@@ -106,6 +107,13 @@ def add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, o
         c.add_argument("--epochs", type=int, default=5, help="learned soup epochs over the held-out data (default 5)")
         c.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the coefficients")
         c.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
+        c.add_argument("--learn-start", choices=["best", "uniform", "greedy"], default="best",
+                       help="learned soup start: the better of the uniform and greedy soups on held-out data (default), or one of them")
+        c.add_argument("--learn-memory", choices=["auto", "resident", "streaming"], default="auto",
+                       help="learned soup gradient: every ingredient resident in float32 ((N+3) x the model), or streamed one tensor at a time "
+                            "(3 x the model, whatever N is; two reads of every ingredient per update); auto: resident when it fits")
+        c.add_argument("--learn-accumulate", type=int, metavar="BATCHES",
+                       help="learned soup: batches per update (default 1 resident; streaming: at most 8 updates per epoch)")
         c.add_argument("--max-memory", help="memory the learned soup may use, e.g. 20GB (default: what is free)")
     c.add_argument("--no-temperature-scaling", dest="calibrate", action="store_false",
                    help="report calibration as is only (default: also after a temperature fitted on held-out predictions, with --test)")
@@ -115,7 +123,8 @@ def add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, o
                        help="with adapter ingredients (--base): write each soup as a PEFT adapter, cat (exact) or svd (truncated to --rank)")
         c.add_argument("--rank", type=int, help="output rank of --as-adapter svd (default: the largest input rank)")
     add_eval_options(c)
-    c.set_defaults(fn=cmd_cook, recipes=recipes, save=None, learn_by="model", lr=0.05, epochs=5, temperature=1.0, optimizer="adamw", max_memory=None)
+    c.set_defaults(fn=cmd_cook, recipes=recipes, save=None, learn_by="model", lr=0.05, epochs=5, temperature=1.0, optimizer="adamw", max_memory=None,
+                   learn_start="best", learn_memory="auto", learn_accumulate=None)
     return c
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..devices import default_device
 from ..errors import EvaluatorError
 from .base import Evaluator, function_evaluator
 
@@ -22,13 +23,14 @@ def make_evaluators(spec: str, *, heldout: str, test: str | None = None, model: 
         heldout, test: data files.
         model: for built-ins, the Hugging Face folder giving the architecture, config and tokenizer.
         options: built-in options (text_column, label_column, text_pair_column, max_length, batch_size,
-            limit, device, progress); None values are left at their defaults.
+            limit, device, progress); None values are left at their defaults (the device: CUDA when present, else the CPU).
 
     Raises:
         EvaluatorError: unknown evaluator, or a built-in without a model folder.
     """
     opts = {k: v for k, v in options.items() if v is not None}
     if spec in BUILTINS:
+        opts.setdefault("device", default_device())  # a GPU when there is one
         if model is None or not (Path(model) / "config.json").is_file():
             raise EvaluatorError(
                 f"the built-in '{spec}' evaluator needs a Hugging Face model folder (config.json and tokenizer) for the architecture; "

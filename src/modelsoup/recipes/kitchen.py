@@ -39,7 +39,7 @@ log = logging.getLogger("modelsoup")
 
 
 # what learned_options may set; cook sets the rest of learned_soup's arguments itself
-LEARNED_OPTIONS = ("by", "temperature", "optimizer", "lr", "epochs", "weight_decay", "max_memory")
+LEARNED_OPTIONS = ("by", "temperature", "optimizer", "lr", "epochs", "weight_decay", "max_memory", "start", "memory", "accumulate")
 ROW_NAMES = {"uniform": "uniform soup", "greedy": "greedy soup", "learned": "learned soup", "ensemble": "logit ensemble",
              "prob_ensemble": "probability ensemble", "vote": "majority vote", "greedy_ensemble": "greedy ensemble", "stacking": "stacking"}
 COMBINE_OF = {"ensemble": "logits", "prob_ensemble": "probs", "vote": "vote"}
@@ -125,7 +125,8 @@ class CookResult:
         if self.greedy_ensemble is not None:
             out["greedy_ensemble_history"] = [vars(s) for s in self.greedy_ensemble.history]
         if self.learned is not None:
-            out["learned"] = {"epoch": self.learned.epoch, "history": self.learned.history, "weights": self.learned.weights}
+            out["learned"] = {"epoch": self.learned.epoch, "history": self.learned.history, "weights": self.learned.weights, "start": self.learned.start,
+                              "memory": self.learned.memory, "accumulate": self.learned.accumulate}
         return out
 
     def to_markdown(self) -> str:
@@ -142,9 +143,12 @@ class CookResult:
             parts.append("\n".join(hist))
         if self.learned is not None:
             lr = self.learned
-            hist = ["### Learned soup: held-out score by epoch", "", f"| epoch | held-out loss (training objective) | held-out {self.metric} |", "|---:|---:|---:|"]
+            hist = ["### Learned soup: held-out score by epoch", "", f"Started from the {lr.start} soup" + (
+                f" (held-out {self.metric}: uniform {lr.uniform_score.value:.4f}, greedy {lr.greedy_score.value:.4f})"
+                if lr.uniform_score is not None and lr.greedy_score is not None else "") + f"; {lr.memory} gradient, {lr.accumulate} batch(es) per update.", "",
+                f"| epoch | held-out loss (training objective) | held-out {self.metric} |", "|---:|---:|---:|"]
             hist += [f"| {int(h['epoch'])} | {h['loss']:.4f} | {h['score']:.4f} |" for h in lr.history]
-            hist += ["", f"Kept epoch {lr.epoch}" + (" (the uniform start: no epoch improved on it)" if lr.epoch == 0 else "") + "."]
+            hist += ["", f"Kept epoch {lr.epoch}" + (f" (the {lr.start} start: no epoch improved on it)" if lr.epoch == 0 else "") + "."]
             if isinstance(lr.weights, list):
                 hist += ["", "Coefficients: " + ", ".join(f"{w:.3f}" for w in lr.weights)]
             parts.append("\n".join(hist))
@@ -472,12 +476,12 @@ class _Kitchen:
             t0 = time.perf_counter()
             try:
                 lr = learned_soup(pantry, self.heldout, start_score=uniform[0] if uniform else None, start_predictions=uniform[1] if uniform else None,
-                                  progress=self.progress, **learned_options)
+                                  greedy=result.greedy, progress=self.progress, **learned_options)
             except (InsufficientMemoryError, EvaluatorError) as e:
                 log.warning("learned soup skipped: %s", e)
                 rows.append(Row(ROW_NAMES["learned"], "soup", labels, None, None, 1, time.perf_counter() - t0, f"skipped: {e}"))
             else:
-                note = f"by {learned_options.get('by', 'model')}, epoch {lr.epoch}" + (" = uniform start" if lr.epoch == 0 else "")
+                note = f"by {learned_options.get('by', 'model')}, epoch {lr.epoch}" + (f" = {lr.start} start" if lr.epoch == 0 else f" from {lr.start}")
                 rows.append(self._soup_row(ROW_NAMES["learned"], labels, pantry.state(lr.recipe), t0, (lr.score, lr.predictions), note))
                 result.learned, result.recipes["learned"] = lr, lr.recipe
 

@@ -3,19 +3,33 @@
 The soup is theta = sum_i a_i theta_i with a = softmax(alpha / temperature), one alpha per model
 (``by="model"``), one per model and layer of the layer stack (``by="layer"``: every tensor of ``layers.3.`` shares
 one; a tensor outside the stack has its own), or one per model and tensor (``by="tensor"``, the paper's "by
-layer", whose layers are parameter blocks), starting from
-alpha = 0 (the uniform soup). The held-out loss is minimised by gradient descent through
-``torch.func.functional_call``, every ingredient resident in float32 on the evaluator's device.
+layer", whose layers are parameter blocks).
 
-The held-out score is checked after every epoch on the exact weights the merge would write, and the
-best point is returned (ties go to the lower held-out loss), the uniform start included: a learned soup
-never ends worse on held-out data than the uniform soup it started from.
+Where it starts (``start``): the uniform soup (alpha = 0), the greedy soup (alpha = T log a with a the greedy
+weights, mixed with ``GREEDY_START_MIX`` of the uniform ones so that every ingredient can still gain weight), or,
+by default, whichever of the two scores better on the held-out data. The held-out score is checked after every
+epoch on the exact weights the merge would write, and the best point is returned (ties go to the lower held-out
+loss), the start included: a learned soup never ends below the soup it started from, so by default never below the
+uniform or the greedy soup on the held-out data that chose them.
+
+Two ways to compute the same gradient (``memory``):
+
+- ``resident``: every ingredient in float32 on the evaluator's device, the loss differentiated through
+  ``torch.func.functional_call``: (N + 3) x the model's float32 size.
+- ``streaming``: the soup is loaded into the evaluator's module, one forward/backward per batch gives dL/dtheta,
+  and, since theta = sum_i a_i theta_i per coefficient group, dL/da_i = <dL/dtheta, theta_i> summed over the group's
+  tensors: one pass over the ingredients, one tensor at a time, gives every coefficient's gradient, and the next
+  soup is streamed in by the merge engine. Memory: the soup, its gradient and one tensor per ingredient, whatever
+  N is; each update reads every ingredient twice, so gradients of several batches are accumulated per update
+  (``accumulate``).
+
+With the same ``accumulate`` both reach the same coefficients (to float rounding; a test holds them to 1e-5).
+``auto`` takes ``resident`` when it fits in the memory available and ``streaming`` otherwise.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,11 +48,18 @@ from .pantry import as_pantry
 from .pantry import Pantry
 from ..plan import layer_index
 from ..progress import progress_on
+from ..devices import available_memory
 
 log = logging.getLogger("modelsoup")
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 GRANULARITY = ("model", "layer", "tensor")
+STARTS = ("best", "uniform", "greedy")
+MEMORY_MODES = ("auto", "resident", "streaming")
+# a greedy start mixes this much of the uniform weights into the greedy ones: a coefficient at exactly 0 would need alpha = -inf
+GREEDY_START_MIX = 0.05
+# streaming without an explicit ``accumulate``: batches per update chosen so that an epoch makes at most this many updates
+STREAMING_UPDATES_PER_EPOCH = 8
 
 
 @dataclass
@@ -49,12 +70,16 @@ class LearnedResult:
         recipe: the soup as a ``linear`` recipe (per-tensor weights as overrides when ``by`` is ``layer`` or ``tensor``).
         weights: mixing coefficients per model (``by="model"``), or tensor name -> per-model coefficients.
         score: held-out score of the returned soup (of the weights :func:`modelsoup.merge` writes).
-        start_score: held-out score of the uniform soup it started from.
-        epoch: the epoch whose coefficients were kept (0 = the uniform start).
+        start_score: held-out score of the soup it started from.
+        epoch: the epoch whose coefficients were kept (0 = the start).
         history: per epoch: the held-out loss averaged over the epoch's steps (epoch 0: the uniform
             soup's) and the held-out score at the epoch's end.
         seconds: wall time.
         predictions: the returned soup's held-out predictions, when the evaluator gives them.
+        start: where it started, ``uniform`` or ``greedy``.
+        uniform_score, greedy_score: held-out scores of the uniform and greedy soups, where computed.
+        memory: how the gradient was computed, ``resident`` or ``streaming``.
+        accumulate: batches per update.
     """
 
     recipe: Recipe
@@ -65,31 +90,18 @@ class LearnedResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     predictions: Predictions | None = None
+    start: str = "uniform"
+    uniform_score: Score | None = None
+    greedy_score: Score | None = None
+    memory: str = "resident"
+    accumulate: int = 1
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes free for new allocations on ``device`` (CUDA: free device memory; CPU: MemAvailable)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
-def memory_estimate(model_bytes_fp32: int, n_models: int) -> int:
-    """Bytes a learned soup holds: N ingredients in float32, the merged weights, their gradient, and the module."""
-    return (n_models + 3) * model_bytes_fp32
+def memory_estimate(model_bytes_fp32: int, n_models: int, memory: str = "resident") -> int:
+    """Bytes a learned soup holds. Resident: N ingredients in float32, the merged weights, their gradient, and the
+    module. Streaming: the module holding the soup, its gradient, and one tensor per ingredient in flight (counted as
+    one more model, an upper bound)."""
+    return (n_models + 3) * model_bytes_fp32 if memory == "resident" else 3 * model_bytes_fp32
 
 
 def _better(a: Score, b: Score) -> bool:
@@ -114,6 +126,96 @@ def _groups(names: Sequence[str]) -> list[int]:
     return out
 
 
+def _start_alpha(weights: Sequence[float], temperature: float) -> torch.Tensor:
+    """alpha with softmax(alpha / T) = the given weights mixed with ``GREEDY_START_MIX`` of the uniform ones."""
+    n = len(weights)
+    w = torch.tensor([(1 - GREEDY_START_MIX) * float(x) + GREEDY_START_MIX / n for x in weights], dtype=torch.float64)
+    return (temperature * torch.log(w)).float()
+
+
+class _Resident:
+    """Every ingredient stacked in float32 on the device; the loss differentiated through functional_call."""
+
+    def __init__(self, evaluator: ModuleEvaluator, cks: Sequence[Any], names: Sequence[str], group: Sequence[int], by: str) -> None:
+        device = evaluator.device
+        self.evaluator, self.names, self.group, self.by = evaluator, names, group, by
+        self.stacks = {name: torch.stack([ck.read(name).to(device=device, dtype=torch.float32) for ck in cks]) for name in names}
+
+    def merged(self, coef: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: torch.tensordot(coef if self.by == "model" else coef[self.group[k]], self.stacks[name], dims=1)
+                for k, name in enumerate(self.names)}
+
+    def gradient(self, coefficients: Any, batches: Sequence[Any], recipe: Any) -> tuple[float, int]:
+        """Accumulate d(summed loss)/d alpha over ``batches`` into alpha.grad; (summed loss, items)."""
+        module, ev = self.evaluator.module, self.evaluator
+        total, items = 0.0, 0
+        for batch in batches:
+            params = self.merged(coefficients())
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return functional_call(module, params, args, kwargs)
+
+            loss_sum, n = ev.batch_loss(call, to_device(batch, ev.device))
+            loss_sum.backward()
+            total += float(loss_sum.detach())
+            items += n
+        return total, items
+
+    def close(self) -> None:
+        self.stacks = {}
+
+
+class _Streaming:
+    """The soup in the evaluator's module; dL/da_i = <dL/dtheta, theta_i>, read one tensor at a time."""
+
+    def __init__(self, evaluator: ModuleEvaluator, pantry: Pantry, cks: Sequence[Any], names: Sequence[str], group: Sequence[int],
+                 by: str, rows: int) -> None:
+        self.evaluator, self.pantry, self.cks, self.names, self.group, self.by, self.rows = evaluator, pantry, cks, names, group, by, rows
+        targets = evaluator.module.state_dict(keep_vars=True)
+        missing = [name for name in names if name not in targets]
+        if missing:
+            raise EvaluatorError(f"the evaluator's {type(evaluator.module).__name__} has no tensor {missing[0]!r} of the soup; "
+                                 "evaluate checkpoints of the evaluator's architecture")
+        self.targets = {name: targets[name] for name in names}
+        self._grad_before = {name: t.requires_grad for name, t in self.targets.items()}
+
+    def gradient(self, coefficients: Any, batches: Sequence[Any], recipe: Any) -> tuple[float, int]:
+        ev = self.evaluator
+        module, device = ev.module, ev.device
+        load_weights(module, self.pantry.state(recipe), ignore_unexpected=ev.ignore_unexpected, label="learned soup")
+        for t in self.targets.values():
+            t.grad = None
+            t.requires_grad_(True)
+        total, items = 0.0, 0
+        try:
+            for batch in batches:
+                loss_sum, n = ev.batch_loss(module, to_device(batch, device))
+                loss_sum.backward()
+                total += float(loss_sum.detach())
+                items += n
+            n_models = len(self.cks)
+            g_coef = torch.zeros((n_models,) if self.by == "model" else (self.rows, n_models), dtype=torch.float64, device=device)
+            with torch.no_grad():
+                for k, name in enumerate(self.names):
+                    grad = self.targets[name].grad
+                    if grad is None:
+                        continue  # the loss does not depend on this tensor
+                    g = grad.reshape(-1).to(torch.float32)
+                    row = g_coef if self.by == "model" else g_coef[self.group[k]]
+                    for i, ck in enumerate(self.cks):
+                        theta = ck.read(name).to(device=device, dtype=torch.float32).reshape(-1)
+                        row[i] += float(torch.dot(g, theta))
+        finally:
+            for name, t in self.targets.items():
+                t.grad = None
+                t.requires_grad_(self._grad_before[name])
+        coefficients().backward(g_coef.to(torch.float32))
+        return total, items
+
+    def close(self) -> None:
+        self.targets = {}
+
+
 def learned_soup(
     ingredients: Pantry | Sequence[Any],
     evaluator: Evaluator,
@@ -124,9 +226,13 @@ def learned_soup(
     lr: float = 0.05,
     epochs: int = 5,
     weight_decay: float = 0.0,
+    start: str = "best",
+    memory: str = "auto",
+    accumulate: int | None = None,
     max_memory: int | None = None,
     start_score: Score | None = None,
     start_predictions: Predictions | None = None,
+    greedy: Any = None,
     progress: bool | None = None,
     **pantry_options: Any,
 ) -> LearnedResult:
@@ -141,14 +247,20 @@ def learned_soup(
         temperature: softmax temperature of the coefficients.
         optimizer: ``adamw``, ``adam`` or ``sgd``.
         lr, epochs, weight_decay: optimiser settings.
-        max_memory: bytes the ingredients may take (default: what the device has free).
+        start: ``best`` (the better of the uniform and greedy soups on held-out data), ``uniform`` or ``greedy``.
+        memory: ``resident``, ``streaming`` or ``auto`` (resident when it fits, see the module docstring).
+        accumulate: batches whose gradients make one update (default: 1 resident; streaming: enough for at most
+            ``STREAMING_UPDATES_PER_EPOCH`` updates per epoch).
+        max_memory: bytes the learned soup may use (default: what the device has free).
         start_score: the uniform soup's held-out score, if already known (and ``start_predictions``, its predictions).
+        greedy: the greedy soup (:class:`~modelsoup.recipes.greedy.GreedyResult`) on the same evaluator, if already
+            cooked; otherwise it is cooked here when ``start`` needs it.
         progress: progress bar; None = only on a terminal.
 
     Raises:
         EvaluatorError: the evaluator gives no differentiable loss.
-        InsufficientMemoryError: the ingredients would not fit; the message gives the estimate.
-        OptionError: bad settings (``by``, ``optimizer``, temperature, lr, epochs).
+        InsufficientMemoryError: even the streaming mode would not fit; the message gives the estimate.
+        OptionError: bad settings (``by``, ``optimizer``, ``start``, ``memory``, temperature, lr, epochs, accumulate).
     """
     t_start = time.perf_counter()
     if not isinstance(evaluator, ModuleEvaluator):
@@ -156,51 +268,72 @@ def learned_soup(
             f"the learned soup differentiates the held-out loss through the model, which {type(evaluator).__name__} cannot give; "
             "use a built-in evaluator (or a ModuleEvaluator subclass), or use the greedy soup, which needs only scores"
         )
-    if by not in GRANULARITY:
-        raise OptionError(f"by must be one of {', '.join(GRANULARITY)}, got {by!r}")
-    if optimizer not in OPTIMIZERS:
-        raise OptionError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    for what, value, allowed in (("by", by, GRANULARITY), ("optimizer", optimizer, OPTIMIZERS), ("start", start, STARTS), ("memory", memory, MEMORY_MODES)):
+        if value not in allowed:
+            raise OptionError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
     if not (temperature > 0 and lr > 0 and epochs >= 0):
         raise OptionError(f"the learned soup needs temperature > 0, lr > 0 and epochs >= 0; got temperature {temperature}, lr {lr}, epochs {epochs}")
+    if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
+        raise OptionError(f"accumulate is the number of batches per update, a whole number >= 1; got {accumulate!r}")
     pantry, own = as_pantry(ingredients, **pantry_options)
+    engine: _Resident | _Streaming | None = None
     try:
         n = len(pantry)
         every = list(range(n))
         uniform_recipe, uniform_state = pantry.soup(every)
-        start_preds = start_predictions
-        if start_score is None:
-            start_score, start_preds = run_evaluator(evaluator, uniform_state, "uniform soup")
         learnable = [j for j in uniform_state.run.plan.jobs if j.action == "merge" and j.alias_of is None]
         model_bytes = sum(4 * j.nbytes // j.dtype.itemsize for j in learnable)
-        need = memory_estimate(model_bytes, n)
         device = evaluator.device
         have = max_memory if max_memory is not None else available_memory(device)
+        if memory == "auto":
+            memory = "resident" if memory_estimate(model_bytes, n, "resident") <= have else "streaming"
+        need = memory_estimate(model_bytes, n, memory)
         if need > have:
+            how = (f"keeps all {n} ingredients in float32 on {device}: about {_gb(need)} ({n} x {_gb(model_bytes)} plus the merged weights, their gradient and the model)"
+                   if memory == "resident" else f"streams the ingredients but holds the soup and its gradient on {device}: about {_gb(need)}")
+            fix = "Use --learn-memory streaming (memory=\"streaming\"), which holds one model and its gradient whatever N is, " if memory == "resident" else ""
             raise InsufficientMemoryError(
-                f"the learned soup keeps all {n} ingredients in float32 on {device}: about {_gb(need)} "
-                f"({n} x {_gb(model_bytes)} plus the merged weights, their gradient and the model), but {_gb(have)} is available. "
-                "Use the greedy soup (`soup greedy`), which holds one model at a time, learn on fewer ingredients, or run on a larger device."
+                f"the learned soup {how}, but {_gb(have)} is available. {fix}"
+                "use the greedy soup (`soup greedy`), which holds one model at a time, or run on a larger device."
             )
-        log.info("learned soup: %d ingredients, %d tensors, about %s resident", n, len(learnable), _gb(need))
+
+        # where it starts: the uniform soup, the greedy soup, or the better of the two on held-out data
+        uniform_preds = start_predictions
+        uniform_score = start_score
+        if uniform_score is None and start in ("best", "uniform"):
+            uniform_score, uniform_preds = run_evaluator(evaluator, uniform_state, "uniform soup")
+        greedy_score = None
+        if start in ("best", "greedy"):
+            if greedy is None:
+                from .greedy import greedy_soup
+
+                greedy = greedy_soup(pantry, evaluator, progress=progress)
+            greedy_score = greedy.score
+        if start == "uniform" or (start == "best" and not _better(greedy_score, uniform_score)):
+            begin, begin_score, begin_preds, begin_recipe = "uniform", uniform_score, uniform_preds, uniform_recipe
+            begin_weights = [1.0 / n] * n
+        else:
+            begin, begin_score, begin_preds, begin_recipe = "greedy", greedy.score, greedy.predictions, greedy.recipe
+            begin_weights = [greedy.members.count(i) / len(greedy.members) for i in every]
+        assert begin_score is not None
+        log.info("learned soup: %d ingredients, %d tensors, %s gradient (about %s), starting from the %s soup (%s)",
+                 n, len(learnable), memory, _gb(need), begin, begin_score)
 
         # everything that is not learned (integer buffers, tensors taken as-is) comes from the uniform soup
         module = evaluator.module
         load_weights(module, uniform_state, ignore_unexpected=evaluator.ignore_unexpected, label="uniform soup")
         names = [j.name for j in learnable]
         cks = [pantry.checkpoint(i) for i in every]
-        stacks = {name: torch.stack([ck.read(name).to(device=device, dtype=torch.float32) for ck in cks]) for name in names}
         # by layer: one row of coefficients per layer of the stack (``layers.3.``), and one for every tensor outside it
         group = _groups(names) if by == "layer" else list(range(len(names)))
         rows = max(group, default=-1) + 1
-        alpha = torch.zeros((n,) if by == "model" else (rows, n), device=device, requires_grad=True)
+        init = _start_alpha(begin_weights, temperature) if begin == "greedy" else torch.zeros(n)
+        alpha = (init if by == "model" else init.expand(rows, n)).clone().to(device).requires_grad_(True)
         opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
         opt = opt_cls([alpha], lr=lr, weight_decay=weight_decay)
 
         def coefficients() -> torch.Tensor:
             return torch.softmax(alpha / temperature, dim=-1)
-
-        def merged(coef: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {name: torch.tensordot(coef if by == "model" else coef[group[k]], stacks[name], dims=1) for k, name in enumerate(names)}
 
         def as_recipe(coef: torch.Tensor) -> tuple[Recipe, list[float] | dict[str, list[float]]]:
             c = coef.detach().double().cpu()
@@ -210,28 +343,27 @@ def learned_soup(
             per = {name: [float(x) for x in c[group[k]]] for k, name in enumerate(names)}
             return pantry.recipe(every, tensor_weights=per), per
 
-        uniform_weights: Any = [1.0 / n] * n if by == "model" else {name: [1.0 / n] * n for name in names}
-        best: tuple[Score, int, Recipe, Any, Predictions | None] = (start_score, 0, uniform_recipe, uniform_weights, start_preds)
-        history: list[dict[str, float]] = [{"epoch": 0.0, "loss": start_score.metrics.get("loss", float("nan")), "score": start_score.value}]
+        begin_w: Any = begin_weights if by == "model" else {name: list(begin_weights) for name in names}
+        best: tuple[Score, int, Recipe, Any, Predictions | None] = (begin_score, 0, begin_recipe, begin_w, begin_preds)
+        history: list[dict[str, float]] = [{"epoch": 0.0, "loss": begin_score.metrics.get("loss", float("nan")), "score": begin_score.value}]
         batches = list(evaluator.batches())
+        step = accumulate if accumulate is not None else (1 if memory == "resident" else max(1, -(-len(batches) // STREAMING_UPDATES_PER_EPOCH)))
+        updates = [batches[k:k + step] for k in range(0, len(batches), step)]
+        engine = _Resident(evaluator, cks, names, group, by) if memory == "resident" else _Streaming(evaluator, pantry, cks, names, group, by, rows)
         show = progress_on(progress)
         module.eval()  # dropout off: the coefficients see the model as it will be used
         with tqdm(total=epochs * len(batches), desc="learned soup", unit="batch", disable=not show, leave=False) as bar:
             for epoch in range(1, epochs + 1):
                 total, count = 0.0, 0
-                for batch in batches:
-                    params = merged(coefficients())
-
-                    def call(*args: Any, **kwargs: Any) -> Any:
-                        return functional_call(module, params, args, kwargs)
-
-                    loss_sum, items = evaluator.batch_loss(call, to_device(batch, device))
+                for chunk in updates:
                     opt.zero_grad(set_to_none=True)
-                    (loss_sum / max(items, 1)).backward()
+                    loss, items = engine.gradient(coefficients, chunk, as_recipe(coefficients())[0] if memory == "streaming" else None)
+                    assert alpha.grad is not None
+                    alpha.grad.div_(max(items, 1))  # the mean loss of the update's examples
                     opt.step()
-                    total += float(loss_sum.detach())
+                    total += loss
                     count += items
-                    bar.update(1)
+                    bar.update(len(chunk))
                     bar.set_postfix_str(f"epoch {epoch}, loss {total / max(count, 1):.4f}")
                 rec, w = as_recipe(coefficients())
                 score, preds = run_evaluator(evaluator, pantry.state(rec), f"learned soup, epoch {epoch}")
@@ -239,11 +371,13 @@ def learned_soup(
                 log.info("learned soup epoch %d: held-out loss %.4f while learning; %s", epoch, total / max(count, 1), score)
                 if _better(score, best[0]):
                     best = (score, epoch, rec, w, preds)
-        del stacks
         score, epoch, recipe, weights, final_preds = best
         if epoch == 0:
-            log.info("learned soup: no epoch beat the uniform start on held-out data; returning the uniform soup")
-        return LearnedResult(recipe, weights, score, start_score, epoch, history, time.perf_counter() - t_start, final_preds)
+            log.info("learned soup: no epoch beat the %s start on held-out data; returning the %s soup", begin, begin)
+        return LearnedResult(recipe, weights, score, begin_score, epoch, history, time.perf_counter() - t_start, final_preds,
+                             begin, uniform_score, greedy_score, memory, step)
     finally:
+        if engine is not None:
+            engine.close()
         if own:
             pantry.close()

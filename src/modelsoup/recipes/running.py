@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..devices import available_memory
 from ..engine import MergeRun
 from ..errors import OptionError
 from ..io import open_checkpoint
@@ -127,8 +128,6 @@ class RunningSoup:
         _, state = pantry.soup([first])
         need = sum(8 * _numel(j.shape) for j in state.run.plan.jobs if j.dtype.is_floating_point and j.alias_of is None)
         if store == "auto":
-            from .learned import available_memory
-
             have = max_memory if max_memory is not None else available_memory(torch.device("cpu")) // 4
             store = "memory" if need <= have else "disk"
         self.store = store
