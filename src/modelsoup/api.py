@@ -150,8 +150,10 @@ def merge(
     progress: bool | None = None,
     hash_files: bool = True,
     allow_globals: Sequence[str] = (),
+    device: str | torch.device | None = None,
+    dry_run: bool = False,
     _stages_yaml: str | None = None,
-) -> MergeResult:
+) -> Any:
     """Merge checkpoints into a new checkpoint on disk, streaming tensor by tensor.
 
     Either give a ``recipe`` (a :class:`Recipe`, a YAML path, native or mergekit form, or a dict), or
@@ -165,20 +167,36 @@ def merge(
     beside it are relative to the output's folder, so it re-runs from anywhere.
 
     ``allow_globals``: further ``module.Class`` names torch pickles may hold, loaded as inert data.
+    ``device``: where merged tensors are computed (``cpu``, the default; ``cuda``, ``cuda:N``): inputs are read
+    and the output written on the CPU, each tensor's method runs on the device (see :mod:`modelsoup.engine`).
+    ``dry_run``: plan the merge, time a small sample of it and return its
+    :class:`~modelsoup.estimate.MergeEstimate` (bytes read and written, memory, disk, tensors, time); nothing is
+    written, no input file is hashed. A real run is refused before the first tensor is read when the output
+    cannot fit on its disk.
     (``_stages_yaml`` is :func:`merge_stages`' record of the whole multi-stage recipe, for the last stage.)
 
     Returns:
-        What was written.
+        What was written (:class:`MergeResult`), or with ``dry_run`` the :class:`~modelsoup.estimate.MergeEstimate`.
 
     Raises:
         RecipeError, CheckpointError, KeyMismatchError, TensorMismatchError, NonFiniteError, MethodError,
-        OutputExistsError, OutputError: bad input or an output that would lose data; nothing is written.
+        OutputExistsError, OutputError: bad input or an output that would lose data (or not fit); nothing is written.
+        OptionError: a ``device`` that is not available, or ``dry_run``/``device`` with a multi-stage recipe.
     """
+    from .engine import resolve_device
+    from .estimate import check_disk_space, estimate_merge
+
+    dev = resolve_device(device, "device=")
     if output is None:
         raise TypeError("merge() needs an output path")
     if isinstance(recipe, (str, Path)) and models is None:
         loaded, _ = read_recipe(recipe)
         if loaded is None:  # several documents: a multi-stage recipe
+            if dry_run or dev.type != "cpu":
+                from .errors import OptionError
+
+                raise OptionError(f"{recipe}: a multi-stage recipe is merged on the CPU and has no dry run (its later stages read the "
+                                  "outputs of earlier ones, which do not exist yet); plan or merge each stage's recipe on its own")
             return merge_stages(recipe, output, overwrite=overwrite, workers=workers, progress=progress, hash_files=hash_files,
                                 allow_globals=allow_globals)
         recipe = loaded
@@ -190,12 +208,15 @@ def merge(
     with _opened(rec, allow_globals) as (cks, base_ck):
         plan = plan_merge(rec, cks, base_ck, form)
         tokenizer = _tokenizer(plan)
+        if dry_run:
+            return estimate_merge(plan, workers=workers, device=dev, measure=True)
+        check_disk_space(estimate_merge(plan, workers=workers, device=dev, measure=False))
         files = list(dict.fromkeys(f for ck in [*cks, *([base_ck] if base_ck else [])] for f in ck.files))
         hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash")  # inputs are hashed beside the merge
         try:
             digests = {f: hasher.submit(cached_sha256, f) for f in files} if hash_files else {}
             with staged_output(form.path, overwrite, inputs=[*paths, *files], as_file=form.as_file) as tmp:
-                out_hashes = _write_tensors(plan, tmp, workers, progress, hash_files)
+                out_hashes = _write_tensors(plan, tmp, workers, progress, hash_files, dev)
                 if not form.as_file:
                     _write_folder_files(plan, tmp, out_hashes, {f: d.result() for f, d in digests.items()}, tokenizer, _stages_yaml)
         finally:
@@ -271,11 +292,12 @@ def _sink(plan: MergePlan, folder: Path, hash_files: bool) -> Sink:
                            hash_files=hash_files)
 
 
-def _write_tensors(plan: MergePlan, folder: Path, workers: int | None, progress: bool | None, hash_files: bool) -> dict[str, str]:
-    """Run the plan into its sink in ``folder``; return {file name: sha256 or ""}."""
+def _write_tensors(plan: MergePlan, folder: Path, workers: int | None, progress: bool | None, hash_files: bool,
+                   device: torch.device | None = None) -> dict[str, str]:
+    """Run the plan into its sink in ``folder`` (methods computed on ``device``); return {file name: sha256 or ""}."""
     sink = _sink(plan, folder, hash_files)
     try:
-        run_jobs(plan, sink.write, workers=workers, progress=progress, order=sink.order)
+        run_jobs(plan, sink.write, workers=workers, progress=progress, order=sink.order, device=device)
     except BaseException:
         sink.abort()
         raise

@@ -4,6 +4,12 @@ Tensors are processed independently on a small thread pool (torch kernels, posit
 all release the GIL), with a bounded number in flight so memory stays at about one tensor per model per
 worker. Results do not depend on the number of workers or on completion order: each tensor's
 computation sees only its own inputs and its own generator, seeded from (seed, tensor name).
+
+With a ``device`` (``cuda``, ``cuda:N``) each merged tensor's inputs are moved there after reading, the
+method runs there and the result comes back to the CPU for the sink: reading and writing stay on the CPU,
+as mergekit's ``--cuda`` does. Random methods keep the CPU generator (:func:`tensor_seed`): the random
+draws (``torch.bernoulli(..., generator=)``) run on the CPU and their result is moved to the device, so the
+masks are the CPU's bit for bit. See :func:`on_device` for how the CPU-written methods run unchanged there.
 """
 
 from __future__ import annotations
@@ -14,11 +20,16 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .errors import NonFiniteError
+from .errors import MethodError, NonFiniteError, OptionError
 from .io import Checkpoint
 from .methods.ops import all_finite
 from .plan import MergePlan, Source, TensorJob
@@ -48,24 +59,106 @@ def default_workers() -> int:
     return max(2, min(8, (os.cpu_count() or 2) + 1))
 
 
+CPU = torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None, flag: str = "--device") -> torch.device:
+    """The device a merge computes on: ``cpu`` (None, the default), ``cuda`` or ``cuda:N``, checked to exist.
+
+    Args:
+        device: as given by the user.
+        flag: how messages name the option (``--device``, ``--cuda``, ``device=``).
+
+    Raises:
+        OptionError: not a device name, a device other than cpu/cuda, CUDA not available, or no such GPU.
+    """
+    if device is None:
+        return CPU
+    where = f"{flag}{device!r}" if flag.endswith("=") else "--cuda (--device cuda)" if flag == "--cuda" else f"{flag} {device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError(f"{where}: not a device; give cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return CPU
+    if dev.type != "cuda":
+        raise OptionError(f"{where}: a merge computes on the CPU or an NVIDIA GPU; give cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}, but no GPU is visible"
+        raise OptionError(f"{where}: CUDA is not available here ({build}, torch {torch.__version__}). Merge on the CPU "
+                          "(leave out the flag, or --device cpu), or run on a machine with an NVIDIA GPU and a CUDA build of torch")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise OptionError(f"{where}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}; give one of them")
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+class _OnDevice(TorchFunctionMode):
+    """Runs a method written for CPU tensors on another device, unchanged (see :func:`on_device`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        gen = kwargs.get("generator")
+        if isinstance(gen, torch.Generator) and gen.device.type == "cpu":
+            # the CPU generator draws on the CPU, whatever device the tensors are on: the CPU's masks, bit for bit
+            def to_cpu(x: Any) -> Any:
+                return x.to(CPU) if isinstance(x, torch.Tensor) and x.device.type != "cpu" else x
+
+            def back(x: Any) -> Any:
+                return x.to(self.device) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
+
+            kwargs = tree_map(to_cpu, kwargs)
+            if func in _device_constructors():  # torch.rand(shape, generator=g): made on the generator's CPU, not the default device
+                kwargs.setdefault("device", CPU)
+            return tree_map(back, func(*tree_map(to_cpu, args), **kwargs))
+        if func is torch.Tensor.numpy and args and args[0].device.type != "cpu":
+            return func(args[0].to(CPU), *args[1:], **kwargs)  # a copy: the methods read these arrays, never write through them
+        return func(*args, **kwargs)
+
+
+def on_device(device: torch.device) -> ExitStack:
+    """A context (of the calling thread only) in which a merge method written for CPU tensors runs on ``device``.
+
+    - tensors made without a ``device=`` (``torch.empty(n)``, ``torch.zeros(shape)``) are made on ``device``
+      (``torch.device`` as a context);
+    - a call given a CPU ``generator=`` (the per-tensor generator of random methods) runs on the CPU with its
+      tensor arguments copied there, and its result is moved to ``device``: the same random draws as on the CPU;
+    - ``Tensor.numpy()`` of a device tensor gives an array of a CPU copy (the top-k selection of TIES-like
+      methods reads magnitudes through numpy; no method writes through such an array).
+    """
+    stack = ExitStack()
+    stack.enter_context(torch.device(device))
+    stack.enter_context(_OnDevice(device))
+    return stack
+
+
 class MergeRun:
     """One run of a plan: computes output tensors, and gathers what it notices while doing so.
 
     Args:
         plan: the planned merge.
+        device: where merged tensors are computed (:func:`resolve_device`); inputs are read and results
+            returned on the CPU. Copies (``base``/``first``/``nonfloat`` jobs) never leave the CPU.
     """
 
-    def __init__(self, plan: MergePlan) -> None:
+    def __init__(self, plan: MergePlan, device: torch.device | str | None = None) -> None:
         self.plan = plan
+        self.device = CPU if device is None else torch.device(device)
         self._lock = threading.Lock()
         self._disagreeing: list[tuple[str, str]] = []  # (tensor, the input it was taken from)
         self.inputs = plan.inputs
 
-    def _read(self, ck: Checkpoint, name: str, upcast: bool = False) -> torch.Tensor:
-        """Read a tensor (in float32 if ``upcast`` and floating), refusing NaN/Inf unless allowed."""
+    def _read(self, ck: Checkpoint, name: str, upcast: bool = False, device: torch.device = CPU) -> torch.Tensor:
+        """Read a tensor (in float32 if ``upcast`` and floating, moved to ``device`` first), refusing NaN/Inf unless allowed."""
         t = ck.read(name)
         if not t.is_floating_point():
             return t
+        if device.type != "cpu":
+            t = t.to(device)  # moved in its stored dtype (half the bytes of float32); the upcast below is exact either way
         wide = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
         if not self.plan.allow_nonfinite and not all_finite(wide):
             bad = int((~torch.isfinite(wide)).sum())
@@ -75,8 +168,8 @@ class MergeRun:
             )
         return wide.to(torch.float32) if upcast else t
 
-    def _get(self, src: Source, upcast: bool = False) -> torch.Tensor:
-        return self._read(self.inputs[src[0]], src[1], upcast)
+    def _get(self, src: Source, upcast: bool = False, device: torch.device = CPU) -> torch.Tensor:
+        return self._read(self.inputs[src[0]], src[1], upcast, device)
 
     def compute(self, job: TensorJob) -> torch.Tensor:
         """Compute one output tensor (in its output dtype)."""
@@ -112,7 +205,21 @@ class MergeRun:
                 "the method's result overflows the output dtype (weights too large? normalize: false?). Lower the weights, "
                 "set normalize: true, or write a wider dtype (--dtype float32 / bfloat16); allow_nonfinite: true (--allow-nonfinite) writes it anyway"
             )
-        return result
+        return result.to(CPU) if result.device.type != "cpu" else result
+
+    def _on_device(self, job: TensorJob, tensors: list[torch.Tensor], base: torch.Tensor | None, gen: torch.Generator | None) -> torch.Tensor:
+        """The method on ``self.device`` (see :func:`on_device`), its failures named with the way out."""
+        plan = self.plan
+        try:
+            with on_device(self.device):
+                return plan.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
+        except torch.cuda.OutOfMemoryError:
+            raise MethodError(f"method '{plan.method.name}' ran out of memory on {self.device} for tensor '{job.name}' {list(job.shape)}: "
+                              "lower --workers (fewer tensors at once on the GPU), or merge on the CPU (--device cpu)") from None
+        except (RuntimeError, TypeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MethodError(f"method '{plan.method.name}' failed on {self.device} for tensor '{job.name}': {first}. Merge on the CPU "
+                              "(--device cpu, the default); please report the method and this message") from e
 
     def finish_notes(self) -> list[str]:
         """Notes gathered while merging (integer buffers that differed), logged once."""
@@ -127,6 +234,38 @@ class MergeRun:
         return plan.notes
 
 
+def computed_jobs(plan: MergePlan) -> list[TensorJob]:
+    """The jobs :func:`run_jobs` computes: a tied name whose target is planned is written from its target's result."""
+    planned = {j.name for j in plan.jobs}
+    return [j for j in plan.jobs if j.alias_of is None or j.alias_of not in planned]
+
+
+def job_cost(plan: MergePlan, job: TensorJob) -> int:
+    """Bytes a job holds while it runs, as :func:`run_jobs` counts them against its memory budget.
+
+    Inputs and result in float32, the method's own buffers (its ``workspace`` per model), and a few temporaries.
+    """
+    readers = len(job.sources) + (1 if job.base_source is not None else 0)
+    buffers = readers + 2 + plan.method.workspace * len(job.sources) + (2 if plan.method.workspace else 0)
+    return (job.nbytes * 4 // job.dtype.itemsize) * buffers
+
+
+def peak_in_flight(plan: MergePlan, *, workers: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """The most bytes of tensors :func:`run_jobs` holds at once, by its own admission rule (:func:`job_cost`).
+
+    Jobs are admitted while at most ``2 * workers`` are in flight and their costs stay within ``memory_budget``;
+    a job above the budget runs alone. So the peak is the largest job, or at most the budget (and at most the
+    ``2 * workers`` costliest jobs together), whichever is larger. One worker runs one job at a time.
+    """
+    costs = sorted(job_cost(plan, j) for j in computed_jobs(plan))
+    if not costs:
+        return 0
+    n = workers or default_workers()
+    if n <= 1:
+        return costs[-1]
+    return max(costs[-1], min(memory_budget, sum(costs[-2 * n:])))
+
+
 def run_jobs(
     plan: MergePlan,
     write: Callable[[str, torch.Tensor], None],
@@ -136,6 +275,7 @@ def run_jobs(
     desc: str = "merging",
     order: Sequence[str] | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    device: torch.device | str | None = None,
 ) -> None:
     """Compute every job of ``plan`` and hand each result to ``write``, on a thread pool.
 
@@ -147,10 +287,10 @@ def run_jobs(
         desc: bar label.
         order: run jobs in this order of names (the sink's file order) rather than the plan's.
         memory_budget: bytes that jobs in flight may hold together; a larger job runs alone.
+        device: where merged tensors are computed (:class:`MergeRun`); None = the CPU.
     """
-    run = MergeRun(plan)
-    planned = {j.name for j in plan.jobs}
-    jobs = [j for j in plan.jobs if j.alias_of is None or j.alias_of not in planned]
+    run = MergeRun(plan, device)
+    jobs = computed_jobs(plan)
     if order is not None:
         rank = {n: i for i, n in enumerate(order)}
         jobs.sort(key=lambda j: rank.get(j.name, len(rank)))
@@ -181,10 +321,7 @@ def run_jobs(
                 bar.set_postfix_str(f"{done}/{len(jobs)} tensors", refresh=False)
         else:
             def cost(job: TensorJob) -> int:
-                # inputs and result in float32, the method's own buffers, and a few temporaries
-                readers = len(job.sources) + (1 if job.base_source is not None else 0)
-                buffers = readers + 2 + plan.method.workspace * len(job.sources) + (2 if plan.method.workspace else 0)
-                return (job.nbytes * 4 // job.dtype.itemsize) * buffers
+                return job_cost(plan, job)
 
             with ThreadPoolExecutor(n, thread_name_prefix="soup") as pool:
                 pending: dict[Future[int], int] = {}

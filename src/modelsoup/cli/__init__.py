@@ -20,7 +20,7 @@ from . import demo, diagnose, merge, soups
 log = logging.getLogger("modelsoup")
 
 # Subcommands that read checkpoints, and so take --allow-global.
-_READERS = ("merge", "cook", "greedy", "learn", "ensemble", "interpolate", "topk", "templates", "inspect", "curve", "compare", "scale")
+_READERS = ("merge", "plan", "cook", "greedy", "learn", "ensemble", "interpolate", "topk", "templates", "inspect", "curve", "compare", "scale")
 
 
 def _verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:

@@ -14,9 +14,8 @@ from .options import parse_set, parse_weights, progress
 log = logging.getLogger("modelsoup")
 
 
-# mergekit-yaml options that change nothing here, and why.
+# mergekit-yaml options that change nothing here, and why. (mergekit's --cuda is --device cuda.)
 _NOT_NEEDED = {
-    "cuda": "modelsoup merges on the CPU, streaming tensor by tensor",
     "lazy_unpickle": "torch checkpoints are always read lazily (and only with weights_only)",
     "low_cpu_memory": "memory stays at about one tensor per model per worker",
 }
@@ -62,6 +61,27 @@ def _merge_stages(a: argparse.Namespace) -> int:
     return 0
 
 
+def _device(a: argparse.Namespace) -> Any:
+    """The device of --device / --cuda (mergekit's name for --device cuda), checked before anything is read."""
+    from ..engine import resolve_device
+
+    if a.cuda and a.device not in (None, "cuda") and not str(a.device).startswith("cuda"):
+        raise SoupError(f"--cuda and --device {a.device} disagree; give one (--cuda is --device cuda)")
+    if a.cuda and a.device is None:
+        return resolve_device("cuda", "--cuda")
+    return resolve_device(a.device, "--device")
+
+
+def _print_estimate(a: argparse.Namespace, est: Any) -> None:
+    import json
+
+    if a.json:
+        print(json.dumps(est.to_dict(), indent=1))
+    else:
+        print(est.describe())
+        print("dry run: nothing was written")
+
+
 def cmd_merge(a: argparse.Namespace) -> int:
     from ..api import merge
     from ..recipe import read_recipe, recipe_from_dict
@@ -75,7 +95,12 @@ def cmd_merge(a: argparse.Namespace) -> int:
         a.output = a.inputs.pop()
     if not a.output:
         raise SoupError("give the output: soup merge RECIPE.yaml OUT, or -o OUT")
+    if a.json and not a.dry_run:
+        raise SoupError("--json prints the estimate of a dry run; add --dry-run (or use soup plan)")
+    device = _device(a)
     if a.as_adapter is not None or a.rank is not None:
+        if a.dry_run or device.type != "cpu":
+            raise SoupError(f"--{'dry-run' if a.dry_run else 'device'} does not apply to an adapter output (--as-adapter); leave it out")
         return _merge_as_adapter(a, is_recipe)
     mergekit_flags = [f for f in ("out_shard_size", "random_seed", "allow_crimes", *_NOT_NEEDED) if getattr(a, f) not in (None, False)]
     mergekit_flags += ["copy_tokenizer"] if a.copy_tokenizer is not None else []
@@ -83,6 +108,9 @@ def cmd_merge(a: argparse.Namespace) -> int:
         _refuse_recipe_flags(a)
         loaded, _ = read_recipe(a.inputs[0])
         if loaded is None:  # several documents: a multi-stage recipe
+            if a.dry_run or device.type != "cpu":
+                raise SoupError(f"{a.inputs[0]}: a multi-stage recipe has no --dry-run and merges on the CPU (its later stages read "
+                                "the outputs of earlier ones, which do not exist yet); plan or merge each stage's recipe on its own")
             return _merge_stages(a)
         recipe = _mergekit_options(a, loaded)
         if a.allow_nonfinite:
@@ -124,9 +152,25 @@ def cmd_merge(a: argparse.Namespace) -> int:
         if output:
             data["output"] = output
         recipe = recipe_from_dict(data, source="command line")
-    result = merge(recipe, a.output, overwrite=a.overwrite, workers=a.workers, progress=progress(a), hash_files=not a.no_hash)
+    if a.dry_run:
+        _print_estimate(a, merge(recipe, a.output, overwrite=a.overwrite, workers=a.workers, device=device, dry_run=True))
+        return 0
+    result = merge(recipe, a.output, overwrite=a.overwrite, workers=a.workers, progress=progress(a), hash_files=not a.no_hash, device=device)
     print(f"wrote {result.output} ({result.tensors} tensors, {result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
     return 0
+
+
+# The output `soup plan` estimates for when none is given: a name in the working folder (nothing is written).
+PLAN_OUTPUT = "merged"
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    """``soup plan``: ``soup merge --dry-run`` with the output optional (the working folder's disk is estimated then)."""
+    a.dry_run = True
+    is_recipe = bool(a.inputs) and a.method is None and Path(a.inputs[0]).suffix.lower() in (".yaml", ".yml")
+    if not a.output and not (is_recipe and len(a.inputs) == 2):
+        a.output = PLAN_OUTPUT
+    return cmd_merge(a)
 
 
 def _refuse_recipe_flags(a: argparse.Namespace) -> None:
@@ -232,12 +276,10 @@ def cmd_methods(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any) -> None:
-    """Add this module's subcommands."""
-    m = sub.add_parser("merge", help="merge checkpoints (a recipe file, or models and flags)",
-                       description="soup merge RECIPE.yaml -o OUT   |   soup merge --method ties --base B A1 A2 -o OUT --set density=0.5")
+def _merge_arguments(m: argparse.ArgumentParser, *, output_help: str) -> None:
+    """The arguments of ``soup merge``, which ``soup plan`` takes too."""
     m.add_argument("inputs", nargs="*", help="a recipe file (native or mergekit YAML) and optionally the output, or the models to merge")
-    m.add_argument("-o", "--output", help="output folder (HF layout) or file (.safetensors / .pt)")
+    m.add_argument("-o", "--output", help=output_help)
     m.add_argument("--method", help="merge method (see `soup methods`); default linear")
     m.add_argument("--base", help="base / pre-trained model")
     m.add_argument("--weights", help="comma-separated weight per model")
@@ -252,6 +294,9 @@ def add_parsers(sub: Any) -> None:
     m.add_argument("--allow-nonfinite", action="store_true", help="merge inputs holding NaN/Inf instead of refusing")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
     m.add_argument("--workers", type=int, help="threads (default: cores + 1, 2..8)")
+    m.add_argument("--device", help="where each tensor is merged: cpu (default), cuda, cuda:N; reading and writing stay on the CPU")
+    m.add_argument("--dry-run", action="store_true", help="print what the merge would read, write, hold in memory, need on disk and take; write nothing")
+    m.add_argument("--json", action="store_true", help="with --dry-run (and soup plan): print the estimate as JSON")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--no-hash", action="store_true", help="skip sha256 of inputs and outputs")
     m.add_argument("--intermediate-dir", "-I", metavar="DIR",
@@ -267,9 +312,23 @@ def add_parsers(sub: Any) -> None:
                     help="copy the tokenizer files to the output (default: yes)")
     mk.add_argument("--random-seed", type=int, help="seed of random methods (the recipe's seed)")
     mk.add_argument("--allow-crimes", action="store_true", help="accepted; not needed (tensor names and shapes are checked either way)")
+    mk.add_argument("--cuda", action="store_true", help="compute on the GPU: the same as --device cuda")
     for flag in _NOT_NEEDED:
         mk.add_argument(f"--{flag.replace('_', '-')}", action="store_true", help="accepted; not needed here")
+
+
+def add_parsers(sub: Any) -> None:
+    """Add this module's subcommands."""
+    m = sub.add_parser("merge", help="merge checkpoints (a recipe file, or models and flags)",
+                       description="soup merge RECIPE.yaml -o OUT   |   soup merge --method ties --base B A1 A2 -o OUT --set density=0.5")
+    _merge_arguments(m, output_help="output folder (HF layout) or file (.safetensors / .pt)")
     m.set_defaults(fn=cmd_merge)
+
+    pl = sub.add_parser("plan", help="what a merge will cost, before running it: bytes, memory, disk, tensors, time (soup merge --dry-run)",
+                        description="soup plan RECIPE.yaml [OUT]   |   soup plan --method ties --base B A1 A2 [-o OUT]: takes what soup merge "
+                                    "takes, plans the merge, times a small sample of its tensors, and writes nothing")
+    _merge_arguments(pl, output_help=f"the output the merge would write (its disk is checked; default ./{PLAN_OUTPUT})")
+    pl.set_defaults(fn=cmd_plan)
 
     x = sub.add_parser("extract-lora", help="extract a PEFT LoRA adapter from a full fine-tune (rank-R SVD of FT - BASE per linear weight)",
                        description="soup extract-lora FT --base B --rank 16 -o OUT: per 2-D weight that changed, the rank-R SVD of "

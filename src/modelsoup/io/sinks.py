@@ -1,4 +1,4 @@
-"""Where merged tensors go: one protocol, a safetensors and a torch sink, chosen once from the output's form.
+"""Where merged tensors go: one protocol, a safetensors and a torch sink, chosen once from the output's form (and a null sink for benchmarks).
 
 Both stream: every tensor is written as soon as it is computed, from any worker thread, in any order,
 and nothing holds the whole model. The torch sink writes the zip format ``torch.save`` writes (storage
@@ -10,6 +10,7 @@ tensor rebuild functions and storage types.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import math
 import os
@@ -193,3 +194,46 @@ class TorchSink:
             pass
         finally:
             self._file.close()
+
+
+class NullSink:
+    """Takes every tensor and keeps none: counts tensors and bytes (and optionally a checksum), for benchmarks and dry runs.
+
+    With a virtual input (:class:`~modelsoup.io.virtual.VirtualCheckpoint`) it runs the real engine at any
+    model size with no disk. The checksum is the sum, modulo 2**64, of a 64-bit digest of each (name, bytes):
+    it does not depend on the order tensors arrive in, so runs with any number of workers compare equal.
+
+    Args:
+        checksum: hash every tensor's bytes (blake2b; costs a pass over the data).
+    """
+
+    order: Sequence[str] | None = None
+
+    def __init__(self, *, checksum: bool = False) -> None:
+        self._checksum = checksum
+        self._lock = threading.Lock()
+        self.tensors = 0
+        self.bytes = 0
+        self.digest = 0
+        self.closed = False
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        part = 0
+        if self._checksum:
+            h = hashlib.blake2b(name.encode() + b"\0", digest_size=8)
+            t = tensor.detach().contiguous().cpu()
+            if t.numel():
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            part = int.from_bytes(h.digest(), "little")
+        with self._lock:
+            self.tensors += 1
+            self.bytes += nbytes
+            self.digest = (self.digest + part) & ((1 << 64) - 1)
+
+    def close(self) -> dict[str, str]:
+        self.closed = True
+        return {}
+
+    def abort(self) -> None:
+        self.closed = True
