@@ -21,14 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from ..errors import AnalysisError
 from ..eval.base import Evaluator, Score
 from ..recipes.greedy import as_pantry
 from ..recipes.interpolation import DEFAULT_ALPHAS, interpolate
 from ..recipes.pantry import Pantry
-from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -201,16 +199,11 @@ def triangle_curve(models: Pantry | Sequence[Any], evaluator: Evaluator, *, step
     points = triangle_points(steps)
     pantry, own = as_pantry(models, **pantry_options)
     try:
-        scores: list[Score] = []
-        tests: list[Score] = []
-        show = progress_on(progress)
-        for p in tqdm(points, desc="triangle", unit="point", disable=not show, leave=False):
-            _, state = pantry.soup([0, 1, 2], list(p))
-            label = "weights " + ",".join(f"{w:g}" for w in p)
-            scores.append(evaluator.evaluate(state, label=label))
-            if test is not None:
-                tests.append(test.evaluate(state, label=label))
-            log.info("%s: %s", label, scores[-1])
+        tasks = [("weights " + ",".join(f"{w:g}" for w in p), pantry.recipe([0, 1, 2], list(p))) for p in points]
+        scores: list[Score] = [s for s, _ in pantry.evaluate_many(tasks, evaluator, progress=progress, desc="triangle")]
+        tests: list[Score] = [s for s, _ in pantry.evaluate_many(tasks, test, progress=progress, desc="triangle (test)")] if test is not None else []
+        for (label, _), s in zip(tasks, scores):
+            log.info("%s: %s", label, s)
         return Curve(list(pantry.labels), [tuple(p) for p in points], scores, tests or None, time.perf_counter() - t0)
     finally:
         if own:

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from ..errors import AnalysisError
 from ..eval.base import Evaluator
@@ -23,7 +22,6 @@ from ..recipes.ensemble import COMBINE, ensemble_predictions
 from ..recipes.greedy import rank
 from ..recipes.pantry import as_pantry
 from .predictions import agreement, need_predictions, prediction_stats
-from ..progress import progress_on
 
 ORDERS = ("input", "best")
 SHOWN = ("accuracy", "loss", "confidence", "entropy")
@@ -88,6 +86,7 @@ def soup_vs_ensemble(ingredients: Any, evaluator: Evaluator, *, order: str | Seq
         if isinstance(order, str):
             if order not in ORDERS:
                 raise AnalysisError(f"order {order!r}: choose one of {', '.join(ORDERS)} or give ingredient indices")
+            pantry.prefetch(range(n), ev, predictions=True)
             seq = list(range(n)) if order == "input" else rank([pantry.score(i, ev) for i in range(n)])
             how = order
         else:
@@ -95,14 +94,13 @@ def soup_vs_ensemble(ingredients: Any, evaluator: Evaluator, *, order: str | Seq
             if sorted(seq) != sorted(set(seq)) or not all(0 <= i < n for i in seq):
                 raise AnalysisError(f"order {seq}: give distinct ingredient indices between 0 and {n - 1}")
         rows = []
-        show = progress_on(progress)
-        for k in tqdm(range(1, len(seq) + 1), desc="soup vs ensemble", unit="k", disable=not show, leave=False):
+        pantry.prefetch(seq, ev, predictions=True)
+        soups = [p for _, p in pantry.evaluate_many([(f"soup of {k}", pantry.recipe(seq[:k])) for k in range(2, len(seq) + 1)], ev,
+                                                    progress=progress, desc="soup vs ensemble")]
+        for k in range(1, len(seq) + 1):
             members = seq[:k]
-            if k == 1:
-                soup = pantry.predictions(members[0], ev)
-            else:
-                _, state = pantry.soup(members)
-                soup = ev.predict(state, label=f"soup of {k}")
+            soup = pantry.predictions(members[0], ev) if k == 1 else soups[k - 2]
+            assert soup is not None
             ens = ensemble_predictions(pantry, ev, members, combine)
             rows.append({"k": k, "members": [pantry.labels[i] for i in members], "soup": prediction_stats(ev, soup),
                          "ensemble": prediction_stats(ev, ens), "agreement": agreement(soup, ens)})

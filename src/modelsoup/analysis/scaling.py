@@ -140,6 +140,7 @@ def magnitude_stability(ingredients: Any, evaluator: Evaluator, *, factors: Sequ
         raise AnalysisError(f"scale factors must be positive, got {grid[0]:g}")
     pantry, own = as_pantry(ingredients, **pantry_options)
     try:
+        pantry.prefetch(range(len(pantry)), ev, predictions=True)
         models: list[tuple[str, str, Any]] = [(lab, "ingredient", pantry.soup([i])[1]) for i, lab in enumerate(pantry.labels)]
         if soup and len(pantry) > 1:
             models.append((f"uniform soup of {len(pantry)}", "soup", pantry.soup(list(range(len(pantry))))[1]))

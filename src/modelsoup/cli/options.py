@@ -55,6 +55,10 @@ def add_eval_options(p: argparse.ArgumentParser, *, required: bool = True) -> No
     g.add_argument("--key", help="entry of nested torch checkpoints holding the weights")
     g.add_argument("--strip-prefix", help="tensor name prefix to remove (e.g. module.)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="evaluate on a Ray cluster: `local` (the default when ADDRESS is left out) starts one on this machine, `auto` or "
+                        "host:port joins one; checkpoints must be on storage every worker sees (pip install 'modelsoup[ray]')")
+    g.add_argument("--ray-workers", type=int, metavar="N", help="Ray workers (default: the cluster's CPUs, or one per GPU)")
 
 
 def evaluators(a: argparse.Namespace, model_folder: str | None) -> tuple[Any, Any]:
@@ -101,7 +105,15 @@ def open_pantry(a: argparse.Namespace, paths: list[str]) -> Any:
     from ..eval.cache import EvalCache
     from ..recipes import Pantry
 
-    return Pantry(paths, key=a.key, strip_prefix=a.strip_prefix, cache=EvalCache(a.cache_dir, enabled=not a.no_cache), base=getattr(a, "base", None))
+    executor = None
+    if getattr(a, "ray", None) is not None:
+        from ..recipes.executor import RayExecutor
+
+        if a.ray_workers is not None and a.ray_workers < 1:
+            raise SoupError(f"--ray-workers {a.ray_workers}: give 1 or more")
+        executor = RayExecutor(a.ray, workers=a.ray_workers)
+    return Pantry(paths, key=a.key, strip_prefix=a.strip_prefix, cache=EvalCache(a.cache_dir, enabled=not a.no_cache), base=getattr(a, "base", None),
+                  executor=executor, close_executor=True)
 
 
 def parse_floats(text: str, what: str) -> list[float]:

@@ -93,6 +93,10 @@ class Evaluator(ABC):
         """
 
 
+# modules loaded from a user's file (``--eval file.py:name``) are named with this prefix
+USER_MODULE_PREFIX = "modelsoup_user_"
+
+
 def require_predictions(evaluator: Evaluator, what: str, error: type[Exception] = EvaluatorError) -> PredictionEvaluator:
     """``evaluator`` if it gives per-example predictions, else ``error`` naming ``what`` needs them."""
     if not isinstance(evaluator, PredictionEvaluator):
@@ -230,7 +234,7 @@ def load_object(spec: str) -> Any:
         path = Path(mod_name).expanduser()
         if not path.is_file():
             raise EvaluatorError(f"evaluator '{spec}': no such file {path}")
-        mod_id = "modelsoup_user_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        mod_id = USER_MODULE_PREFIX + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
         loader_spec = importlib.util.spec_from_file_location(mod_id, path)
         if loader_spec is None or loader_spec.loader is None:
             raise EvaluatorError(f"evaluator '{spec}': cannot import {path}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -301,18 +302,37 @@ class ClassificationEvaluator(ModuleEvaluator, PredictionEvaluator):
         return torch.nn.functional.cross_entropy(logits.float(), labels.long(), reduction="sum"), int(labels.numel())
 
     def predict(self, state: Mapping[str, torch.Tensor], *, label: str | None = None) -> Predictions:
+        return self.arrange(self.predict_batches(state, label=label))
+
+    def predict_batches(self, state: Mapping[str, torch.Tensor], *, label: str | None = None, start: int = 0, stop: int | None = None) -> Predictions:
+        """Logits of batches ``start`` to ``stop`` (all by default) in batch order: a shard of one evaluation.
+
+        Shards of whole batches computed anywhere, concatenated in order and passed through :meth:`arrange` are
+        :meth:`predict`'s result: each batch is computed the same way whichever shard it is in.
+        """
         self.load(state, label=label)
         self.module.eval()
         logits, labels = [], []
         with torch.inference_mode(), self._bar(label) as bar:
-            for batch in self.batches():
+            for batch in itertools.islice(self.batches(), start, stop):
                 lg, lb = self.forward(self.module, to_device(batch, self.device))
                 logits.append(lg.float().cpu())
                 labels.append(lb.long().cpu())
                 bar.update(int(lb.numel()))
         if not labels:
-            raise EvaluatorError("the evaluation data has no batches")
+            raise EvaluatorError("the evaluation data has no batches" if start == 0 else f"the evaluation data has no batches from {start}")
         return Predictions(torch.cat(logits), torch.cat(labels))
+
+    def arrange(self, predictions: Predictions) -> Predictions:
+        """Predictions in batch order -> in the data's order (the same here; an evaluator that sorts its batches undoes it)."""
+        return predictions
+
+    def batch_count(self) -> int:
+        """How many batches :meth:`batches` yields."""
+        try:
+            return len(self.batches())  # type: ignore[arg-type]
+        except TypeError:
+            return sum(1 for _ in self.batches())
 
     def score(self, predictions: Predictions, *, seconds: float | None = None) -> Score:
         m = timing(classification_metrics(predictions), seconds)

@@ -199,8 +199,11 @@ class TextClassificationEvaluator(ClassificationEvaluator):
     def data_size(self) -> int | None:
         return len(self._labels)
 
-    def predict(self, state: Mapping[str, torch.Tensor], *, label: str | None = None) -> Predictions:
-        p = super().predict(state, label=label)
+    def batch_count(self) -> int:
+        return -(-len(self._order) // self.batch_size)
+
+    def arrange(self, p: Predictions) -> Predictions:
+        """Batches are longest first: put the predictions back in file order."""
         inverse = torch.empty(len(self._order), dtype=torch.long)
         inverse[torch.tensor(self._order)] = torch.arange(len(self._order))
         return Predictions(p.logits[inverse], p.labels[inverse])

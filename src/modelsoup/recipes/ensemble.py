@@ -77,6 +77,7 @@ def ensemble_predictions(pantry: Pantry, evaluator: Evaluator, members: Sequence
         EvaluatorError: the evaluator gives no predictions, or the members' labels disagree (data order changed).
     """
     ev = _need_predictions(evaluator)
+    pantry.prefetch(members, ev, predictions=True)
     return combine_predictions([pantry.predictions(i, ev) for i in members], how)
 
 
@@ -93,6 +94,7 @@ def greedy_ensemble(ingredients: Pantry | Sequence[Any], evaluator: Evaluator, *
     ev = _need_predictions(evaluator)
     pantry, own = as_pantry(ingredients, **pantry_options)
     try:
+        pantry.prefetch(range(len(pantry)), ev, predictions=True)
         scores = [pantry.score(i, ev) for i in range(len(pantry))]
         members, score, history = greedy_select(pantry.labels, scores, lambda m: ensemble_score(pantry, ev, m, how), allow_equal=allow_equal,
                                                 progress=progress, desc="greedy ensemble")

@@ -154,9 +154,12 @@ def greedy_soup(
     t0 = time.perf_counter()
     pantry, own = as_pantry(ingredients, **pantry_options)
     try:
+        pantry.prefetch(range(len(pantry)), evaluator)
         scores = [pantry.score(i, evaluator) for i in range(len(pantry))]
         preds: dict[tuple[int, ...], Predictions] = {}
         running: RunningSoup | None = None
+        if pantry.executor.workers > 1:
+            running_sum = "off"  # on a cluster each candidate is sent as a recipe and split into batch shards
         if running_sum != "off":
             if running_sum not in STORES:
                 raise OptionError(f"running_sum must be one of {', '.join((*STORES, 'off'))}, got {running_sum!r}")
@@ -164,10 +167,9 @@ def greedy_soup(
 
         def try_with(members: list[int]) -> Score:
             if running is not None:
-                state = running.candidate(members[-1])
+                s, p = run_evaluator(evaluator, running.candidate(members[-1]), f"soup of {len(members)}")
             else:
-                _, state = pantry.soup(members)
-            s, p = run_evaluator(evaluator, state, f"soup of {len(members)}")
+                s, p = pantry.evaluate(pantry.recipe(members), evaluator, f"soup of {len(members)}")
             if p is not None:
                 preds[tuple(members)] = p
             return s

@@ -15,14 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from ..recipe import Recipe
 from ..errors import OptionError
 from ..eval.base import Evaluator, Score
 from .pantry import as_pantry
 from .pantry import Pantry
-from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -146,16 +144,11 @@ def interpolate(
     else:
         pantry, own = as_pantry([a, b], **pantry_options)
     try:
-        scores: list[Score] = []
-        tests: list[Score] = []
-        show = progress_on(progress)
-        for alpha in tqdm(grid, desc="interpolating", unit="point", disable=not show, leave=False):
-            _, state = pantry.soup([0, 1], [1.0 - alpha, alpha])
-            s = evaluator.evaluate(state, label=f"alpha {alpha:g}")
-            if test is not None:
-                tests.append(test.evaluate(state, label=f"alpha {alpha:g}"))
+        points = [(f"alpha {alpha:g}", pantry.recipe([0, 1], [1.0 - alpha, alpha])) for alpha in grid]
+        scores = [s for s, _ in pantry.evaluate_many(points, evaluator, progress=progress, desc="interpolating")]
+        tests = [s for s, _ in pantry.evaluate_many(points, test, progress=progress, desc="interpolating (test)")] if test is not None else []
+        for alpha, s in zip(grid, scores):
             log.info("alpha %g: %s", alpha, s)
-            scores.append(s)
         best = max(range(len(grid)), key=lambda k: (scores[k].value, -k))
         recipe = pantry.recipe([0, 1], [1.0 - grid[best], grid[best]])
         labels = (pantry.labels[0], pantry.labels[1])

@@ -27,7 +27,6 @@ from ..eval.base import Evaluator, PredictionEvaluator, Predictions, Score
 from ..eval.calibration import calibration_metrics, fit_temperature, reliability
 from ..io.output import check_output, staged_output
 from .ensemble import combine_predictions, greedy_ensemble
-from ..eval.base import run_evaluator
 from .greedy import GreedyResult, greedy_soup, rank
 from .pantry import as_pantry
 from .learned import LearnedResult, learned_soup
@@ -408,12 +407,13 @@ class _Kitchen:
     def _ingredient_preds(self, ev: Evaluator | None) -> list[Predictions] | None:
         if ev is None or not isinstance(ev, PredictionEvaluator):
             return None
+        self.pantry.prefetch(range(len(self.pantry)), ev, predictions=True)
         return [self.pantry.predictions(i, ev) for i in range(len(self.pantry))]
 
-    def _soup_row(self, name: str, members: list[str], state: Any, t0: float, held: tuple[Score, Predictions | None] | None = None,
+    def _soup_row(self, name: str, members: list[str], recipe: Recipe, t0: float, held: tuple[Score, Predictions | None] | None = None,
                   note: str = "") -> Row:
-        h_score, h_preds = held if held is not None else run_evaluator(self.heldout, state, name)
-        t_score, t_preds = run_evaluator(self.test, state, name) if self.test is not None else (None, None)
+        h_score, h_preds = held if held is not None else self.pantry.evaluate(recipe, self.heldout, name)
+        t_score, t_preds = self.pantry.evaluate(recipe, self.test, name) if self.test is not None else (None, None)
         return Row(name, "soup", members, h_score, t_score, 1, time.perf_counter() - t0, note, h_preds, t_preds)
 
     def _ensemble_row(self, name: str, members: list[int], how: str, t0: float) -> Row:
@@ -446,6 +446,9 @@ class _Kitchen:
         held: list[Score] = []
         self.held_preds = self._ingredient_preds(self.heldout)
         self.test_preds = self._ingredient_preds(self.test)
+        pantry.prefetch(range(n), self.heldout)
+        if self.test is not None:
+            pantry.prefetch(range(n), self.test)
         for i in range(n):
             s = pantry.score(i, self.heldout)
             t = pantry.score(i, self.test) if self.test is not None else None
@@ -457,20 +460,20 @@ class _Kitchen:
         b = rows[len(rows) - n + best]
         rows.append(Row(f"best individual: {labels[best]}", "best individual", [labels[best]], b.heldout, b.test, 1, 0.0, "chosen on held-out",
                         b.heldout_predictions, b.test_predictions))
-        result = CookResult(rows, self.heldout.metric)
+        result = CookResult(rows, held[best].metric)  # the scores name their metric (a function's, once it has run, on whichever worker)
 
         uniform: tuple[Score, Predictions | None] | None = None
         if "uniform" in recipes:
             t0 = time.perf_counter()
-            rec, state = pantry.soup(list(range(n)))
-            rows.append(self._soup_row(ROW_NAMES["uniform"], labels, state, t0))
+            rec = pantry.recipe(list(range(n)))
+            rows.append(self._soup_row(ROW_NAMES["uniform"], labels, rec, t0))
             uniform = (rows[-1].heldout, rows[-1].heldout_predictions)  # type: ignore[assignment]
             result.recipes["uniform"] = rec
         if "greedy" in recipes:
             t0 = time.perf_counter()
             g = greedy_soup(pantry, self.heldout, allow_equal=self.allow_equal, progress=self.progress)
             assert g.recipe is not None
-            rows.append(self._soup_row(ROW_NAMES["greedy"], g.labels, pantry.state(g.recipe), t0, (g.score, g.predictions)))
+            rows.append(self._soup_row(ROW_NAMES["greedy"], g.labels, g.recipe, t0, (g.score, g.predictions)))
             result.greedy, result.recipes["greedy"] = g, g.recipe
         if "learned" in recipes:
             t0 = time.perf_counter()
@@ -482,7 +485,7 @@ class _Kitchen:
                 rows.append(Row(ROW_NAMES["learned"], "soup", labels, None, None, 1, time.perf_counter() - t0, f"skipped: {e}"))
             else:
                 note = f"by {learned_options.get('by', 'model')}, epoch {lr.epoch}" + (f" = {lr.start} start" if lr.epoch == 0 else f" from {lr.start}")
-                rows.append(self._soup_row(ROW_NAMES["learned"], labels, pantry.state(lr.recipe), t0, (lr.score, lr.predictions), note))
+                rows.append(self._soup_row(ROW_NAMES["learned"], labels, lr.recipe, t0, (lr.score, lr.predictions), note))
                 result.learned, result.recipes["learned"] = lr, lr.recipe
 
         wanted = [r for r in ENSEMBLES if r in recipes]

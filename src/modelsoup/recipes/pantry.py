@@ -9,6 +9,7 @@ the weights scored are bit for bit the weights that :func:`modelsoup.merge` writ
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..recipe import Recipe, recipe_from_dict
 from ..engine import MergeRun
@@ -29,6 +31,7 @@ from ..eval.cache import EvalCache
 from ..io import Checkpoint, open_checkpoint
 from ..io.adapters import adapted, is_adapter
 from ..io.output import cached_sha256
+from ..progress import progress_on
 
 log = logging.getLogger("modelsoup")
 
@@ -134,13 +137,17 @@ class Pantry:
             already hold a soup reload only the tensors the next one changes (for adapters: a few MB).
         keys: how tensor names must line up (``exact``, ``intersection``).
         cache: on-disk evaluation cache (default: the user cache); ``EvalCache(enabled=False)`` turns it off.
+        executor: where evaluations run (default :class:`~modelsoup.recipes.executor.SerialExecutor`, this process;
+            :class:`~modelsoup.recipes.executor.RayExecutor` spreads them over a Ray cluster).
+        close_executor: close the executor with the pantry.
 
     Raises:
         OptionError: no ingredients, or labels that are not one per ingredient and unique.
     """
 
     def __init__(self, sources: Sequence[Any], *, labels: Sequence[str] | None = None, key: str | None = None,
-                 strip_prefix: str | None = None, keys: str = "exact", cache: EvalCache | None = None, base: str | Path | None = None) -> None:
+                 strip_prefix: str | None = None, keys: str = "exact", cache: EvalCache | None = None, base: str | Path | None = None,
+                 executor: Any = None, close_executor: bool = False) -> None:
         if not sources:
             raise OptionError("a soup needs at least one ingredient; give one or more checkpoints")
         names = list(labels) if labels is not None else short_labels(sources)
@@ -149,22 +156,52 @@ class Pantry:
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise OptionError(f"labels must be unique; {', '.join(map(repr, dups))} appear(s) more than once in {names}")
-        self.items = []
+        items = []
         for n, src in zip(names, sources):
             on_disk = isinstance(src, (str, Path))
             if on_disk and is_adapter(src):
                 if base is None:
                     raise OptionError(f"{src}: is a PEFT adapter; give the model it was trained on (--base BASE, or base= in the API)")
-                self.items.append(Ingredient(n, str(src), key, strip_prefix, base=str(base)))
+                items.append(Ingredient(n, str(src), key, strip_prefix, base=str(base)))
             else:
-                self.items.append(Ingredient(n, src, key if on_disk else None, strip_prefix if on_disk else None))
+                items.append(Ingredient(n, src, key if on_disk else None, strip_prefix if on_disk else None))
+        self._setup(items, keys, cache, executor)
+        self._close_executor = close_executor
+
+    def _setup(self, items: list[Ingredient], keys: str, cache: EvalCache | None, executor: Any) -> None:
+        from .executor import SerialExecutor
+
+        self.items = items
         self.keys = keys
         self.cache = cache if cache is not None else EvalCache()
+        self.executor = executor if executor is not None else SerialExecutor()
+        self._close_executor = False
         self._open: dict[int, Checkpoint] = {}
         self._fingerprints: dict[int, str | None] = {}
         self._memo: dict[tuple[int, int], tuple[Score, Predictions | None]] = {}
         self.seconds: dict[tuple[int, int], float] = {}
         self._evaluators: dict[int, Evaluator] = {}
+
+    @classmethod
+    def from_items(cls, items: Sequence[Ingredient], *, keys: str = "exact") -> Pantry:
+        """A pantry of ingredients described by :meth:`portable` (a worker's copy: serial, no cache of its own)."""
+        pantry = cls.__new__(cls)
+        pantry._setup(list(items), keys, EvalCache(enabled=False), None)
+        return pantry
+
+    def portable(self) -> tuple[tuple[Ingredient, ...], str, str]:
+        """(the ingredients, the keys rule, a key naming them) for a worker that opens the checkpoints itself.
+
+        Raises:
+            OptionError: an in-memory ingredient (its tensors would have to be pickled to reach a worker).
+        """
+        memory = [it.label for it in self.items if it.path is None]
+        if memory:
+            raise OptionError(f"{', '.join(memory)}: in-memory models cannot be evaluated on other workers (their tensors would be pickled); "
+                              "save them (safetensors) where every worker can read them, and give the paths")
+        items = tuple(self.items)
+        digest = hashlib.sha256(json.dumps([it.model_ref() for it in items] + [self.keys], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return items, self.keys, digest
 
     def __len__(self) -> int:
         return len(self.items)
@@ -246,42 +283,75 @@ class Pantry:
         return rec, self.state(rec)
 
     # -- evaluation with caching ------------------------------------------------------------------
-    def _result(self, i: int, evaluator: Evaluator, need_predictions: bool) -> tuple[Score, Predictions | None]:
+    def _disk_key(self, i: int, evaluator: Evaluator) -> str | None:
+        fp = self.fingerprint(i) if self.cache.enabled else None  # no cache: nothing to key, so no input is hashed
+        return EvalCache.key(evaluator.identity(), fp) if fp is not None else None
+
+    def _lookup(self, i: int, evaluator: Evaluator, need_predictions: bool) -> tuple[Score, Predictions | None] | None:
+        """A result already known: in memory, or in the on-disk cache (then remembered)."""
         memo_key = (i, id(evaluator))
         self._evaluators[id(evaluator)] = evaluator  # keeps the id from being reused while memoised
         got = self._memo.get(memo_key)
         if got is not None and (got[1] is not None or not need_predictions):
             return got
-        fp = self.fingerprint(i) if self.cache.enabled else None  # no cache: nothing to key, so no input is hashed
-        disk_key = EvalCache.key(evaluator.identity(), fp) if fp is not None else None
+        disk_key = self._disk_key(i, evaluator)
+        if disk_key is None:
+            return None
         wants_preds = isinstance(evaluator, PredictionEvaluator)
-        if disk_key is not None:
-            hit = self.cache.get(disk_key, need_predictions=wants_preds)
-            if hit is not None and hit[1] is not None:
-                # scores are recomputed from cached predictions, so new metrics reach old cache entries
-                assert isinstance(evaluator, PredictionEvaluator)
-                hit = (evaluator.score(hit[1], seconds=hit[0].metrics.get("seconds")), hit[1])
-            if hit is not None:
-                log.info("%s: %s (cached)", self.items[i].label, hit[0])
-                self._memo[memo_key] = hit
-                self.seconds[memo_key] = 0.0
-                return hit
-        label = self.items[i].label
-        _, state = self.soup([i])
-        t0 = time.perf_counter()
-        preds: Predictions | None = None
-        if wants_preds:
+        hit = self.cache.get(disk_key, need_predictions=wants_preds)
+        if hit is not None and hit[1] is not None:
+            # scores are recomputed from cached predictions, so new metrics reach old cache entries
             assert isinstance(evaluator, PredictionEvaluator)
-            preds = evaluator.predict(state, label=label)
-            score = evaluator.score(preds, seconds=time.perf_counter() - t0)
-        else:
-            score = evaluator.evaluate(state, label=label)
-        self.seconds[memo_key] = time.perf_counter() - t0
-        log.info("%s: %s", label, score)
-        if disk_key is not None:
-            self.cache.put(disk_key, score, preds, about={"ingredient": label, "evaluator": evaluator.identity()})
-        self._memo[memo_key] = (score, preds)
-        return score, preds
+            hit = (evaluator.score(hit[1], seconds=hit[0].metrics.get("seconds")), hit[1])
+        if hit is not None:
+            log.info("%s: %s (cached)", self.items[i].label, hit[0])
+            self._memo[memo_key] = hit
+            self.seconds[memo_key] = 0.0
+        return hit
+
+    def prefetch(self, indices: Sequence[int], evaluator: Evaluator, *, predictions: bool = False) -> None:
+        """Evaluate every ingredient of ``indices`` not known yet, all at once (spread over the executor's workers)."""
+        need = list(dict.fromkeys(i for i in indices if self._lookup(i, evaluator, predictions) is None))
+        if not need:
+            return
+        from .executor import Task
+
+        t0 = time.perf_counter()
+        results = self.executor.run(self, evaluator, [Task(self.items[i].label, self.recipe([i])) for i in need])
+        wall = time.perf_counter() - t0
+        for i, (score, preds) in zip(need, results):
+            memo_key = (i, id(evaluator))
+            self.seconds[memo_key] = score.metrics.get("seconds", wall / len(need))
+            log.info("%s: %s", self.items[i].label, score)
+            disk_key = self._disk_key(i, evaluator)
+            if disk_key is not None:
+                self.cache.put(disk_key, score, preds, about={"ingredient": self.items[i].label, "evaluator": evaluator.identity()})
+            self._memo[memo_key] = (score, preds)
+
+    def _result(self, i: int, evaluator: Evaluator, need_predictions: bool) -> tuple[Score, Predictions | None]:
+        self.prefetch([i], evaluator, predictions=need_predictions)
+        got = self._lookup(i, evaluator, need_predictions)
+        assert got is not None
+        return got
+
+    def evaluate(self, recipe: Recipe, evaluator: Evaluator, label: str) -> tuple[Score, Predictions | None]:
+        """(score, predictions or None) of a soup of this pantry's ingredients; on a cluster, split into batch shards."""
+        from .executor import Task
+
+        return self.executor.run(self, evaluator, [Task(label, recipe)])[0]
+
+    def evaluate_many(self, tasks: Sequence[tuple[str, Recipe]], evaluator: Evaluator, *, progress: bool | None = None,
+                      desc: str = "evaluating") -> list[tuple[Score, Predictions | None]]:
+        """(score, predictions or None) of each (label, recipe), in order; on a cluster, one per worker at a time."""
+        from .executor import Task
+
+        todo = [Task(label, rec) for label, rec in tasks]
+        if self.executor.workers > 1:
+            return self.executor.run(self, evaluator, todo)
+        out = []
+        for t in tqdm(todo, desc=desc, unit="soup", disable=not progress_on(progress), leave=False):
+            out.extend(self.executor.run(self, evaluator, [t]))
+        return out
 
     def score(self, i: int, evaluator: Evaluator) -> Score:
         """Score of ingredient ``i`` (from the cache when its files and the evaluator are unchanged)."""
@@ -299,9 +369,13 @@ class Pantry:
         return preds
 
     def close(self) -> None:
+        """Close the checkpoints, and the executor if this pantry was given it to close."""
         for ck in self._open.values():
             ck.close()
         self._open.clear()
+        if self._close_executor:
+            self.executor.close()
+            self._close_executor = False
 
     def __enter__(self) -> Pantry:
         return self

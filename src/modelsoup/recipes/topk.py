@@ -279,6 +279,7 @@ def topk_average(
     pantry, own = as_pantry(checkpoints, **pantry_options)
     try:
         if evaluator is not None:
+            pantry.prefetch(range(len(pantry)), evaluator)
             scores = [pantry.score(i, evaluator) for i in range(len(pantry))]
             values = [s.value for s in scores]
             metric_name = scores[0].metric
