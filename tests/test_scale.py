@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -158,3 +159,26 @@ def test_learned_soup_memory_choice_follows_the_estimate(digits_run, one_clearly
         learned_soup(one_clearly_best, val, max_memory=2 * model_bytes, **kw)
     with pytest.raises(InsufficientMemoryError, match="--learn-memory streaming"):
         learned_soup(one_clearly_best, val, memory="resident", max_memory=4 * model_bytes, **kw)
+
+
+# -- the cost of a cook run, before it starts ------------------------------------------------------------------------
+
+def test_cook_dry_run_counts_evaluations_and_writes_nothing(digits_run, tmp_path, capsys):
+    from modelsoup.cli import main
+
+    out = tmp_path / "out"
+    args = ["cook", *map(str, digits_run.paths), "--eval", f"{Path(__file__).parent / 'digits_scoring.py'}:accuracy",
+            "--heldout", str(digits_run.folder / "val.safetensors"), "--test", str(digits_run.folder / "test.safetensors"),
+            "--soups", "uniform,greedy,learned,ensemble", "--epochs", "3", "-o", str(out), "--no-cache", "--dry-run"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "5 ingredients" in text and "dry run: nothing was evaluated or written" in text
+    assert "  ingredients: 10" in text  # 5 on held-out, 5 on test
+    assert "  greedy soup (one per candidate): 5" in text  # 4 candidates and the result on test
+    assert "learned soup (uniform start, one per epoch, the result on test): 5" in text
+    assert "disk for the saved soups" in text
+    assert not out.exists()
+    assert main(args + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out.split("dry run:")[0])
+    assert data["ingredients"] == 5 and data["evaluations"]["uniform soup"] == 2
+    assert data["disk"] == 3 * data["model_bytes"]  # uniform, greedy and learned soups are written

@@ -29,6 +29,8 @@ def cmd_cook(a: argparse.Namespace) -> int:
             raise SoupError(f"--max-memory {a.max_memory!r}: give a size like 8GB")
         learned["max_memory"] = size
     heldout, test = evaluators(a, default_model(a, a.inputs))
+    if a.dry_run:
+        return _dry_run(a, recipes, save, learned, heldout, test)
     with open_pantry(a, a.inputs) as pantry:
         result = cook(pantry, heldout, test=test, recipes=recipes, output=a.output, save=save, overwrite=a.overwrite, allow_equal=a.allow_equal,
                       learned_options=learned, calibrate=a.calibrate, progress=progress(a),
@@ -36,6 +38,25 @@ def cmd_cook(a: argparse.Namespace) -> int:
     print(result.to_markdown())
     if a.output:
         print(f"results and soups in {a.output} ({result.seconds:.0f} s)")
+    return 0
+
+
+def _dry_run(a: argparse.Namespace, recipes: list[str], save: list[str] | None, learned: dict[str, Any], heldout: Any, test: Any) -> int:
+    """Print what the run would cost (evaluations, reads, memory, disk) and evaluate nothing."""
+    import json
+
+    from ..recipes.costs import soup_costs
+    from ..recipes.names import ENSEMBLES
+
+    soups = [r for r in recipes if r not in ENSEMBLES]
+    saved = 0 if not a.output else len([r for r in soups if save is None or r in save])
+    a.ray = None  # nothing is evaluated: no cluster
+    with open_pantry(a, a.inputs) as pantry:
+        cost = soup_costs(pantry, heldout, recipes, test=test is not None, epochs=learned.get("epochs", 5), start=learned.get("start", "best"),
+                          learn_memory=learned.get("memory", "auto"), accumulate=learned.get("accumulate"), max_memory=learned.get("max_memory"),
+                          saved=saved, output=a.output)
+    print(json.dumps(cost.to_dict(), indent=2) if a.json else cost.describe())
+    print("dry run: nothing was evaluated or written")
     return 0
 
 
@@ -118,6 +139,8 @@ def add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, o
     c.add_argument("--no-temperature-scaling", dest="calibrate", action="store_false",
                    help="report calibration as is only (default: also after a temperature fitted on held-out predictions, with --test)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--dry-run", action="store_true", help="print what the run would cost (evaluations, checkpoint reads, memory, disk) and stop")
+    c.add_argument("--json", action="store_true", help="with --dry-run: the figures as JSON")
     if output_required:
         c.add_argument("--as-adapter", choices=["cat", "svd"],
                        help="with adapter ingredients (--base): write each soup as a PEFT adapter, cat (exact) or svd (truncated to --rank)")
