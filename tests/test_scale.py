@@ -182,3 +182,24 @@ def test_cook_dry_run_counts_evaluations_and_writes_nothing(digits_run, tmp_path
     data = json.loads(capsys.readouterr().out.split("dry run:")[0])
     assert data["ingredients"] == 5 and data["evaluations"]["uniform soup"] == 2
     assert data["disk"] == 3 * data["model_bytes"]  # uniform, greedy and learned soups are written
+
+
+@pytest.mark.slow
+def test_streaming_learned_soup_reaches_the_resident_coefficients_on_minilm(minilm_classifier, reviews_csv, tmp_path):
+    from modelsoup.eval.text import TextClassificationEvaluator
+
+    base = load_file(minilm_classifier / "model.safetensors")
+    paths = []
+    for i, scale in enumerate((0.0, 0.02, 0.05)):  # the classifier and two noisier copies of it
+        g = torch.Generator().manual_seed(i)
+        sd = {k: (v + scale * torch.randn(v.shape, generator=g) * v.float().std().clamp_min(1e-3) if v.is_floating_point() and v.dim() > 1 else v)
+              for k, v in base.items()}
+        save_file(sd, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    ev = TextClassificationEvaluator(minilm_classifier, reviews_csv, batch_size=3, progress=False)
+    kw = dict(by="layer", epochs=2, lr=0.2, start="uniform", accumulate=2, progress=False, cache=EvalCache(enabled=False))
+    resident = learned_soup(paths, ev, memory="resident", **kw)
+    streaming = learned_soup(paths, ev, memory="streaming", **kw)
+    assert resident.epoch == streaming.epoch
+    assert torch.allclose(_coefficients(resident), _coefficients(streaming), atol=1e-5, rtol=0)
+    assert (_coefficients(resident) - 1 / 3).abs().max() > 1e-3  # it moved

@@ -14,8 +14,8 @@ uniform or the greedy soup on the held-out data that chose them.
 
 Two ways to compute the same gradient (``memory``):
 
-- ``resident``: every ingredient in float32 on the evaluator's device, the loss differentiated through
-  ``torch.func.functional_call``: (N + 3) x the model's float32 size.
+- ``resident``: every ingredient in float32 on the evaluator's device, the soup built from them and the loss
+  differentiated through ``torch.func.functional_call``: (N + 3) x the model's float32 size.
 - ``streaming``: the soup is loaded into the evaluator's module, one forward/backward per batch gives dL/dtheta,
   and, since theta = sum_i a_i theta_i per coefficient group, dL/da_i = <dL/dtheta, theta_i> summed over the group's
   tensors: one pass over the ingredients, one tensor at a time, gives every coefficient's gradient, and the next
@@ -49,6 +49,7 @@ from .pantry import Pantry
 from ..plan import layer_index
 from ..progress import progress_on
 from ..devices import available_memory
+from ..methods.linear import linear
 
 log = logging.getLogger("modelsoup")
 
@@ -141,17 +142,24 @@ class _Resident:
         self.evaluator, self.names, self.group, self.by = evaluator, names, group, by
         self.stacks = {name: torch.stack([ck.read(name).to(device=device, dtype=torch.float32) for ck in cks]) for name in names}
 
-    def merged(self, coef: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: torch.tensordot(coef if self.by == "model" else coef[self.group[k]], self.stacks[name], dims=1)
-                for k, name in enumerate(self.names)}
-
     def gradient(self, coefficients: Any, batches: Sequence[Any], recipe: Any) -> tuple[float, int]:
-        """Accumulate d(summed loss)/d alpha over ``batches`` into alpha.grad; (summed loss, items)."""
+        """Accumulate d(summed loss)/d alpha over ``batches`` into alpha.grad; (summed loss, items).
+
+        The soup's tensors are leaves: backward gives dL/dtheta, and dL/da_i = <dL/dtheta, theta_i> is formed
+        from the stacks exactly as the streaming mode forms it from the files (so ingredients that agree on a
+        tensor get exactly equal gradients there, which Adam would otherwise turn from rounding noise into steps).
+        """
         module, ev = self.evaluator.module, self.evaluator
+        with torch.no_grad():  # the soup as the merge computes it (the linear method, float64 sums), as the streaming mode loads it
+            coef = [float(x) for x in coefficients().detach().double().cpu().reshape(-1)]
+            n = self.stacks[self.names[0]].shape[0] if self.names else 0
+            params = {}
+            for k, name in enumerate(self.names):
+                row = coef if self.by == "model" else coef[self.group[k] * n:(self.group[k] + 1) * n]
+                stack = self.stacks[name]
+                params[name] = linear([stack[i] for i in range(n)], weights=row).requires_grad_(True)
         total, items = 0.0, 0
         for batch in batches:
-            params = self.merged(coefficients())
-
             def call(*args: Any, **kwargs: Any) -> Any:
                 return functional_call(module, params, args, kwargs)
 
@@ -159,6 +167,19 @@ class _Resident:
             loss_sum.backward()
             total += float(loss_sum.detach())
             items += n
+        coef = coefficients()
+        g_coef = torch.zeros(coef.shape, dtype=torch.float64, device=coef.device)
+        with torch.no_grad():
+            for k, name in enumerate(self.names):
+                grad = params[name].grad
+                if grad is None:
+                    continue  # the loss does not depend on this tensor
+                row = g_coef if self.by == "model" else g_coef[self.group[k]]
+                g = grad.reshape(-1).to(torch.float32)
+                stack = self.stacks[name]
+                for i in range(stack.shape[0]):
+                    row[i] += float(torch.dot(g, stack[i].reshape(-1)))
+        coef.backward(g_coef.to(torch.float32))
         return total, items
 
     def close(self) -> None:
