@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from modelsoup import merge
 from modelsoup.cli import main
-from modelsoup.engine import CPU, on_device, resolve_device, run_jobs
+from modelsoup.devices import resolve_device
+from modelsoup.engine import CPU, on_device, run_jobs
 from modelsoup.errors import OptionError
 from modelsoup.io.virtual import VirtualCheckpoint
 from modelsoup.methods import available_methods
@@ -156,3 +157,23 @@ def test_cuda_equals_cpu(method, params, exact):
             torch.testing.assert_close(gpu[name], t, **FP32_VS_LIBRARY)
         if method.startswith(("dare", "della")):  # the CPU generator's masks, drawn on the CPU
             assert torch.equal(gpu[name] == 0, t == 0), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the wiring where there is no GPU")
+def test_a_merge_on_cuda_really_moves_the_inputs_there(tmp_path):
+    """Without a GPU, computing on cuda must fail: a device that is silently ignored merges on the CPU and says nothing."""
+    from safetensors.torch import save_file
+
+    from modelsoup.engine import MergeRun
+    from modelsoup.io import open_checkpoint
+    from modelsoup.plan import plan_merge
+    from modelsoup.recipe import recipe_from_dict
+
+    for i in range(2):
+        save_file({"w": torch.full((4, 4), float(i))}, tmp_path / f"m{i}.safetensors")
+    cks = [open_checkpoint(tmp_path / f"m{i}.safetensors") for i in range(2)]
+    plan = plan_merge(recipe_from_dict({"method": "linear", "models": [str(tmp_path / "m0.safetensors"), str(tmp_path / "m1.safetensors")]}), cks, None)
+    job = next(j for j in plan.jobs if j.name == "w")
+    assert torch.equal(MergeRun(plan).compute(job), torch.full((4, 4), 0.5))
+    with pytest.raises((AssertionError, RuntimeError)):  # torch: "Torch not compiled with CUDA enabled"
+        MergeRun(plan, device=torch.device("cuda")).compute(job)

@@ -103,7 +103,7 @@ def test_greedy_reads_each_checkpoint_a_number_of_times_independent_of_n(digits_
 
 # -- learned soup: streaming = resident, and a start that is never below greedy ---------------------------------------
 
-from modelsoup.errors import InsufficientMemoryError  # noqa: E402
+from modelsoup.errors import InsufficientMemoryError, OptionError  # noqa: E402
 from modelsoup.recipes import learned_soup  # noqa: E402
 
 
@@ -203,3 +203,16 @@ def test_streaming_learned_soup_reaches_the_resident_coefficients_on_minilm(mini
     assert resident.epoch == streaming.epoch
     assert torch.allclose(_coefficients(resident), _coefficients(streaming), atol=1e-5, rtol=0)
     assert (_coefficients(resident) - 1 / 3).abs().max() > 1e-3  # it moved
+
+
+def test_evaluation_device_defaults_to_cuda_when_present_and_a_missing_gpu_is_refused(monkeypatch):
+    from modelsoup.devices import default_device
+    from modelsoup.eval.factory import make_evaluators
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
+    with pytest.raises(OptionError, match="--device cuda: CUDA is not available"):
+        make_evaluators("text-classification", heldout="x.csv", model=Path(__file__).parent, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert default_device() == torch.device("cuda", 0)

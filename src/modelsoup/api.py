@@ -183,7 +183,7 @@ def merge(
         OutputExistsError, OutputError: bad input or an output that would lose data (or not fit); nothing is written.
         OptionError: a ``device`` that is not available, or ``dry_run``/``device`` with a multi-stage recipe.
     """
-    from .engine import resolve_device
+    from .devices import resolve_device
     from .estimate import check_disk_space, estimate_merge
 
     dev = resolve_device(device, "device=")

@@ -29,7 +29,7 @@ from torch.utils._device import _device_constructors
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .errors import MethodError, NonFiniteError, OptionError
+from .errors import MethodError, NonFiniteError
 from .io import Checkpoint
 from .methods.ops import all_finite
 from .plan import MergePlan, Source, TensorJob
@@ -60,37 +60,6 @@ def default_workers() -> int:
 
 
 CPU = torch.device("cpu")
-
-
-def resolve_device(device: str | torch.device | None, flag: str = "--device") -> torch.device:
-    """The device a merge computes on: ``cpu`` (None, the default), ``cuda`` or ``cuda:N``, checked to exist.
-
-    Args:
-        device: as given by the user.
-        flag: how messages name the option (``--device``, ``--cuda``, ``device=``).
-
-    Raises:
-        OptionError: not a device name, a device other than cpu/cuda, CUDA not available, or no such GPU.
-    """
-    if device is None:
-        return CPU
-    where = f"{flag}{device!r}" if flag.endswith("=") else "--cuda (--device cuda)" if flag == "--cuda" else f"{flag} {device}"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise OptionError(f"{where}: not a device; give cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return CPU
-    if dev.type != "cuda":
-        raise OptionError(f"{where}: a merge computes on the CPU or an NVIDIA GPU; give cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}, but no GPU is visible"
-        raise OptionError(f"{where}: CUDA is not available here ({build}, torch {torch.__version__}). Merge on the CPU "
-                          "(leave out the flag, or --device cpu), or run on a machine with an NVIDIA GPU and a CUDA build of torch")
-    count = torch.cuda.device_count()
-    if dev.index is not None and dev.index >= count:
-        raise OptionError(f"{where}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}; give one of them")
-    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 class _OnDevice(TorchFunctionMode):
@@ -182,12 +151,15 @@ class MergeRun:
                 with self._lock:
                     self._disagreeing.append((job.name, self.inputs[job.sources[0][0]].label))
             return ref.clone()
+        dev = self.device
         if job.nbytes >= PARALLEL_READ_BYTES and len(job.sources) > 1:
-            tensors = list(_READ_POOL.map(lambda s: self._get(s, upcast=True), job.sources))
+            tensors = list(_READ_POOL.map(lambda s: self._get(s, upcast=True, device=dev), job.sources))
         else:
-            tensors = [self._get(s, upcast=True) for s in job.sources]
-        base = self._get(job.base_source, upcast=True) if job.base_source is not None else None
+            tensors = [self._get(s, upcast=True, device=dev) for s in job.sources]
+        base = self._get(job.base_source, upcast=True, device=dev) if job.base_source is not None else None
         gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name)) if plan.method.random else None
+        if dev.type != "cpu":
+            return self.finish(job, self._on_device(job, tensors, base, gen).to(CPU))
         out = plan.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
         return self.finish(job, out)
 

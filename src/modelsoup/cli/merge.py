@@ -63,7 +63,7 @@ def _merge_stages(a: argparse.Namespace) -> int:
 
 def _device(a: argparse.Namespace) -> Any:
     """The device of --device / --cuda (mergekit's name for --device cuda), checked before anything is read."""
-    from ..engine import resolve_device
+    from ..devices import resolve_device
 
     if a.cuda and a.device not in (None, "cuda") and not str(a.device).startswith("cuda"):
         raise SoupError(f"--cuda and --device {a.device} disagree; give one (--cuda is --device cuda)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..devices import default_device
+from ..devices import default_device, resolve_device
 from ..errors import EvaluatorError
 from .base import Evaluator, function_evaluator
 
@@ -30,7 +30,7 @@ def make_evaluators(spec: str, *, heldout: str, test: str | None = None, model: 
     """
     opts = {k: v for k, v in options.items() if v is not None}
     if spec in BUILTINS:
-        opts.setdefault("device", default_device())  # a GPU when there is one
+        opts["device"] = resolve_device(opts["device"]) if "device" in opts else default_device()  # a GPU when there is one
         if model is None or not (Path(model) / "config.json").is_file():
             raise EvaluatorError(
                 f"the built-in '{spec}' evaluator needs a Hugging Face model folder (config.json and tokenizer) for the architecture; "
