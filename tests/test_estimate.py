@@ -169,3 +169,18 @@ def test_dry_run_estimate_says_when_it_does_not_fit(tmp_path, monkeypatch):
 def test_helpers():
     assert human_bytes(999) == "999 B" and human_bytes(1500) == "1.5 kB" and human_bytes(141.1e9) == "141.1 GB"
     assert nearest_existing(Path("/definitely/not/here/x")) == Path("/")
+
+
+def test_disk_needed_counts_the_files_the_output_copies_not_a_git_clones_lfs_objects(tmp_path):
+    # a git-lfs clone keeps a second copy of the weights under .git/lfs/objects, without a weight suffix
+    folders = []
+    for i in range(2):
+        f = tmp_path / f"m{i}"
+        (f / ".git" / "lfs" / "objects" / "ab").mkdir(parents=True)
+        save_file({"w": torch.zeros(64, 64)}, f / "model.safetensors")
+        (f / "config.json").write_text("{}")
+        with open(f / ".git" / "lfs" / "objects" / "ab" / "abcdef", "wb") as fh:
+            fh.truncate(1 << 30)  # sparse: 1 GB that takes no disk
+        folders.append(f)
+    est = merge({"method": "linear", "models": [str(f) for f in folders]}, tmp_path / "out", dry_run=True, progress=False)
+    assert est.disk_needed < 1 << 20, est.disk_needed

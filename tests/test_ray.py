@@ -97,6 +97,17 @@ def test_in_memory_models_are_refused_on_a_cluster(digits_run, cluster):
         p.score(0, digits_run.evaluator("val"))
 
 
+def test_a_second_executor_on_a_full_cluster_is_refused_and_leaves_the_first_working(digits_run, cluster, monkeypatch):
+    from modelsoup.recipes import executor
+
+    monkeypatch.setattr(executor, "WORKER_START_TIMEOUT", 10.0)
+    with pytest.raises(OptionError, match="not enough for"):
+        executor.RayExecutor("local", workers=1)  # the module's two workers hold both CPUs
+    assert ray.is_initialized()
+    p = _pantry(digits_run.paths[:2], cluster)
+    assert p.score(0, digits_run.evaluator("val")).value > 0.5
+
+
 def test_cli_cook_with_ray_local_prints_the_serial_table(digits_run, cluster, tmp_path, capsys):
     """Last in this file: it stops the module's cluster, so that the command line starts its own local one."""
     from modelsoup.cli import main

@@ -216,3 +216,45 @@ def test_evaluation_device_defaults_to_cuda_when_present_and_a_missing_gpu_is_re
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert default_device() == torch.device("cuda", 0)
+
+
+def _tiny_pantry(tmp_path, dtype=torch.float32, batchnorm=False, n=3):
+    """n perturbed copies of a small classifier (with batch norm, or in bf16), random data, and its evaluator."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from modelsoup.eval.module import ClassificationEvaluator
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 32)] + ([nn.BatchNorm1d(32)] if batchnorm else []) + [nn.ReLU(), nn.Linear(32, 4)]
+    net = nn.Sequential(*layers)
+    x = torch.randn(96, 16)
+    y = (x[:, :4].argmax(1))
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        sd = {k: (v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v).to(dtype if v.is_floating_point() else v.dtype)
+              for k, v in net.state_dict().items()}
+        save_file(sd, tmp_path / f"t{i}.safetensors")
+        paths.append(tmp_path / f"t{i}.safetensors")
+    net = net.to(dtype)
+    loader = DataLoader(TensorDataset(x.to(dtype), y), batch_size=16)
+    return paths, ClassificationEvaluator(net, loader, progress=False)
+
+
+@pytest.mark.parametrize("case", ["batchnorm", "bfloat16"])
+def test_streaming_equals_resident_with_batch_norm_buffers_and_in_bf16(tmp_path, case):
+    paths, ev = _tiny_pantry(tmp_path, dtype=torch.bfloat16 if case == "bfloat16" else torch.float32, batchnorm=case == "batchnorm")
+    for by in ("model", "tensor"):
+        kw = dict(by=by, epochs=2, lr=0.2, start="uniform", accumulate=2, progress=False, cache=EvalCache(enabled=False))
+        resident = learned_soup(paths, ev, memory="resident", **kw)
+        streaming = learned_soup(paths, ev, memory="streaming", **kw)
+        assert resident.epoch == streaming.epoch, by
+        assert torch.allclose(_coefficients(resident), _coefficients(streaming), atol=1e-5, rtol=0), by
+        assert (_coefficients(resident) - 1 / 3).abs().max() > 1e-3, by
+
+
+def test_no_epoch_needs_no_memory_to_learn(tmp_path):
+    paths, ev = _tiny_pantry(tmp_path)
+    res = learned_soup(paths, ev, epochs=0, start="uniform", max_memory=1, progress=False, cache=EvalCache(enabled=False))
+    assert res.epoch == 0 and res.start == "uniform"

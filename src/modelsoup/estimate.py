@@ -21,7 +21,8 @@ import torch
 
 from .engine import DEFAULT_MEMORY_BUDGET, MergeRun, computed_jobs, default_workers, job_cost, peak_in_flight
 from .errors import OutputError
-from .io.formats import FOREIGN_WEIGHT_SUFFIXES, tensor_nbytes
+from .io.formats import tensor_nbytes
+from .io.output import model_files
 from .plan import MergePlan, TensorJob
 
 # The sample timed for the wall-time estimate: up to this many bytes read, up to this many tensors, and
@@ -184,13 +185,12 @@ def _copied_bytes(plan: MergePlan) -> int:
     if not folders:
         return 0
     total = 0
-    for root, _, files in os.walk(folders[0]):
-        for f in files:
-            if not f.endswith(FOREIGN_WEIGHT_SUFFIXES) and not f.startswith("."):
-                try:
-                    total += os.stat(os.path.join(root, f)).st_size
-                except OSError:
-                    pass
+    for _, files in model_files(folders[0]):  # the very files the output copies
+        for _, real in files:
+            try:
+                total += os.stat(real).st_size
+            except OSError:
+                pass
     return total
 
 

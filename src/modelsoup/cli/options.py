@@ -105,15 +105,14 @@ def open_pantry(a: argparse.Namespace, paths: list[str]) -> Any:
     from ..eval.cache import EvalCache
     from ..recipes import Pantry
 
-    executor = None
-    if getattr(a, "ray", None) is not None:
+    pantry = Pantry(paths, key=a.key, strip_prefix=a.strip_prefix, cache=EvalCache(a.cache_dir, enabled=not a.no_cache), base=getattr(a, "base", None))
+    if getattr(a, "ray", None) is not None:  # after the pantry: a bad input is refused before a cluster starts
         from ..recipes.executor import RayExecutor
 
         if a.ray_workers is not None and a.ray_workers < 1:
             raise SoupError(f"--ray-workers {a.ray_workers}: give 1 or more")
-        executor = RayExecutor(a.ray, workers=a.ray_workers)
-    return Pantry(paths, key=a.key, strip_prefix=a.strip_prefix, cache=EvalCache(a.cache_dir, enabled=not a.no_cache), base=getattr(a, "base", None),
-                  executor=executor, close_executor=True)
+        pantry.use_executor(RayExecutor(a.ray, workers=a.ray_workers), close=True)
+    return pantry
 
 
 def parse_floats(text: str, what: str) -> list[float]:

@@ -371,12 +371,7 @@ def copy_model_files(src: Path, dst: Path, *, tokenizer: bool = True, only_token
         CheckpointError: a link that leaves the folder, a broken link or a symlink loop.
     """
     copied = []
-    for p in sorted(src.iterdir()):
-        if p.name in SKIP_NAMES or p.name.startswith(".") or p.name.endswith(".index.json") or (not tokenizer and p.name in TOKENIZER_FILES) or (only_tokenizer and p.name not in TOKENIZER_FILES):
-            continue
-        files = _tree(p, Path(p.name), src, frozenset())
-        if any(rel.suffix in FOREIGN_WEIGHT_SUFFIXES for rel, _ in files):
-            continue
+    for p, files in model_files(src, tokenizer=tokenizer, only_tokenizer=only_tokenizer):
         if not files:
             (dst / p.name).mkdir()
         for rel, real in files:
@@ -384,6 +379,23 @@ def copy_model_files(src: Path, dst: Path, *, tokenizer: bool = True, only_token
             shutil.copyfile(real, dst / rel)
         copied.append(p.name + ("/" if p.resolve().is_dir() else ""))
     return copied
+
+
+def model_files(src: Path, *, tokenizer: bool = True, only_tokenizer: bool = False) -> list[tuple[Path, list[tuple[Path, Path]]]]:
+    """What :func:`copy_model_files` copies: each top-level entry kept, with its files as (path in the copy, real file).
+
+    Left out: weights (and any subfolder holding one), shard indexes, hidden entries (``.git``, whose LFS objects
+    are copies of the weights), :data:`SKIP_NAMES`, and the tokenizer as asked.
+    """
+    out = []
+    for p in sorted(src.iterdir()):
+        if p.name in SKIP_NAMES or p.name.startswith(".") or p.name.endswith(".index.json") or (not tokenizer and p.name in TOKENIZER_FILES) or (only_tokenizer and p.name not in TOKENIZER_FILES):
+            continue
+        files = _tree(p, Path(p.name), src, frozenset())
+        if any(rel.suffix in FOREIGN_WEIGHT_SUFFIXES for rel, _ in files):
+            continue
+        out.append((p, files))
+    return out
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:

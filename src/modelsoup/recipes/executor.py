@@ -33,6 +33,11 @@ from ..recipe import Recipe
 
 log = logging.getLogger("modelsoup")
 
+# seconds the workers may take to start (import torch, load the module) before the cluster is taken to be full
+WORKER_START_TIMEOUT = float(os.environ.get("MODELSOUP_RAY_START_TIMEOUT", "180"))
+# executors open in this process, and whether this process started the local Ray it uses (then the last one stops it)
+_OPEN = {"count": 0, "started": False}
+
 
 @dataclass(frozen=True)
 class Task:
@@ -125,7 +130,7 @@ class RayExecutor:
         import torch
 
         self._ray = ray
-        self._started = False
+        self._closed = False
         if not ray.is_initialized():
             try:
                 if address == "local":
@@ -136,23 +141,29 @@ class RayExecutor:
             except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError... for an address it cannot use
                 raise OptionError(f"--ray {address}: cannot start or join the Ray cluster ({type(e).__name__}: {e}); "
                                   "give `local`, `auto` or the address `ray start --head` printed") from None
-            self._started = True
+            _OPEN["started"] = True
+        _OPEN["count"] += 1
         free = ray.available_resources()
         gpus = int(free.get("GPU", 0))
         cpus = int(free.get("CPU", 0))
         self.workers = workers or (gpus if gpus else cpus)
+        full = (f"--ray {address}: the cluster has {cpus} free CPU(s) and {gpus} free GPU(s), not enough for "
+                f"{max(self.workers, 1)} worker(s) of one CPU{' and one GPU' if gpus else ''} each; give fewer --ray-workers, or free or add resources")
         if self.workers < 1 or cpus < self.workers or (gpus and gpus < self.workers):
-            if self._started:
-                ray.shutdown()
-            raise OptionError(f"--ray {address}: the cluster has {cpus} free CPU(s) and {gpus} free GPU(s), not enough for "
-                              f"{max(self.workers, 1)} worker(s) of one CPU{' and one GPU' if gpus else ''} each; "
-                              "give fewer --ray-workers, or free or add resources")
+            self._release()
+            raise OptionError(full)
         self.threads = threads or torch.get_num_threads()
         options: dict[str, Any] = {"num_cpus": 1}
         if gpus:
             options["num_gpus"] = 1
         actor = ray.remote(**options)(_WorkerCore)
         self._actors = [actor.remote(self.threads) for _ in range(self.workers)]
+        try:  # free resources are reserved as actors start: wait for them, or a full cluster hangs every call
+            ray.get([a.__ray_ready__.remote() for a in self._actors], timeout=WORKER_START_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise OptionError(f"{full} (the workers did not start within {WORKER_START_TIMEOUT:.0f} s; "
+                              "MODELSOUP_RAY_START_TIMEOUT sets how long to wait)") from None
         self._refs: dict[int, tuple[str, list[Any]]] = {}
         self._keepalive: list[Any] = []
         log.info("ray: %d worker(s) on %s", self.workers, address)
@@ -194,13 +205,21 @@ class RayExecutor:
         preds = evaluator.arrange(raw)
         return evaluator.score(preds, seconds=time.perf_counter() - t0), preds
 
+    def _release(self) -> None:
+        """This executor no longer uses Ray: the last one open stops the local Ray this process started."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN["count"] -= 1
+        if _OPEN["count"] == 0 and _OPEN["started"]:
+            self._ray.shutdown()
+            _OPEN["started"] = False
+
     def close(self) -> None:
-        for a in self._actors:
+        for a in getattr(self, "_actors", []):
             self._ray.kill(a)
         self._actors = []
-        if self._started:
-            self._ray.shutdown()
-            self._started = False
+        self._release()
 
 
 def make_executor(ray: str | None, *, workers: int | None = None) -> SerialExecutor | RayExecutor:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,9 +137,17 @@ def _start_alpha(weights: Sequence[float], temperature: float) -> torch.Tensor:
 class _Resident:
     """Every ingredient stacked in float32 on the device; the loss differentiated through functional_call."""
 
-    def __init__(self, evaluator: ModuleEvaluator, cks: Sequence[Any], names: Sequence[str], group: Sequence[int], by: str) -> None:
+    def __init__(self, evaluator: ModuleEvaluator, uniform: Any, dtypes: Sequence[torch.dtype], cks: Sequence[Any], names: Sequence[str],
+                 group: Sequence[int], by: str) -> None:
         device = evaluator.device
         self.evaluator, self.names, self.group, self.by = evaluator, names, group, by
+        targets = evaluator.module.state_dict(keep_vars=True)
+        # floating buffers (batch-norm statistics) are the uniform soup's, whatever soup the module last scored
+        buffers = {name for name, _ in evaluator.module.named_buffers(remove_duplicate=False)}
+        self.fixed = {name: uniform[name].to(device=device, dtype=targets[name].dtype) for name in buffers
+                      if name in targets and targets[name].is_floating_point() and name in uniform}
+        # the soup is rounded to the dtype it is written in, then to the module's, as the streaming mode loads it
+        self.dtypes = {name: (d, targets[name].dtype if name in targets else torch.float32) for name, d in zip(names, dtypes)}
         self.stacks = {name: torch.stack([ck.read(name).to(device=device, dtype=torch.float32) for ck in cks]) for name in names}
 
     def gradient(self, coefficients: Any, batches: Sequence[Any], recipe: Any) -> tuple[float, int]:
@@ -157,11 +165,12 @@ class _Resident:
             for k, name in enumerate(self.names):
                 row = coef if self.by == "model" else coef[self.group[k] * n:(self.group[k] + 1) * n]
                 stack = self.stacks[name]
-                params[name] = linear([stack[i] for i in range(n)], weights=row).requires_grad_(True)
+                written, held = self.dtypes[name]
+                params[name] = linear([stack[i] for i in range(n)], weights=row).to(written).to(held).requires_grad_(True)
         total, items = 0.0, 0
         for batch in batches:
             def call(*args: Any, **kwargs: Any) -> Any:
-                return functional_call(module, params, args, kwargs)
+                return functional_call(module, {**self.fixed, **params}, args, kwargs)
 
             loss_sum, n = ev.batch_loss(call, to_device(batch, ev.device))
             loss_sum.backward()
@@ -186,12 +195,36 @@ class _Resident:
         self.stacks = {}
 
 
+class _Learning(Mapping[str, torch.Tensor]):
+    """The weights the streaming mode learns with: the learned tensors from the current soup, the rest (buffers, copies)
+    from the uniform soup, as the resident mode holds them (their tokens are the uniform soup's, so they load once)."""
+
+    def __init__(self, soup: Any, uniform: Any, learned: set[str]) -> None:
+        self.soup, self.uniform, self.learned = soup, uniform, learned
+
+    def _of(self, name: str) -> Any:
+        return self.soup if name in self.learned else self.uniform
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._of(name)[name]
+
+    def token(self, name: str) -> Any:
+        return self._of(name).token(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.uniform)
+
+    def __len__(self) -> int:
+        return len(self.uniform)
+
+
 class _Streaming:
     """The soup in the evaluator's module; dL/da_i = <dL/dtheta, theta_i>, read one tensor at a time."""
 
-    def __init__(self, evaluator: ModuleEvaluator, pantry: Pantry, cks: Sequence[Any], names: Sequence[str], group: Sequence[int],
-                 by: str, rows: int) -> None:
+    def __init__(self, evaluator: ModuleEvaluator, pantry: Pantry, uniform: Any, cks: Sequence[Any], names: Sequence[str],
+                 group: Sequence[int], by: str, rows: int) -> None:
         self.evaluator, self.pantry, self.cks, self.names, self.group, self.by, self.rows = evaluator, pantry, cks, names, group, by, rows
+        self.uniform = uniform
         targets = evaluator.module.state_dict(keep_vars=True)
         missing = [name for name in names if name not in targets]
         if missing:
@@ -203,7 +236,8 @@ class _Streaming:
     def gradient(self, coefficients: Any, batches: Sequence[Any], recipe: Any) -> tuple[float, int]:
         ev = self.evaluator
         module, device = ev.module, ev.device
-        load_weights(module, self.pantry.state(recipe), ignore_unexpected=ev.ignore_unexpected, label="learned soup")
+        load_weights(module, _Learning(self.pantry.state(recipe), self.uniform, set(self.names)), ignore_unexpected=ev.ignore_unexpected,
+                     label="learned soup")
         for t in self.targets.values():
             t.grad = None
             t.requires_grad_(True)
@@ -302,13 +336,16 @@ def learned_soup(
         n = len(pantry)
         every = list(range(n))
         uniform_recipe, uniform_state = pantry.soup(every)
-        learnable = [j for j in uniform_state.run.plan.jobs if j.action == "merge" and j.alias_of is None]
+        # the module's parameters are learned; its floating buffers (batch-norm statistics) come from the uniform soup
+        # while learning (they are not differentiable), and from the learned weights in the recipe written
+        parameters = {name for name, _ in evaluator.module.named_parameters(remove_duplicate=False)}
+        learnable = [j for j in uniform_state.run.plan.jobs if j.action == "merge" and j.alias_of is None and j.name in parameters]
         model_bytes = sum(4 * j.nbytes // j.dtype.itemsize for j in learnable)
         device = evaluator.device
         have = max_memory if max_memory is not None else available_memory(device)
         if memory == "auto":
             memory = "resident" if memory_estimate(model_bytes, n, "resident") <= have else "streaming"
-        need = memory_estimate(model_bytes, n, memory)
+        need = memory_estimate(model_bytes, n, memory) if epochs > 0 else 0  # no epoch: nothing is held to learn
         if need > have:
             how = (f"keeps all {n} ingredients in float32 on {device}: about {_gb(need)} ({n} x {_gb(model_bytes)} plus the merged weights, their gradient and the model)"
                    if memory == "resident" else f"streams the ingredients but holds the soup and its gradient on {device}: about {_gb(need)}")
@@ -370,7 +407,12 @@ def learned_soup(
         batches = list(evaluator.batches())
         step = accumulate if accumulate is not None else (1 if memory == "resident" else max(1, -(-len(batches) // STREAMING_UPDATES_PER_EPOCH)))
         updates = [batches[k:k + step] for k in range(0, len(batches), step)]
-        engine = _Resident(evaluator, cks, names, group, by) if memory == "resident" else _Streaming(evaluator, pantry, cks, names, group, by, rows)
+        if epochs == 0:
+            engine = None
+        elif memory == "resident":
+            engine = _Resident(evaluator, uniform_state, [j.dtype for j in learnable], cks, names, group, by)
+        else:
+            engine = _Streaming(evaluator, pantry, uniform_state, cks, names, group, by, rows)
         show = progress_on(progress)
         module.eval()  # dropout off: the coefficients see the model as it will be used
         with tqdm(total=epochs * len(batches), desc="learned soup", unit="batch", disable=not show, leave=False) as bar:
@@ -378,6 +420,7 @@ def learned_soup(
                 total, count = 0.0, 0
                 for chunk in updates:
                     opt.zero_grad(set_to_none=True)
+                    assert engine is not None
                     loss, items = engine.gradient(coefficients, chunk, as_recipe(coefficients())[0] if memory == "streaming" else None)
                     assert alpha.grad is not None
                     alpha.grad.div_(max(items, 1))  # the mean loss of the update's examples

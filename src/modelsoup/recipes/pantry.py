@@ -182,6 +182,10 @@ class Pantry:
         self.seconds: dict[tuple[int, int], float] = {}
         self._evaluators: dict[int, Evaluator] = {}
 
+    def use_executor(self, executor: Any, *, close: bool = False) -> None:
+        """Run evaluations on ``executor`` from now on (closed with the pantry if ``close``)."""
+        self.executor, self._close_executor = executor, close
+
     @classmethod
     def from_items(cls, items: Sequence[Ingredient], *, keys: str = "exact") -> Pantry:
         """A pantry of ingredients described by :meth:`portable` (a worker's copy: serial, no cache of its own)."""
