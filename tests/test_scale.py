@@ -153,7 +153,7 @@ def test_learned_soup_memory_choice_follows_the_estimate(digits_run, one_clearly
     val = digits_run.evaluator("val")
     model_bytes = sum(4 * t.numel() for t in load_file(one_clearly_best[0]).values())
     kw = dict(epochs=1, start="uniform", progress=False, cache=EvalCache(enabled=False))
-    assert learned_soup(one_clearly_best, val, max_memory=10 * model_bytes, **kw).memory == "resident"  # (3 + 3) x fits
+    assert learned_soup(one_clearly_best, val, max_memory=10 * model_bytes, **kw).memory == "resident"  # (3 + 4) x fits
     assert learned_soup(one_clearly_best, val, max_memory=4 * model_bytes, **kw).memory == "streaming"  # only 3 x fits
     with pytest.raises(InsufficientMemoryError, match="streams the ingredients"):
         learned_soup(one_clearly_best, val, max_memory=2 * model_bytes, **kw)

@@ -131,7 +131,7 @@ def add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, o
         c.add_argument("--learn-start", choices=["best", "uniform", "greedy"], default="best",
                        help="learned soup start: the better of the uniform and greedy soups on held-out data (default), or one of them")
         c.add_argument("--learn-memory", choices=["auto", "resident", "streaming"], default="auto",
-                       help="learned soup gradient: every ingredient resident in float32 ((N+3) x the model), or streamed one tensor at a time "
+                       help="learned soup gradient: every ingredient resident in float32 ((N+4) x the model), or streamed one tensor at a time "
                             "(3 x the model, whatever N is; two reads of every ingredient per update); auto: resident when it fits")
         c.add_argument("--learn-accumulate", type=int, metavar="BATCHES",
                        help="learned soup: batches per update (default 1 resident; streaming: at most 8 updates per epoch)")

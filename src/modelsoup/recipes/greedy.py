@@ -158,8 +158,6 @@ def greedy_soup(
         scores = [pantry.score(i, evaluator) for i in range(len(pantry))]
         preds: dict[tuple[int, ...], Predictions] = {}
         running: RunningSoup | None = None
-        if pantry.executor.workers > 1:
-            running_sum = "off"  # on a cluster each candidate is sent as a recipe and split into batch shards
         if running_sum != "off":
             if running_sum not in STORES:
                 raise OptionError(f"running_sum must be one of {', '.join((*STORES, 'off'))}, got {running_sum!r}")

@@ -15,7 +15,7 @@ uniform or the greedy soup on the held-out data that chose them.
 Two ways to compute the same gradient (``memory``):
 
 - ``resident``: every ingredient in float32 on the evaluator's device, the soup built from them and the loss
-  differentiated through ``torch.func.functional_call``: (N + 3) x the model's float32 size.
+  differentiated through ``torch.func.functional_call``: (N + 4) x the model's float32 size.
 - ``streaming``: the soup is loaded into the evaluator's module, one forward/backward per batch gives dL/dtheta,
   and, since theta = sum_i a_i theta_i per coefficient group, dL/da_i = <dL/dtheta, theta_i> summed over the group's
   tensors: one pass over the ingredients, one tensor at a time, gives every coefficient's gradient, and the next
@@ -99,10 +99,11 @@ class LearnedResult:
 
 
 def memory_estimate(model_bytes_fp32: int, n_models: int, memory: str = "resident") -> int:
-    """Bytes a learned soup holds. Resident: N ingredients in float32, the merged weights, their gradient, and the
-    module. Streaming: the module holding the soup, its gradient, and one tensor per ingredient in flight (counted as
-    one more model, an upper bound)."""
-    return (n_models + 3) * model_bytes_fp32 if memory == "resident" else 3 * model_bytes_fp32
+    """Bytes a learned soup holds. Resident: N ingredients in float32, the merged weights, their gradient, the module
+    and the autograd buffers of a forward/backward (about half a model more, measured: benchmarks/scale.py), so
+    N + 4 models. Streaming: the module holding the soup, its gradient, and one tensor per ingredient in flight
+    (counted as one more model, an upper bound: 2.8 measured)."""
+    return (n_models + 4) * model_bytes_fp32 if memory == "resident" else 3 * model_bytes_fp32
 
 
 def _better(a: Score, b: Score) -> bool:
@@ -347,7 +348,7 @@ def learned_soup(
             memory = "resident" if memory_estimate(model_bytes, n, "resident") <= have else "streaming"
         need = memory_estimate(model_bytes, n, memory) if epochs > 0 else 0  # no epoch: nothing is held to learn
         if need > have:
-            how = (f"keeps all {n} ingredients in float32 on {device}: about {_gb(need)} ({n} x {_gb(model_bytes)} plus the merged weights, their gradient and the model)"
+            how = (f"keeps all {n} ingredients in float32 on {device}: about {_gb(need)} ({n} x {_gb(model_bytes)} plus the merged weights, their gradient, the model and the backward pass's buffers)"
                    if memory == "resident" else f"streams the ingredients but holds the soup and its gradient on {device}: about {_gb(need)}")
             fix = "Use --learn-memory streaming (memory=\"streaming\"), which holds one model and its gradient whatever N is, " if memory == "resident" else ""
             raise InsufficientMemoryError(
