@@ -145,6 +145,9 @@ def test_learned_soup_by_default_starts_from_the_better_of_uniform_and_greedy(di
     assert res.score.value >= greedy.score.value
     if res.epoch == 0:  # nothing beat the start: the greedy soup itself is returned
         assert [m.label() for m in res.recipe.models] == [m.label() for m in greedy.recipe.models]
+        assert res.members == greedy.members
+    else:
+        assert res.members == [0, 1, 2]
     uniform = learned_soup(one_clearly_best, val, epochs=3, lr=0.1, start="uniform", progress=False, cache=EvalCache(enabled=False))
     assert uniform.start == "uniform" and uniform.greedy_score is None
 

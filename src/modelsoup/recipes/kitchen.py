@@ -485,7 +485,7 @@ class _Kitchen:
                 rows.append(Row(ROW_NAMES["learned"], "soup", labels, None, None, 1, time.perf_counter() - t0, f"skipped: {e}"))
             else:
                 note = f"by {learned_options.get('by', 'model')}, epoch {lr.epoch}" + (f" = {lr.start} start" if lr.epoch == 0 else f" from {lr.start}")
-                rows.append(self._soup_row(ROW_NAMES["learned"], labels, lr.recipe, t0, (lr.score, lr.predictions), note))
+                rows.append(self._soup_row(ROW_NAMES["learned"], [labels[i] for i in lr.members], lr.recipe, t0, (lr.score, lr.predictions), note))
                 result.learned, result.recipes["learned"] = lr, lr.recipe
 
         wanted = [r for r in ENSEMBLES if r in recipes]

@@ -81,6 +81,7 @@ class LearnedResult:
         uniform_score, greedy_score: held-out scores of the uniform and greedy soups, where computed.
         memory: how the gradient was computed, ``resident`` or ``streaming``.
         accumulate: batches per update.
+        members: the ingredients (indices) in the returned recipe: all of them, or the greedy soup's when its start was kept.
     """
 
     recipe: Recipe
@@ -96,6 +97,7 @@ class LearnedResult:
     greedy_score: Score | None = None
     memory: str = "resident"
     accumulate: int = 1
+    members: list[int] = field(default_factory=list)
 
 
 def memory_estimate(model_bytes_fp32: int, n_models: int, memory: str = "resident") -> int:
@@ -439,8 +441,9 @@ def learned_soup(
         score, epoch, recipe, weights, final_preds = best
         if epoch == 0:
             log.info("learned soup: no epoch beat the %s start on held-out data; returning the %s soup", begin, begin)
+        members = list(greedy.members) if epoch == 0 and begin == "greedy" else every
         return LearnedResult(recipe, weights, score, begin_score, epoch, history, time.perf_counter() - t_start, final_preds,
-                             begin, uniform_score, greedy_score, memory, step)
+                             begin, uniform_score, greedy_score, memory, step, members)
     finally:
         if engine is not None:
             engine.close()
