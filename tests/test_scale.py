@@ -261,3 +261,42 @@ def test_no_epoch_needs_no_memory_to_learn(tmp_path):
     paths, ev = _tiny_pantry(tmp_path)
     res = learned_soup(paths, ev, epochs=0, start="uniform", max_memory=1, progress=False, cache=EvalCache(enabled=False))
     assert res.epoch == 0 and res.start == "uniform"
+
+
+def test_a_tie_in_the_module_stored_twice_in_the_files_is_learned_once(tmp_path):
+    """The module shares one weight between two layers; the files hold two copies (safetensors stores no shared tensors)."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from modelsoup.eval.module import ClassificationEvaluator
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    net = Tied()
+    paths = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        sd = {k: v.detach() + 0.3 * torch.randn(v.shape, generator=g) for k, v in net.state_dict().items()}
+        sd["b.weight"] = sd["a.weight"].clone()
+        save_file(sd, tmp_path / f"tied{i}.safetensors")
+        paths.append(tmp_path / f"tied{i}.safetensors")
+    x = torch.randn(64, 8)
+    ev = ClassificationEvaluator(net, DataLoader(TensorDataset(x, x[:, :3].argmax(1)), batch_size=16), progress=False)
+    for by in ("model", "tensor"):
+        kw = dict(by=by, epochs=2, lr=0.2, start="uniform", accumulate=2, progress=False, cache=EvalCache(enabled=False))
+        resident = learned_soup(paths, ev, memory="resident", **kw)
+        streaming = learned_soup(paths, ev, memory="streaming", **kw)
+        assert torch.allclose(_coefficients(resident), _coefficients(streaming), atol=1e-5, rtol=0), by
+        if by == "tensor":  # the copy follows the tensor it is tied to, so the written soup keeps them equal
+            assert resident.weights["b.weight"] == resident.weights["a.weight"]
+        merge(resident.recipe, tmp_path / f"soup-{by}", progress=False)
+        written = load_file(tmp_path / f"soup-{by}" / "model.safetensors")
+        assert torch.equal(written["a.weight"], written["b.weight"])

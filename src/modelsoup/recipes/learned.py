@@ -341,8 +341,18 @@ def learned_soup(
         uniform_recipe, uniform_state = pantry.soup(every)
         # the module's parameters are learned; its floating buffers (batch-norm statistics) come from the uniform soup
         # while learning (they are not differentiable), and from the learned weights in the recipe written
-        parameters = {name for name, _ in evaluator.module.named_parameters(remove_duplicate=False)}
-        learnable = [j for j in uniform_state.run.plan.jobs if j.action == "merge" and j.alias_of is None and j.name in parameters]
+        # A parameter the module ties to another (one tensor under two names) that the files store twice is learned
+        # once, under its first name; the others follow it (same coefficients, in the recipe too).
+        parameters: dict[str, str] = {}
+        leader_of: dict[int, str] = {}
+        for pname, p in evaluator.module.named_parameters(remove_duplicate=False):
+            parameters[pname] = leader_of.setdefault(id(p), pname)
+        merged_jobs = [j for j in uniform_state.run.plan.jobs if j.action == "merge" and j.alias_of is None and j.name in parameters]
+        first_seen: dict[str, str] = {}
+        for j in merged_jobs:  # the first merged name of each tie group leads it (the module's first name may be a copy job)
+            first_seen.setdefault(parameters[j.name], j.name)
+        followers = {j.name: first_seen[parameters[j.name]] for j in merged_jobs if first_seen[parameters[j.name]] != j.name}
+        learnable = [j for j in merged_jobs if j.name not in followers]
         model_bytes = sum(4 * j.nbytes // j.dtype.itemsize for j in learnable)
         device = evaluator.device
         have = max_memory if max_memory is not None else available_memory(device)
@@ -402,9 +412,10 @@ def learned_soup(
                 w = [float(x) for x in c]
                 return pantry.recipe(every, w), w
             per = {name: [float(x) for x in c[group[k]]] for k, name in enumerate(names)}
+            per.update({f: per[lead] for f, lead in followers.items()})
             return pantry.recipe(every, tensor_weights=per), per
 
-        begin_w: Any = begin_weights if by == "model" else {name: list(begin_weights) for name in names}
+        begin_w: Any = begin_weights if by == "model" else {name: list(begin_weights) for name in [*names, *followers]}
         best: tuple[Score, int, Recipe, Any, Predictions | None] = (begin_score, 0, begin_recipe, begin_w, begin_preds)
         history: list[dict[str, float]] = [{"epoch": 0.0, "loss": begin_score.metrics.get("loss", float("nan")), "score": begin_score.value}]
         batches = list(evaluator.batches())
