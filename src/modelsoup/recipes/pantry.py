@@ -295,6 +295,7 @@ class Pantry:
         """A result already known: in memory, or in the on-disk cache (then remembered)."""
         memo_key = (i, id(evaluator))
         self._evaluators[id(evaluator)] = evaluator  # keeps the id from being reused while memoised
+        need_predictions = need_predictions and isinstance(evaluator, PredictionEvaluator)  # only those give any
         got = self._memo.get(memo_key)
         if got is not None and (got[1] is not None or not need_predictions):
             return got
