@@ -19,6 +19,7 @@ from ..estimate import human_bytes, nearest_existing
 from ..eval.base import Evaluator
 from .learned import STREAMING_UPDATES_PER_EPOCH, memory_estimate
 from .pantry import Pantry
+from .running import running_sum_bytes, spills
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ def soup_costs(pantry: Pantry, evaluator: Evaluator, recipes: list[str], *, test
     if greedy:
         ev["greedy soup (one per candidate)"] = max(n - 1, 0) + (1 if test else 0)
         reads["greedy soup (running sum: the first member twice, each candidate once, each kept one again)"] = 3
-        sums = 8 * sum(j.nbytes // j.dtype.itemsize for j in jobs if j.dtype.is_floating_point)
-        on_disk = sums > available_memory(torch.device("cpu")) // 4
+        sums = running_sum_bytes(jobs)
+        on_disk = spills(sums)
         memory["greedy running sum (float64)" + (", spilled to a temporary file" if on_disk else "")] = 0 if on_disk else sums
     learned_memory, updates = None, None
     if "learned" in recipes:

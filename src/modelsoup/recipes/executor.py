@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import OptionError
-from ..eval.base import USER_MODULE_PREFIX, Evaluator, PredictionEvaluator, Predictions, Score, run_evaluator
+from ..eval.base import USER_MODULE_PREFIX, Evaluator, Predictions, Score, run_evaluator
 from ..eval.module import ClassificationEvaluator
 from ..recipe import Recipe
 
@@ -220,18 +220,3 @@ class RayExecutor:
             self._ray.kill(a)
         self._actors = []
         self._release()
-
-
-def make_executor(ray: str | None, *, workers: int | None = None) -> SerialExecutor | RayExecutor:
-    """The executor for ``--ray``: None = serial."""
-    return SerialExecutor() if ray is None else RayExecutor(ray, workers=workers)
-
-
-def prediction_results(results: Sequence[tuple[Score, Predictions | None]], evaluator: Evaluator) -> list[Predictions]:
-    """The predictions of results from a prediction evaluator."""
-    assert isinstance(evaluator, PredictionEvaluator)
-    out = []
-    for _, p in results:
-        assert p is not None
-        out.append(p)
-    return out

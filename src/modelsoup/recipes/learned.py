@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +137,37 @@ def _start_alpha(weights: Sequence[float], temperature: float) -> torch.Tensor:
     return (temperature * torch.log(w)).float()
 
 
+def _summed_loss(ev: ModuleEvaluator, call: Callable[..., Any], batches: Sequence[Any]) -> tuple[float, int]:
+    """Backward of each batch's summed loss through ``call`` (gradients accumulate); (summed loss, items)."""
+    total, items = 0.0, 0
+    for batch in batches:
+        loss_sum, n = ev.batch_loss(call, to_device(batch, ev.device))
+        loss_sum.backward()
+        total += float(loss_sum.detach())
+        items += n
+    return total, items
+
+
+def _coefficient_gradient(coef: torch.Tensor, names: Sequence[str], group: Sequence[int], by: str,
+                          grad_of: Callable[[str], torch.Tensor | None], thetas: Callable[[str], Iterable[torch.Tensor]]) -> None:
+    """Backward from dL/da_i = sum over a coefficient's tensors of <dL/dtheta, theta_i> into alpha (both modes form it here).
+
+    ``grad_of(name)`` is dL/dtheta of a tensor (None where the loss does not depend on it), ``thetas(name)`` yields
+    each ingredient's tensor in float32 on ``coef``'s device.
+    """
+    g_coef = torch.zeros(coef.shape, dtype=torch.float64, device=coef.device)
+    with torch.no_grad():
+        for k, name in enumerate(names):
+            grad = grad_of(name)
+            if grad is None:
+                continue  # the loss does not depend on this tensor
+            g = grad.reshape(-1).to(torch.float32)
+            row = g_coef if by == "model" else g_coef[group[k]]
+            for i, theta in enumerate(thetas(name)):
+                row[i] += float(torch.dot(g, theta.reshape(-1)))
+    coef.backward(g_coef.to(torch.float32))
+
+
 class _Resident:
     """Every ingredient stacked in float32 on the device; the loss differentiated through functional_call."""
 
@@ -170,28 +201,11 @@ class _Resident:
                 stack = self.stacks[name]
                 written, held = self.dtypes[name]
                 params[name] = linear([stack[i] for i in range(n)], weights=row).to(written).to(held).requires_grad_(True)
-        total, items = 0.0, 0
-        for batch in batches:
-            def call(*args: Any, **kwargs: Any) -> Any:
-                return functional_call(module, {**self.fixed, **params}, args, kwargs)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(module, {**self.fixed, **params}, args, kwargs)
 
-            loss_sum, n = ev.batch_loss(call, to_device(batch, ev.device))
-            loss_sum.backward()
-            total += float(loss_sum.detach())
-            items += n
-        coef = coefficients()
-        g_coef = torch.zeros(coef.shape, dtype=torch.float64, device=coef.device)
-        with torch.no_grad():
-            for k, name in enumerate(self.names):
-                grad = params[name].grad
-                if grad is None:
-                    continue  # the loss does not depend on this tensor
-                row = g_coef if self.by == "model" else g_coef[self.group[k]]
-                g = grad.reshape(-1).to(torch.float32)
-                stack = self.stacks[name]
-                for i in range(stack.shape[0]):
-                    row[i] += float(torch.dot(g, stack[i].reshape(-1)))
-        coef.backward(g_coef.to(torch.float32))
+        total, items = _summed_loss(ev, call, batches)
+        _coefficient_gradient(coefficients(), self.names, self.group, self.by, lambda name: params[name].grad, lambda name: self.stacks[name])
         return total, items
 
     def close(self) -> None:
@@ -225,8 +239,8 @@ class _Streaming:
     """The soup in the evaluator's module; dL/da_i = <dL/dtheta, theta_i>, read one tensor at a time."""
 
     def __init__(self, evaluator: ModuleEvaluator, pantry: Pantry, uniform: Any, cks: Sequence[Any], names: Sequence[str],
-                 group: Sequence[int], by: str, rows: int) -> None:
-        self.evaluator, self.pantry, self.cks, self.names, self.group, self.by, self.rows = evaluator, pantry, cks, names, group, by, rows
+                 group: Sequence[int], by: str) -> None:
+        self.evaluator, self.pantry, self.cks, self.names, self.group, self.by = evaluator, pantry, cks, names, group, by
         self.uniform = uniform
         targets = evaluator.module.state_dict(keep_vars=True)
         missing = [name for name in names if name not in targets]
@@ -244,30 +258,14 @@ class _Streaming:
         for t in self.targets.values():
             t.grad = None
             t.requires_grad_(True)
-        total, items = 0.0, 0
         try:
-            for batch in batches:
-                loss_sum, n = ev.batch_loss(module, to_device(batch, device))
-                loss_sum.backward()
-                total += float(loss_sum.detach())
-                items += n
-            n_models = len(self.cks)
-            g_coef = torch.zeros((n_models,) if self.by == "model" else (self.rows, n_models), dtype=torch.float64, device=device)
-            with torch.no_grad():
-                for k, name in enumerate(self.names):
-                    grad = self.targets[name].grad
-                    if grad is None:
-                        continue  # the loss does not depend on this tensor
-                    g = grad.reshape(-1).to(torch.float32)
-                    row = g_coef if self.by == "model" else g_coef[self.group[k]]
-                    for i, ck in enumerate(self.cks):
-                        theta = ck.read(name).to(device=device, dtype=torch.float32).reshape(-1)
-                        row[i] += float(torch.dot(g, theta))
+            total, items = _summed_loss(ev, module, batches)
+            _coefficient_gradient(coefficients(), self.names, self.group, self.by, lambda name: self.targets[name].grad,
+                                  lambda name: (ck.read(name).to(device=device, dtype=torch.float32) for ck in self.cks))
         finally:
             for name, t in self.targets.items():
                 t.grad = None
                 t.requires_grad_(self._grad_before[name])
-        coefficients().backward(g_coef.to(torch.float32))
         return total, items
 
     def close(self) -> None:
@@ -426,7 +424,7 @@ def learned_soup(
         elif memory == "resident":
             engine = _Resident(evaluator, uniform_state, [j.dtype for j in learnable], cks, names, group, by)
         else:
-            engine = _Streaming(evaluator, pantry, uniform_state, cks, names, group, by, rows)
+            engine = _Streaming(evaluator, pantry, uniform_state, cks, names, group, by)
         show = progress_on(progress)
         module.eval()  # dropout off: the coefficients see the model as it will be used
         with tqdm(total=epochs * len(batches), desc="learned soup", unit="batch", disable=not show, leave=False) as bar:

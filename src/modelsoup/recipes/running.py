@@ -30,6 +30,7 @@ from ..devices import available_memory
 from ..engine import MergeRun
 from ..errors import OptionError
 from ..io import open_checkpoint
+from ..io.formats import tensor_nbytes
 from ..io.writer import SafetensorsWriter
 from ..methods.linear import accumulate, finish
 from ..methods.ops import normalizing_sum
@@ -41,10 +42,21 @@ log = logging.getLogger("modelsoup")
 STORES = ("auto", "memory", "disk")
 
 
-def _uniform(job: TensorJob, k: int) -> bool:
+def running_sum_bytes(jobs: Sequence[TensorJob]) -> int:
+    """Bytes of the running sum of a soup planned as ``jobs``: every floating tensor in float64."""
+    return sum(tensor_nbytes(torch.float64, j.shape) for j in jobs if j.dtype.is_floating_point and j.alias_of is None)
+
+
+def spills(need: int, max_memory: int | None = None) -> bool:
+    """Whether ``auto`` keeps a running sum of ``need`` bytes on disk: more than ``max_memory`` (default a quarter of the free memory)."""
+    have = max_memory if max_memory is not None else available_memory(torch.device("cpu")) // 4
+    return need > have
+
+
+def _uniform(run: MergeRun, job: TensorJob, k: int) -> bool:
     """Whether ``job`` is the uniform linear mean of inputs 0..k-1 in order (what the running sum holds)."""
     return (
-        job.action == "merge" and job.base_source is None and len(job.sources) == k
+        run.plan.method.name == "linear" and job.action == "merge" and job.base_source is None and len(job.sources) == k
         and all(src[0] == j for j, src in enumerate(job.sources))
         and (job.weights is None or all(w == 1.0 for w in job.weights))
         and bool(job.params.get("normalize", True))
@@ -60,14 +72,17 @@ class _Sums:
         self._folder = folder
         self._file: Path | None = None
         self._ck: Any = None
+        self._on_file: set[str] = set()
         self._generation = 0
 
     def __contains__(self, name: str) -> bool:
-        return name in (self._ck.names() if self._ck is not None else ()) if self.on_disk else name in self._mem
+        return name in self._on_file if self.on_disk else name in self._mem
 
-    def get(self, name: str) -> torch.Tensor:
-        """A copy the caller may change."""
-        return self._ck.read(name).clone() if self.on_disk else self._mem[name].clone()
+    def get(self, name: str, copy: bool = True) -> torch.Tensor:
+        """The sum of ``name``: a tensor the caller may change (``copy=False``: the held one itself, for an update in place)."""
+        if self.on_disk:
+            return self._ck.read(name)  # a fresh tensor each read
+        return self._mem[name].clone() if copy else self._mem[name]
 
     def replace(self, specs: Sequence[tuple[str, tuple[int, ...]]], compute: Any) -> None:
         """Set the sums to ``compute(name)`` for each (name, shape); the old sums stay readable while the new are computed."""
@@ -95,6 +110,7 @@ class _Sums:
         old_ck, old_folder = self._ck, (self._file.parent if self._file is not None else None)
         self._file = files[0]
         self._ck = open_checkpoint(self._file, label="greedy soup running sum")
+        self._on_file = {name for name, _ in specs}
         if old_ck is not None:
             old_ck.close()
         if old_folder is not None:
@@ -126,10 +142,9 @@ class RunningSoup:
         self.pantry = pantry
         self.members = [first]
         _, state = pantry.soup([first])
-        need = sum(8 * _numel(j.shape) for j in state.run.plan.jobs if j.dtype.is_floating_point and j.alias_of is None)
+        need = running_sum_bytes(state.run.plan.jobs)
         if store == "auto":
-            have = max_memory if max_memory is not None else available_memory(torch.device("cpu")) // 4
-            store = "memory" if need <= have else "disk"
+            store = "disk" if spills(need, max_memory) else "memory"
         self.store = store
         self.bytes = need
         self._tmp: Path | None = None
@@ -141,30 +156,25 @@ class RunningSoup:
         run = state.run
         firsts = {j.name: j for j in run.plan.jobs if j.dtype.is_floating_point and j.alias_of is None and j.action in ("first", "merge")}
 
-        def start(name: str) -> torch.Tensor:
-            self.reads += 1
-            return accumulate(None, run._get(firsts[name].sources[0], upcast=True), 1.0)
+        self._sums.replace([(j.name, j.shape) for j in firsts.values()], lambda name: self.add_source(None, run, firsts[name].sources[0]))
 
-        self._sums.replace([(j.name, j.shape) for j in firsts.values()], start)
+    def add_source(self, acc: torch.Tensor | None, run: MergeRun, src: tuple[int, str]) -> torch.Tensor:
+        """``acc`` plus one input tensor (read, checked and upcast by the engine), as the linear method adds it."""
+        self.reads += 1
+        return accumulate(acc, run._get(src, upcast=True), 1.0)
 
-    def _key(self, job: TensorJob) -> str:
-        return job.alias_of or job.name
+    def partial(self, run: MergeRun, job: TensorJob, copy: bool = True) -> torch.Tensor:
+        """The float64 sum of the current members' tensors for ``job`` (a non-alias job of a soup of them and one more).
 
-    def _from_scratch(self, run: MergeRun, job: TensorJob, k: int) -> torch.Tensor:
-        """The sum of the first ``k`` sources of ``job`` (a tensor the members' soup did not sum, e.g. one they all shared)."""
+        A tensor the members' soup did not sum (e.g. one they all shared, so it was copied) is summed from its sources.
+        """
+        if job.name in self._sums:
+            return self._sums.get(job.name, copy)
         acc = None
-        for src in job.sources[:k]:
-            acc = accumulate(acc, run._get(src, upcast=True), 1.0)
-            self.reads += 1
+        for src in job.sources[:len(self.members)]:
+            acc = self.add_source(acc, run, src)
         assert acc is not None
         return acc
-
-    def _partial(self, run: MergeRun, job: TensorJob) -> torch.Tensor:
-        """The float64 sum of the current members' tensors for ``job`` (a copy)."""
-        key = self._key(job)
-        if key in self._sums:
-            return self._sums.get(key)
-        return self._from_scratch(run, job, len(self.members))
 
     def candidate(self, i: int) -> SoupState:
         """The lazy soup of the members and ``i``: each tensor planned as a uniform merge is ``(S + theta_i) / (k + 1)``."""
@@ -176,16 +186,13 @@ class RunningSoup:
         _, state = self.pantry.soup([*self.members, i])
         run = state.run
         k = len(self.members)
-        jobs = [j for j in run.plan.jobs if j.alias_of is None and _uniform(j, k + 1)]
+        by_name = {j.name: j for j in run.plan.jobs if j.alias_of is None and _uniform(run, j, k + 1)}
 
-        def compute(name: str) -> torch.Tensor:
+        def compute(name: str) -> torch.Tensor:  # in place in memory: each sum is replaced by its update
             job = by_name[name]
-            acc = self._partial(run, job)
-            self.reads += 1
-            return accumulate(acc, run._get(job.sources[k], upcast=True), 1.0)
+            return self.add_source(self.partial(run, job, copy=False), run, job.sources[k])
 
-        by_name = {j.name: j for j in jobs}
-        self._sums.replace([(j.name, j.shape) for j in jobs], compute)
+        self._sums.replace([(j.name, j.shape) for j in by_name.values()], compute)
         self.members.append(i)
 
     def close(self) -> None:
@@ -193,13 +200,6 @@ class RunningSoup:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 class _CandidateState(SoupState):
@@ -213,11 +213,9 @@ class _CandidateState(SoupState):
     def __getitem__(self, name: str) -> torch.Tensor:
         job = self._jobs[name]
         k = self._k
-        if not _uniform(job, k + 1):
+        if not _uniform(self.run, job, k + 1):
             return self.run.compute(job)
         if job.alias_of is not None and job.alias_of in self._jobs:
             job = self._jobs[job.alias_of]
-        acc = self._soup._partial(self.run, job)
-        self._soup.reads += 1
-        acc = accumulate(acc, self.run._get(job.sources[k], upcast=True), 1.0)
+        acc = self._soup.add_source(self._soup.partial(self.run, job), self.run, job.sources[k])
         return self.run.finish(job, finish(acc, normalizing_sum([1.0] * (k + 1))))
