@@ -269,15 +269,15 @@ def test_interrupted_merge_leaves_no_output_and_keeps_the_old_one(tmp_path, stat
     out = tmp_path / "out"
     merge(models=paths, output=out, progress=False)
     before = (out / "model.safetensors").read_bytes()
-    real_write, calls = writer_mod.SafetensorsWriter.write, []
+    real_put, calls = writer_mod.SafetensorsWriter._put, []
 
-    def flaky(self, name, tensor):
+    def flaky(self, name, *args, **kwargs):  # every write, whole or a chunk, goes through _put
         calls.append(name)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        real_write(self, name, tensor)
+        real_put(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(writer_mod.SafetensorsWriter, "write", flaky)
+    monkeypatch.setattr(writer_mod.SafetensorsWriter, "_put", flaky)
     with pytest.raises(KeyboardInterrupt):
         merge(models=paths, output=out, overwrite=True, weights=[1, 2, 3], workers=workers, progress=False)
     assert (out / "model.safetensors").read_bytes() == before
@@ -300,3 +300,146 @@ def test_mergekit_recipe_runs_unchanged_and_its_notes_reach_the_manifest(tmp_pat
     want = merge_state_dicts(states, method="ties", base=base, weights=[1.0, 0.5, 2.0], parameters={"density": 0.5})
     got = _read_all(tmp_path / "out")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ------------------------------------------------------------------------------------- chunked streaming
+
+def _pointwise_methods():
+    from modelsoup.methods import available_methods
+
+    return sorted(m.name for m in available_methods() if m.pointwise)
+
+
+_POINTWISE_CASES = {
+    "linear": ({"weights": [0.3, -0.2, 1.4]}, False, 3),
+    "task_arithmetic": ({"weights": [0.5, 1.5, -0.25], "parameters": {"scale": 0.8, "normalize": True}}, True, 3),
+    "ema": ({"parameters": {"decay": 0.7}}, False, 3),
+    "nearswap": ({"parameters": {"t": 0.05}}, True, 1),
+    "passthrough": ({"parameters": {"scale": 0.5}}, False, 1),
+}
+
+
+def test_every_pointwise_method_has_a_streaming_case():
+    assert _pointwise_methods() == sorted(_POINTWISE_CASES)
+
+
+def _edge_tensor(gen: torch.Generator, n: int) -> torch.Tensor:
+    """Values that expose kernel differences: signed zeros, subnormals, large and tiny magnitudes, ties."""
+    t = torch.randn(n, generator=gen) * 0.02
+    t[::97] = 0.0
+    t[5::97] = -0.0
+    t[7::89] = 1e-40  # float32 subnormal
+    t[11::83] = 3e4
+    t[13::79] = -1.5
+    return t
+
+
+@pytest.mark.parametrize("method", sorted(_POINTWISE_CASES))
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, "float32"), (torch.float32, "bfloat16")])
+def test_streamed_chunks_give_the_whole_tensor_paths_bits(tmp_path, method, in_dtype, out_dtype):
+    """The chunked loop (positioned reads into reused buffers, the method on flat slices, chunked writes) writes the
+    bits the whole-tensor path computes, for tensors spanning several chunks and a ragged last one."""
+    from modelsoup.api import _opened
+    from modelsoup.engine import CHUNK, MergeRun, streams
+    from modelsoup.plan import plan_merge
+    from modelsoup.recipe import recipe_from_dict
+
+    opts, with_base, n_models = _POINTWISE_CASES[method]
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"big": (3, CHUNK + 41), "small": (7, 5), "vec": (CHUNK - 1,), "count": (4,)}
+    paths = []
+    for i in range(n_models + with_base):
+        sd = {k: _edge_tensor(gen, torch.Size(s).numel()).reshape(s).to(in_dtype) for k, s in shapes.items() if k != "count"}
+        sd["count"] = torch.arange(4)
+        p = tmp_path / f"m{i}.safetensors"
+        save_file(sd, p)
+        paths.append(p)
+    rec = {"method": method, "models": [{"path": str(p)} for p in paths[with_base:]], **({"base": str(paths[0])} if with_base else {})}
+    if "weights" in opts:
+        for m, w in zip(rec["models"], opts["weights"]):
+            m["weight"] = w
+    rec["parameters"] = opts.get("parameters", {})
+    if out_dtype:
+        rec["dtype"] = out_dtype
+    out = tmp_path / "out"
+    merge(rec, out, progress=False, workers=2)
+    written = load_file(out / "model.safetensors")
+    recipe = recipe_from_dict(rec)
+    with _opened(recipe, ()) as (cks, base_ck):
+        plan = plan_merge(recipe, cks, base_ck)
+        run = MergeRun(plan)
+        assert {j.name for j in plan.jobs if streams(plan, j)} == {"big", "small", "vec"}
+        for job in plan.jobs:
+            whole = run.compute(job)
+            assert whole.dtype == written[job.name].dtype
+            assert torch.equal(whole.view(torch.uint8) if whole.is_floating_point() else whole,
+                               written[job.name].view(torch.uint8) if whole.is_floating_point() else written[job.name]), job.name
+
+
+def test_a_nan_in_a_later_chunk_is_named_with_the_whole_tensors_count(tmp_path):
+    from modelsoup.engine import CHUNK
+
+    a, b = torch.zeros(2 * CHUNK + 3), torch.ones(2 * CHUNK + 3)
+    b[CHUNK + 5] = float("nan")
+    b[2 * CHUNK + 1] = float("inf")
+    save_file({"w": a}, tmp_path / "a.safetensors")
+    save_file({"w": b}, tmp_path / "b.safetensors")
+    ins = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    with pytest.raises(NonFiniteError, match=r"b\.safetensors: tensor 'w' holds 2 NaN/Inf value\(s\) of 262147"):
+        merge(models=ins, output=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    merge(models=ins, output=tmp_path / "out", progress=False, allow_nonfinite=True)
+    got = load_file(tmp_path / "out" / "model.safetensors")["w"]
+    assert got[CHUNK + 5].isnan() and got[2 * CHUNK + 1].isinf() and int(torch.isfinite(got).sum()) == 2 * CHUNK + 1
+
+
+def test_a_result_that_overflows_in_a_later_chunk_is_refused(tmp_path):
+    from modelsoup.engine import CHUNK
+
+    a = torch.zeros(CHUNK + 10)
+    a[CHUNK + 2] = 6e4
+    save_file({"w": a}, tmp_path / "a.safetensors")
+    save_file({"w": a.clone()}, tmp_path / "b.safetensors")
+    with pytest.raises(NonFiniteError, match=r"merged tensor 'w' holds 1 NaN/Inf value\(s\) of 131082 in float16"):
+        merge(models=[tmp_path / "a.safetensors", tmp_path / "b.safetensors"], output=tmp_path / "out", weights=[1.0, 1.0],
+              parameters={"normalize": False}, dtype="float16", progress=False)
+
+
+def test_streamed_shards_hash_what_is_on_disk(tmp_path):
+    """Chunked writes arrive out of file order from several threads; every file's digest in the manifest is its sha256."""
+    import hashlib
+
+    from modelsoup.engine import CHUNK
+
+    sds = [{f"t{k}": torch.randn(CHUNK + 17 * k) for k in range(6)} | {"half": torch.randn(33).half()} for _ in range(3)]
+    paths = []
+    for i, sd in enumerate(sds):
+        save_file(sd, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    out = tmp_path / "out"
+    merge({"method": "linear", "models": [{"path": str(p)} for p in paths], "output": {"shard_size": 3 * 4 * CHUNK}}, out, progress=False, workers=3)
+    manifest = json.loads((out / "soup_manifest.json").read_text())
+    files = {f: h for f, h in manifest["outputs"].items()} if isinstance(manifest.get("outputs"), dict) else None
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    text = (out / "soup_manifest.json").read_text()
+    for f in shards:
+        assert hashlib.sha256(f.read_bytes()).hexdigest() in text, f.name
+    assert files is None or all(v for v in files.values())
+
+
+def test_a_torch_output_gets_the_streamed_tensors_whole(tmp_path, states):
+    paths = _files(tmp_path, states)
+    merge(models=paths, output=tmp_path / "o.safetensors", progress=False)
+    merge(models=paths, output=tmp_path / "o.pt", progress=False)
+    st, pt = load_file(tmp_path / "o.safetensors"), torch.load(tmp_path / "o.pt", weights_only=True)
+    assert st.keys() == pt.keys() and all(torch.equal(st[k], pt[k]) for k in st)
+
+
+def test_the_loop_leaves_torch_threads_and_the_collector_as_it_found_them(tmp_path, states):
+    import gc
+
+    paths = _files(tmp_path, states)
+    threads = torch.get_num_threads()
+    merge(models=paths, output=tmp_path / "o", progress=False, workers=3)
+    assert torch.get_num_threads() == threads and gc.isenabled()

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from modelsoup import merge
 from modelsoup.cli import main
-from modelsoup.engine import job_cost, peak_in_flight
+from modelsoup.engine import CHUNK, job_cost, peak_in_flight
 from modelsoup.errors import OptionError, OutputError
 from modelsoup.estimate import MergeEstimate, estimate_merge, human_bytes, nearest_existing
 from modelsoup.io.checkpoints import SafetensorsCheckpoint
@@ -69,17 +69,33 @@ def test_peak_memory_is_the_engines_own_rule():
     shapes = {f"t{i}": (256, 256) for i in range(6)} | {"embed": (4096, 256)}
     cks = [VirtualCheckpoint(shapes, seed=s, dtype=torch.bfloat16) for s in range(4)]
     plan = plan_merge(recipe_from_dict({"method": "linear", "models": [{"source": {}} for _ in cks]}), cks, None)
-    small, big = job_cost(plan, plan.jobs[0]), job_cost(plan, plan.jobs[-1])
+    gpu = torch.device("cuda")  # a device other than the CPU: whole tensors (costs only; nothing runs there)
+    small, big = job_cost(plan, plan.jobs[0], gpu), job_cost(plan, plan.jobs[-1], gpu)
     assert small == 256 * 256 * 4 * (4 + 2) and big == 16 * small  # 4 float32 inputs, the result and a temporary
-    assert peak_in_flight(plan, workers=1) == big
-    assert peak_in_flight(plan, workers=2, memory_budget=1) == big  # above the budget a job runs alone
-    assert peak_in_flight(plan, workers=2, memory_budget=3 * small + 1) == big
-    assert peak_in_flight(plan, workers=8, memory_budget=1 << 40) == big + 6 * small  # at most 2 x workers in flight: all 7
-    assert peak_in_flight(plan, workers=2, memory_budget=1 << 40) == big + 3 * small  # 2 workers: the 4 costliest
-    est = estimate_merge(plan, workers=2, measure=False)
-    assert est.in_flight == peak_in_flight(plan, workers=2) and est.largest == ("embed", big)
+    assert peak_in_flight(plan, workers=1, device=gpu) == big
+    assert peak_in_flight(plan, workers=2, memory_budget=1, device=gpu) == big  # above the budget a job runs alone
+    assert peak_in_flight(plan, workers=2, memory_budget=3 * small + 1, device=gpu) == big
+    assert peak_in_flight(plan, workers=8, memory_budget=1 << 40, device=gpu) == big + 6 * small  # at most 2 x workers in flight: all 7
+    assert peak_in_flight(plan, workers=2, memory_budget=1 << 40, device=gpu) == big + 3 * small  # 2 workers: the 4 costliest
+    est = estimate_merge(plan, workers=2, measure=False, device=gpu)
+    assert est.in_flight == peak_in_flight(plan, workers=2, device=gpu) and est.largest == ("embed", big)
     assert est.read_buffers == 4 * 4096 * 256 * 2 and est.peak_memory == est.in_flight + est.read_buffers  # 4 bfloat16 reads of the embedding
     assert est.output is None and est.disk_folder is None and est.seconds is None and est.bytes_read == 4 * 2 * (6 * 256 * 256 + 4096 * 256)
+    # On the CPU the pointwise linear streams chunks: the chunk buffers (2 per float32 input, result and temporary, and
+    # two of the method's), plus the inputs read whole, as a format that cannot read part of a tensor gives them.
+    streamed = job_cost(plan, plan.jobs[-1])
+    assert streamed == CHUNK * 4 * (2 * 6 + 2) + 4 * 4096 * 256 * 2 < big
+    assert job_cost(plan, plan.jobs[0]) == 256 * 256 * 4 * (2 * 6 + 2) + 4 * 256 * 256 * 2
+    est = estimate_merge(plan, workers=2, measure=False)
+    assert est.read_buffers == 0 and est.largest == ("embed", streamed) and est.in_flight == peak_in_flight(plan, workers=2)
+
+
+def test_streamed_jobs_from_files_cost_chunks_whatever_the_tensor_size(tmp_path):
+    for i in range(2):
+        save_file({"small": torch.randn(64, 64), "big": torch.randn(1024, 1024)}, tmp_path / f"m{i}.safetensors")
+    est = merge(models=[tmp_path / f"m{i}.safetensors" for i in range(2)], output=tmp_path / "out", dry_run=True)
+    assert est.largest[1] == CHUNK * 4 * (2 * 4 + 2)  # 2 inputs, the result and a temporary, for one chunk
+    assert est.read_buffers == 0
 
 
 def test_a_torch_output_stores_tied_names_once(tmp_path):

@@ -297,7 +297,8 @@ def _write_tensors(plan: MergePlan, folder: Path, workers: int | None, progress:
     """Run the plan into its sink in ``folder`` (methods computed on ``device``); return {file name: sha256 or ""}."""
     sink = _sink(plan, folder, hash_files)
     try:
-        run_jobs(plan, sink.write, workers=workers, progress=progress, order=sink.order, device=device)
+        run_jobs(plan, sink.write, workers=workers, progress=progress, order=sink.order, device=device,
+                 write_range=getattr(sink, "write_range", None))
     except BaseException:
         sink.abort()
         raise

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .engine import DEFAULT_MEMORY_BUDGET, MergeRun, computed_jobs, default_workers, job_cost, peak_in_flight
+from .engine import DEFAULT_MEMORY_BUDGET, MergeRun, computed_jobs, default_workers, job_cost, peak_in_flight, streams
 from .errors import OutputError
 from .io.formats import tensor_nbytes
 from .io.output import model_files
@@ -157,9 +157,10 @@ def job_reads(plan: MergePlan, job: TensorJob) -> int:
     return sum(tensor_nbytes(*inputs[i].meta(name)) for i, name in _sources(job))
 
 
-def read_buffers(plan: MergePlan, job: TensorJob) -> int:
-    """Bytes of a merged job's inputs as read, before the upcast (the engine keeps a float32 input as it is read)."""
-    if job.action != "merge":
+def read_buffers(plan: MergePlan, job: TensorJob, device: torch.device | None = None) -> int:
+    """Bytes of a merged job's inputs as read, before the upcast (the engine keeps a float32 input as it is read);
+    none for a streamed job, whose chunk buffers :func:`~modelsoup.engine.job_cost` counts."""
+    if job.action != "merge" or streams(plan, job, device):
         return 0
     inputs = plan.inputs
     metas = [inputs[i].meta(name) for i, name in _sources(job)]
@@ -235,7 +236,8 @@ def measure_throughput(plan: MergePlan, *, device: torch.device | str | None = N
     done = 0
     t0 = time.perf_counter()
     for job in sample:
-        run.compute(job)
+        if not (run.chunked(job) and run.compute_chunked(job, lambda i, chunk: None)):
+            run.compute(job)
         read += job_reads(plan, job)
         done += 1
         if time.perf_counter() - t0 > SAMPLE_SECONDS:
@@ -271,7 +273,8 @@ def estimate_merge(
     reads = sum(job_reads(plan, j) for j in jobs)
     out = plan.output
     written = sum(j.nbytes for j in (jobs if out is not None and out.torch_format else plan.jobs))
-    largest = max(jobs, key=lambda j: job_cost(plan, j))
+    dev = torch.device(device) if device is not None else None
+    largest = max(jobs, key=lambda j: job_cost(plan, j, dev))
     folder = nearest_existing(out.path.parent) if out is not None else None
     free: int | None = None
     if folder is not None:
@@ -289,13 +292,13 @@ def estimate_merge(
             seconds = reads / throughput if throughput > 0 else None
         else:
             how = "nothing to read"
-    in_flight = peak_in_flight(plan, workers=n, memory_budget=memory_budget)
-    buffers = max(read_buffers(plan, j) for j in jobs)
+    in_flight = peak_in_flight(plan, workers=n, memory_budget=memory_budget, device=dev)
+    buffers = max(read_buffers(plan, j, dev) for j in jobs)
     return MergeEstimate(
         output=out.path if out is not None else None, method=plan.method.name, device=str(device or "cpu"), tensors=len(plan.jobs),
         computed=len(jobs), merged=sum(1 for j in jobs if j.action == "merge"), bytes_read=reads, bytes_written=written,
         peak_memory=in_flight + buffers, in_flight=in_flight, read_buffers=buffers, memory_budget=memory_budget,
-        largest=(largest.name, job_cost(plan, largest)), workers=n, disk_needed=disk_needed(plan, written), disk_folder=folder, disk_free=free,
+        largest=(largest.name, job_cost(plan, largest, dev)), workers=n, disk_needed=disk_needed(plan, written), disk_folder=folder, disk_free=free,
         throughput=throughput, seconds=seconds, measured=how,
     )
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import threading
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..errors import AdapterInputError, CheckpointError
 from .formats import TORCH_SUFFIXES, is_torch_file
 from .layout import apply_prefix, find_state_dict
 from .pickles import load_torch
-from .safetensors_format import DTYPES, TensorInfo, read_header, read_tensor
+from .safetensors_format import DTYPES, TensorInfo, read_header, read_range, read_tensor
 
 log = logging.getLogger("modelsoup")
 
@@ -70,6 +71,10 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor. The caller must not modify it in place."""
         raise NotImplementedError
+
+    # Formats that read part of a tensor without reading the rest offer
+    # ``read_range(name, start, stop, out) -> Tensor``: elements [start, stop) of the flattened tensor, in its
+    # stored dtype, written into the flat buffer ``out`` (the engine's reused chunk buffers).
 
     def identity(self, name: str) -> tuple[Any, ...] | None:
         """A token that two reads give only for the same stored tensor (file and name), whatever object
@@ -178,18 +183,30 @@ class SafetensorsCheckpoint(Checkpoint):
         self._info = {renamed[k]: v for k, v in self._info.items()}
         self._meta = {k: (v.dtype, v.shape) for k, v in self._info.items()}
         self._fds: dict[Path, int] = {}
+        self._open_lock = threading.Lock()
         self._stamps = {f: file_stamp(f) for f in files}  # the files as their headers were read, for identity()
 
     def identity(self, name: str) -> tuple[Any, ...] | None:
         info = self._info.get(name)
         return None if info is None else ("safetensors", self._stamps[info.file], info.start)
 
-    def read(self, name: str) -> torch.Tensor:
-        info = self._info[name]
+    def _fd(self, info: TensorInfo) -> int:
         fd = self._fds.get(info.file)
         if fd is None:
-            fd = self._fds.setdefault(info.file, os.open(info.file, os.O_RDONLY))
-        return read_tensor(fd, info)
+            with self._open_lock:  # two threads opening one file would leak a handle
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        return fd
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self._info[name]
+        return read_tensor(self._fd(info), info)
+
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, read into the flat buffer ``out`` (see :class:`Checkpoint`)."""
+        info = self._info[name]
+        return read_range(self._fd(info), info, start, stop, out)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -232,6 +232,23 @@ def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
     return out
 
 
+def read_range(fd: int, info: TensorInfo, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """Read elements [start, stop) of the flattened tensor into the first ``stop - start`` elements of the flat
+    ``out`` (of the tensor's dtype) with positioned I/O; return that view of ``out``."""
+    view_t = out[: stop - start]
+    size = info.dtype.itemsize
+    view = memoryview(view_t.view(torch.uint8).numpy()) if view_t.numel() else memoryview(b"")
+    got, want, at = 0, (stop - start) * size, info.start + start * size
+    if not 0 <= start <= stop or at + want > info.end:
+        raise ValueError(f"elements {start}..{stop} lie outside tensor '{info.name}'")
+    while got < want:
+        n = os.preadv(fd, [view[got:]], at + got)
+        if n == 0:
+            raise CheckpointError(f"{info.file}: unexpected end of file while reading tensor '{info.name}' (truncated?)")
+        got += n
+    return view_t
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, row-major (a view, no copy for contiguous tensors)."""
     t = t.contiguous()

@@ -42,6 +42,10 @@ class Sink(Protocol):
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store one tensor (thread-safe)."""
 
+    # A sink may also offer ``write_range(name, start, chunk)``: elements [start, start + numel) of the
+    # flattened tensor, pieces of one tensor from one thread, ``chunk`` reused by the caller afterwards.
+    # The engine streams pointwise merges to it chunk by chunk; a sink without it gets whole tensors.
+
     def close(self) -> dict[str, str]:
         """Finish and make durable; return {file name: sha256, or "" when not hashing}."""
 
@@ -60,6 +64,9 @@ class SafetensorsSink:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._writer.write(name, tensor)
+
+    def write_range(self, name: str, start: int, chunk: torch.Tensor) -> None:
+        self._writer.write_range(name, start, chunk)
 
     def close(self) -> dict[str, str]:
         files = self._writer.close()

@@ -2,7 +2,10 @@
 
 Every output tensor's name, dtype and shape are known before the merge starts, so shard assignment,
 byte offsets and headers are fixed first and each merged tensor is written with ``os.pwrite`` at its
-offset as soon as it is ready, from any thread, with no buffering of the whole model.
+offset as soon as it is ready, from any thread, with no buffering of the whole model. A tensor may also
+arrive in pieces (:meth:`SafetensorsWriter.write_range`, from the engine's chunked loop, whose buffers are
+reused): the sha256 of a file is then taken in file order from what was written, read back from the page
+cache as each tensor completes, so nothing is held for hashing.
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ from .formats import tensor_nbytes
 from .output import sha256_file
 from .safetensors_format import encode_header, tensor_bytes
 
-# Hashing in file order holds finished tensors until the ones before them are written; past this many
-# bytes held, a shard is hashed from disk at the end instead.
-MAX_HELD_FOR_HASH = 512 << 20
+# Finished tensors are read back for hashing through one buffer of this size.
+HASH_READ = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class SafetensorsWriter:
                 pos += nb
             header = encode_header(entries, meta)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # read back for hashing
                 self._fds.append(fd)
                 os.pwrite(fd, header, 0)
                 os.ftruncate(fd, len(header) + pos)
@@ -114,47 +116,64 @@ class SafetensorsWriter:
             self.total_size += pos
         self._hash_files = hash_files
         self._next = [0] * len(self.files)
-        self._held: dict[str, torch.Tensor] = {}
-        self._held_bytes = 0
-        # One thread hashes in file order so writers never wait on it (hashlib releases the GIL).
-        self._queue: queue.SimpleQueue[tuple[str, torch.Tensor] | None] = queue.SimpleQueue()
+        self._written = dict.fromkeys(self.slots, 0)  # bytes of each tensor written so far (one writer per tensor)
+        self._complete: set[str] = set()
+        # One thread hashes in file order so writers never wait on it (hashlib and os.preadv release the GIL).
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._hasher = threading.Thread(target=self._hash_loop, name="soup-hash-out", daemon=True) if hash_files else None
         if self._hasher is not None:
             self._hasher.start()
+            for name, slot in self.slots.items():
+                if slot.nbytes == 0:
+                    self._queue.put(name)
         self._sharded = len(self.files) > 1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor at its reserved place (thread-safe)."""
-        slot = self.slots[name]
+        """Write one whole tensor at its reserved place (thread-safe)."""
         data = tensor_bytes(tensor)
-        if len(data) != slot.nbytes:
-            raise ValueError(f"tensor '{name}' has {len(data)} bytes, {slot.nbytes} were planned")
+        if len(data) != self.slots[name].nbytes:
+            raise ValueError(f"tensor '{name}' has {len(data)} bytes, {self.slots[name].nbytes} were planned")
+        self._put(name, 0, data, whole=True)
+
+    def write_range(self, name: str, start: int, chunk: torch.Tensor) -> None:
+        """Write elements [start, start + numel) of tensor ``name`` (flattened, in its output dtype); thread-safe.
+
+        The pieces of one tensor come from one thread; the tensor is complete (and hashed) once all its bytes are written.
+        """
+        data = tensor_bytes(chunk)
+        self._put(name, start * chunk.element_size(), data)
+
+    def _put(self, name: str, at: int, data: memoryview, whole: bool = False) -> None:
+        slot = self.slots[name]
+        if at < 0 or at + len(data) > slot.nbytes:
+            raise ValueError(f"tensor '{name}': bytes {at}..{at + len(data)} fall outside its {slot.nbytes} planned bytes")
         fd, done = self._fds[slot.fd_index], 0
-        while done < slot.nbytes:
-            done += os.pwrite(fd, data[done:], slot.offset + done)
-        if self._hasher is not None:
-            self._queue.put((name, tensor))
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], slot.offset + at + done)
+        before = self._written[name]
+        self._written[name] = slot.nbytes if whole else before + len(data)  # a whole write replaces any pieces
+        if before < slot.nbytes == self._written[name] and self._hasher is not None:
+            self._queue.put(name)
 
     def _hash_loop(self) -> None:
-        """Feed finished tensors to their shard's hash in file order; hold those that arrive early."""
-        while (item := self._queue.get()) is not None:
-            name, tensor = item
+        """Hash each shard in file order: each tensor, once complete and all before it hashed, read back from the file."""
+        buf = memoryview(bytearray(HASH_READ))
+        while (name := self._queue.get()) is not None:
             shard = self.slots[name].fd_index
-            if self._hashers[shard] is None:
-                continue
-            self._held[name] = tensor
-            self._held_bytes += self.slots[name].nbytes
+            self._complete.add(name)
             order, h = self._file_order[shard], self._hashers[shard]
-            while self._next[shard] < len(order) and order[self._next[shard]] in self._held:
-                done = self._held.pop(order[self._next[shard]])
-                self._held_bytes -= self.slots[order[self._next[shard]]].nbytes
-                h.update(tensor_bytes(done))  # type: ignore[union-attr]
+            assert h is not None
+            while self._next[shard] < len(order) and order[self._next[shard]] in self._complete:
+                slot = self.slots[order[self._next[shard]]]
+                pos, end = slot.offset, slot.offset + slot.nbytes
+                while pos < end:
+                    n = os.preadv(self._fds[shard], [buf[: min(HASH_READ, end - pos)]], pos)
+                    if n <= 0:
+                        raise OSError(f"{self.files[shard]}: short read while hashing what was written")
+                    h.update(buf[:n])
+                    pos += n
+                self._complete.discard(order[self._next[shard]])
                 self._next[shard] += 1
-            if self._held_bytes > MAX_HELD_FOR_HASH:  # too far out of order: hash this shard from disk later
-                for n in [n for n in self._held if self.slots[n].fd_index == shard]:
-                    self._held_bytes -= self.slots[n].nbytes
-                    del self._held[n]
-                self._hashers[shard] = None
 
     def _stop_hashing(self) -> None:
         if self._hasher is not None:
@@ -163,12 +182,17 @@ class SafetensorsWriter:
             self._hasher = None
 
     def digests(self) -> dict[str, str]:
-        """sha256 of every file written (call after :meth:`close`)."""
+        """sha256 of every file written (call after :meth:`close`).
+
+        Raises:
+            RuntimeError: a tensor was never written completely (the merge did not finish).
+        """
         out = {}
         for i, path in enumerate(self.files):
             h = self._hashers[i]
-            complete = h is not None and self._next[i] == len(self._file_order[i])
-            out[path.name] = h.hexdigest() if complete else sha256_file(path)  # type: ignore[union-attr]
+            if h is None or self._next[i] != len(self._file_order[i]):
+                raise RuntimeError(f"{path.name}: not every tensor was written, so it has no digest")
+            out[path.name] = h.hexdigest()
         index = self.folder / "model.safetensors.index.json"
         if self._sharded:
             out[index.name] = sha256_file(index)

@@ -16,6 +16,7 @@ from .registry import Param, register
     summary="exponential moving average of checkpoints of one run, oldest first: e_k = decay e_(k-1) + (1 - decay) theta_k",
     paper="Polyak & Juditsky 1992; as checkpoint averaging, Izmailov et al. 2018 (SWA, for the plain mean use linear)",
     takes_weights=False,
+    pointwise=True,
 )
 def ema(
     tensors: Sequence[torch.Tensor],

@@ -34,6 +34,7 @@ def finish(acc: torch.Tensor, total: float | None) -> torch.Tensor:
     paper="Wortsman et al. 2022, Model soups (arXiv 2203.05482); Izmailov et al. 2018 (SWA); Wortsman et al. 2022 (WiSE-FT)",
     divides_by_weight_sum=divides_by_plain_weight_sum,
     keeps_identical=lambda p: bool(p["normalize"]),
+    pointwise=True,
 )
 def linear(
     tensors: Sequence[torch.Tensor],

@@ -27,6 +27,7 @@ DIFF_FLOOR = 1e-6
     min_models=1,
     max_models=1,
     takes_weights=False,
+    pointwise=True,
 )
 def nearswap(
     tensors: Sequence[torch.Tensor],

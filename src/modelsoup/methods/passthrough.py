@@ -18,6 +18,7 @@ from .registry import Param, PerModel, register
     paper="mergekit's passthrough (Goddard et al. 2024, arXiv 2403.13257): frankenmerges such as Goliath-120B",
     max_models=1,
     takes_weights=False,
+    pointwise=True,
 )
 def passthrough(
     tensors: Sequence[torch.Tensor],

@@ -154,6 +154,8 @@ class MergeMethod:
         takes_weights: whether recipes may give ingredient weights (slerp, model_stock and ema take none).
         weight_sum_rule: given the resolved hyperparameters, whether the method divides by the plain sum of
             the weights (None = never); see :meth:`divides_by_weight_sum`.
+        pointwise: each output element is a function of the inputs' elements at the same position only (no
+            reduction over a tensor, no random draws), so the engine may run the method on flat slices of a tensor.
     """
 
     name: str
@@ -170,6 +172,7 @@ class MergeMethod:
     takes_weights: bool = True
     weight_sum_rule: Callable[[Mapping[str, Any]], bool] | None = None
     identity_rule: Callable[[Mapping[str, Any]], bool] | None = None
+    pointwise: bool = False
 
     def keeps_identical(self, params: Mapping[str, Any]) -> bool:
         """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the
@@ -237,6 +240,7 @@ def register(
     takes_weights: bool = True,
     divides_by_weight_sum: Callable[[Mapping[str, Any]], bool] | None = None,
     keeps_identical: Callable[[Mapping[str, Any]], bool] | None = None,
+    pointwise: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method; reads its hyperparameters from its signature and checks it at import.
 
@@ -253,15 +257,21 @@ def register(
             sum of the weights (recipe validation then refuses weights summing to zero); None = never.
         keeps_identical: given the resolved hyperparameters, whether identical inputs (no base read) give that
             input back exactly in exact arithmetic; None = never (see :meth:`MergeMethod.keeps_identical`).
+        pointwise: the result at each position depends only on the inputs at that position, computed by the
+            same elementwise kernels whatever the tensor's size: the engine then streams the method over flat
+            chunks of each tensor (bit-identical to one call on the whole tensor; tests check each such method).
 
     Raises:
-        MethodError: duplicate name, or a signature that does not follow the method contract.
+        MethodError: duplicate name, a signature that does not follow the method contract, or a pointwise method that draws random numbers.
     """
 
     def decorate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in _REGISTRY:
             raise MethodError(f"merge method '{name}' is registered twice ({_REGISTRY[name].fn.__module__} and {fn.__module__})")
         params = _read_signature(fn)
+        random = "generator" in inspect.signature(fn).parameters
+        if pointwise and random:
+            raise MethodError(f"merge method '{name}' draws random numbers, so it cannot be pointwise (chunks would draw differently)")
         aliases = {a: p.name for p in params for a in p.aliases}
         _REGISTRY[name] = MergeMethod(
             name=name,
@@ -272,12 +282,13 @@ def register(
             base=base,
             min_models=min_models,
             max_models=max_models,
-            random="generator" in inspect.signature(fn).parameters,
+            random=random,
             aliases=aliases,
             workspace=workspace,
             takes_weights=takes_weights,
             weight_sum_rule=divides_by_weight_sum,
             identity_rule=keeps_identical,
+            pointwise=pointwise,
         )
         return fn
 

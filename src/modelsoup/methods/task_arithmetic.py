@@ -18,6 +18,7 @@ from .registry import register
     base="required",
     workspace=1,
     divides_by_weight_sum=divides_by_plain_weight_sum,
+    pointwise=True,
 )
 def task_arithmetic(
     tensors: Sequence[torch.Tensor],
