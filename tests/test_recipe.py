@@ -265,6 +265,57 @@ def test_type_errors(ckpts: Path) -> None:
     assert one_problem("method: linear\nmodels: ft-a\n") == "recipe.yaml:2: models: must be a list, got 'ft-a'"
 
 
+def test_every_part_is_type_checked_strictly(ckpts: Path) -> None:
+    """Each part's keys in their declared order, then its unknown keys; a wrong key is left out and the rest checked."""
+    ps = problems_of("""\
+        method: linear
+        zz: 1
+        models:
+          - {path: ft-a, key: 3, strip_prefix: 4}
+          - {path: ft-b, parameters: {1: x}, colour: red}
+        dtype: 16
+        seed: 1.0
+        overrides:
+          - {match: '*', weights: [1, 2.5, true], take: all}
+          - {weights: [1, 2]}
+        output: {format: null, copy_files: 'yes', pad_to_multiple_of: 8.0, model_crd: false}
+        """)
+    assert ps == [
+        ("recipe.yaml:2: zz: unknown key 'zz' (valid keys: method, models, slices, base, parameters, dtype, keys, seed, "
+         "allow_nonfinite, overrides, output)"),
+        "recipe.yaml:4: models[0].key: must be a string, got 3",
+        "recipe.yaml:4: models[0].strip_prefix: must be a string, got 4",
+        "recipe.yaml:5: models[1].parameters[1].[key]: must be a string, got 1",
+        "recipe.yaml:5: models[1].colour: unknown key 'colour' (valid keys: path, source, weight, parameters, key, strip_prefix, adapter)",
+        "recipe.yaml:6: dtype: must be a string, got 16",
+        "recipe.yaml:7: seed: must be an integer, got 1.0",
+        "recipe.yaml:9: overrides[0].take: must be 'base', 'first' or 'skip', got 'all'",
+        "recipe.yaml:9: overrides[0].weights[2]: must be a number, got True",
+        "recipe.yaml:10: overrides[1].match: is required",
+        "recipe.yaml:11: output.format: must be 'safetensors' or 'torch', got None",
+        "recipe.yaml:11: output.copy_files: must be true or false, got 'yes'",
+        "recipe.yaml:11: output.pad_to_multiple_of: must be an integer, got 8.0",
+        ("recipe.yaml:11: output.model_crd: unknown key 'model_crd'; did you mean 'model_card'? (valid keys: shard_size, format, "
+         "copy_files, copy_tokenizer, model_card, tokenizer_source, pad_to_multiple_of, chat_template)"),
+    ]
+
+
+def test_typed_values_are_taken_as_their_plain_type(ckpts: Path) -> None:
+    """A number list takes integers (as floats); str and int subclasses (enums, from the Python API) are plain values."""
+    import enum
+
+    class Keys(str, enum.Enum):
+        base = "base"
+
+    class Seed(enum.IntEnum):
+        seven = 7
+
+    r = recipe_from_dict({"method": "linear", "base": "base", "models": ["ft-a", "ft-b"], "keys": Keys.base, "seed": Seed.seven,
+                          "overrides": [{"match": "*", "weights": [1, 3]}]})
+    assert type(r.keys) is str and r.keys == "base" and type(r.seed) is int and r.seed == 7
+    assert r.overrides[0].weights == (1.0, 3.0) and all(type(w) is float for w in r.overrides[0].weights)
+
+
 def test_missing_method_and_models() -> None:
     ps = problems_of("seed: 1\n")
     assert ps[0].startswith("recipe.yaml: method: is required; one of:")

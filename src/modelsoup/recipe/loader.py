@@ -1,8 +1,8 @@
 """Recipe YAML read safely, with the line of every key and item, and problems collected to be raised at once.
 
 Line numbers: the YAML is composed into nodes and each mapping key and sequence item records its
-line, keyed by its path (``("models", 1, "weight")``); a problem found at a path (a pydantic error
-``loc`` or a check of ours) is reported at the line of its longest recorded prefix.
+line, keyed by its path (``("models", 1, "weight")``); a problem found at a path (a type check's
+place or a check of ours) is reported at the line of its longest recorded prefix.
 Nesting, alias expansion, size and number lengths are bounded before anything is built (alias bombs,
 recursive aliases and deep nesting are refused with their line).
 """

@@ -1,7 +1,7 @@
 """Recipe data validated as a whole: every problem found, each at its place in the file, before a tensor is read.
 
-The file's types are checked by a pydantic schema (unknown keys, wrong types), then the meaning by the
-checks here: the method and its parameters (names, aliases, ranges, per-model use), model paths,
+The file's types are checked against the shape of each part (unknown keys, missing keys, wrong types),
+then the meaning by the checks here: the method and its parameters (names, aliases, ranges, per-model use), model paths,
 weights, overrides (patterns that compile and cannot backtrack catastrophically), output options.
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import MethodError
 from ..io.adapters import ADAPTER_CONFIG, is_adapter
@@ -24,65 +24,198 @@ from ..methods import available_methods, get_method
 from ..methods.ops import weight_sum_problem
 from ..methods.registry import MergeMethod, yaml_number_hint
 from .loader import PathKey, Problems
-from .schema import DEFAULT_SHARD_SIZE, DTYPES, ModelRef, OutputOptions, Override, Recipe, Slice, SliceSource, is_number, parse_size
+from .schema import DEFAULT_SHARD_SIZE, DTYPES, KEY_MODES, OUTPUT_FORMATS, TAKE_CHOICES, ModelRef, OutputOptions, Override, Recipe, Slice, SliceSource, is_number, parse_size
 
 
 # Outputs of earlier stages of a multi-stage recipe: models that will exist when this stage runs (see .stages).
 PENDING_OUTPUTS: ContextVar[frozenset[Path]] = ContextVar("PENDING_OUTPUTS", default=frozenset())
 
 
-class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+# The shape of each part of a recipe: its keys, each with a strict type check and a default. Strict as in
+# YAML: a string is not a number, 1 is not true, 1.0 is not an integer (a number list takes integers).
+_REQUIRED = object()
 
 
-class _ModelEntry(_Schema):
-    path: str | None = None
-    source: Any = None
-    weight: Any = None
-    parameters: dict[str, Any] = {}
-    key: str | None = None
-    strip_prefix: str | None = None
-    adapter: str | None = None
+class _Invalid(Exception):
+    """A value of the wrong type: the problems, each (place below the key, message)."""
+
+    def __init__(self, *found: tuple[PathKey, str]) -> None:
+        super().__init__(found)
+        self.found = found
 
 
-class _OverrideEntry(_Schema):
-    match: str
-    parameters: dict[str, Any] = {}
-    take: Literal["base", "first", "skip"] | None = None
-    weights: list[float] | None = None
+def _got(expected: str, value: Any) -> _Invalid:
+    return _Invalid(((), f"must be {expected}, got {_describe_value(value)}"))
 
 
-class _OutputEntry(_Schema):
-    shard_size: Any = DEFAULT_SHARD_SIZE
-    format: Literal["safetensors", "torch"] = "safetensors"
-    copy_files: bool = True
-    copy_tokenizer: bool = True
-    model_card: bool = True
-    tokenizer_source: str | None = None
-    pad_to_multiple_of: int | None = None
-    chat_template: str | None = None
+def _place(key: Any) -> Any:
+    """A mapping key as a path item: a string or a 64-bit integer as itself (True as 1), anything else as its repr."""
+    if isinstance(key, str):
+        return str.__str__(key)
+    try:
+        index = operator.index(key)
+    except TypeError:
+        return repr(key)
+    return index if -(2**63) <= index < 2**63 else repr(key)
 
 
-class _SliceEntry(_Schema):
-    sources: list[Any]
-    parameters: dict[str, Any] = {}
+def _string(v: Any) -> str:
+    if isinstance(v, str):
+        return str.__str__(v)  # a str subclass (a str enum) as the plain string
+    raise _got("a string", v)
 
 
-class _Top(_Schema):
-    method: str | None = None
-    models: list[Any] | None = None
-    slices: list[Any] | None = None
-    base: Any = None
-    parameters: dict[str, Any] = {}
-    dtype: str | None = None
-    keys: Literal["exact", "intersection", "base"] = "exact"
-    seed: int = 0
-    allow_nonfinite: bool = False
-    overrides: list[Any] = []
-    output: Any = None
+def _integer(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return int.__int__(v)
+    raise _got("an integer", v)
 
 
-_TOP_KEYS = tuple(_Top.model_fields)
+def _boolean(v: Any) -> bool:
+    if v is True or v is False:
+        return v
+    raise _got("true or false", v)
+
+
+def _anything(v: Any) -> Any:
+    return v
+
+
+def _mapping(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _got("a mapping", v)
+    bad = [((_place(k), "[key]"), f"must be a string, got {_describe_value(k)}") for k in v if not isinstance(k, str)]
+    if bad:
+        raise _Invalid(*bad)
+    return {str.__str__(k): x for k, x in v.items()}
+
+
+def _items(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise _got("a list", v)
+    return list(v)
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a float when it is a real number (an int, a float, a numpy scalar; not a bool or a string), else None."""
+    kind = type(v)
+    if kind is bool or not (hasattr(kind, "__float__") or hasattr(kind, "__index__")):
+        return None
+    try:
+        return float(v)
+    except Exception:  # noqa: BLE001 - whatever __float__ raises: an int too large for a float, a tensor of several elements
+        return None
+
+
+def _numbers(v: Any) -> list[float]:
+    if not isinstance(v, list):
+        raise _got("a list", v)
+    out: list[float] = []
+    bad: list[tuple[PathKey, str]] = []
+    for i, x in enumerate(v):
+        f = _number(x)
+        if f is None:
+            bad.append(((i,), f"must be a number, got {_describe_value(x)}"))
+        else:
+            out.append(f)
+    if bad:
+        raise _Invalid(*bad)
+    return out
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    expected = repr(choices[0]) if len(choices) == 1 else ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
+
+    def check(v: Any) -> str:
+        if isinstance(v, str) and v in choices:
+            return str.__str__(v)
+        raise _got(expected, v)
+
+    return check
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None else check(v)
+
+
+class _Shape:
+    """The keys one mapping of a recipe may have: name -> (check, default); a default of ``dict`` or ``list``
+    is a new empty one each time, :data:`_REQUIRED` makes the key required."""
+
+    def __init__(self, **keys: tuple[Callable[[Any], Any], Any]) -> None:
+        self.keys = keys
+
+    def check(self, data: dict[Any, Any]) -> tuple[SimpleNamespace | None, list[tuple[PathKey, str]]]:
+        """The entry (each key's value converted, or its default), or None with the problems: each key's in
+        the order above, then unknown keys in the order given."""
+        values: dict[str, Any] = {}
+        found: list[tuple[PathKey, str]] = []
+        for name, (check, default) in self.keys.items():
+            if name in data:
+                try:
+                    values[name] = check(data[name])
+                except _Invalid as e:
+                    found.extend(((name, *at), message) for at, message in e.found)
+            elif default is _REQUIRED:
+                found.append(((name,), "is required"))
+            else:
+                values[name] = default() if default in (dict, list) else default
+        valid = list(self.keys)
+        for key in data:
+            if not isinstance(key, str):
+                found.append(((_place(key),), "Keys should be strings"))
+            elif key not in self.keys:
+                name = str.__str__(key)
+                found.append(((name,), f"unknown key '{name}'" + _suggest(name, valid) + f" (valid keys: {', '.join(valid)})"))
+        return (None if found else SimpleNamespace(**values)), found
+
+
+_ModelEntry = _Shape(
+    path=(_optional(_string), None),
+    source=(_anything, None),
+    weight=(_anything, None),
+    parameters=(_mapping, dict),
+    key=(_optional(_string), None),
+    strip_prefix=(_optional(_string), None),
+    adapter=(_optional(_string), None),
+)
+
+_OverrideEntry = _Shape(
+    match=(_string, _REQUIRED),
+    parameters=(_mapping, dict),
+    take=(_optional(_one_of(*TAKE_CHOICES)), None),
+    weights=(_optional(_numbers), None),
+)
+
+_OutputEntry = _Shape(
+    shard_size=(_anything, DEFAULT_SHARD_SIZE),
+    format=(_one_of(*OUTPUT_FORMATS), "safetensors"),
+    copy_files=(_boolean, True),
+    copy_tokenizer=(_boolean, True),
+    model_card=(_boolean, True),
+    tokenizer_source=(_optional(_string), None),
+    pad_to_multiple_of=(_optional(_integer), None),
+    chat_template=(_optional(_string), None),
+)
+
+_SliceEntry = _Shape(
+    sources=(_items, _REQUIRED),
+    parameters=(_mapping, dict),
+)
+
+_Top = _Shape(
+    method=(_optional(_string), None),
+    models=(_optional(_items), None),
+    slices=(_optional(_items), None),
+    base=(_anything, None),
+    parameters=(_mapping, dict),
+    dtype=(_optional(_string), None),
+    keys=(_one_of(*KEY_MODES), "exact"),
+    seed=(_integer, 0),
+    allow_nonfinite=(_boolean, False),
+    overrides=(_items, list),
+    output=(_anything, None),
+)
 
 
 def _short_repr(v: Any) -> str:
@@ -94,57 +227,25 @@ def _describe_value(v: Any) -> str:
     return repr(v) if not isinstance(v, (dict, list)) else type(v).__name__
 
 
-def _pydantic_message(err: Mapping[str, Any], valid_keys: Sequence[str]) -> str:
-    kind = err["type"]
-    got = err.get("input")
-    if kind == "missing":
-        return "is required"
-    if kind == "extra_forbidden":
-        key = str(err["loc"][-1])
-        return f"unknown key '{key}'" + _suggest(key, valid_keys) + f" (valid keys: {', '.join(valid_keys)})"
-    if kind in ("float_type", "float_parsing", "finite_number"):
-        return f"must be a number, got {_describe_value(got)}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return f"must be an integer, got {_describe_value(got)}"
-    if kind in ("bool_type", "bool_parsing"):
-        return f"must be true or false, got {_describe_value(got)}"
-    if kind == "string_type":
-        return f"must be a string, got {_describe_value(got)}"
-    if kind == "dict_type":
-        return f"must be a mapping, got {_describe_value(got)}"
-    if kind == "list_type":
-        return f"must be a list, got {_describe_value(got)}"
-    if kind == "literal_error":
-        return f"must be {err['ctx']['expected']}, got {_describe_value(got)}"
-    return str(err["msg"])
-
-
 def _suggest(word: str, valid: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(valid), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _validate_part(schema: type[_Schema], raw: Any, path: PathKey, problems: Problems) -> Any:
-    """Validate one part; on errors record them and retry without the offending keys (partial result)."""
+def _validate_part(shape: _Shape, raw: Any, path: PathKey, problems: Problems) -> Any:
+    """Check one part; on errors record them and retry without the offending keys (partial result)."""
     if not isinstance(raw, Mapping):
         problems.add(path, f"must be a mapping, got {_describe_value(raw)}")
         return None
     data = dict(raw)
-    valid_keys = list(schema.model_fields)
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        bad: set[Any] = set()
-        for err in e.errors():
-            loc = tuple(err["loc"])
-            problems.add((*path, *loc), _pydantic_message(err, valid_keys))
-            bad.add(loc[0])
-        for k in bad:
-            data.pop(k, None)
-        try:
-            return schema.model_validate(data)
-        except ValidationError:
-            return None  # a required key is missing; already reported
+    entry, found = shape.check(data)
+    if entry is not None:
+        return entry
+    for at, message in found:
+        problems.add((*path, *at), message)
+    for key in {at[0] for at, _ in found}:
+        data.pop(key, None)
+    return shape.check(data)[0]  # None: a required key is missing; already reported
 
 
 def _backtracks(pattern: str) -> bool:
