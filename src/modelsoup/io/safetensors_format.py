@@ -1,17 +1,20 @@
 """The safetensors file format, read and written with positioned I/O.
 
-Why not ``safe_open``'s memory map: pages of a mapping that a merge touches stay resident (and count in
-the process's RSS) for as long as the file is mapped, so a merge of N x 1 GB files would hold N GB.
-Reading each tensor with ``os.preadv`` into a buffer the tensor owns keeps the resident set at the
-tensors in flight, is thread-safe without locks, and lets the header be checked strictly (a truncated
-or corrupt file is named before anything is merged). The bytes read are the same ones ``safe_open``
-returns; tests pin that.
+Why not ``safe_open``'s memory map of the whole file: pages of a mapping that a merge touches stay resident
+(and count in the process's RSS) for as long as the file is mapped, so a merge of N x 1 GB files would hold
+N GB. Each large tensor is mapped on its own instead, for as long as the tensor lives, and small ones and
+parts of tensors are read with ``os.preadv``: the resident set stays at the tensors in flight, reads are
+thread-safe without locks, and the header is checked strictly first (a truncated or corrupt file is named
+before anything is merged). The bytes are the same ones ``safe_open`` returns; tests pin that. (A file
+truncated by another program while it is mapped and merged ends the process with SIGBUS, not an error
+message; the output is staged, so nothing half-written is left in its place.)
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -217,8 +220,26 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# Tensors at least this large are mapped rather than read (see read_tensor); smaller ones are read, so a model's
+# many small tensors never add up to many mappings.
+MAP_ABOVE = 1 << 20
+
+
 def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor with positioned I/O into memory the tensor owns (thread-safe, no lock)."""
+    """One tensor: a private, copy-on-write map of its bytes in the page cache when large, else read into memory it owns.
+
+    Mapping avoids both the fresh buffer (whose pages the kernel must zero) and the copy out of the page cache;
+    the mapping is private, so a write to the tensor changes only this process's copy of a page, never the file.
+    Its pages are released when the tensor is freed. Thread-safe, no lock.
+    """
+    if info.nbytes >= MAP_ABOVE and info.start % info.dtype.itemsize == 0:
+        at = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        try:
+            region = mmap.mmap(fd, info.end - at, access=mmap.ACCESS_COPY, offset=at)
+        except (OSError, ValueError):  # a file that cannot be mapped (some network and FUSE file systems) is read
+            pass
+        else:
+            return torch.frombuffer(region, dtype=info.dtype, count=info.nbytes // info.dtype.itemsize, offset=info.start - at).view(info.shape)
     out = torch.empty(info.shape, dtype=info.dtype)
     if info.nbytes == 0:
         return out

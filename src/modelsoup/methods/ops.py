@@ -34,7 +34,7 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.dtype.itemsize == 1:  # float8: no reductions of its own
         t = t.to(torch.float32)
     total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+    return math.isfinite(total.item()) or bool(torch.isfinite(t).all())  # item(): no second kernel for a 0-d check
 
 
 def weight_sum_problem(weights: Sequence[float]) -> str | None:
