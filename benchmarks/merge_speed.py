@@ -1,33 +1,56 @@
-"""Merge speed and memory: against the I/O floor, and against mergekit, each measured in the same run.
+"""Merge speed and memory: against the I/O floor, and against mergekit, each measured in the same run (issue 17).
 
-Two tables, each measurement in a fresh process:
+Every measurement is one whole process: posix_spawn'ed by a bare-interpreter wrapper, which takes the wall time
+from spawn to exit and the peak RSS from wait4's ru_maxrss. Inputs are read from the page cache in every
+measurement (they are warmed first), so the figures compare like with like.
 
-``floor``: builds N checkpoints with the tensor shapes of a Llama-style transformer (default 4 x ~1 GB fp32)
-and measures
-  * the I/O floor: read every input file once + write one output-sized file (with fsync, as the merge does);
-  * `soup merge` for linear, ties and slerp: wall time, peak RSS above the process baseline;
-and prints the ratios to the floor.
+``floor``: for each dtype of --dtypes (default float32 and bfloat16) builds 4 safetensors checkpoints of
+~--size-gb (default 1.0) GB each, with the tensor shapes of a Llama-style transformer (a bfloat16 checkpoint
+has the same byte size, so twice the parameters). Input 0 is the base of the task-vector methods, inputs 1-3
+its fine-tunes. Each merge is compared with the floors of the same number of inputs read:
+  * floor A: a process that imports torch, reads every tensor of each input once through safetensors
+    (``safe_open``, ``get_tensor`` of every key), then os.write's an output-sized file to the page cache
+    (no fsync). What it writes is the raw bytes of the tensors of the last input it read (held from its
+    read; at most one input is held), padded with zeros to the output's size (the header's share);
+  * floor B: the same, and it fsyncs the file before closing it (as `soup merge` does its output);
+  * `soup merge RECIPE -o OUT --no-progress -q` (the `soup` next to this python), one native recipe per
+    method: linear (4 models), task_arithmetic (base + 3), ema decay=0.9 (4), WiSE-FT (linear of the base and
+    one model, weights [0.5, 0.5]), ties density=0.5, dare_ties density=0.5 seed=0, breadcrumbs (defaults),
+    della density=0.6 epsilon=0.1 seed=0 (each base + 3), slerp t=0.5 and nuslerp (2 models), multislerp and
+    karcher (4 models).
+    Hashing: these rows run with `--no-hash`, like for like with the floors, which hash nothing. Linear has two
+    more rows with the default hashing (the sha256 of every input and output file, for the manifest): with a
+    warm input-hash cache (a rerun: only the output is hashed) and with a fresh cache (every input hashed too).
+  * with --device cuda, where torch.cuda.is_available(): linear and ties again with `--device cuda`.
+Each row gives the median wall time of --repeats runs (min-max), its ratios to floor A and floor B, its peak
+RSS above the baseline (the largest ru_maxrss of its runs minus the VmRSS of a process that has just run
+`import torch, modelsoup.api`, measured once per table; the floors, which import only torch, get the same
+subtraction), and issue 17's targets: linear family (linear, task_arithmetic, ema,
+WiSE-FT) <= 1.15x floor B; ties, dare_ties, breadcrumbs, della <= 1.8x floor B; slerp and the sphere methods
+<= 1.3x floor B; peak RSS <= 1.5 GiB (1536 MiB) above the baseline.
+Runs are interleaved: each round runs every measurement once, in the table's order, and there are --repeats
+rounds, so drift in the machine's speed hits all rows alike.
 
 ``mergekit``: builds N Hugging Face folders (config.json of a LlamaForCausalLM + model.safetensors; default
-4 x ~0.25 GB fp32, at least 4 layers), writes five mergekit recipes (linear; ties density 0.5; slerp t 0.5;
-della density 0.6 epsilon 0.1; a passthrough frankenmerge of layers [0, 3) of one model and [1, 4) of
-another), plus a start-up row (a linear merge of 4 tiny models: what a run costs before any real work), and
-runs each with both tools, interleaved (soup, mergekit, soup, mergekit, ...):
+4 x ~1.3 GB bfloat16, at least 4 layers, large enough that start-up is not most of a run), writes five
+mergekit recipes (linear; ties density 0.5; slerp t 0.5; della density 0.6 epsilon 0.1; a passthrough
+frankenmerge of layers [0, 3) of one model and [1, 4) of another), plus a start-up row (a linear merge of 4
+tiny models: what a run costs before any real work), and runs each with both tools, interleaved (soup,
+mergekit, soup, mergekit, ...):
   * `soup merge RECIPE OUT --no-progress -q` (the recipe unchanged; a fresh input-hash cache every run);
   * `mergekit-yaml RECIPE OUT --no-write-model-card --no-copy-tokenizer --quiet` with HF_HUB_OFFLINE=1;
-  della gets `--random-seed 0` on both sides. It reports the median whole-process wall time and peak RSS of
-  each tool, the speed-up (mergekit s / modelsoup s), and whether the two outputs agree: same tensor names
-  and shapes, and for the deterministic recipes a max abs difference below 1e-5 over all tensors. DELLA's
-  masks are random and the tools draw them differently, so only names and shapes are compared there.
+  della gets `--random-seed 0` on both sides. It reports the median whole-process wall time (min-max) and
+  peak RSS of each tool, the speed-up (mergekit s / modelsoup s) against issue 17's targets (linear >= 2x,
+  ties >= 8x), and whether the two outputs agree: same tensor names and shapes, and for the deterministic
+  recipes a max abs difference below 1e-5 over all tensors. DELLA's masks are random and the tools draw them
+  differently, so only names and shapes are compared there.
   The table is skipped, with a note, when mergekit-yaml is not found (--mergekit, then PATH, then
   /work/mkenv/bin/mergekit-yaml).
 
-Inputs are read from the page cache in every measurement (they are warmed first), so the figures compare like
-with like.
-
-    python benchmarks/merge_speed.py                   # both tables
-    python benchmarks/merge_speed.py --size-gb 0.25    # quicker (both tables at 4 x 0.25 GB)
-    python benchmarks/merge_speed.py --dir /tmp/b --reuse --cases ties   # one method, checkpoints kept
+    python benchmarks/merge_speed.py                   # both tables, issue 17's sizes (long: tens of minutes)
+    python benchmarks/merge_speed.py --tables floor --dtypes bfloat16 --size-gb 0.25 --repeats 3   # quicker
+    python benchmarks/merge_speed.py --dir /tmp/b --reuse --cases linear ties   # some rows, checkpoints kept
+    python benchmarks/merge_speed.py --tables floor --device cuda   # adds GPU rows where CUDA is available
     python benchmarks/merge_speed.py --tables mergekit --repeats 3 --mergekit /opt/mk/bin/mergekit-yaml
 """
 
@@ -38,6 +61,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -45,46 +69,13 @@ import sys
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-CHILD = r"""
-import json, os, sys, time
-def rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-import torch, modelsoup  # imports are part of the baseline
-from modelsoup import merge
-args = json.loads(sys.argv[1])
-base_rss = rss_mb()
-t0 = time.perf_counter()
-if args["what"] == "floor":
-    buf = bytearray(64 << 20)
-    for p in args["inputs"]:
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-    fd = os.open(args["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    left = args["out_bytes"]
-    while left > 0:
-        left -= os.write(fd, memoryview(buf)[: min(left, len(buf))])
-    os.fsync(fd); os.close(fd)
-else:
-    kw = {"base": args["base"]} if args.get("base") else {}
-    merge(models=args["inputs"], output=args["output"], method=args["what"], parameters=args.get("params") or {},
-          progress=False, hash_files=args["hash"], workers=args.get("workers"), **kw)
-dt = time.perf_counter() - t0
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would include the parent's peak.
-with open("/proc/self/status") as f:
-    peak = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-print(json.dumps({"seconds": dt, "peak_rss_mb": peak, "baseline_rss_mb": base_rss}))
-"""
 
 # Times one whole command: posix_spawn it, wait4 for it, write wall seconds and its ru_maxrss to argv[1].
 # The wrapper is a bare interpreter (~10 MB), so the peak the kernel carries over from it into the command
@@ -99,10 +90,49 @@ with open(sys.argv[1], "w") as f:
     json.dump({"seconds": dt, "peak_rss_mb": ru.ru_maxrss / 1024, "rc": os.waitstatus_to_exitcode(status)}, f)
 """
 
+# The I/O floor, one whole process: argv = OUT OUT_BYTES fsync|nofsync INPUT...
+# It holds the tensors of one input at a time and writes those of the last one (then zeros up to OUT_BYTES).
+FLOOR = r"""
+import os, sys
+import torch
+from safetensors import safe_open
+out, out_bytes, mode, *inputs = sys.argv[1:]
+held = []
+for p in inputs:
+    held.clear()
+    with safe_open(p, framework="pt") as f:
+        for k in f.keys():
+            held.append(f.get_tensor(k))
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+left = int(out_bytes)
+for t in held:
+    view = memoryview(t.reshape(-1).view(torch.uint8).numpy())[:left]
+    while view:
+        n = os.write(fd, view)
+        view, left = view[n:], left - n
+while left > 0:
+    left -= os.write(fd, bytes(min(left, 1 << 20)))
+if mode == "fsync":
+    os.fsync(fd)
+os.close(fd)
+"""
+
+# The RSS a merge starts from: a process that has imported torch and modelsoup, and nothing more.
+BASELINE = r"""
+import torch, modelsoup.api
+with open("/proc/self/status") as f:
+    print(next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024)
+"""
+
 MERGEKIT_FALLBACK = "/work/mkenv/bin/mergekit-yaml"
 MERGEKIT_FLAGS = ["--no-write-model-card", "--no-copy-tokenizer", "--quiet"]
 TINY = (64, 176, 256, 4)  # hidden, ffn, vocab, layers of the start-up row's models (~1 MB each)
 AGREE_TOL = 1e-5  # max abs difference of any output tensor, deterministic recipes
+FLOOR_MODELS = 4  # inputs of the floor table: the base (input 0) and 3 fine-tunes
+# Issue 17's targets: wall time as a multiple of floor B, by method family; peak RSS above the baseline.
+FLOOR_TARGETS = {"linear": 1.15, "ties": 1.8, "sphere": 1.3}
+RSS_TARGET_MIB = 1536  # 1.5 GiB
+MERGEKIT_TARGETS = {"linear": 2.0, "ties": 8.0}  # speed-up over mergekit, at least
 
 
 def dims(target_bytes: float, min_layers: int = 1, hidden: int = 2048, vocab: int = 32000) -> tuple[int, int, int, int]:
@@ -149,14 +179,25 @@ def model_tensors(spec: dict[str, tuple[int, ...]], i: int, dtype: torch.dtype, 
     return sd
 
 
-def build(folder: Path, n: int, target_bytes: float, dtype: torch.dtype) -> list[Path]:
-    spec = shapes(dims(target_bytes))
-    paths = []
-    for i in range(n):
-        p = folder / f"ft-{i}.safetensors"
+def fp32_bytes(size_gb: float, dtype: torch.dtype) -> float:
+    """The fp32 byte count ``dims`` is given for a checkpoint of ``size_gb`` GB in ``dtype``."""
+    return size_gb * 1e9 * 4 / torch.empty((), dtype=dtype).element_size()
+
+
+def build(folder: Path, n: int, size: tuple[int, int, int, int], dtype: torch.dtype, reuse: bool) -> tuple[list[Path], bool]:
+    """N checkpoints ``folder/ft-{i}.safetensors`` of ``shapes(size)``; with ``reuse``, ones of the right size are kept.
+
+    Returns the paths and whether all of them were reused.
+    """
+    spec = shapes(size)
+    expected = sum(math.prod(s) for s in spec.values()) * torch.empty((), dtype=dtype).element_size()
+    paths = [folder / f"ft-{i}.safetensors" for i in range(n)]
+    if reuse and all(p.exists() and expected < p.stat().st_size < expected + (1 << 20) for p in paths):
+        return paths, True
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(paths):
         save_file(model_tensors(spec, i, dtype, 0.01), p)
-        paths.append(p)
-    return paths
+    return paths, False
 
 
 def llama_config(size: tuple[int, int, int, int], dtype: str) -> dict:
@@ -202,79 +243,232 @@ def warm(paths: list[Path]) -> None:
                 pass
 
 
-def run_child(args: dict) -> dict:
-    env = dict(os.environ)
-    if not args.get("hash_cache"):  # a fresh input-hash cache: the merge hashes every input, as a first run does
-        env["MODELSOUP_CACHE_DIR"] = tempfile.mkdtemp(prefix="soup-hash-cache-")
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, check=False, env=env)
+def timed(cmd: list[str], env: dict[str, str], log: Path) -> dict:
+    """Wall seconds and peak RSS (MiB) of ``cmd`` as one whole process; its output goes to ``log``.
+
+    A command that exits non-zero ends the benchmark with the tail of its output.
+    """
+    result = log.with_suffix(".json")
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-c", TIMED, str(result), *cmd], stdout=out, stderr=subprocess.STDOUT, env=env, check=True)
+    r = json.loads(result.read_text())
+    if r["rc"] != 0:
+        raise SystemExit(f"{shlex.join(cmd)} exited with {r['rc']}:\n{log.read_text()[-3000:]}")
+    return r
+
+
+def find_soup() -> str:
+    """The `soup` script of the interpreter running this benchmark (else the one on PATH)."""
+    here = Path(sys.executable).parent / "soup"
+    found = str(here) if here.exists() else shutil.which("soup")
+    if not found:
+        raise SystemExit("no `soup` command next to this python or on PATH: install modelsoup into this environment")
+    return os.path.abspath(found)
+
+
+def baseline_rss_mb() -> float:
+    """VmRSS (MiB) of a process that has just imported torch and modelsoup: what a merge's peak is counted from."""
+    res = subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        raise SystemExit(f"child failed: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"the baseline process failed:\n{res.stderr[-3000:]}")
+    return float(res.stdout.strip().splitlines()[-1])
 
 
-def floor_table(a: argparse.Namespace, scratch: Path, size_gb: float) -> None:
-    dtype = getattr(torch, a.dtype)
-    t0 = time.perf_counter()
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    target = size_gb * 1e9 * 4 / itemsize  # shapes() counts fp32 bytes
-    built = [scratch / f"ft-{i}.safetensors" for i in range(a.models)]
-    expected = sum(math.prod(s) for s in shapes(dims(target)).values()) * itemsize
-    if a.reuse and all(p.exists() and expected < p.stat().st_size < expected + (1 << 20) for p in built):
-        inputs = built
-    else:
-        inputs = build(scratch, a.models, target, dtype)
-    in_bytes = sum(p.stat().st_size for p in inputs)
-    out_bytes = inputs[0].stat().st_size
-    print(f"{'reused' if inputs is built else 'built'} {a.models} checkpoints of {out_bytes / 1e9:.2f} GB ({a.dtype}) in {time.perf_counter() - t0:.0f} s in {scratch}")
-    run_child({"what": "floor", "inputs": [str(p) for p in inputs], "output": str(scratch / "warm.bin"), "out_bytes": out_bytes})  # warm the page cache
+def machine_line() -> str:
+    """Cores, memory, torch, python and the date: what a reader needs to compare two runs of this script."""
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f", {int(next(l.split()[1] for l in f if l.startswith('MemTotal:'))) / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    return (f"machine: {platform.machine()}, {os.cpu_count()} cores{mem}, torch {torch.__version__}, "
+            f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
 
-    def best(args: dict) -> dict:
-        runs = []
-        for _ in range(a.repeats):
-            out = scratch / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            (scratch / "floor.bin").unlink(missing_ok=True)
-            runs.append(run_child(args))
-        shutil.rmtree(scratch / "out", ignore_errors=True)
-        return min(runs, key=lambda r: r["seconds"]) | {"peak_over_baseline_mb": max(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in runs)}
 
-    common = {"inputs": [str(p) for p in inputs], "workers": a.workers}
-    floors: dict[int, dict] = {}
+def command_line() -> str:
+    return "command: " + shlex.join([sys.executable, *sys.argv])
 
-    def floor_for(ins: list[str]) -> dict:
-        """The I/O floor of a merge reading these inputs (each case is compared with its own)."""
-        if len(ins) not in floors:
-            floors[len(ins)] = best({"what": "floor", "output": str(scratch / "floor.bin"), "out_bytes": out_bytes, "inputs": ins})
-            rows.append((f"I/O floor: read {len(ins)} inputs + write the output", floors[len(ins)], None))
-        return floors[len(ins)]
 
-    rows: list[tuple[str, dict, float | None]] = []
-    cases = [
-        ("linear", {}, None, True),
-        ("linear (input hashes cached, as on a rerun)", {}, None, "cached"),
-        ("linear (no hashing)", {}, None, False),
-        ("ties density=0.5", {"density": 0.5}, str(inputs[0]), True),
-        ("slerp t=0.5", {"t": 0.5}, None, True),
+def spread(values: list[float]) -> str:
+    """Median with (min-max), seconds."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Against the I/O floor
+
+
+@dataclass
+class Measurement:
+    """One row of the floor table: a floor (``recipe`` None) or a `soup merge` of ``recipe``."""
+
+    key: str  # the --cases name (a floor: "floor")
+    label: str
+    reads: int  # input files read: the row's floors are those of this count
+    recipe: dict | None = None
+    family: str | None = None  # key of FLOOR_TARGETS
+    hashing: str = "cached"  # cached (warm hash cache) | fresh (a new cache every run) | off (--no-hash)
+    flags: list[str] = field(default_factory=list)
+    fsync: bool = True  # floors only: floor B (True) or floor A
+    recipe_path: Path | None = None  # where the recipe was written
+    runs: list[dict] = field(default_factory=list)
+
+
+def method_rows(inputs: list[Path]) -> list[Measurement]:
+    """The `soup merge` rows of the floor table, in table order; input 0 is the base of the task-vector methods."""
+    p = [str(x) for x in inputs]
+    base, fts = p[0], p[1:4]
+
+    def row(key: str, label: str, family: str, recipe: dict, hashing: str = "off", flags: tuple[str, ...] = ()) -> Measurement:
+        reads = len(recipe["models"]) + ("base" in recipe)
+        return Measurement(key, label, reads, recipe, family, hashing, list(flags))
+
+    linear = {"method": "linear", "models": p}
+    ties = {"method": "ties", "base": base, "models": fts, "parameters": {"density": 0.5}}
+    return [
+        row("linear", "linear, 4 models", "linear", linear),
+        row("linear", "linear, 4 models, hashed: output sha256, input hashes cached (a rerun)", "linear", linear, hashing="cached"),
+        row("linear", "linear, 4 models, hashed: fresh hash cache (every input hashed, as a first run)", "linear", linear, hashing="fresh"),
+        row("task_arithmetic", "task_arithmetic, base + 3", "linear", {"method": "task_arithmetic", "base": base, "models": fts}),
+        row("ema", "ema decay=0.9, 4 models", "linear", {"method": "ema", "models": p, "parameters": {"decay": 0.9}}),
+        row("wise_ft", "WiSE-FT: linear of base + 1 model, weights [0.5, 0.5]", "linear",
+            {"method": "linear", "models": [{"path": base, "weight": 0.5}, {"path": fts[0], "weight": 0.5}]}),
+        row("ties", "ties density=0.5, base + 3", "ties", ties),
+        row("dare_ties", "dare_ties density=0.5 seed=0, base + 3", "ties",
+            {"method": "dare_ties", "base": base, "models": fts, "parameters": {"density": 0.5}, "seed": 0}),
+        row("breadcrumbs", "breadcrumbs (defaults), base + 3", "ties", {"method": "breadcrumbs", "base": base, "models": fts}),
+        row("della", "della density=0.6 epsilon=0.1 seed=0, base + 3", "ties",
+            {"method": "della", "base": base, "models": fts, "parameters": {"density": 0.6, "epsilon": 0.1}, "seed": 0}),
+        row("slerp", "slerp t=0.5, 2 models", "sphere", {"method": "slerp", "models": p[:2], "parameters": {"t": 0.5}}),
+        row("nuslerp", "nuslerp, 2 models (equal weights: t=0.5)", "sphere", {"method": "nuslerp", "models": p[:2]}),
+        row("multislerp", "multislerp, 4 models", "sphere", {"method": "multislerp", "models": p}),
+        row("karcher", "karcher, 4 models", "sphere", {"method": "karcher", "models": p}),
+        row("linear", "linear, 4 models, `--device cuda`", "linear", linear, flags=("--device", "cuda")),
+        row("ties", "ties density=0.5, base + 3, `--device cuda`", "ties", ties, flags=("--device", "cuda")),
     ]
-    for label, params, base, hashing in cases:
-        method = label.split()[0]
-        if method not in a.cases:
+
+
+CASES = ["linear", "task_arithmetic", "ema", "wise_ft", "ties", "dare_ties", "breadcrumbs", "della", "slerp", "nuslerp",
+         "multislerp", "karcher"]
+
+
+def target_cell(m: Measurement, ratio_b: float, over_mb: float) -> str:
+    """Issue 17's targets for a row, and whether this run met them."""
+    if m.family is None:
+        return ""
+    limit = FLOOR_TARGETS[m.family]
+    return (f"<= {limit:g}x B: {'met' if ratio_b <= limit else 'MISSED'}; "
+            f"<= {RSS_TARGET_MIB} MiB: {'met' if over_mb <= RSS_TARGET_MIB else 'MISSED'}")
+
+
+def floor_table(a: argparse.Namespace, scratch: Path, size_gb: float, dtype_name: str) -> None:
+    dtype = getattr(torch, dtype_name)
+    t0 = time.perf_counter()
+    folder = scratch / f"floor-{dtype_name}-{size_gb:g}gb"
+    size = dims(fp32_bytes(size_gb, dtype))
+    inputs, reused = build(folder, FLOOR_MODELS, size, dtype, a.reuse)
+    out_bytes = inputs[0].stat().st_size
+    hidden, ffn, vocab, layers = size
+    print(f"{'reused' if reused else 'built'} {FLOOR_MODELS} checkpoints of {out_bytes / 1e9:.2f} GB ({dtype_name}; hidden {hidden}, "
+          f"ffn {ffn}, vocab {vocab}, {layers} layers) in {time.perf_counter() - t0:.0f} s in {folder}", flush=True)
+
+    from modelsoup.methods import available_methods
+
+    known = {m.name for m in available_methods()}
+    rows = []
+    for m in method_rows(inputs):
+        if m.key not in a.cases:
             continue
-        ins = common["inputs"][1:] if base else common["inputs"]
-        if method == "slerp":
-            ins = common["inputs"][:2]
-        floor = floor_for(ins + ([base] if base else []))  # a base is read too
-        r = best({"what": method, "inputs": ins, "base": base, "params": params, "output": str(scratch / "out"), "hash": bool(hashing),
-                  "hash_cache": hashing == "cached", "workers": a.workers})
-        rows.append((f"soup merge {label}" + (f" ({len(ins)} models)" if method == "slerp" else ""), r, r["seconds"] / floor["seconds"]))
+        if m.recipe["method"] not in known:
+            print(f"  {m.label}: skipped, this modelsoup has no method {m.recipe['method']!r}")
+            continue
+        rows.append(m)
+    gpu_note = None
+    if a.device == "cuda" and not torch.cuda.is_available():
+        gpu_note = "GPU rows skipped: torch.cuda.is_available() is False here (no CUDA)"
+    if a.device != "cuda" or gpu_note:
+        rows = [m for m in rows if "--device" not in m.flags]
+    reads = sorted({m.reads for m in rows}, reverse=True)
+    floors = [Measurement("floor", f"floor {ab}: read {n} inputs + write the output{', fsync' if sync else ''}", n, fsync=sync)
+              for n in reads for ab, sync in (("A", False), ("B", True))]
+    order = floors + rows
+
+    soup = find_soup()
+    recipes = scratch / f"recipes-{dtype_name}"
+    recipes.mkdir(exist_ok=True)
+    # The warm hash cache of the "cached" rows: every input hashed once, untimed, by a linear merge of all 4.
+    warm_up = Measurement("linear", "hash warm-up", FLOOR_MODELS, {"method": "linear", "models": [str(p) for p in inputs]})
+    for i, m in enumerate([warm_up, *rows]):
+        m.recipe_path = recipes / f"{i:02d}-{m.recipe['method']}.yml"
+        m.recipe_path.write_text(yaml.safe_dump(m.recipe, sort_keys=False), encoding="utf-8")
+    out = scratch / "out"
+    floor_out = scratch / "floor.bin"
+    hash_cache = scratch / f"hash-cache-{dtype_name}"
+    shutil.rmtree(hash_cache, ignore_errors=True)
+    workers = ["--workers", str(a.workers)] if a.workers else []
+
+    def command(m: Measurement) -> tuple[list[str], dict[str, str]]:
+        env = dict(os.environ, MODELSOUP_CACHE_DIR=str(hash_cache))
+        if m.recipe is None:
+            return [sys.executable, "-c", FLOOR, str(floor_out), str(out_bytes), "fsync" if m.fsync else "nofsync",
+                    *map(str, inputs[: m.reads])], env
+        if m.hashing == "fresh":
+            env["MODELSOUP_CACHE_DIR"] = tempfile.mkdtemp(prefix="soup-hash-cache-", dir=scratch)
+        flags = ["--no-hash"] if m.hashing == "off" else []
+        return [soup, "merge", str(m.recipe_path), "-o", str(out), "--no-progress", "-q", *flags, *workers, *m.flags], env
+
+    def run(m: Measurement) -> dict:
+        cmd, env = command(m)
+        shutil.rmtree(out, ignore_errors=True)
+        floor_out.unlink(missing_ok=True)
+        try:
+            return timed(cmd, env, scratch / "run.log")
+        finally:
+            # Removed at once: floor A's dirty pages are dropped rather than written back during the next row.
+            shutil.rmtree(out, ignore_errors=True)
+            floor_out.unlink(missing_ok=True)
+            if env["MODELSOUP_CACHE_DIR"] != str(hash_cache):
+                shutil.rmtree(env["MODELSOUP_CACHE_DIR"], ignore_errors=True)
+
+    warm(inputs)
+    baseline = baseline_rss_mb()
+    run(warm_up)
+    for rep in range(a.repeats):
+        for m in order:  # round-robin: every measurement once per round, so drift hits all alike
+            r = run(m)
+            m.runs.append(r)
+            print(f"  {dtype_name} round {rep + 1}/{a.repeats}  {m.label:72.72s} {r['seconds']:6.2f} s  {r['peak_rss_mb']:6.0f} MiB", flush=True)
+    shutil.rmtree(recipes, ignore_errors=True)
+    shutil.rmtree(hash_cache, ignore_errors=True)
+
+    median = {id(m): statistics.median(r["seconds"] for r in m.runs) for m in order}
+    floor_of = {(m.reads, m.fsync): median[id(m)] for m in floors}
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}")
-    print(f"inputs: {a.models} x {out_bytes / 1e9:.2f} GB {a.dtype} ({in_bytes / 1e9:.2f} GB read, {out_bytes / 1e9:.2f} GB written)")
+    print(machine_line())
+    print(command_line())
+    print(f"floor table, {dtype_name}: {FLOOR_MODELS} inputs of {out_bytes / 1e9:.2f} GB; whole process each run, spawn to exit; "
+          f"median of {a.repeats} interleaved rounds (min-max)")
+    print("floor A: import torch, get_tensor every tensor of each input (safetensors), os.write an output-sized file (the last "
+          "input's tensor bytes), no fsync; floor B: the same + fsync. Each row's floors read the same number of inputs.")
+    print("merge rows: `soup merge RECIPE -o OUT --no-progress -q`, default hashing with the input hashes cached (hashed once "
+          "before the timed runs; the output still hashed), except the two linear rows that say otherwise")
+    print(f"peak RSS above baseline: wait4's ru_maxrss (the largest of the runs) minus {baseline:.0f} MiB, the VmRSS of a "
+          f"process after `import torch, modelsoup.api` (the floors import only torch)")
+    if gpu_note:
+        print(gpu_note)
     print()
-    print("| measurement | wall s | ratio to floor | peak RSS above baseline (MB) |")
-    print("|---|---:|---:|---:|")
-    for label, r, ratio in rows:
-        print(f"| {label} | {r['seconds']:.2f} | {'' if ratio is None else f'{ratio:.2f}x'} | {r['peak_over_baseline_mb']:.0f} |")
+    print("| measurement | inputs read | wall s, median (min-max) | / floor A | / floor B | peak RSS above baseline (MiB) | issue 17 target |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for m in order:
+        over = max(r["peak_rss_mb"] for r in m.runs) - baseline
+        cells = [m.label, str(m.reads), spread([r["seconds"] for r in m.runs])]
+        if m.recipe is None:
+            cells += ["", "", f"{over:.0f}", ""]
+        else:
+            ratio_a, ratio_b = median[id(m)] / floor_of[m.reads, False], median[id(m)] / floor_of[m.reads, True]
+            cells += [f"{ratio_a:.2f}x", f"{ratio_b:.2f}x", f"{over:.0f}", target_cell(m, ratio_b, over)]
+        print("| " + " | ".join(cells) + " |")
     print()
 
 
@@ -288,15 +482,6 @@ def find_mergekit(given: str | None) -> str | None:
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return os.path.abspath(cand)
     return None
-
-
-def find_soup() -> str:
-    """The `soup` script of the interpreter running this benchmark (else the one on PATH)."""
-    here = Path(sys.executable).parent / "soup"
-    found = str(here) if here.exists() else shutil.which("soup")
-    if not found:
-        raise SystemExit("no `soup` command next to this python or on PATH: install modelsoup into this environment")
-    return os.path.abspath(found)
 
 
 def mergekit_recipes(models: list[Path], tiny: list[Path]) -> dict[str, tuple[dict, bool]]:
@@ -325,17 +510,6 @@ def mergekit_recipes(models: list[Path], tiny: list[Path]) -> dict[str, tuple[di
         "slices: layers [0,3) + [1,4)": ({"slices": [layers(models[1], 0, 3), layers(models[2], 1, 4)],
                                           "merge_method": "passthrough"}, True),
     }
-
-
-def timed(cmd: list[str], env: dict[str, str], log: Path) -> dict:
-    """Wall seconds and peak RSS (MiB) of ``cmd`` as one whole process; its output goes to ``log``."""
-    result = log.with_suffix(".json")
-    with open(log, "w") as out:
-        subprocess.run([sys.executable, "-c", TIMED, str(result), *cmd], stdout=out, stderr=subprocess.STDOUT, env=env, check=True)
-    r = json.loads(result.read_text())
-    if r["rc"] != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited with {r['rc']}:\n{log.read_text()[-3000:]}")
-    return r
 
 
 def load_outputs(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
@@ -380,20 +554,18 @@ def agreement(soup_out: Path, mk_out: Path, compare_values: bool) -> str:
     return f"DIFFER: max abs diff {worst:.1e} at {worst_name}; {off} of {total} values off by >= {AGREE_TOL:g} ({what})"
 
 
-def mergekit_table(a: argparse.Namespace, scratch: Path, size_gb: float, mergekit: str) -> None:
+def mergekit_table(a: argparse.Namespace, scratch: Path, size_gb: float, dtype_name: str, mergekit: str) -> None:
     if a.models < 3:
         raise SystemExit("the mergekit table needs --models 3 or more (the slices recipe takes layers from m1 and m2)")
-    dtype = getattr(torch, a.dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    target = size_gb * 1e9 * 4 / itemsize
+    dtype = getattr(torch, dtype_name)
     t0 = time.perf_counter()
-    folder = scratch / f"hf-{a.dtype}-{size_gb:g}gb"
-    size = dims(target, min_layers=4)
-    models = build_hf(folder, a.models, size, dtype, a.dtype, a.reuse)
-    tiny = build_hf(scratch / f"hf-{a.dtype}-tiny", a.models, TINY, dtype, a.dtype, a.reuse)
+    folder = scratch / f"hf-{dtype_name}-{size_gb:g}gb"
+    size = dims(fp32_bytes(size_gb, dtype), min_layers=4)
+    models = build_hf(folder, a.models, size, dtype, dtype_name, a.reuse)
+    tiny = build_hf(scratch / f"hf-{dtype_name}-tiny", a.models, TINY, dtype, dtype_name, a.reuse)
     model_bytes = (models[0] / "model.safetensors").stat().st_size
     hidden, ffn, vocab, layers = size
-    print(f"{a.models} model folders of {model_bytes / 1e9:.2f} GB ({a.dtype}; hidden {hidden}, ffn {ffn}, vocab {vocab}, "
+    print(f"{a.models} model folders of {model_bytes / 1e9:.2f} GB ({dtype_name}; hidden {hidden}, ffn {ffn}, vocab {vocab}, "
           f"{layers} layers) ready in {time.perf_counter() - t0:.0f} s in {folder}")
     warm([m / "model.safetensors" for m in models + tiny])
     recipes_dir = scratch / "recipes"
@@ -430,22 +602,24 @@ def mergekit_table(a: argparse.Namespace, scratch: Path, size_gb: float, mergeki
         print(f"  {name:36s} outputs: {agree}", flush=True)
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
-        med = {t: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mb")} for t, rs in runs.items()}
-        spread = {t: (min(r["seconds"] for r in rs), max(r["seconds"] for r in rs)) for t, rs in runs.items()}
-        rows.append((name, med, spread, agree))
+        rows.append((key, name, runs, agree))
     shutil.rmtree(recipes_dir, ignore_errors=True)
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}")
-    print(f"inputs: {a.models} HF folders of {model_bytes / 1e9:.2f} GB {a.dtype}; whole process each run, median of {a.repeats}"
-          " (min-max); peak RSS = ru_maxrss of the process")
+    print(machine_line())
+    print(command_line())
+    print(f"mergekit table, {dtype_name}: {a.models} HF folders of {model_bytes / 1e9:.2f} GB; whole process each run, "
+          f"median of {a.repeats} (min-max); peak RSS = ru_maxrss of the process; modelsoup with a fresh input-hash cache")
     print()
-    print("| recipe | modelsoup wall s | mergekit wall s | speed-up (mergekit s / modelsoup s) | modelsoup peak RSS MiB | mergekit peak RSS MiB | outputs |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for name, med, spread, agree in rows:
-        s, m = med["modelsoup"], med["mergekit"]
-        cells = [f"{s['seconds']:.2f} ({spread['modelsoup'][0]:.2f}-{spread['modelsoup'][1]:.2f})",
-                 f"{m['seconds']:.2f} ({spread['mergekit'][0]:.2f}-{spread['mergekit'][1]:.2f})",
-                 f"{m['seconds'] / s['seconds']:.2f}x", f"{s['peak_rss_mb']:.0f}", f"{m['peak_rss_mb']:.0f}", agree]
+    print("| recipe | modelsoup wall s | mergekit wall s | speed-up (mergekit s / modelsoup s) | issue 17 target | "
+          "modelsoup peak RSS MiB | mergekit peak RSS MiB | outputs |")
+    print("|---|---:|---:|---:|---|---:|---:|---|")
+    for key, name, runs, agree in rows:
+        med = {t: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mb")} for t, rs in runs.items()}
+        speedup = med["mergekit"]["seconds"] / med["modelsoup"]["seconds"]
+        goal = MERGEKIT_TARGETS.get(key)
+        target = "" if goal is None else f">= {goal:g}x: {'met' if speedup >= goal else 'MISSED'}"
+        cells = [spread([r["seconds"] for r in runs["modelsoup"]]), spread([r["seconds"] for r in runs["mergekit"]]),
+                 f"{speedup:.2f}x", target, f"{med['modelsoup']['peak_rss_mb']:.0f}", f"{med['mergekit']['peak_rss_mb']:.0f}", agree]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print()
 
@@ -453,32 +627,40 @@ def mergekit_table(a: argparse.Namespace, scratch: Path, size_gb: float, mergeki
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tables", nargs="+", choices=["floor", "mergekit"], default=["floor", "mergekit"], help="which tables to measure")
-    ap.add_argument("--models", type=int, default=4)
     ap.add_argument("--size-gb", type=float, default=None,
-                    help="size of each checkpoint (default: 1.0 for the floor table, 0.25 for the mergekit table)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+                    help="size of each checkpoint (default: 1.0 for the floor table, 1.3 for the mergekit table)")
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="one table per dtype (default: float32 and bfloat16 for the floor table, bfloat16 for the mergekit table)")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary folder)")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="runs per measurement: the floor table keeps the best, the mergekit table the median")
-    ap.add_argument("--workers", type=int, default=None, help="threads of the floor table's merges")
-    ap.add_argument("--cases", nargs="+", choices=["linear", "ties", "slerp"], default=["linear", "ties", "slerp"], help="methods of the floor table")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per measurement, interleaved; the tables give the median (min-max)")
+    ap.add_argument("--workers", type=int, default=None, help="--workers of the floor table's merges (default: soup's)")
+    ap.add_argument("--cases", nargs="+", choices=CASES, default=CASES, help="methods of the floor table")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: add floor-table rows of linear and ties with `soup merge --device cuda` (where CUDA is available)")
+    ap.add_argument("--models", type=int, default=4, help="model folders of the mergekit table (the floor table always has 4)")
     recipes = ["startup", "linear", "ties", "slerp", "della", "slices"]
     ap.add_argument("--recipes", nargs="+", choices=recipes, default=recipes, help="recipes of the mergekit table")
     ap.add_argument("--mergekit", default=None, metavar="PATH",
                     help=f"mergekit-yaml to compare with (default: the one on PATH, else {MERGEKIT_FALLBACK}); the table is skipped if absent")
     ap.add_argument("--reuse", action="store_true", help="keep checkpoints already built in --dir (same count and size)")
     a = ap.parse_args()
+    if a.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {a.repeats}")
     scratch = Path(a.dir or tempfile.mkdtemp(prefix="soup-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
+    print(machine_line())
+    print(command_line(), flush=True)
     if "floor" in a.tables:
-        floor_table(a, scratch, a.size_gb or 1.0)
+        for dtype_name in a.dtypes or ["float32", "bfloat16"]:
+            floor_table(a, scratch, a.size_gb or 1.0, dtype_name)
     if "mergekit" in a.tables:
         mergekit = find_mergekit(a.mergekit)
         if mergekit is None:
             where = a.mergekit or f"PATH or {MERGEKIT_FALLBACK}"
             print(f"mergekit table skipped: no mergekit-yaml at {where} (give --mergekit /path/to/mergekit-yaml)")
         else:
-            mergekit_table(a, scratch, a.size_gb or 0.25, mergekit)
+            for dtype_name in a.dtypes or ["bfloat16"]:
+                mergekit_table(a, scratch, a.size_gb or 1.3, dtype_name, mergekit)
     if a.dir is None:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -521,3 +521,25 @@ def test_divisor_fast_path_equals_the_general_floor():
             general.divisor_is_zero_or_large = False
             a, b = fast(deltas, torch.empty(2000)), general(deltas, torch.empty(2000))
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (w, conv)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.1, 0.9, 1e-8, 0.0, 1.0, "tensor"])
+def test_bernoulli_mask_draws_torch_bernoullis_bits_and_leaves_the_generator_alike(p):
+    from modelsoup.methods.ops import bernoulli_mask
+
+    like = torch.empty(301, 417)
+    probs = torch.rand(like.shape, generator=torch.Generator().manual_seed(1)) if p == "tensor" else p
+    g, h = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    ref = torch.bernoulli(probs if p == "tensor" else torch.full_like(like, p), generator=g)
+    got = bernoulli_mask(like, probs, h)
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
+    assert torch.equal(g.get_state(), h.get_state())  # the next model's draws follow on alike
+
+
+def test_della_ranks_are_the_double_argsorts():
+    from modelsoup.methods.ops import magnitude_keep_probabilities
+
+    x = torch.randint(-5, 6, (37, 129, 3)).float()  # many ties: ranks in index order; ranked along dim 1
+    p = magnitude_keep_probabilities(x, 0.5, 0.2)
+    ranks = x.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
+    assert torch.equal(p, (0.3 + ranks / 128 * 0.4))
