@@ -543,3 +543,32 @@ def test_della_ranks_are_the_double_argsorts():
     p = magnitude_keep_probabilities(x, 0.5, 0.2)
     ranks = x.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
     assert torch.equal(p, (0.3 + ranks / 128 * 0.4))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_breadcrumbs_linear_time_trim_keeps_the_stable_sorts_entries(seed):
+    """trim_outliers' index-order ties (a partition and the tie groups at both cuts) against the stable-sort reference."""
+    from modelsoup.methods.ops import trim_outliers
+
+    from .reference import outlier_mask
+
+    g = torch.Generator().manual_seed(seed)
+    for n in (1, 2, 3, 7, 64, 1000):
+        d = torch.randint(-4, 5, (n,), generator=g).float() * 0.5  # heavy ties, signed zeros below
+        d[::3] *= -1
+        for density, gamma in ((0.9, 0.01), (0.5, 0.2), (0.1, 0.0), (0.3, 0.9), (0.99, 0.5), (0.0, 0.1), (0.6, 0.05)):
+            got = trim_outliers(d, density, gamma) != 0
+            want = torch.tensor(outlier_mask(d, density, gamma), dtype=torch.bool) & (d != 0)
+            assert torch.equal(got, want), (n, density, gamma)
+    big = torch.randn(50_001, generator=g).round(decimals=2)
+    assert torch.equal(trim_outliers(big, 0.8, 0.03), big * _stable_outlier_mask(big, 0.8, 0.03))
+
+
+def _stable_outlier_mask(d, density, gamma):
+    n = d.numel()
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bot = max(n - n_keep - n_top, 0)
+    n_top = n - n_keep - n_bot
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[d.abs().argsort(stable=True)[n_bot : n - n_top]] = True
+    return keep

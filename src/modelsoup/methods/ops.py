@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from ..errors import MethodError
@@ -279,11 +280,36 @@ def trim_outliers(delta: torch.Tensor, density: float, gamma: float, tie_break: 
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
-    # ties at the cuts: by index, or in the order torch.sort gives them (mergekit's magnitude_outliers)
-    order = delta.abs().reshape(-1).argsort(stable=True) if tie_break == "index" else torch.sort(delta.abs().reshape(-1).float()).indices
+    if tie_break == "index":
+        return delta * _middle_ranks(delta.abs().reshape(-1), n_bot, n - n_top).view_as(delta)
+    # ties at the cuts in the order torch.sort gives them (mergekit's magnitude_outliers)
+    order = torch.sort(delta.abs().reshape(-1).float()).indices
     keep = torch.zeros(n, dtype=torch.bool)
     keep[order[n_bot : n - n_top]] = True
     return delta * keep.view_as(delta)
+
+
+def _middle_ranks(mag: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+    """Mask of the entries at positions [first, stop) of ``mag`` sorted ascending and stably (ties in index order).
+
+    The same entries ``mag.argsort(stable=True)[first:stop]`` picks, in linear time: everything strictly between the
+    values at the two end positions, and of the entries equal to an end value (which sit together in the sorted order,
+    in index order) those whose place falls inside. ``mag`` is flat and has no NaN.
+    """
+    n = mag.numel()
+    keep = np.zeros(n, dtype=bool)
+    if stop <= first:
+        return torch.from_numpy(keep)
+    m = mag.numpy()
+    part = np.partition(m, [first, stop - 1])  # a copy; m keeps its order
+    lo, hi = part[first], part[stop - 1]
+    del part
+    np.logical_and(m > lo, m < hi, out=keep)
+    for value in (lo, hi) if hi != lo else (lo,):
+        ties = np.flatnonzero(m == value)
+        below = int(np.count_nonzero(m < value))  # the ties hold sorted places [below, below + len(ties))
+        keep[ties[max(first - below, 0) : max(stop - below, 0)]] = True
+    return torch.from_numpy(keep)
 
 
 # ----------------------------------------------------------------------------------------- combine
