@@ -443,3 +443,24 @@ def test_the_loop_leaves_torch_threads_and_the_collector_as_it_found_them(tmp_pa
     threads = torch.get_num_threads()
     merge(models=paths, output=tmp_path / "o", progress=False, workers=3)
     assert torch.get_num_threads() == threads and gc.isenabled()
+
+
+@pytest.mark.parametrize("method, params", [("slerp", {"t": 0.3}), ("ties", {"density": 0.4}), ("multislerp", {})])
+def test_large_tensors_merge_to_the_same_bits_whatever_the_workers(tmp_path, method, params):
+    """Each job's torch threads follow the caller's, not the worker count, so reductions split alike."""
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"m{i}.safetensors"
+        save_file({"w": torch.randn(600, 700, generator=g), "v": torch.randn(70_001, generator=g)}, p)
+        paths.append(p)
+    rec = {"method": method, "models": [{"path": str(p)} for p in (paths[1:] if method != "multislerp" else paths)], "parameters": params}
+    if method == "ties":
+        rec["base"] = str(paths[0])
+    if method == "slerp":
+        rec["models"] = rec["models"][:2]
+    outs = []
+    for w in (1, 3):
+        merge(rec, tmp_path / f"o{w}", progress=False, workers=w, hash_files=False)
+        outs.append((tmp_path / f"o{w}" / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]

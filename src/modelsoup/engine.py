@@ -388,8 +388,8 @@ def run_jobs(
             without it their chunks are gathered into one tensor for ``write``.
 
     While it runs, Python's garbage collector is paused (the loop makes no reference cycles; a collection
-    costs time in proportion to every object alive), and each worker running a streamed job uses one torch
-    thread (the workers are the parallelism; chunks are too small to split).
+    costs time in proportion to every object alive), and each job runs torch with the caller's threads divided
+    by :func:`default_workers` (one for a streamed job: chunks are too small to split).
     """
     run = MergeRun(plan, device)
     jobs = computed_jobs(plan)
@@ -404,10 +404,17 @@ def run_jobs(
     for alias, target in tied.items():
         by_target.setdefault(target, []).append(alias)
 
+    threads = torch.get_num_threads()
+    n = workers or default_workers()
+    # torch threads of each job (a per-thread setting): the default workers share the caller's threads, since kernels
+    # of several workers each spinning up a full team oversubscribe the cores (TIES measured 14% faster this way).
+    # It depends on the caller's threads only, not on ``workers``: reductions (slerp's dot products) split by thread
+    # count, so the bits do not change with the number of workers.
+    per_worker = max(1, threads // default_workers())
+
     def streamed(job: TensorJob, names: list[str]) -> bool:
         """Run a streamed job into the sink; False if it must be rerun whole (see :meth:`MergeRun.compute_chunked`)."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # this thread's torch threads only
+        torch.set_num_threads(1)  # chunks are too small to split
         try:
             if write_range is not None:
                 def emit(i: int, chunk: torch.Tensor) -> None:
@@ -423,10 +430,12 @@ def run_jobs(
                 write(name, out)
             return True
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(per_worker)
 
     def one(job: TensorJob) -> int:
         names = [job.name, *by_target.get(job.name, ())]
+        if torch.get_num_threads() != per_worker:
+            torch.set_num_threads(per_worker)
         if not (run.chunked(job) and streamed(job, names)):
             out = run.compute(job)
             for name in names:
@@ -436,9 +445,7 @@ def run_jobs(
     done = 0
     collecting = gc.isenabled()
     gc.disable()
-    threads = torch.get_num_threads()
     try:
-        n = workers or default_workers()
         if n <= 1:
             for job in jobs:
                 bar.update(one(job))
@@ -474,7 +481,7 @@ def run_jobs(
                     raise
     finally:
         bar.close()
-        torch.set_num_threads(threads)  # the default for threads made later, which a worker's setting changed
+        torch.set_num_threads(threads)  # this thread's, and the default for threads made later, which a worker's setting changed
         if collecting:
             gc.enable()
     if tied:
