@@ -307,7 +307,7 @@ def test_mergekit_recipe_runs_unchanged_and_its_notes_reach_the_manifest(tmp_pat
 def _pointwise_methods():
     from modelsoup.methods import available_methods
 
-    return sorted(m.name for m in available_methods() if m.pointwise)
+    return sorted(m.name for m in available_methods() if m.pointwise or m.reduction is not None)
 
 
 _POINTWISE_CASES = {
@@ -316,11 +316,13 @@ _POINTWISE_CASES = {
     "ema": ({"parameters": {"decay": 0.7}}, False, 3),
     "nearswap": ({"parameters": {"t": 0.05}}, True, 1),
     "passthrough": ({"parameters": {"scale": 0.5}}, False, 1),
+    "slerp": ({"parameters": {"t": 0.3}}, False, 2),
+    "slerp with a base": ({"parameters": {"t": 0.7}}, True, 1),
 }
 
 
 def test_every_pointwise_method_has_a_streaming_case():
-    assert _pointwise_methods() == sorted(_POINTWISE_CASES)
+    assert _pointwise_methods() == sorted({case.split()[0] for case in _POINTWISE_CASES})
 
 
 def _edge_tensor(gen: torch.Generator, n: int) -> torch.Tensor:
@@ -345,8 +347,10 @@ def test_streamed_chunks_give_the_whole_tensor_paths_bits(tmp_path, method, in_d
     from modelsoup.recipe import recipe_from_dict
 
     opts, with_base, n_models = _POINTWISE_CASES[method]
+    method = method.split()[0]
     gen = torch.Generator().manual_seed(3)
-    shapes = {"big": (3, CHUNK + 41), "small": (7, 5), "vec": (CHUNK - 1,), "count": (4,)}
+    shapes = {"big": (3, CHUNK + 41), "small": (7, 5), "vec": (CHUNK - 1,), "count": (4,), "huge": (3 << 20) + 7}
+    shapes["huge"] = (shapes["huge"],)  # several slices of a reduction's first pass, and a ragged last one
     paths = []
     for i in range(n_models + with_base):
         sd = {k: _edge_tensor(gen, torch.Size(s).numel()).reshape(s).to(in_dtype) for k, s in shapes.items() if k != "count"}
@@ -368,7 +372,7 @@ def test_streamed_chunks_give_the_whole_tensor_paths_bits(tmp_path, method, in_d
     with _opened(recipe, ()) as (cks, base_ck):
         plan = plan_merge(recipe, cks, base_ck)
         run = MergeRun(plan)
-        assert {j.name for j in plan.jobs if streams(plan, j)} == {"big", "small", "vec"}
+        assert {j.name for j in plan.jobs if streams(plan, j)} == {"big", "small", "vec", "huge"}
         for job in plan.jobs:
             whole = run.compute(job)
             assert whole.dtype == written[job.name].dtype
@@ -464,3 +468,20 @@ def test_large_tensors_merge_to_the_same_bits_whatever_the_workers(tmp_path, met
         merge(rec, tmp_path / f"o{w}", progress=False, workers=w, hash_files=False)
         outs.append((tmp_path / f"o{w}" / "model.safetensors").read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_streamed_slerp_takes_the_spherical_branch_with_the_whole_tensors_bits(tmp_path):
+    """Two passes over the files (the Gram sums over the method's own slices, then the pointwise interpolation)
+    give slerp's whole-tensor bits where the ends are far from parallel."""
+    from modelsoup.methods.slerp import gram64, slerp
+
+    g = torch.Generator().manual_seed(5)
+    ends = [torch.randn((3 << 20) + 7, generator=g) * 0.02 for _ in range(2)]
+    for i, t in enumerate(ends):
+        save_file({"w": t.view(3, -1) if t.numel() % 3 == 0 else t}, tmp_path / f"m{i}.safetensors")
+    sq0, sq1, dot = gram64(*ends)
+    assert abs(dot) / (sq0 * sq1) ** 0.5 < 0.1  # the spherical formula, not the linear fallback
+    merge(models=[tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"], method="slerp", parameters={"t": 0.3},
+          output=tmp_path / "o", progress=False)
+    got = load_file(tmp_path / "o" / "model.safetensors")["w"]
+    assert torch.equal(got.reshape(-1), slerp(ends, t=0.3))

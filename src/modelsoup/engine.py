@@ -22,6 +22,7 @@ masks are the CPU's bit for bit. See :func:`on_device` for how the CPU-written m
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import logging
@@ -74,11 +75,11 @@ CHUNK = 1 << 17
 class _Pool(threading.local):
     """Chunk buffers of one worker thread, by (role, dtype), made once and reused for every chunk."""
 
-    def get(self, role: object, dtype: torch.dtype) -> torch.Tensor:
-        bufs: dict[tuple[object, torch.dtype], torch.Tensor] = self.__dict__.setdefault("bufs", {})
-        buf = bufs.get((role, dtype))
+    def get(self, role: object, dtype: torch.dtype, size: int = CHUNK) -> torch.Tensor:
+        bufs: dict[tuple[object, torch.dtype, int], torch.Tensor] = self.__dict__.setdefault("bufs", {})
+        buf = bufs.get((role, dtype, size))
         if buf is None:
-            buf = bufs[(role, dtype)] = torch.empty(CHUNK, dtype=dtype)
+            buf = bufs[(role, dtype, size)] = torch.empty(size, dtype=dtype)
         return buf
 
 
@@ -199,7 +200,7 @@ class MergeRun:
         """Whether :meth:`compute_chunked` streams this job: a copy or a pointwise method's merge, on the CPU."""
         return streams(self.plan, job, self.device)
 
-    def _chunks(self, src: Source, role: int, pool: _Pool, upcast: bool) -> Callable[[int, int], torch.Tensor]:
+    def _chunks(self, src: Source, role: int, pool: _Pool, upcast: bool, size: int = CHUNK) -> Callable[[int, int], torch.Tensor]:
         """Reads chunk [i, j) of a source: from the file into this thread's buffer where the format reads ranges
         (else a view of the tensor read once), finite-checked as :meth:`_read` checks it, in float32 if ``upcast``."""
         ck, name = self.inputs[src[0]], src[1]
@@ -209,7 +210,7 @@ class MergeRun:
 
         def raw(i: int, j: int) -> torch.Tensor:
             if read_range is not None:
-                return read_range(name, i, j, pool.get(("in", role), dtype))
+                return read_range(name, i, j, pool.get(("in", role), dtype, size))
             if not whole:
                 whole.append(ck.read(name).reshape(-1))
             return whole[0][i:j]
@@ -220,12 +221,12 @@ class MergeRun:
 
         def read(i: int, j: int) -> torch.Tensor:
             t = raw(i, j)
-            wide = t if t.dtype in (torch.float32, torch.float64) else pool.get(("f32", role), torch.float32)[: j - i].copy_(t)
+            wide = t if t.dtype in (torch.float32, torch.float64) else pool.get(("f32", role), torch.float32, size)[: j - i].copy_(t)
             if check and not all_finite(wide):
                 raise _NotFinite
             if not upcast or wide.dtype == torch.float32:
                 return wide if upcast else t
-            return pool.get(("f32", role), torch.float32)[: j - i].copy_(wide)
+            return pool.get(("f32", role), torch.float32, size)[: j - i].copy_(wide)
 
         return read
 
@@ -244,7 +245,19 @@ class MergeRun:
         base = self._chunks(job.base_source, -1, pool, upcast=True) if merging and job.base_source is not None else None
         out_buf = pool.get("out", job.dtype)
         check = not plan.allow_nonfinite
+        method: Callable[..., torch.Tensor] = plan.method
+        reduction = plan.method.reduction if merging else None
         try:
+            if reduction is not None:  # first pass: the method's sums over its own slices, in order
+                size = reduction.chunk
+                wide = [self._chunks(s, k, pool, upcast=True, size=size) for k, s in enumerate(job.sources)]
+                wide_base = self._chunks(job.base_source, -1, pool, upcast=True, size=size) if job.base_source is not None else None
+                sums: tuple[float, ...] | None = None
+                for i in range(0, n, size):
+                    j = min(i + size, n)
+                    part = reduction.partial([r(i, j) for r in wide], base=wide_base(i, j) if wide_base else None, weights=job.weights, **job.params)
+                    sums = tuple(a + b for a, b in zip(sums or (0.0,) * len(part), part))  # from 0.0, as a sum loop does
+                method = functools.partial(reduction.apply, sums)
             for i in range(0, n, CHUNK):
                 j = min(i + CHUNK, n)
                 if not merging:  # a copy, cast to the output dtype
@@ -252,7 +265,7 @@ class MergeRun:
                     emit(i, t if t.dtype == job.dtype else out_buf[: j - i].copy_(t))
                     continue
                 ins = [r(i, j) for r in readers]
-                out = plan.method(ins, base=base(i, j) if base is not None else None, weights=job.weights, **job.params)
+                out = method(ins, base=base(i, j) if base is not None else None, weights=job.weights, **job.params)
                 if tuple(out.shape) != (j - i,):
                     raise RuntimeError(f"pointwise method '{plan.method.name}' returned shape {list(out.shape)} for a chunk of {j - i} of '{job.name}'")
                 result = out if out.dtype == job.dtype else out_buf[: j - i].copy_(out)
@@ -316,7 +329,7 @@ def streams(plan: MergePlan, job: TensorJob, device: torch.device | None = None)
         return False
     if job.action in ("base", "first"):
         return job.dtype.is_floating_point
-    return job.action == "merge" and plan.method.pointwise
+    return job.action == "merge" and (plan.method.pointwise or plan.method.reduction is not None)
 
 
 def computed_jobs(plan: MergePlan) -> list[TensorJob]:
@@ -338,9 +351,11 @@ def job_cost(plan: MergePlan, job: TensorJob, device: torch.device | None = None
     if not streams(plan, job, device):
         return f32 * buffers
     numel = math.prod(job.shape)
+    reduction = plan.method.reduction if job.action == "merge" else None
+    chunk = max(CHUNK, reduction.chunk) if reduction is not None else CHUNK
     whole = sum(tensor_nbytes(*plan.inputs[s[0]].meta(s[1])) for s in (*job.sources, *([job.base_source] if job.base_source else []))
                 if not hasattr(plan.inputs[s[0]], "read_range"))
-    return f32 * min(numel, CHUNK) // numel * (2 * buffers + 2) + whole
+    return f32 * min(numel, chunk) // numel * (2 * buffers + 2) + whole
 
 
 def peak_in_flight(plan: MergePlan, *, workers: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,

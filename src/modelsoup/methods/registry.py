@@ -147,6 +147,25 @@ def yaml_number_hint(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class Reduction:
+    """How a method that reduces over each tensor, then combines it pointwise, is streamed (slerp: norms and a dot product).
+
+    The method's own whole-tensor code must be ``apply(sums of partial over chunk-sized slices, tensors)``, so
+    that the engine, summing ``partial`` over the same slices of a file in the same order (as Python floats, from
+    0.0) and then running ``apply`` on its own chunks, gives the same bits.
+
+    Attributes:
+        chunk: elements per slice of the reduction (part of the numerics: the sums are taken slice by slice).
+        partial: ``partial(tensors, base=, weights=, **params) -> tuple[float, ...]`` of flat slices.
+        apply: ``apply(sums, tensors, base=, weights=, **params) -> Tensor``, pointwise given ``sums``.
+    """
+
+    chunk: int
+    partial: Callable[..., tuple[float, ...]]
+    apply: Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method and what it needs.
 
@@ -156,6 +175,8 @@ class MergeMethod:
             the weights (None = never); see :meth:`divides_by_weight_sum`.
         pointwise: each output element is a function of the inputs' elements at the same position only (no
             reduction over a tensor, no random draws), so the engine may run the method on flat slices of a tensor.
+        reduction: for a method that reduces each tensor to a few numbers and then combines it pointwise, how the
+            engine streams it in two passes (:class:`Reduction`); None = it needs whole tensors.
     """
 
     name: str
@@ -173,6 +194,7 @@ class MergeMethod:
     weight_sum_rule: Callable[[Mapping[str, Any]], bool] | None = None
     identity_rule: Callable[[Mapping[str, Any]], bool] | None = None
     pointwise: bool = False
+    reduction: Reduction | None = None
 
     def keeps_identical(self, params: Mapping[str, Any]) -> bool:
         """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the
@@ -241,6 +263,7 @@ def register(
     divides_by_weight_sum: Callable[[Mapping[str, Any]], bool] | None = None,
     keeps_identical: Callable[[Mapping[str, Any]], bool] | None = None,
     pointwise: bool = False,
+    reduction: Reduction | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method; reads its hyperparameters from its signature and checks it at import.
 
@@ -260,6 +283,7 @@ def register(
         pointwise: the result at each position depends only on the inputs at that position, computed by the
             same elementwise kernels whatever the tensor's size: the engine then streams the method over flat
             chunks of each tensor (bit-identical to one call on the whole tensor; tests check each such method).
+        reduction: streams a reduce-then-combine method in two passes (:class:`Reduction`); tests check it as pointwise.
 
     Raises:
         MethodError: duplicate name, a signature that does not follow the method contract, or a pointwise method that draws random numbers.
@@ -270,7 +294,7 @@ def register(
             raise MethodError(f"merge method '{name}' is registered twice ({_REGISTRY[name].fn.__module__} and {fn.__module__})")
         params = _read_signature(fn)
         random = "generator" in inspect.signature(fn).parameters
-        if pointwise and random:
+        if (pointwise or reduction is not None) and random:
             raise MethodError(f"merge method '{name}' draws random numbers, so it cannot be pointwise (chunks would draw differently)")
         aliases = {a: p.name for p in params for a in p.aliases}
         _REGISTRY[name] = MergeMethod(
@@ -289,6 +313,7 @@ def register(
             weight_sum_rule=divides_by_weight_sum,
             identity_rule=keeps_identical,
             pointwise=pointwise,
+            reduction=reduction,
         )
         return fn
 

@@ -10,13 +10,14 @@ interpolation.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
 from ..errors import MethodError
-from .registry import Param, register
+from .registry import Param, Reduction, register
 
 _CHUNK = 1 << 20
 
@@ -25,18 +26,66 @@ def gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """(<a, a>, <b, b>, <a, b>) of two flattened tensors, accumulated in float64 chunk by chunk.
 
     One pass over both tensors, upcasting each chunk once into two reused float64 buffers (no full
-    float64 copy, no allocation per chunk).
+    float64 copy, no allocation per chunk). The sums are taken over slices of ``_CHUNK`` elements, in order:
+    the engine streams slerp with the same slices (:func:`_partials`), so both give the same bits.
     """
     fa, fb = a.reshape(-1), b.reshape(-1)
     n = min(_CHUNK, fa.numel())
     ba, bb = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
     aa = bb_ = ab = 0.0
     for x, y in zip(fa.split(_CHUNK), fb.split(_CHUNK)):
-        xa, yb = ba[: x.numel()].copy_(x), bb[: y.numel()].copy_(y)
-        aa += float(torch.dot(xa, xa))
-        bb_ += float(torch.dot(yb, yb))
-        ab += float(torch.dot(xa, yb))
+        pa, pb, pab = _gram_chunk(x, y, ba, bb)
+        aa, bb_, ab = aa + pa, bb_ + pb, ab + pab
     return aa, bb_, ab
+
+
+def _gram_chunk(x: torch.Tensor, y: torch.Tensor, ba: torch.Tensor, bb: torch.Tensor) -> tuple[float, float, float]:
+    xa, yb = ba[: x.numel()].copy_(x), bb[: y.numel()].copy_(y)
+    return float(torch.dot(xa, xa)), float(torch.dot(yb, yb)), float(torch.dot(xa, yb))
+
+
+def _ends(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, weights: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v0, v1): the first model (or the base) and the second.
+
+    Raises:
+        MethodError: other than two models in all, or weights given.
+    """
+    if weights is not None:
+        raise MethodError("slerp takes no weights: set `t` (0 = first model, 1 = second)")
+    ends = ([base] if base is not None else []) + list(tensors)
+    if len(ends) != 2:
+        raise MethodError(f"slerp merges exactly two models (or a base and one model), got {len(ends)}; use linear for more")
+    return ends[0], ends[1]
+
+
+def _partials(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, weights: Sequence[float] | None = None,
+              **_: Any) -> tuple[float, float, float]:
+    """:func:`gram64`'s sums over one slice of ``_CHUNK`` elements (the engine's first pass)."""
+    v0, v1 = _ends(tensors, base, weights)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = (torch.empty(_CHUNK, dtype=torch.float64), torch.empty(_CHUNK, dtype=torch.float64))
+    return _gram_chunk(v0, v1, *bufs)
+
+
+_SCRATCH = threading.local()  # each thread's two float64 slices for _partials, made once
+
+
+def _interpolate(gram: tuple[float, float, float], tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None,
+                 weights: Sequence[float] | None = None, t: float = 0.5, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    """The interpolation, given the ends' Gram sums: pointwise (the engine's second pass, and the whole tensor's)."""
+    v0, v1 = _ends(tensors, base, weights)
+    sq0, sq1, dot = gram
+    n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
+    cos = dot / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    if abs(cos) > dot_threshold:
+        return torch.lerp(v0.to(torch.float32), v1.to(torch.float32), float(t))
+    omega = math.acos(max(-1.0, min(1.0, cos)))
+    s = math.sin(omega)
+    s0, s1 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
+    out = v0.to(torch.float32) * s0
+    out.add_(v1.to(torch.float32), alpha=s1)
+    return out
 
 
 @register(
@@ -47,6 +96,7 @@ def gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     min_models=1,
     max_models=2,
     takes_weights=False,
+    reduction=Reduction(chunk=_CHUNK, partial=_partials, apply=_interpolate),
 )
 def slerp(
     tensors: Sequence[torch.Tensor],
@@ -64,20 +114,5 @@ def slerp(
     Raises:
         MethodError: other than two models in all, or weights given.
     """
-    if weights is not None:
-        raise MethodError("slerp takes no weights: set `t` (0 = first model, 1 = second)")
-    ends = ([base] if base is not None else []) + list(tensors)
-    if len(ends) != 2:
-        raise MethodError(f"slerp merges exactly two models (or a base and one model), got {len(ends)}; use linear for more")
-    v0, v1 = ends
-    sq0, sq1, dot = gram64(v0, v1)
-    n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
-    cos = dot / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
-    if abs(cos) > dot_threshold:
-        return torch.lerp(v0.to(torch.float32), v1.to(torch.float32), float(t))
-    omega = math.acos(max(-1.0, min(1.0, cos)))
-    s = math.sin(omega)
-    s0, s1 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
-    out = v0.to(torch.float32) * s0
-    out.add_(v1.to(torch.float32), alpha=s1)
-    return out
+    v0, v1 = _ends(tensors, base, weights)
+    return _interpolate(gram64(v0, v1), tensors, base=base, weights=weights, t=t, dot_threshold=dot_threshold, eps=eps)
