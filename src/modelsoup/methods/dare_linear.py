@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import add_to_base, combine, divides_by_plain_weight_sum, drop_random, model_weights, per_model, require_base, task_vectors
+from .ops import add_to_base, combine, dare_deltas, divides_by_plain_weight_sum, model_weights, require_base
 from .params import Density, Normalize, Rescale, Scale
 from .registry import Param, register
 
@@ -33,8 +33,6 @@ def dare_linear(
 ) -> torch.Tensor:
     """theta = base + scale * sum_i w_i rescale(m_i * delta_i), m_i ~ Bernoulli(density_i), drawn from ``generator``."""
     base = require_base(base, "dare_linear")
-    deltas = task_vectors(tensors, base)
-    dens = per_model(density, len(deltas), "density")
-    dropped = [drop_random(d, p, generator, rescale) for d, p in zip(deltas, dens)]
-    merged = combine(dropped, model_weights(weights, len(deltas)), normalize=normalize)
+    dropped = dare_deltas(tensors, base, density, generator, rescale)
+    merged = combine(dropped, model_weights(weights, len(tensors)), normalize=normalize)
     return add_to_base(base, merged, scale)

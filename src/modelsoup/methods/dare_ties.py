@@ -10,7 +10,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import add_to_base, combine, drop_random, model_weights, per_model, require_base, task_vectors
+from .ops import add_to_base, combine, dare_deltas, model_weights, require_base
 from .params import Density, DivideBy, Normalize, Rescale, Scale, SignFrom, SignMethod
 from .registry import Param, register
 
@@ -38,8 +38,6 @@ def dare_ties(
 ) -> torch.Tensor:
     """theta = base + scale * disjoint_mean(elect(rescale(m_i * delta_i))), m_i ~ Bernoulli(density_i)."""
     base = require_base(base, "dare_ties")
-    deltas = task_vectors(tensors, base)
-    dens = per_model(density, len(deltas), "density")
-    dropped = [drop_random(d, p, generator, rescale) for d, p in zip(deltas, dens)]
-    merged = combine(dropped, model_weights(weights, len(deltas)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
+    dropped = dare_deltas(tensors, base, density, generator, rescale)
+    merged = combine(dropped, model_weights(weights, len(tensors)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
     return add_to_base(base, merged, scale)

@@ -185,7 +185,8 @@ def bernoulli_mask(like: torch.Tensor, p: float | torch.Tensor, generator: torch
     tests/test_methods.py). Drawn this way it takes a third of the time.
     """
     u = torch.rand(like.shape, generator=generator, dtype=torch.float32)
-    return torch.lt(u, p, out=torch.empty(like.shape, dtype=torch.bool)).to(like.dtype)
+    keep = torch.lt(u, p, out=torch.empty(like.shape, dtype=torch.bool))
+    return u.copy_(keep) if like.dtype == torch.float32 else keep.to(like.dtype)  # the uniforms' memory holds the mask
 
 
 def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: str) -> torch.Tensor:
@@ -196,12 +197,20 @@ def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator 
     The mask is peft's, one ``torch.bernoulli(full(density))`` per model, drawn as :func:`bernoulli_mask` draws it.
     """
     mask = bernoulli_mask(delta, density, generator)
-    kept = delta * mask
+    kept = torch.mul(delta, mask, out=mask)  # in the mask's memory: one tensor-sized buffer per model
     if rescale == "density":
-        return kept / density
+        return kept.div_(density)
     if rescale == "l1":
         return _match_l1(kept, delta)
     return kept
+
+
+def dare_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: float | Sequence[float], generator: torch.Generator | None,
+                rescale: str) -> list[torch.Tensor]:
+    """DARE's first step for every model: delta_i = theta_i - base, dropped and rescaled (:func:`drop_random`), in model order;
+    each delta is freed once dropped."""
+    dens = per_model(density, len(tensors), "density")
+    return [drop_random(t - base, p, generator, rescale) for t, p in zip(tensors, dens)]
 
 
 def magnitude_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float, method: str = "della") -> torch.Tensor:
