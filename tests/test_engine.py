@@ -304,6 +304,21 @@ def test_mergekit_recipe_runs_unchanged_and_its_notes_reach_the_manifest(tmp_pat
 
 # ------------------------------------------------------------------------------------- chunked streaming
 
+def _assert_whole_path_bits(rec: dict, written: dict[str, torch.Tensor]) -> None:
+    """Every tensor of a recipe's written output has the bytes the engine's whole-tensor path computes for it."""
+    from modelsoup.api import _opened
+    from modelsoup.engine import MergeRun
+    from modelsoup.plan import plan_merge
+    from modelsoup.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(rec)
+    with _opened(recipe, ()) as (cks, base_ck):
+        plan = plan_merge(recipe, cks, base_ck)
+        run = MergeRun(plan)
+        for job in plan.jobs:
+            assert torch.equal(run.compute(job).view(torch.uint8), written[job.name].view(torch.uint8)), job.name
+
+
 def _pointwise_methods():
     from modelsoup.methods import available_methods
 
@@ -485,3 +500,68 @@ def test_streamed_slerp_takes_the_spherical_branch_with_the_whole_tensors_bits(t
           output=tmp_path / "o", progress=False)
     got = load_file(tmp_path / "o" / "model.safetensors")["w"]
     assert torch.equal(got.reshape(-1), slerp(ends, t=0.3))
+
+
+@pytest.mark.parametrize("params", [{"density": 0.4}, {"density": 0.3, "scale": 0.7, "sign_method": "count", "weights_": [1.0, -0.5, 2.0]},
+                                    {"density": 0.5, "tie_break": "torch_sort"}, {"density": 0.5, "rescale": "l1"},
+                                    {"density": 0.2, "sign_from": "unweighted", "divide_by": "count", "keep_at_least_one": True}])
+@pytest.mark.parametrize("out_dtype", [None, "bfloat16"])
+def test_streamed_ties_writes_the_whole_tensor_paths_bits(tmp_path, params, out_dtype):
+    """TIES' thresholds from the whole inputs, then its result a chunk at a time into the file: the whole path's bits,
+    with ties at the cut (heavy rounding), signed weights, and the cases that fall back to the whole path."""
+    from modelsoup.engine import CHUNK
+
+    params = dict(params)
+    weights = params.pop("weights_", None)
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for i in range(4):
+        sd = {"big": (torch.randn(2, CHUNK + 999, generator=g) * 4).round() / 64, "vec": torch.randn(CHUNK * 3 + 5, generator=g),
+              "tiny": torch.randn(3, generator=g)}
+        save_file(sd, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    rec = {"method": "ties", "base": str(paths[0]), "models": [{"path": str(p)} for p in paths[1:]], "parameters": params}
+    if weights:
+        for m, w in zip(rec["models"], weights):
+            m["weight"] = w
+    if out_dtype:
+        rec["dtype"] = out_dtype
+    merge(rec, tmp_path / "o", progress=False, workers=2, hash_files=False)
+    written = load_file(tmp_path / "o" / "model.safetensors")
+    _assert_whole_path_bits(rec, written)
+
+
+_PREPARED_CASES = {
+    "ties": {"density": 0.4},
+    "dare_ties": {"density": 0.6},
+    "dare_linear": {"density": 0.7, "normalize": True},
+    "della": {"density": 0.6, "epsilon": 0.1},
+    "della_linear": {"density": 0.5, "epsilon": 0.2, "rescale": "none"},
+    "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+    "breadcrumbs_ties": {"density": 0.7, "gamma": 0.1},
+}
+
+
+def test_every_method_that_prepares_has_a_streaming_case():
+    from modelsoup.methods import available_methods
+
+    assert sorted(m.name for m in available_methods() if m.prepare is not None) == sorted(_PREPARED_CASES)
+
+
+@pytest.mark.parametrize("method", sorted(_PREPARED_CASES))
+def test_streamed_prepared_methods_write_the_whole_tensor_paths_bits(tmp_path, method):
+    """Methods that analyse whole inputs (thresholds, random masks drawn model after model) and stream their result:
+    the written bytes are the whole path's, over several chunks, with the random methods' per-tensor generators."""
+    from modelsoup.engine import CHUNK
+
+    g = torch.Generator().manual_seed(2)
+    paths = []
+    for i in range(4):
+        save_file({"big": (torch.randn(2, CHUNK + 999, generator=g) * 4).round() / 64, "vec": torch.randn(CHUNK * 2 + 5, generator=g)},
+                  tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    rec = {"method": method, "base": str(paths[0]), "models": [{"path": str(p), "weight": w} for p, w in zip(paths[1:], (1.0, 0.5, 1.5))],
+           "parameters": _PREPARED_CASES[method], "seed": 3}
+    merge(rec, tmp_path / "o", progress=False, workers=2, hash_files=False)
+    written = load_file(tmp_path / "o" / "model.safetensors")
+    _assert_whole_path_bits(rec, written)

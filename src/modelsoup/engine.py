@@ -247,6 +247,8 @@ class MergeRun:
         check = not plan.allow_nonfinite
         method: Callable[..., torch.Tensor] = plan.method
         reduction = plan.method.reduction if merging else None
+        if merging and plan.method.prepare is not None:
+            return self._prepared(job, emit, out_buf)
         try:
             if reduction is not None:  # first pass: the method's sums over its own slices, in order
                 size = reduction.chunk
@@ -274,6 +276,30 @@ class MergeRun:
                 emit(i, result)
         except _NotFinite:
             return False
+        return True
+
+    def _prepared(self, job: TensorJob, emit: Callable[[int, torch.Tensor], None], out_buf: torch.Tensor) -> bool:
+        """A :attr:`~modelsoup.methods.registry.MergeMethod.prepare` method: its whole inputs read as :meth:`compute`
+        reads them (large ones mapped, not copied), its result computed and emitted a chunk at a time; False where the
+        method needs its whole-tensor path for this tensor (the caller then runs :meth:`compute`)."""
+        plan, method = self.plan, self.plan.method
+        tensors = [self._get(s, upcast=True) for s in job.sources]
+        base = self._get(job.base_source, upcast=True) if job.base_source is not None else None
+        params = {p.name: p.default for p in method.params} | job.params  # as the method's signature fills them in
+        if method.random:
+            params["generator"] = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
+        assert method.prepare is not None
+        prepared = method.prepare(tensors, base=base, weights=job.weights, **params)
+        if prepared is None:
+            return False
+        n = math.prod(job.shape)
+        for i in range(0, n, CHUNK):
+            j = min(i + CHUNK, n)
+            out = prepared.chunk(i, j)
+            result = out if out.dtype == job.dtype else out_buf[: j - i].copy_(out)
+            if not plan.allow_nonfinite and not all_finite(result):
+                return False  # the whole path names the overflow
+            emit(i, result)
         return True
 
     def finish(self, job: TensorJob, out: torch.Tensor) -> torch.Tensor:
@@ -329,7 +355,7 @@ def streams(plan: MergePlan, job: TensorJob, device: torch.device | None = None)
         return False
     if job.action in ("base", "first"):
         return job.dtype.is_floating_point
-    return job.action == "merge" and (plan.method.pointwise or plan.method.reduction is not None)
+    return job.action == "merge" and (plan.method.pointwise or plan.method.reduction is not None or plan.method.prepare is not None)
 
 
 def computed_jobs(plan: MergePlan) -> list[TensorJob]:
@@ -351,6 +377,8 @@ def job_cost(plan: MergePlan, job: TensorJob, device: torch.device | None = None
     if not streams(plan, job, device):
         return f32 * buffers
     numel = math.prod(job.shape)
+    if job.action == "merge" and plan.method.prepare is not None:  # whole float32 inputs, the method's chunk buffers, no result
+        return f32 * (readers + plan.method.workspace * len(job.sources))
     reduction = plan.method.reduction if job.action == "merge" else None
     chunk = max(CHUNK, reduction.chunk) if reduction is not None else CHUNK
     whole = sum(tensor_nbytes(*plan.inputs[s[0]].meta(s[1])) for s in (*job.sources, *([job.base_source] if job.base_source else []))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops import add_to_base, combine, divides_by_plain_weight_sum, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_outliers
+from .ops import MergedChunks, divides_by_plain_weight_sum, model_weights, per_model, require_base, rescale_l1, trim_outliers
 from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone, TieBreak
 from .registry import register
 
@@ -18,6 +18,7 @@ from .registry import register
     base="required",
     workspace=2,
     divides_by_weight_sum=divides_by_plain_weight_sum,
+    prepare=lambda tensors, **kw: prepare_breadcrumbs(tensors, **kw),
 )
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],
@@ -35,9 +36,20 @@ def breadcrumbs(
     divide_by: DivideBy = "weight_sum",
 ) -> torch.Tensor:
     """theta = base + scale * combine(rescale(trim_outliers(delta_i, density_i, gamma_i))); sign_method sum = :mod:`.breadcrumbs_ties`."""
+    return prepare_breadcrumbs(tensors, base=base, weights=weights, density=density, gamma=gamma, scale=scale, rescale=rescale,
+                               tie_break=tie_break, sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by).whole()
+
+
+def prepare_breadcrumbs(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None,
+                        density: float | Sequence[float], gamma: float | Sequence[float], scale: float, rescale: str, tie_break: str,
+                        sign_method: str, sign_from: str, normalize: bool, divide_by: str) -> MergedChunks:
+    """The trimmed task vectors (whole: the cuts need each one) and the merge they define, a chunk at a time."""
     base = require_base(base, "breadcrumbs")
-    deltas = task_vectors(tensors, base)
-    dens, gam = per_model(density, len(deltas), "density"), per_model(gamma, len(deltas), "gamma")
-    trimmed = [rescale_l1(trim_outliers(d, p, g, tie_break), d, rescale) for d, p, g in zip(deltas, dens, gam)]
-    merged = combine(trimmed, model_weights(weights, len(deltas)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
-    return add_to_base(base, merged, scale)
+    dens, gam = per_model(density, len(tensors), "density"), per_model(gamma, len(tensors), "gamma")
+    trimmed = []
+    for t, p, g in zip(tensors, dens, gam):
+        d = t - base
+        trimmed.append(rescale_l1(trim_outliers(d, p, g, tie_break), d, rescale))
+        del d  # one untrimmed task vector at a time
+    return MergedChunks(trimmed, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
+                        normalize=normalize, divide_by=divide_by)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .breadcrumbs import breadcrumbs
+from .breadcrumbs import breadcrumbs, prepare_breadcrumbs
 from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethod, TieBreak
 from .registry import register
 
@@ -17,6 +17,7 @@ from .registry import register
     paper="Davari & Belilovsky 2024, Model breadcrumbs (arXiv 2312.06795); Yadav et al. 2023 (TIES)",
     base="required",
     workspace=2,
+    prepare=lambda tensors, **kw: prepare_breadcrumbs(tensors, **kw),
 )
 def breadcrumbs_ties(
     tensors: Sequence[torch.Tensor],

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import add_to_base, combine, dare_deltas, divides_by_plain_weight_sum, model_weights, require_base
+from .ops import MergedChunks, dare_deltas, divides_by_plain_weight_sum, model_weights, require_base
 from .params import Density, Normalize, Rescale, Scale
 from .registry import Param, register
 
@@ -19,6 +19,7 @@ from .registry import Param, register
     base="required",
     workspace=1,
     divides_by_weight_sum=divides_by_plain_weight_sum,
+    prepare=lambda tensors, **kw: _prepare(tensors, **kw),
 )
 def dare_linear(
     tensors: Sequence[torch.Tensor],
@@ -32,7 +33,13 @@ def dare_linear(
     normalize: Normalize = False,
 ) -> torch.Tensor:
     """theta = base + scale * sum_i w_i rescale(m_i * delta_i), m_i ~ Bernoulli(density_i), drawn from ``generator``."""
+    return _prepare(tensors, base=base, weights=weights, generator=generator, density=density, scale=scale, rescale=rescale,
+                    normalize=normalize).whole()
+
+
+def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None, generator: torch.Generator | None,
+             density: float | Sequence[float], scale: float, rescale: str, normalize: bool) -> MergedChunks:
+    """The dropped task vectors (whole: the masks are drawn model after model) and their weighted sum, a chunk at a time."""
     base = require_base(base, "dare_linear")
     dropped = dare_deltas(tensors, base, density, generator, rescale)
-    merged = combine(dropped, model_weights(weights, len(tensors)), normalize=normalize)
-    return add_to_base(base, merged, scale)
+    return MergedChunks(dropped, model_weights(weights, len(tensors)), base, scale, normalize=normalize)

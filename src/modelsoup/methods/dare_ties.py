@@ -10,7 +10,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import add_to_base, combine, dare_deltas, model_weights, require_base
+from .ops import MergedChunks, dare_deltas, model_weights, require_base
 from .params import Density, DivideBy, Normalize, Rescale, Scale, SignFrom, SignMethod
 from .registry import Param, register
 
@@ -21,6 +21,7 @@ from .registry import Param, register
     paper="Yu et al. 2024, Language models are Super Mario (DARE) (arXiv 2311.03099); Yadav et al. 2023 (TIES)",
     base="required",
     workspace=1,
+    prepare=lambda tensors, **kw: _prepare(tensors, **kw),
 )
 def dare_ties(
     tensors: Sequence[torch.Tensor],
@@ -37,7 +38,15 @@ def dare_ties(
     divide_by: DivideBy = "weight_sum",
 ) -> torch.Tensor:
     """theta = base + scale * disjoint_mean(elect(rescale(m_i * delta_i))), m_i ~ Bernoulli(density_i)."""
+    return _prepare(tensors, base=base, weights=weights, generator=generator, density=density, scale=scale, rescale=rescale,
+                    sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by).whole()
+
+
+def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None, generator: torch.Generator | None,
+             density: float | Sequence[float], scale: float, rescale: str, sign_method: str, sign_from: str, normalize: bool,
+             divide_by: str) -> MergedChunks:
+    """The dropped task vectors (whole: the masks are drawn model after model) and the merge they define, a chunk at a time."""
     base = require_base(base, "dare_ties")
     dropped = dare_deltas(tensors, base, density, generator, rescale)
-    merged = combine(dropped, model_weights(weights, len(tensors)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
-    return add_to_base(base, merged, scale)
+    return MergedChunks(dropped, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
+                        normalize=normalize, divide_by=divide_by)

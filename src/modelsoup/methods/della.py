@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import add_to_base, combine, magprune_deltas, model_weights, require_base
+from .ops import MergedChunks, magprune_deltas, model_weights, require_base
 from .params import DellaDensity, DellaEpsilon, DivideBy, Normalize, Rescale, Scale, SignFrom, SignMethod
 from .registry import Param, register
 
@@ -18,6 +18,7 @@ from .registry import Param, register
     paper="Deep et al. 2024, DELLA-Merging: reducing interference with magnitude-based sampling (arXiv 2406.11617)",
     base="required",
     workspace=2,
+    prepare=lambda tensors, **kw: _prepare(tensors, **kw),
 )
 def della(
     tensors: Sequence[torch.Tensor],
@@ -35,7 +36,15 @@ def della(
     divide_by: DivideBy = "weight_sum",
 ) -> torch.Tensor:
     """theta = base + scale * disjoint_mean(elect(rescale(m_i * delta_i))), m_i ~ Bernoulli(p_i), p_i from delta_i's magnitude ranks."""
+    return _prepare(tensors, base=base, weights=weights, generator=generator, density=density, epsilon=epsilon, scale=scale, rescale=rescale,
+                    sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by).whole()
+
+
+def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None, generator: torch.Generator | None,
+             density: float | Sequence[float], epsilon: float | Sequence[float], scale: float, rescale: str, sign_method: str, sign_from: str,
+             normalize: bool, divide_by: str) -> MergedChunks:
+    """The MagPruned task vectors (whole: ranks and masks need them) and the merge they define, a chunk at a time."""
     base = require_base(base, "della")
     dropped = magprune_deltas(tensors, base, density, epsilon, generator, rescale, "della")
-    merged = combine(dropped, model_weights(weights, len(tensors)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
-    return add_to_base(base, merged, scale)
+    return MergedChunks(dropped, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
+                        normalize=normalize, divide_by=divide_by)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import add_to_base, combine, divides_by_plain_weight_sum, magprune_deltas, model_weights, require_base
+from .ops import MergedChunks, divides_by_plain_weight_sum, magprune_deltas, model_weights, require_base
 from .params import DellaDensity, DellaEpsilon, Normalize, Rescale, Scale
 from .registry import Param, register
 
@@ -19,6 +19,7 @@ from .registry import Param, register
     base="required",
     workspace=1,
     divides_by_weight_sum=divides_by_plain_weight_sum,
+    prepare=lambda tensors, **kw: _prepare(tensors, **kw),
 )
 def della_linear(
     tensors: Sequence[torch.Tensor],
@@ -33,7 +34,13 @@ def della_linear(
     normalize: Normalize = False,
 ) -> torch.Tensor:
     """theta = base + scale * sum_i w_i rescale(m_i * delta_i), m_i ~ Bernoulli(p_i), p_i from delta_i's magnitude ranks."""
+    return _prepare(tensors, base=base, weights=weights, generator=generator, density=density, epsilon=epsilon, scale=scale, rescale=rescale,
+                    normalize=normalize).whole()
+
+
+def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None, generator: torch.Generator | None,
+             density: float | Sequence[float], epsilon: float | Sequence[float], scale: float, rescale: str, normalize: bool) -> MergedChunks:
+    """The MagPruned task vectors (whole: ranks and masks need them) and their weighted sum, a chunk at a time."""
     base = require_base(base, "della_linear")
     dropped = magprune_deltas(tensors, base, density, epsilon, generator, rescale, "della_linear")
-    merged = combine(dropped, model_weights(weights, len(tensors)), normalize=normalize)
-    return add_to_base(base, merged, scale)
+    return MergedChunks(dropped, model_weights(weights, len(tensors)), base, scale, normalize=normalize)

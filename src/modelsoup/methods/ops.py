@@ -472,6 +472,54 @@ def combine(
     return out.view(chunks.shape)
 
 
+class MergedChunks:
+    """base + scale * combine(deltas), a flat chunk at a time: what :func:`combine` and :func:`add_to_base` compute,
+    by the same elementwise operations, so the engine can stream the result (:meth:`chunk`) instead of holding it
+    whole (:meth:`whole`). The chunk returned lives in a buffer reused by the next call.
+
+    Args:
+        deltas: the (sparsified) task vectors, whole or as :class:`DeltaChunks`.
+        weights, sign_method, sign_from, normalize, divide_by: as :func:`combine`.
+        base, scale: as :func:`add_to_base`.
+    """
+
+    def __init__(self, deltas: Sequence[torch.Tensor] | DeltaChunks, weights: Sequence[float], base: torch.Tensor, scale: float, *,
+                 sign_method: str = "none", sign_from: str = "weighted", normalize: bool = False, divide_by: str = "weight_sum") -> None:
+        self.deltas = _Stacked(deltas) if isinstance(deltas, Sequence) else deltas
+        self.shape, self.base, self.scale, self.weights = base.shape, base.reshape(-1), scale, list(weights)
+        self.n = math.prod(self.shape)
+        size = max(1, min(self.n, selection.CHUNK))
+        dtype = self.deltas.dtype
+        self.divisor = normalizing_sum(weights) if sign_method == "none" and normalize else None  # refused here, as combine refuses it
+        self.elect = None if sign_method == "none" else ElectedMean(weights, size=size, sign_method=sign_method, sign_from=sign_from,
+                                                                   normalize=normalize, divide_by=divide_by, dtype=dtype)
+        self.rows = torch.empty(len(self.deltas), size, dtype=dtype)
+        self.out = torch.empty(size, dtype=dtype)
+
+    def chunk(self, i: int, j: int) -> torch.Tensor:
+        """Entries [i, j) of the flat result (at most ``selection.CHUNK`` of them)."""
+        rows, out = self.rows[:, : j - i], self.out[: j - i]
+        self.deltas.fill(i, j, rows)
+        if self.elect is not None:
+            self.elect(rows, out)
+        else:  # combine's plain weighted sum
+            out.zero_()
+            for d, w in zip(rows, self.weights):
+                out.add_(d, alpha=w)
+            if self.divisor is not None:
+                out /= self.divisor
+        if self.scale != 1.0:
+            out.mul_(self.scale)
+        return out.add_(self.base[i:j])
+
+    def whole(self) -> torch.Tensor:
+        out = torch.empty(self.n, dtype=self.deltas.dtype)
+        for i in range(0, self.n, selection.CHUNK):
+            j = min(i + selection.CHUNK, self.n)
+            out[i:j] = self.chunk(i, j)
+        return out.view(self.shape)
+
+
 def _whole(deltas: DeltaChunks) -> list[torch.Tensor]:
     rows = torch.empty(len(deltas), math.prod(deltas.shape), dtype=deltas.dtype)
     deltas.fill(0, rows.shape[1], rows)

@@ -177,6 +177,10 @@ class MergeMethod:
             reduction over a tensor, no random draws), so the engine may run the method on flat slices of a tensor.
         reduction: for a method that reduces each tensor to a few numbers and then combines it pointwise, how the
             engine streams it in two passes (:class:`Reduction`); None = it needs whole tensors.
+        prepare: for a method that analyses its whole inputs (TIES: the top-k thresholds) and then computes its result
+            a chunk at a time: ``prepare(tensors, base=, weights=, **params)`` returns an object whose ``chunk(i, j)``
+            gives entries [i, j) of the flat result (by the operations the method's own whole-tensor path runs), or
+            None where this merge needs the whole-tensor path; the engine then streams the result to the sink.
     """
 
     name: str
@@ -195,6 +199,7 @@ class MergeMethod:
     identity_rule: Callable[[Mapping[str, Any]], bool] | None = None
     pointwise: bool = False
     reduction: Reduction | None = None
+    prepare: Callable[..., Any] | None = None
 
     def keeps_identical(self, params: Mapping[str, Any]) -> bool:
         """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the
@@ -264,6 +269,7 @@ def register(
     keeps_identical: Callable[[Mapping[str, Any]], bool] | None = None,
     pointwise: bool = False,
     reduction: Reduction | None = None,
+    prepare: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method; reads its hyperparameters from its signature and checks it at import.
 
@@ -284,6 +290,7 @@ def register(
             same elementwise kernels whatever the tensor's size: the engine then streams the method over flat
             chunks of each tensor (bit-identical to one call on the whole tensor; tests check each such method).
         reduction: streams a reduce-then-combine method in two passes (:class:`Reduction`); tests check it as pointwise.
+        prepare: streams the result of a method that needs its whole inputs (:attr:`MergeMethod.prepare`).
 
     Raises:
         MethodError: duplicate name, a signature that does not follow the method contract, or a pointwise method that draws random numbers.
@@ -314,6 +321,7 @@ def register(
             identity_rule=keeps_identical,
             pointwise=pointwise,
             reduction=reduction,
+            prepare=prepare,
         )
         return fn
 

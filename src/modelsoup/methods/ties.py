@@ -15,7 +15,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import TopKDeltas, add_to_base, combine, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_top_k, trim_top_k_torch_order
+from .ops import MergedChunks, TopKDeltas, add_to_base, combine, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_top_k, trim_top_k_torch_order
 from .params import Density, DivideBy, Normalize, RescaleL1, Scale, SignFrom, SignMethod, TieBreak
 from .registry import Param, register
 
@@ -25,6 +25,7 @@ from .registry import Param, register
     summary="trim task vectors to their top-density magnitudes, elect signs, disjoint mean, add to base",
     paper="Yadav et al. 2023, TIES-Merging: resolving interference when merging models (arXiv 2306.01708)",
     base="required",
+    prepare=lambda tensors, **kw: _prepare(tensors, **kw),
 )
 def ties(
     tensors: Sequence[torch.Tensor],
@@ -47,14 +48,30 @@ def ties(
     does not depend on the chunking: every stage after the threshold is elementwise), so no task vector
     is held whole.
     """
+    election = {"sign_method": sign_method, "sign_from": sign_from, "normalize": normalize, "divide_by": divide_by}
+    prepared = _prepare(tensors, base=base, weights=weights, density=density, scale=scale, rescale=rescale,
+                        keep_at_least_one=keep_at_least_one, tie_break=tie_break, **election)
+    if prepared is not None:
+        return prepared.whole()
+    # L1 norms of the trimmed vectors, or torch's order of ties at a cut, need each task vector whole
     base = require_base(base, "ties")
-    dens = per_model(density, len(tensors), "density")
-    deltas: TopKDeltas | list[torch.Tensor]
-    chunked = TopKDeltas(tensors, base, dens, at_least_one=keep_at_least_one) if rescale == "none" else None
-    if chunked is not None and (tie_break == "index" or not any(t.tied_at_cut for t in chunked.trims)):
-        deltas = chunked  # with no ties at a cut, every tie-break keeps the same entries
-    else:  # L1 norms of the trimmed vectors, or torch's order of ties at a cut, need each task vector whole
-        trim = trim_top_k if tie_break == "index" else trim_top_k_torch_order
-        deltas = [rescale_l1(trim(d, p, at_least_one=keep_at_least_one), d, rescale) for d, p in zip(task_vectors(tensors, base), dens)]
-    merged = combine(deltas, model_weights(weights, len(tensors)), sign_method=sign_method, sign_from=sign_from, normalize=normalize, divide_by=divide_by)
-    return add_to_base(base, merged, scale)
+    trim = trim_top_k if tie_break == "index" else trim_top_k_torch_order
+    deltas = [rescale_l1(trim(d, p, at_least_one=keep_at_least_one), d, rescale)
+              for d, p in zip(task_vectors(tensors, base), per_model(density, len(tensors), "density"))]
+    return add_to_base(base, combine(deltas, model_weights(weights, len(tensors)), **election), scale)
+
+
+def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, weights: Sequence[float] | None = None,
+             density: float | Sequence[float] = 0.2, scale: float = 1.0, rescale: str = "none", keep_at_least_one: bool = False,
+             tie_break: str = "index", sign_method: str = "sum", sign_from: str = "weighted", normalize: bool = True,
+             divide_by: str = "weight_sum") -> MergedChunks | None:
+    """The thresholds of every task vector, and the merge they define, to be computed a chunk at a time (what the engine
+    streams); None where the merge needs each trimmed task vector whole (an L1 rescale, torch's order of ties at a cut)."""
+    base = require_base(base, "ties")
+    if rescale != "none":
+        return None
+    chunked = TopKDeltas(tensors, base, per_model(density, len(tensors), "density"), at_least_one=keep_at_least_one)
+    if tie_break != "index" and any(t.tied_at_cut for t in chunked.trims):
+        return None  # with no ties at a cut, every tie-break keeps the same entries
+    return MergedChunks(chunked, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
+                        normalize=normalize, divide_by=divide_by)
