@@ -49,22 +49,25 @@ def karcher(
     valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
-    units = {i: flat[i] / norms[i] for i in valid}
+    def unit(i: int) -> torch.Tensor:  # made when needed (the same bits each time), so only one is held
+        return flat[i] / norms[i]
+
     vsum = sum(alphas[i] for i in valid)
     a = {i: alphas[i] / vsum for i in valid}
     mean = torch.zeros_like(flat[0])
     for i in valid:
-        mean.add_(units[i], alpha=a[i])
+        mean.add_(unit(i), alpha=a[i])
     mn = float(torch.linalg.vector_norm(mean))
-    mean = units[valid[0]].clone() if mn < tol else mean / mn
+    mean = unit(valid[0]) if mn < tol else mean / mn
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for i in valid:
-            dot = max(-1.0, min(1.0, float(torch.dot(mean, units[i]))))
+            u = unit(i)
+            dot = max(-1.0, min(1.0, float(torch.dot(mean, u))))
             theta = math.acos(dot)
             if theta < tol:
                 continue
-            tangent.add_(units[i] - dot * mean, alpha=a[i] * theta / math.sin(theta))
+            tangent.add_(u.sub_(dot * mean), alpha=a[i] * theta / math.sin(theta))  # units[i] - dot * mean, in the unit's memory
         tn = float(torch.linalg.vector_norm(tangent))
         if tn < tol:
             break

@@ -11,7 +11,7 @@ error. One model is returned unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated
 
 import torch
@@ -53,9 +53,12 @@ def multislerp(
         w = [x / total for x in w]
     vs = [(x - base if base is not None else x).reshape(-1) for x in tensors]
     norms = [v.norm() for v in vs]
-    units = [v / (n + eps) for v, n in zip(vs, norms)]
-    mean = torch.zeros_like(units[0])
-    for u, wi in zip(units, w):
+
+    def units() -> Iterator[torch.Tensor]:  # made when needed (the same bits each time), so only one is held
+        return (v / (n + eps) for v, n in zip(vs, norms))
+
+    mean = torch.zeros_like(vs[0], dtype=torch.result_type(vs[0], norms[0]))
+    for u, wi in zip(units(), w):
         mean.add_(u, alpha=wi)
     mean_norm = float(mean.norm())
     if mean_norm < eps:
@@ -66,8 +69,8 @@ def multislerp(
     else:
         mean /= mean_norm
         tangent = torch.zeros_like(mean)
-        for u, wi in zip(units, w):
-            tangent.add_(u - torch.dot(u, mean) * mean, alpha=wi)
+        for u, wi in zip(units(), w):
+            tangent.add_(u.sub_(torch.dot(u, mean) * mean), alpha=wi)  # u - <u, m> m, in the unit's memory
         tn = tangent.norm() + eps
         out = mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
         out *= sum(float(n) * wi for n, wi in zip(norms, w))
