@@ -200,7 +200,7 @@ class MergeRun:
         """Whether :meth:`compute_chunked` streams this job: a copy or a pointwise method's merge, on the CPU."""
         return streams(self.plan, job, self.device)
 
-    def _chunks(self, src: Source, role: int, pool: _Pool, upcast: bool, size: int = CHUNK) -> Callable[[int, int], torch.Tensor]:
+    def _chunks(self, src: Source, role: int, pool: _Pool, upcast: bool, size: int = CHUNK, half: bool = False) -> Callable[[int, int], torch.Tensor]:
         """Reads chunk [i, j) of a source: from the file into this thread's buffer where the format reads ranges
         (else a view of the tensor read once), finite-checked as :meth:`_read` checks it, in float32 if ``upcast``."""
         ck, name = self.inputs[src[0]], src[1]
@@ -221,6 +221,10 @@ class MergeRun:
 
         def read(i: int, j: int) -> torch.Tensor:
             t = raw(i, j)
+            if half and t.dtype in (torch.float16, torch.bfloat16):  # the method widens it exactly itself
+                if check and not all_finite(t):
+                    raise _NotFinite
+                return t
             wide = t if t.dtype in (torch.float32, torch.float64) else pool.get(("f32", role), torch.float32, size)[: j - i].copy_(t)
             if check and not all_finite(wide):
                 raise _NotFinite
@@ -241,8 +245,9 @@ class MergeRun:
         plan, n = self.plan, math.prod(job.shape)
         pool = _POOL
         merging = job.action == "merge"
-        readers = [self._chunks(s, k, pool, upcast=merging) for k, s in enumerate(job.sources)]
-        base = self._chunks(job.base_source, -1, pool, upcast=True) if merging and job.base_source is not None else None
+        half = merging and plan.method.takes_half
+        readers = [self._chunks(s, k, pool, upcast=merging, half=half) for k, s in enumerate(job.sources)]
+        base = self._chunks(job.base_source, -1, pool, upcast=True, half=half) if merging and job.base_source is not None else None
         out_buf = pool.get("out", job.dtype)
         check = not plan.allow_nonfinite
         method: Callable[..., torch.Tensor] = plan.method

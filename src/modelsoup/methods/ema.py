@@ -17,6 +17,7 @@ from .registry import Param, register
     paper="Polyak & Juditsky 1992; as checkpoint averaging, Izmailov et al. 2018 (SWA, for the plain mean use linear)",
     takes_weights=False,
     pointwise=True,
+    takes_half=True,
 )
 def ema(
     tensors: Sequence[torch.Tensor],

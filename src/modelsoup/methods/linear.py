@@ -35,6 +35,7 @@ def finish(acc: torch.Tensor, total: float | None) -> torch.Tensor:
     divides_by_weight_sum=divides_by_plain_weight_sum,
     keeps_identical=lambda p: bool(p["normalize"]),
     pointwise=True,
+    takes_half=True,
 )
 def linear(
     tensors: Sequence[torch.Tensor],

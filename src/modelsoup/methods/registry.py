@@ -181,6 +181,8 @@ class MergeMethod:
             a chunk at a time: ``prepare(tensors, base=, weights=, **params)`` returns an object whose ``chunk(i, j)``
             gives entries [i, j) of the flat result (by the operations the method's own whole-tensor path runs), or
             None where this merge needs the whole-tensor path; the engine then streams the result to the sink.
+        takes_half: the method widens its inputs itself, exactly (to float64), so the engine may hand it float16 and
+            bfloat16 inputs as stored instead of their float32 copies (the same values, one pass fewer).
     """
 
     name: str
@@ -200,6 +202,7 @@ class MergeMethod:
     pointwise: bool = False
     reduction: Reduction | None = None
     prepare: Callable[..., Any] | None = None
+    takes_half: bool = False
 
     def keeps_identical(self, params: Mapping[str, Any]) -> bool:
         """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the
@@ -270,6 +273,7 @@ def register(
     pointwise: bool = False,
     reduction: Reduction | None = None,
     prepare: Callable[..., Any] | None = None,
+    takes_half: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method; reads its hyperparameters from its signature and checks it at import.
 
@@ -291,6 +295,7 @@ def register(
             chunks of each tensor (bit-identical to one call on the whole tensor; tests check each such method).
         reduction: streams a reduce-then-combine method in two passes (:class:`Reduction`); tests check it as pointwise.
         prepare: streams the result of a method that needs its whole inputs (:attr:`MergeMethod.prepare`).
+        takes_half: half-precision inputs may reach the method as stored (:attr:`MergeMethod.takes_half`).
 
     Raises:
         MethodError: duplicate name, a signature that does not follow the method contract, or a pointwise method that draws random numbers.
@@ -322,6 +327,7 @@ def register(
             pointwise=pointwise,
             reduction=reduction,
             prepare=prepare,
+            takes_half=takes_half,
         )
         return fn
 
