@@ -535,10 +535,12 @@ def test_sigterm_and_sighup_leave_nothing(tmp_path, sig):
     paths = _slow_merge(tmp_path)
     out = tmp_path / "out" / "soup"
     env = {**os.environ, "PYTHONPATH": SRC}
-    script = ("import sys, time, modelsoup.engine as e\n"
-              "orig = e.MergeRun.compute\n"
+    script = ("import sys, time, modelsoup.engine as e\n"  # both paths slowed: whole tensors, and the chunks linear streams
+              "orig, chunked = e.MergeRun.compute, e.MergeRun.compute_chunked\n"
               "def slow(self, job):\n    time.sleep(0.2)\n    return orig(self, job)\n"
-              "e.MergeRun.compute = slow\nfrom modelsoup.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+              "def slow_chunks(self, job, emit):\n    time.sleep(0.2)\n    return chunked(self, job, emit)\n"
+              "e.MergeRun.compute, e.MergeRun.compute_chunked = slow, slow_chunks\n"
+              "from modelsoup.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.Popen([sys.executable, "-c", script, "merge", *map(str, paths), "-o", str(out), "--no-progress", "--workers", "1"],
                             env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60

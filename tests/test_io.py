@@ -180,3 +180,18 @@ def test_writer_hashes_in_file_order_whatever_the_write_order(tmp_path, reverse)
     assert set(digests) == {p.name for p in tmp_path.iterdir()}
     for name, d in digests.items():
         assert d == sha256_file(tmp_path / name), name
+
+
+def test_reads_own_aligned_memory_and_only_the_engine_maps(tmp_path):
+    """read() gives a buffer on torch's 64-byte boundary (reductions mixing operands of different alignments round
+    differently); read_mapped() maps large tensors where the file puts them, with the same values."""
+    from modelsoup.io.checkpoints import SafetensorsCheckpoint
+
+    p = tmp_path / "m.safetensors"
+    save_file({"a": torch.randn(3), "big": torch.randn(1 << 19)}, p)  # "a" shifts "big" off any 64-byte boundary
+    ck = SafetensorsCheckpoint(str(p), [p])
+    owned, mapped = ck.read("big"), ck.read_mapped("big")
+    assert owned.data_ptr() % 64 == 0 and torch.equal(owned, mapped)
+    mapped.add_(1)  # a private mapping: the file and later reads are unchanged
+    assert torch.equal(ck.read("big"), owned)
+    ck.close()

@@ -155,8 +155,11 @@ class MergeRun:
         self.inputs = plan.inputs
 
     def _read(self, ck: Checkpoint, name: str, upcast: bool = False, device: torch.device = CPU) -> torch.Tensor:
-        """Read a tensor (in float32 if ``upcast`` and floating, moved to ``device`` first), refusing NaN/Inf unless allowed."""
-        t = ck.read(name)
+        """Read a tensor (in float32 if ``upcast`` and floating, moved to ``device`` first), refusing NaN/Inf unless allowed.
+
+        Large safetensors tensors are mapped, not copied (``read_mapped``): a method's inputs may start at any alignment.
+        """
+        t = ck.read_mapped(name) if hasattr(ck, "read_mapped") else ck.read(name)
         if not t.is_floating_point():
             return t
         if device.type != "cpu":

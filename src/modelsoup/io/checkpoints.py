@@ -203,6 +203,11 @@ class SafetensorsCheckpoint(Checkpoint):
         info = self._info[name]
         return read_tensor(self._fd(info), info)
 
+    def read_mapped(self, name: str) -> torch.Tensor:
+        """As :meth:`read`, but a large tensor is a private map of the page cache (see :func:`read_tensor`), for the merge engine."""
+        info = self._info[name]
+        return read_tensor(self._fd(info), info, mapped=True)
+
     def read_range(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, read into the flat buffer ``out`` (see :class:`Checkpoint`)."""
         info = self._info[name]

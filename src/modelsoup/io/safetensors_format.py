@@ -225,14 +225,18 @@ def _short(value: Any) -> str:
 MAP_ABOVE = 1 << 20
 
 
-def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
-    """One tensor: a private, copy-on-write map of its bytes in the page cache when large, else read into memory it owns.
+def read_tensor(fd: int, info: TensorInfo, mapped: bool = False) -> torch.Tensor:
+    """One tensor, read into memory it owns; with ``mapped``, a large one is a private, copy-on-write map of its bytes
+    in the page cache instead.
 
     Mapping avoids both the fresh buffer (whose pages the kernel must zero) and the copy out of the page cache;
     the mapping is private, so a write to the tensor changes only this process's copy of a page, never the file.
-    Its pages are released when the tensor is freed. Thread-safe, no lock.
+    Its pages are released when the tensor is freed. A mapped tensor starts wherever the file puts it, not on
+    the 64-byte boundary torch gives its own memory, and a reduction mixing operands of different alignments
+    (``torch.dot``) can round differently: only the merge engine maps, for methods whose results do not depend on
+    it (elementwise kernels, and reductions that widen into their own buffers first). Thread-safe, no lock.
     """
-    if info.nbytes >= MAP_ABOVE and info.start % info.dtype.itemsize == 0:
+    if mapped and info.nbytes >= MAP_ABOVE and info.start % info.dtype.itemsize == 0:
         at = info.start - info.start % mmap.ALLOCATIONGRANULARITY
         try:
             region = mmap.mmap(fd, info.end - at, access=mmap.ACCESS_COPY, offset=at)
