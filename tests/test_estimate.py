@@ -162,10 +162,11 @@ def test_a_merge_that_cannot_fit_is_refused_before_the_first_tensor_is_read(tmp_
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr("modelsoup.estimate.shutil.disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
 
-    def no_read(self, name):
+    def no_read(self, name, *args):
         raise AssertionError("a tensor was read")
 
-    monkeypatch.setattr(SafetensorsCheckpoint, "read", no_read)
+    for method in ("read", "read_mapped", "read_range"):  # whole, mapped (the engine), and chunks (streamed merges)
+        monkeypatch.setattr(SafetensorsCheckpoint, method, no_read)
     out = tmp_path / "deep" / "out"
     with pytest.raises(OutputError, match=rf"needs .* bytes\) but {tmp_path} has 1.0 kB \(1000 bytes\) free; free space there, or write the output to another disk"):
         merge(models=paths, output=out)
