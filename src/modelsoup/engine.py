@@ -188,19 +188,39 @@ class MergeRun:
                     self._disagreeing.append((job.name, self.inputs[job.sources[0][0]].label))
             return ref.clone()
         dev = self.device
-        if job.nbytes >= PARALLEL_READ_BYTES and len(job.sources) > 1:
-            tensors = list(_READ_POOL.map(lambda s: self._get(s, upcast=True, device=dev), job.sources))
-        else:
-            tensors = [self._get(s, upcast=True, device=dev) for s in job.sources]
-        base = self._get(job.base_source, upcast=True, device=dev) if job.base_source is not None else None
-        gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name)) if plan.method.random else None
+        tensors, base = self._inputs(job, dev)
+        gen = self._generator(job)
         if dev.type != "cpu":
             return self.finish(job, self._on_device(job, tensors, base, gen).to(CPU))
         out = plan.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
         return self.finish(job, out)
 
+    def _inputs(self, job: TensorJob, device: torch.device = CPU) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """A merge job's whole inputs and base, upcast and finite-checked (large tensors' models read concurrently)."""
+        if job.nbytes >= PARALLEL_READ_BYTES and len(job.sources) > 1:
+            tensors = list(_READ_POOL.map(lambda s: self._get(s, upcast=True, device=device), job.sources))
+        else:
+            tensors = [self._get(s, upcast=True, device=device) for s in job.sources]
+        base = self._get(job.base_source, upcast=True, device=device) if job.base_source is not None else None
+        return tensors, base
+
+    def _generator(self, job: TensorJob) -> torch.Generator | None:
+        """The job's own generator for a random method (seeded from the recipe seed and the tensor name), else None."""
+        return torch.Generator().manual_seed(tensor_seed(self.plan.seed, job.name)) if self.plan.method.random else None
+
+    def _as_written(self, job: TensorJob, out: torch.Tensor, out_buf: torch.Tensor) -> torch.Tensor:
+        """A result chunk in the output dtype (cast into ``out_buf`` if needed).
+
+        Raises:
+            _NotFinite: it holds NaN/Inf and they are not allowed (the whole path then names the problem).
+        """
+        result = out if out.dtype == job.dtype else out_buf[: out.numel()].copy_(out)
+        if not self.plan.allow_nonfinite and not all_finite(result):
+            raise _NotFinite
+        return result
+
     def chunked(self, job: TensorJob) -> bool:
-        """Whether :meth:`compute_chunked` streams this job: a copy or a pointwise method's merge, on the CPU."""
+        """Whether :meth:`compute_chunked` streams this job (see :func:`streams`)."""
         return streams(self.plan, job, self.device)
 
     def _chunks(self, src: Source, role: int, pool: _Pool, upcast: bool, size: int = CHUNK, half: bool = False) -> Callable[[int, int], torch.Tensor]:
@@ -248,15 +268,14 @@ class MergeRun:
         plan, n = self.plan, math.prod(job.shape)
         pool = _POOL
         merging = job.action == "merge"
+        out_buf = pool.get("out", job.dtype)
+        if merging and plan.method.prepare is not None:
+            return self._prepared(job, emit, out_buf)
         half = merging and plan.method.takes_half
         readers = [self._chunks(s, k, pool, upcast=merging, half=half) for k, s in enumerate(job.sources)]
         base = self._chunks(job.base_source, -1, pool, upcast=True, half=half) if merging and job.base_source is not None else None
-        out_buf = pool.get("out", job.dtype)
-        check = not plan.allow_nonfinite
         method: Callable[..., torch.Tensor] = plan.method
         reduction = plan.method.reduction if merging else None
-        if merging and plan.method.prepare is not None:
-            return self._prepared(job, emit, out_buf)
         try:
             if reduction is not None:  # first pass: the method's sums over its own slices, in order
                 size = reduction.chunk
@@ -278,10 +297,7 @@ class MergeRun:
                 out = method(ins, base=base(i, j) if base is not None else None, weights=job.weights, **job.params)
                 if tuple(out.shape) != (j - i,):
                     raise RuntimeError(f"pointwise method '{plan.method.name}' returned shape {list(out.shape)} for a chunk of {j - i} of '{job.name}'")
-                result = out if out.dtype == job.dtype else out_buf[: j - i].copy_(out)
-                if check and not all_finite(result):
-                    raise _NotFinite
-                emit(i, result)
+                emit(i, self._as_written(job, out, out_buf))
         except _NotFinite:
             return False
         return True
@@ -290,24 +306,21 @@ class MergeRun:
         """A :attr:`~modelsoup.methods.registry.MergeMethod.prepare` method: its whole inputs read as :meth:`compute`
         reads them (large ones mapped, not copied), its result computed and emitted a chunk at a time; False where the
         method needs its whole-tensor path for this tensor (the caller then runs :meth:`compute`)."""
-        plan, method = self.plan, self.plan.method
-        tensors = [self._get(s, upcast=True) for s in job.sources]
-        base = self._get(job.base_source, upcast=True) if job.base_source is not None else None
+        method = self.plan.method
+        tensors, base = self._inputs(job)
         params = {p.name: p.default for p in method.params} | job.params  # as the method's signature fills them in
         if method.random:
-            params["generator"] = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
+            params["generator"] = self._generator(job)
         assert method.prepare is not None
         prepared = method.prepare(tensors, base=base, weights=job.weights, **params)
         if prepared is None:
             return False
         n = math.prod(job.shape)
-        for i in range(0, n, CHUNK):
-            j = min(i + CHUNK, n)
-            out = prepared.chunk(i, j)
-            result = out if out.dtype == job.dtype else out_buf[: j - i].copy_(out)
-            if not plan.allow_nonfinite and not all_finite(result):
-                return False  # the whole path names the overflow
-            emit(i, result)
+        try:
+            for i in range(0, n, CHUNK):
+                emit(i, self._as_written(job, prepared.chunk(i, min(i + CHUNK, n)), out_buf))
+        except _NotFinite:
+            return False  # the whole path names the overflow
         return True
 
     def finish(self, job: TensorJob, out: torch.Tensor) -> torch.Tensor:
@@ -357,8 +370,9 @@ _POOL = _Pool()
 
 
 def streams(plan: MergePlan, job: TensorJob, device: torch.device | None = None) -> bool:
-    """Whether the engine streams ``job`` in chunks (:meth:`MergeRun.compute_chunked`): a copy of a floating tensor
-    or a merge by a pointwise method, computed on the CPU, of a tensor with elements."""
+    """Whether the engine streams ``job`` in chunks (:meth:`MergeRun.compute_chunked`), on the CPU, for a tensor with
+    elements: a copy of a floating tensor, or a merge by a method that is pointwise, reduces then combines pointwise
+    (``reduction``), or computes its result a chunk at a time from its whole inputs (``prepare``)."""
     if device is not None and device.type != "cpu" or not job.shape or math.prod(job.shape) == 0:
         return False
     if job.action in ("base", "first"):

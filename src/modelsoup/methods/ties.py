@@ -61,10 +61,9 @@ def ties(
     return add_to_base(base, combine(deltas, model_weights(weights, len(tensors)), **election), scale)
 
 
-def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, weights: Sequence[float] | None = None,
-             density: float | Sequence[float] = 0.2, scale: float = 1.0, rescale: str = "none", keep_at_least_one: bool = False,
-             tie_break: str = "index", sign_method: str = "sum", sign_from: str = "weighted", normalize: bool = True,
-             divide_by: str = "weight_sum") -> MergedChunks | None:
+def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None, density: float | Sequence[float],
+             scale: float, rescale: str, keep_at_least_one: bool, tie_break: str, sign_method: str, sign_from: str, normalize: bool,
+             divide_by: str) -> MergedChunks | None:
     """The thresholds of every task vector, and the merge they define, to be computed a chunk at a time (what the engine
     streams); None where the merge needs each trimmed task vector whole (an L1 rescale, torch's order of ties at a cut)."""
     base = require_base(base, "ties")
