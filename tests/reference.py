@@ -585,3 +585,23 @@ def della(tensors, base, weights, masks, probs, *, ties_style, scale=1.0, rescal
             kept = [x / q for x, q in zip(kept, _flat(p))]
         deltas.append(_l1_rescaled(kept, d, "l1" if rescale == "l1" else "none"))
     return _add_combined(b, deltas, weights, ties_style, normalize, scale, base, conv)
+
+
+def fisher_diag(module, xs, ys):
+    """Diagonal empirical Fisher by one forward and backward per example: mean of squared gradients of log p(y|x)."""
+    params = [p for p in module.parameters()]
+    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for x, y in zip(xs, ys):
+        module.zero_grad()
+        logp = torch.log_softmax(module(x[None]).float(), dim=-1)[0, int(y)]
+        logp.backward()
+        for s, p in zip(sums, params):
+            s += p.grad.double() ** 2
+    return [s / len(xs) for s in sums]
+
+
+def least_squares(x, y):
+    """W (out, in) minimising ||x W^T - y||^2, from the normal equations solved one output at a time in float64."""
+    x64, y64 = x.double(), y.double()
+    g = x64.T @ x64
+    return torch.stack([torch.linalg.solve(g, x64.T @ y64[:, j]) for j in range(y64.shape[1])])

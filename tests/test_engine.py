@@ -312,7 +312,7 @@ def _assert_whole_path_bits(rec: dict, written: dict[str, torch.Tensor]) -> None
     from modelsoup.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(rec)
-    with _opened(recipe, ()) as (cks, base_ck):
+    with _opened(recipe, ()) as (cks, base_ck, _):
         plan = plan_merge(recipe, cks, base_ck)
         run = MergeRun(plan)
         for job in plan.jobs:
@@ -384,7 +384,7 @@ def test_streamed_chunks_give_the_whole_tensor_paths_bits(tmp_path, method, in_d
     merge(rec, out, progress=False, workers=2)
     written = load_file(out / "model.safetensors")
     recipe = recipe_from_dict(rec)
-    with _opened(recipe, ()) as (cks, base_ck):
+    with _opened(recipe, ()) as (cks, base_ck, _):
         plan = plan_merge(recipe, cks, base_ck)
         run = MergeRun(plan)
         assert {j.name for j in plan.jobs if streams(plan, j)} == {"big", "small", "vec", "huge"}

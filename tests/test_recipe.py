@@ -286,7 +286,7 @@ def test_every_part_is_type_checked_strictly(ckpts: Path) -> None:
         "recipe.yaml:4: models[0].key: must be a string, got 3",
         "recipe.yaml:4: models[0].strip_prefix: must be a string, got 4",
         "recipe.yaml:5: models[1].parameters[1].[key]: must be a string, got 1",
-        "recipe.yaml:5: models[1].colour: unknown key 'colour' (valid keys: path, source, weight, parameters, key, strip_prefix, adapter)",
+        "recipe.yaml:5: models[1].colour: unknown key 'colour' (valid keys: path, source, weight, parameters, key, strip_prefix, adapter, statistics, data)",
         "recipe.yaml:6: dtype: must be a string, got 16",
         "recipe.yaml:7: seed: must be an integer, got 1.0",
         "recipe.yaml:9: overrides[0].take: must be 'base', 'first' or 'skip', got 'all'",

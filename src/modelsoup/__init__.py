@@ -16,6 +16,7 @@ from ._lazy import lazy_exports  # noqa: E402
 _EXPORTS = {
     "MergeResult": "api", "merge": "api", "merge_modules": "api", "merge_state_dicts": "api",
     "available_methods": "methods", "get_method": "methods",
+    "model_statistics": "recipes.statistics",
 }
 
 
@@ -26,4 +27,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = ["MergeResult", "__version__", "available_methods", "get_method", "merge", "merge_modules", "merge_state_dicts"]
+__all__ = ["MergeResult", "__version__", "available_methods", "get_method", "merge", "merge_modules", "merge_state_dicts", "model_statistics"]

@@ -25,6 +25,7 @@ from .io.adapters import adapted
 from .io.output import cached_sha256, check_output, copy_model_files, input_paths, scratch_folder, staged_output
 from .io.records import hub_ids, input_record, set_config_dtype, set_config_layers, write_records
 from .io.sinks import SafetensorsSink, Sink, TorchSink
+from .methods import get_method
 from .io.tokenizers import VOCAB_TENSOR, chat_template_text, shared_vocabulary, write_chat_template
 from .plan import MergePlan, OutputPlan, plan_merge
 from .recipe import Recipe, read_recipe, read_recipe_text, recipe_from_dict
@@ -77,8 +78,12 @@ def _recipe(recipe: Recipe | str | Path | Mapping[str, Any] | None, models: Sequ
     weights = options.pop("weights", None)
     if weights is not None and len(weights) != len(models):
         raise RecipeError([f"weights: {len(weights)} given for {len(models)} model(s); give exactly one weight per model, in order"])
+    statistics = options.pop("statistics", None)
+    if statistics is not None and len(statistics) != len(models):
+        raise RecipeError([f"statistics: {len(statistics)} given for {len(models)} model(s); give one per model, in order"])
     data: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
-    data["models"] = [ref(m) | ({"weight": _number(weights[i])} if weights is not None else {}) for i, m in enumerate(models)]
+    data["models"] = [ref(m) | ({"weight": _number(weights[i])} if weights is not None else {})
+                      | ({"statistics": statistics[i]} if statistics is not None else {}) for i, m in enumerate(models)]
     if data.get("base") is not None:
         data["base"] = ref(data["base"])
     return recipe_from_dict(data)
@@ -94,10 +99,11 @@ def _number(value: Any) -> Any:
 
 def _options(method: str, base: Any, weights: Sequence[float] | None, parameters: Mapping[str, Any] | None,
              overrides: Sequence[Mapping[str, Any]] | None, dtype: str | None, keys: str | None, seed: int | None,
-             allow_nonfinite: bool | None) -> dict[str, Any]:
+             allow_nonfinite: bool | None, statistics: Sequence[Any] | None = None) -> dict[str, Any]:
     """Keyword options of the API as recipe fields (None = the recipe default)."""
     return {"method": method, "base": base, "weights": weights, "parameters": dict(parameters) if parameters else None,
-            "overrides": list(overrides) if overrides else None, "dtype": dtype, "keys": keys, "seed": seed, "allow_nonfinite": allow_nonfinite}
+            "overrides": list(overrides) if overrides else None, "dtype": dtype, "keys": keys, "seed": seed, "allow_nonfinite": allow_nonfinite,
+            "statistics": statistics}
 
 
 def recipe_inputs(recipe: Recipe) -> list[Path]:
@@ -106,12 +112,17 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
     donor = recipe.output.tokenizer_source
     extra = [Path(donor)] if donor not in (None, "base", "union") else []
     extra += [r.adapter_resolved for r in refs if r.adapter_resolved is not None]
+    extra += [r.statistics_resolved for r in refs if r.statistics_resolved is not None]
     return input_paths([*(r.resolved for r in refs if r.source is None and r.resolved is not None), *extra])
 
 
 @contextmanager
-def _opened(recipe: Recipe, allow_globals: Sequence[str] = ()) -> Iterator[tuple[list[Checkpoint], Checkpoint | None]]:
-    """The recipe's models and base, opened (headers only), closed on exit."""
+def _opened(recipe: Recipe, allow_globals: Sequence[str] = ()) -> Iterator[tuple[list[Checkpoint], Checkpoint | None, list[Checkpoint] | None]]:
+    """The recipe's models and base, and for a data-aware method its ingredients' statistics, opened (headers only), closed on exit.
+
+    Raises:
+        RecipeError: a data-aware method's ingredient whose statistics are not computed yet (it has only `data:`).
+    """
     def one(ref: Any, label: str) -> Checkpoint:
         in_memory = ref.source is not None
         ck = open_checkpoint(ref.source if in_memory else ref.resolved, label=label if in_memory else str(ref.path), key=ref.key,
@@ -125,7 +136,21 @@ def _opened(recipe: Recipe, allow_globals: Sequence[str] = ()) -> Iterator[tuple
         base = one(recipe.base, "base") if recipe.base is not None else None
         if base is not None:
             opened.append(base)
-        yield opened[: len(recipe.models)], base
+        stats: list[Checkpoint] | None = None
+        method = get_method(recipe.method)
+        if method.statistic is not None:
+            stats = []
+            for i in recipe.ingredients(method.base != "none" and recipe.base is not None):
+                m = recipe.models[i]
+                if m.statistics is None:
+                    raise RecipeError([f"models[{i}] ({m.label()}): its {method.statistic} statistics are not computed yet; `soup merge` computes "
+                                       "them from `data:` with the evaluation options (--eval, --model), or call modelsoup.model_statistics and "
+                                       "pass the file as `statistics:`"])
+                src = m.statistics if m.statistics_resolved is None else m.statistics_resolved
+                ck = open_checkpoint(src, label=f"the statistics of model[{i}]" if m.statistics_resolved is None else str(m.statistics))
+                opened.append(ck)
+                stats.append(ck)
+        yield opened[: len(recipe.models)], base, stats
     finally:
         for ck in opened:
             ck.close()
@@ -145,6 +170,7 @@ def merge(
     keys: str | None = None,
     seed: int | None = None,
     allow_nonfinite: bool | None = None,
+    statistics: Sequence[Any] | None = None,
     overwrite: bool = False,
     workers: int | None = None,
     progress: bool | None = None,
@@ -166,6 +192,8 @@ def merge(
     modelsoup output (see :mod:`modelsoup.io.output`). Relative paths in the ``recipe.yaml`` written
     beside it are relative to the output's folder, so it re-runs from anywhere.
 
+    ``statistics``: for the data-aware methods (``fisher``, ``regmean``), one statistics file (or mapping of tensors) per
+    model, from :func:`modelsoup.model_statistics`.
     ``allow_globals``: further ``module.Class`` names torch pickles may hold, loaded as inert data.
     ``device``: where merged tensors are computed (``cpu``, the default; ``cuda``, ``cuda:N``): inputs are read
     and the output written on the CPU, each tensor's method runs on the device (see :mod:`modelsoup.engine`).
@@ -200,18 +228,18 @@ def merge(
             return merge_stages(recipe, output, overwrite=overwrite, workers=workers, progress=progress, hash_files=hash_files,
                                 allow_globals=allow_globals)
         recipe = loaded
-    rec = _recipe(recipe, models, _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
+    rec = _recipe(recipe, models, _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite, statistics))
     paths = recipe_inputs(rec)
     form = OutputPlan.for_path(output, rec.output)
     check_output(form.path, overwrite, inputs=paths, as_file=form.as_file)
     t0 = time.perf_counter()
-    with _opened(rec, allow_globals) as (cks, base_ck):
-        plan = plan_merge(rec, cks, base_ck, form)
+    with _opened(rec, allow_globals) as (cks, base_ck, stats):
+        plan = plan_merge(rec, cks, base_ck, form, stats)
         tokenizer = _tokenizer(plan)
         if dry_run:
             return estimate_merge(plan, workers=workers, device=dev, measure=True)
         check_disk_space(estimate_merge(plan, workers=workers, device=dev, measure=False))
-        files = list(dict.fromkeys(f for ck in [*cks, *([base_ck] if base_ck else [])] for f in ck.files))
+        files = list(dict.fromkeys(f for ck in [*cks, *([base_ck] if base_ck else []), *(stats or [])] for f in ck.files))
         hasher = ThreadPoolExecutor(1, thread_name_prefix="soup-hash")  # inputs are hashed beside the merge
         try:
             digests = {f: hasher.submit(cached_sha256, f) for f in files} if hash_files else {}
@@ -373,19 +401,20 @@ def merge_state_dicts(
     keys: str | None = None,
     seed: int | None = None,
     allow_nonfinite: bool | None = None,
+    statistics: Sequence[Mapping[str, torch.Tensor] | str | Path] | None = None,
     workers: int | None = 1,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts (or ``nn.Module``s) and return the merged tensors.
 
-    Same methods, parameters, overrides, key handling and numerics as :func:`merge`; inputs are never
-    modified and the result shares no memory with them.
+    Same methods, parameters, overrides, key handling and numerics as :func:`merge` (``statistics``: one mapping
+    or file per model for ``fisher`` and ``regmean``); inputs are never modified and the result shares no memory with them.
 
     Raises:
         RecipeError, KeyMismatchError, TensorMismatchError, NonFiniteError, MethodError: bad input.
     """
-    rec = _recipe(None, list(state_dicts), _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite))
-    with _opened(rec) as (cks, base_ck):
-        return collect(plan_merge(rec, cks, base_ck), workers=workers, progress=False)
+    rec = _recipe(None, list(state_dicts), _options(method, base, weights, parameters, overrides, dtype, keys, seed, allow_nonfinite, statistics))
+    with _opened(rec) as (cks, base_ck, stats):
+        return collect(plan_merge(rec, cks, base_ck, statistics=stats), workers=workers, progress=False)
 
 
 def merge_modules(modules: Sequence[torch.nn.Module], *, base: torch.nn.Module | None = None, **options: Any) -> torch.nn.Module:

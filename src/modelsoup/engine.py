@@ -190,10 +190,18 @@ class MergeRun:
         dev = self.device
         tensors, base = self._inputs(job, dev)
         gen = self._generator(job)
+        extra = self._statistics(job, dev)
         if dev.type != "cpu":
-            return self.finish(job, self._on_device(job, tensors, base, gen).to(CPU))
-        out = plan.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
+            return self.finish(job, self._on_device(job, tensors, base, gen, extra).to(CPU))
+        out = plan.method(tensors, base=base, weights=job.weights, generator=gen, **extra, **job.params)
         return self.finish(job, out)
+
+    def _statistics(self, job: TensorJob, device: torch.device = CPU) -> dict[str, Any]:
+        """``statistics=`` for a data-aware method: each ingredient's statistic of the job's tensor, as stored (a Gram
+        in float64 stays float64), or None where the tensor has none; nothing for other methods."""
+        if self.plan.method.statistic is None:
+            return {}
+        return {"statistics": [self._get(s, device=device) for s in job.statistic_sources] or None}
 
     def _inputs(self, job: TensorJob, device: torch.device = CPU) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """A merge job's whole inputs and base, upcast and finite-checked (large tensors' models read concurrently)."""
@@ -339,12 +347,13 @@ class MergeRun:
             )
         return result.to(CPU) if result.device.type != "cpu" else result
 
-    def _on_device(self, job: TensorJob, tensors: list[torch.Tensor], base: torch.Tensor | None, gen: torch.Generator | None) -> torch.Tensor:
+    def _on_device(self, job: TensorJob, tensors: list[torch.Tensor], base: torch.Tensor | None, gen: torch.Generator | None,
+                   extra: dict[str, Any] | None = None) -> torch.Tensor:
         """The method on ``self.device`` (see :func:`on_device`), its failures named with the way out."""
         plan = self.plan
         try:
             with on_device(self.device):
-                return plan.method(tensors, base=base, weights=job.weights, generator=gen, **job.params)
+                return plan.method(tensors, base=base, weights=job.weights, generator=gen, **(extra or {}), **job.params)
         except torch.cuda.OutOfMemoryError:
             raise MethodError(f"method '{plan.method.name}' ran out of memory on {self.device} for tensor '{job.name}' {list(job.shape)}: "
                               "lower --workers (fewer tensors at once on the GPU), or merge on the CPU (--device cpu)") from None
@@ -396,8 +405,9 @@ def job_cost(plan: MergePlan, job: TensorJob, device: torch.device | None = None
     readers = len(job.sources) + (1 if job.base_source is not None else 0)
     buffers = readers + 2 + plan.method.workspace * len(job.sources) + (2 if plan.method.workspace else 0)
     f32 = job.nbytes * 4 // max(job.dtype.itemsize, 1)
-    if not streams(plan, job, device):
-        return f32 * buffers
+    if not streams(plan, job, device):  # a data-aware method also holds its statistics, and as much again to solve with them
+        held = sum(tensor_nbytes(*plan.inputs[s[0]].meta(s[1])) for s in job.statistic_sources)
+        return f32 * buffers + 2 * held
     numel = math.prod(job.shape)
     if job.action == "merge" and plan.method.prepare is not None:  # whole float32 inputs, the method's chunk buffers, no result
         return f32 * (readers + plan.method.workspace * len(job.sources))

@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import EmptyMergeError, KeyMismatchError, TensorMismatchError, name_mismatch, short_list
+from .errors import EmptyMergeError, KeyMismatchError, RecipeError, TensorMismatchError, name_mismatch, short_list
 from .io import Checkpoint
 from .io.formats import is_file_output, is_torch_file, tensor_nbytes
 from .methods import MergeMethod, get_method
@@ -337,6 +337,8 @@ class TensorJob:
         sources: the method's input tensors, one per ingredient (for ``base``/``first``: the one tensor copied;
             for ``nonfloat``: the tensors that must agree, the first copied).
         base_source: the base tensor the method reads, or None.
+        statistic_sources: for a data-aware method, each ingredient's statistic of this tensor (empty: it has none,
+            and the method takes the weighted mean).
     """
 
     name: str
@@ -348,6 +350,7 @@ class TensorJob:
     alias_of: str | None = None
     sources: tuple[Source, ...] = ()
     base_source: Source | None = None
+    statistic_sources: tuple[Source, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -566,11 +569,13 @@ class MergePlan:
     output: OutputPlan | None = None
     notes: list[str] = field(default_factory=list)
     layer_sources: list[tuple[int, int]] = field(default_factory=list)
+    statistics: list[Checkpoint] = field(default_factory=list)
 
     @property
     def inputs(self) -> list[Checkpoint]:
-        """The checkpoints jobs read, as :attr:`TensorJob.sources` index them (:func:`plan_inputs`)."""
-        return plan_inputs(self.models, self.base)
+        """The checkpoints jobs read, as :attr:`TensorJob.sources` index them (:func:`plan_inputs`), then the
+        models' statistics (:attr:`TensorJob.statistic_sources`)."""
+        return [*plan_inputs(self.models, self.base), *self.statistics]
 
     @property
     def uses_base(self) -> bool:
@@ -590,7 +595,46 @@ class MergePlan:
         return sum(j.nbytes for j in self.jobs)
 
 
-def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None, output: OutputPlan | None = None) -> MergePlan:
+def attach_statistics(jobs: list[TensorJob], method: MergeMethod, statistics: Sequence[Checkpoint], first: int) -> list[TensorJob]:
+    """The merge jobs with each ingredient's statistic of their tensor (``statistics[i]`` is ingredient i's, indexed
+    from ``first`` among the plan's inputs), after checking each has the shape ``method.statistic`` needs.
+
+    Raises:
+        TensorMismatchError: a statistic some models have for a tensor and others lack, or one of the wrong shape or dtype.
+    """
+    problems: list[str] = []
+    out = []
+    names_of = [set(ck.names()) for ck in statistics]
+    for job in jobs:
+        if job.action != "merge":
+            out.append(job)
+            continue
+        have = [job.name in held for held in names_of]
+        if not any(have):
+            out.append(job)
+            continue
+        if not all(have):
+            lacking = [statistics[k].label for k, h in enumerate(have) if not h]
+            problems.append(f"{job.name}: the statistics of {', '.join(lacking)} lack it while the others have it; compute every model's "
+                            "statistics the same way (same kind, same module)")
+            continue
+        want = job.shape if method.statistic == "fisher" else ((job.shape[1], job.shape[1]) if len(job.shape) == 2 else None)
+        bad = []
+        for ck in statistics:
+            dtype, shape = ck.meta(job.name)[:2]
+            if want is None or tuple(shape) != tuple(want) or not dtype.is_floating_point:
+                bad.append(f"{ck.label} {list(shape)} {str(dtype).replace('torch.', '')}")
+        if bad:
+            expect = (f"a float tensor of shape {list(want)}" if want is not None else "none: only 2-D (out, in) weights have a Gram matrix")
+            problems.append(f"{job.name} {list(job.shape)}: its {method.statistic} statistic in {'; '.join(bad)}; expected {expect}")
+            continue
+        out.append(replace(job, statistic_sources=tuple((first + k, job.name) for k in range(len(statistics)))))
+    _raise_mismatches(problems)
+    return out
+
+
+def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None, output: OutputPlan | None = None,
+               statistics: Sequence[Checkpoint] | None = None) -> MergePlan:
     """Plan a merge from a validated recipe and its opened checkpoints (metadata only, no tensor read).
 
     Args:
@@ -598,9 +642,11 @@ def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None
         models: one opened checkpoint per ``recipe.models``, in order.
         base: the opened ``recipe.base``, or None.
         output: the output's form (:meth:`OutputPlan.for_path`), if it will be written.
+        statistics: for a data-aware method (fisher, regmean), each ingredient's opened statistics, in ingredient order.
 
     Raises:
         KeyMismatchError, TensorMismatchError: the inputs cannot be merged as asked.
+        RecipeError: a data-aware method without one statistics file per ingredient.
         EmptyMergeError: the output would hold no tensors.
     """
     method = get_method(recipe.method)
@@ -616,6 +662,15 @@ def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None
         names, from_base = align_names(models, base, recipe.keys, uses_base)
         rules = tensor_rules(recipe, names)
         jobs = build_jobs(names, from_base, models, ingredients, base, method, rules, recipe.dtype)
+    stats = list(statistics or [])
+    if method.statistic is not None:
+        if len(stats) != len(ingredients):
+            raise RecipeError(f"method '{method.name}' merges by each model's {method.statistic} statistics, and {len(stats)} of "
+                              f"{len(ingredients)} models have them: compute them from each model's data first (`data:` in the recipe, "
+                              "--data MODEL=FILE, or modelsoup.model_statistics)")
+        jobs = attach_statistics(jobs, method, stats, len(plan_inputs(models, base)))
+    elif stats:
+        raise RecipeError(f"method '{method.name}' uses no statistics, but {len(stats)} statistics file(s) were given")
     if not jobs:
         why = ("the models hold no tensors" if not any(ck.names() for ck in models) else
                "no tensor name is shared by every model (keys: intersection)" if recipe.keys == "intersection" and not names else
@@ -628,4 +683,4 @@ def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None
     notes += [f"{ck.label}: {n}" for ck in [*models, *([base] if base else [])] for n in ck.notes]
     for n in notes[len(recipe.warnings):]:
         log.info(n)
-    return MergePlan(recipe, models, base, method, ingredients, jobs, output, notes, layer_sources)
+    return MergePlan(recipe, models, base, method, ingredients, jobs, output, notes, layer_sources, stats)

@@ -41,6 +41,10 @@ else:  # a dependency of torch
     from typing_extensions import TypeAliasType
 
 BaseUse = Literal["none", "optional", "required"]
+# What a data-aware method reads per model beside its weights: a diagonal Fisher (one value per weight) or the Gram
+# matrix X^T X of a linear layer's inputs (in x in for an (out, in) weight); see :mod:`modelsoup.recipes.statistics`.
+Statistic = Literal["fisher", "gram"]
+STATISTICS: tuple[str, ...] = ("fisher", "gram")
 
 _T = TypeVar("_T")
 # A hyperparameter that may be given once or per ingredient (the function then receives one value per model).
@@ -203,6 +207,7 @@ class MergeMethod:
     reduction: Reduction | None = None
     prepare: Callable[..., Any] | None = None
     takes_half: bool = False
+    statistic: Statistic | None = None
 
     def keeps_identical(self, params: Mapping[str, Any]) -> bool:
         """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the
@@ -249,13 +254,15 @@ class MergeMethod:
         **hyper: Any,
     ) -> torch.Tensor:
         kwargs: dict[str, Any] = {"base": base, "weights": weights, **hyper}
+        if self.statistic is None:
+            kwargs.pop("statistics", None)
         if self.random:
             kwargs["generator"] = generator
         return self.fn(list(tensors), **kwargs)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
-_CONTRACT = ("base", "weights", "generator")
+_CONTRACT = ("base", "weights", "generator", "statistics")
 
 
 def register(
@@ -274,6 +281,7 @@ def register(
     reduction: Reduction | None = None,
     prepare: Callable[..., Any] | None = None,
     takes_half: bool = False,
+    statistic: Statistic | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method; reads its hyperparameters from its signature and checks it at import.
 
@@ -296,6 +304,8 @@ def register(
         reduction: streams a reduce-then-combine method in two passes (:class:`Reduction`); tests check it as pointwise.
         prepare: streams the result of a method that needs its whole inputs (:attr:`MergeMethod.prepare`).
         takes_half: half-precision inputs may reach the method as stored (:attr:`MergeMethod.takes_half`).
+        statistic: the per-model statistic the method weighs its inputs by (``fisher`` or ``gram``); the function then
+            takes ``statistics=None``, one tensor per ingredient for the tensors that have one, None for the others.
 
     Raises:
         MethodError: duplicate name, a signature that does not follow the method contract, or a pointwise method that draws random numbers.
@@ -306,6 +316,11 @@ def register(
             raise MethodError(f"merge method '{name}' is registered twice ({_REGISTRY[name].fn.__module__} and {fn.__module__})")
         params = _read_signature(fn)
         random = "generator" in inspect.signature(fn).parameters
+        takes_statistics = "statistics" in inspect.signature(fn).parameters
+        if statistic is not None and statistic not in STATISTICS:
+            raise MethodError(f"merge method '{name}': statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        if takes_statistics != (statistic is not None):
+            raise MethodError(f"merge method '{name}': a method takes `statistics=None` exactly when it is registered with statistic=")
         if (pointwise or reduction is not None) and random:
             raise MethodError(f"merge method '{name}' draws random numbers, so it cannot be pointwise (chunks would draw differently)")
         aliases = {a: p.name for p in params for a in p.aliases}
@@ -328,6 +343,7 @@ def register(
             reduction=reduction,
             prepare=prepare,
             takes_half=takes_half,
+            statistic=statistic,
         )
         return fn
 
@@ -347,8 +363,9 @@ def _read_signature(fn: Callable[..., torch.Tensor]) -> tuple[Param, ...]:
     for required in ("base", "weights"):
         if required not in kw or kw[required].default is not None:
             raise MethodError(f"{where}: needs keyword-only `{required}=None`")
-    if "generator" in kw and kw["generator"].default is not None:
-        raise MethodError(f"{where}: `generator` must default to None")
+    for optional in ("generator", "statistics"):
+        if optional in kw and kw[optional].default is not None:
+            raise MethodError(f"{where}: `{optional}` must default to None")
     hyper = [p for p in ps[1:] if p.name not in _CONTRACT]
     try:
         hints = get_type_hints(fn, include_extras=True)

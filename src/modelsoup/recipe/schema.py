@@ -109,6 +109,9 @@ class ModelRef:
         source: an in-memory object (state dict, module) given through the Python API.
         adapter: a PEFT LoRA adapter folder applied to the model at ``path`` (the ingredient is that
             model with the adapter merged in), as written; ``adapter_resolved`` resolved like ``path``.
+        statistics: for a data-aware method (fisher, regmean): the model's per-tensor statistics, a safetensors file
+            (as written; ``statistics_resolved`` resolved like ``path``) or, through the Python API, a mapping of tensors.
+        data: the model's own data, from which its statistics are computed (as written; ``data_resolved`` resolved).
     """
 
     path: str | None = None
@@ -120,6 +123,10 @@ class ModelRef:
     source: Any = None
     adapter: str | None = None
     adapter_resolved: Path | None = None
+    statistics: Any = None
+    statistics_resolved: Path | None = None
+    data: str | None = None
+    data_resolved: Path | None = None
 
     def label(self) -> str:
         model = self.path if self.path is not None else f"<in-memory {type(self.source).__name__}>"
@@ -265,6 +272,13 @@ class Recipe:
                 entry["key"] = m.key
             if m.strip_prefix is not None:
                 entry["strip_prefix"] = m.strip_prefix
+            for what in ("statistics", "data"):
+                given, resolved = getattr(m, what), getattr(m, f"{what}_resolved")
+                if given is not None:
+                    entry[what] = (given if not isinstance(given, str) else given if relative_to is None or resolved is None
+                                   else os.path.relpath(os.path.abspath(resolved), os.path.abspath(relative_to)))
+                    if not isinstance(entry[what], str):
+                        entry[what] = f"<in-memory {type(given).__name__}>"
             return entry["path"] if len(entry) == 1 else entry
 
         data: dict[str, Any] = {"method": self.method}

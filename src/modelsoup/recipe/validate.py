@@ -178,6 +178,8 @@ _ModelEntry = _Shape(
     key=(_optional(_string), None),
     strip_prefix=(_optional(_string), None),
     adapter=(_optional(_string), None),
+    statistics=(_anything, None),
+    data=(_optional(_string), None),
 )
 
 _OverrideEntry = _Shape(
@@ -448,11 +450,33 @@ def _model_ref(raw: Any, path: PathKey, method: MergeMethod | None, problems: Pr
             problems.add((*path, "parameters"), "the base takes no per-model parameters; remove them")
         else:
             params = _check_params(entry.parameters, method, (*path, "parameters"), problems, per_model=True)
+    stats, stats_resolved, data_resolved = entry.statistics, None, None
+    if (stats is not None or entry.data is not None) and (is_base or (method is not None and method.statistic is None)):
+        what = "statistics" if stats is not None else "data"
+        problems.add((*path, what), "the base is not merged by statistics; remove it" if is_base else
+                     f"method '{method.name}' uses no per-model data; `{what}:` is for fisher and regmean, remove it")  # type: ignore[union-attr]
+        ok = False
+    if isinstance(stats, (str, Path)):
+        stats_resolved = _resolve(str(stats), root)
+        stats = str(stats)
+        if not stats_resolved.is_file() and stats_resolved not in PENDING_OUTPUTS.get():
+            problems.add((*path, "statistics"), f"'{stats}' is not a file (looked for {stats_resolved}); give the .safetensors file of this "
+                         "model's statistics (`soup statistics`), or its `data:` to compute them")
+            ok = False
+    elif stats is not None and not isinstance(stats, Mapping):
+        problems.add((*path, "statistics"), f"must be the path of a statistics file, got {_describe_value(stats)}")
+        ok = False
+    if entry.data is not None:
+        data_resolved = _resolve(entry.data, root)
+        if not data_resolved.exists():
+            problems.add((*path, "data"), f"'{entry.data}' does not exist (looked for {data_resolved}); give this model's own data file")
+            ok = False
     if not ok:
         return None
     return ModelRef(
         path=entry.path, resolved=resolved, weight=weight, parameters=params,
         key=entry.key, strip_prefix=entry.strip_prefix, source=entry.source, adapter=adapter, adapter_resolved=adapter_resolved,
+        statistics=stats, statistics_resolved=stats_resolved, data=entry.data, data_resolved=data_resolved,
     )
 
 
@@ -640,6 +664,10 @@ def build_recipe(
             problems.add(("models", i, "source"), "`source` is only for in-memory objects given through the Python API; use `path:`")
             models_ok = False
             continue
+        if yaml_input and isinstance(m, Mapping) and isinstance(m.get("statistics"), Mapping):
+            problems.add(("models", i, "statistics"), "in a recipe file, `statistics:` is the path of a statistics file (`soup statistics`)")
+            models_ok = False
+            continue
         ref = _attach_base(_model_ref(m, ("models", i), method, problems, is_base=False, root=root), ("models", i), base, problems)
         if ref is None:
             models_ok = False
@@ -652,6 +680,13 @@ def build_recipe(
         msg = method.count_problem(n, top.base is not None)
         if msg:
             problems.add(("models",), msg)
+        if method.statistic is not None and not slices:
+            for i, m in enumerate(models):
+                if m.statistics is None and m.data is None and not (uses_base and base is not None and m.same_as(base)):
+                    problems.add(("models", i), f"method '{method.name}' weighs each model by its {method.statistic} statistics: give `data:` "
+                                 "(the model's own data, --data MODEL=FILE) or `statistics:` (a file from `soup statistics`)")
+        elif method.statistic is not None:
+            problems.add(("slices",), f"method '{method.name}' merges whole models by their statistics; it does not take `slices:`")
         if method.divides_by_weight_sum(params) and any(m.weight is not None for m in models):
             msg = _zero_sum_problem([1.0 if m.weight is None else m.weight for m in models], method)
             if msg:

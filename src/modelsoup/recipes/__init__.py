@@ -16,6 +16,7 @@ _EXPORTS = {
     "InterpolationResult": "interpolation", "interpolate": "interpolation",
     "LearnedResult": "learned", "learned_soup": "learned",
     "Pantry": "pantry", "SoupState": "pantry",
+    "fisher_statistics": "statistics", "gram_statistics": "statistics", "model_statistics": "statistics", "recipe_statistics": "statistics",
     "TopKResult": "topk", "metrics_from_log": "topk", "metrics_from_names": "topk", "topk_average": "topk",
 }
 

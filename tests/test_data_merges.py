@@ -1,0 +1,246 @@
+"""Fisher merging and RegMean: the methods, their statistics, the recipe and plan checks, the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from modelsoup import merge, merge_state_dicts
+from modelsoup.errors import EvaluatorError, RecipeError, TensorMismatchError
+from modelsoup.eval import ClassificationEvaluator
+from modelsoup.methods import get_method
+from modelsoup.recipes.statistics import fisher_statistics, gram_statistics, model_statistics
+
+from . import reference as ref
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def _data(seed: int, n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _evaluator(x: torch.Tensor, y: torch.Tensor, module: nn.Module | None = None, batch_size: int = 8) -> ClassificationEvaluator:
+    return ClassificationEvaluator(module if module is not None else _mlp(99), DataLoader(TensorDataset(x, y), batch_size=batch_size), name="t")
+
+
+# ---------------------------------------------------------------- the methods, by hand
+
+
+def test_fisher_hand_worked_and_floor():
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 6.0, -1.0])
+    fa, fb = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([3.0, 0.0, 1.0])
+    out = get_method("fisher")([a, b], statistics=[fa, fb], epsilon=1e-6)
+    # (1*1 + 3*3)/4 = 2.5; both at the floor -> the mean 4; (1e-6*3 + 1*-1)/(1 + 1e-6)
+    assert torch.allclose(out, torch.tensor([2.5, 4.0, (3e-6 - 1) / (1 + 1e-6)]))
+    w = get_method("fisher")([a, b], statistics=[fa, fb], weights=[3.0, 1.0])
+    assert torch.allclose(w[0], torch.tensor((3 * 1 * 1 + 1 * 3 * 3) / (3 + 3.0)))
+
+
+def test_fisher_with_identical_fishers_is_the_plain_mean():
+    g = torch.Generator().manual_seed(0)
+    ms = [torch.randn(4, 6, generator=g) for _ in range(3)]
+    f = torch.rand(4, 6, generator=g) + 0.1
+    out = get_method("fisher")(ms, statistics=[f, f, f])
+    assert torch.allclose(out, ref.linear(ms, [1.0, 1.0, 1.0]).float(), atol=1e-6)
+
+
+def test_regmean_on_least_squares_fits_is_the_pooled_fit():
+    """Linear models fitted by least squares on different data, merged by RegMean (alpha 1, no ridge) = the least-squares
+    fit on the pooled data (exact up to float rounding)."""
+    g = torch.Generator().manual_seed(1)
+    w_true = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    xs = [torch.randn(40, 5, generator=g, dtype=torch.float64) * (1 + i) + i for i in range(3)]
+    ys = [x @ w_true.T + 0.3 * torch.randn(40, 3, generator=g, dtype=torch.float64) for x in xs]
+    fits = [ref.least_squares(x, y) for x, y in zip(xs, ys)]
+    grams = [x.T @ x for x in xs]
+    pooled = ref.least_squares(torch.cat(xs), torch.cat(ys))
+    out = get_method("regmean")([f.float() for f in fits], statistics=grams, alpha=1.0, ridge=0.0)
+    assert torch.allclose(out.double(), pooled, atol=1e-5), (out.double() - pooled).abs().max()
+    # the default ridge (1e-8 of the mean diagonal) changes it below float32 resolution
+    out = get_method("regmean")([f.float() for f in fits], statistics=grams, alpha=1.0)
+    assert torch.allclose(out.double(), pooled, atol=1e-5)
+    # and it is not the plain mean (the data differ)
+    assert (out.double() - sum(fits) / 3).abs().max() > 1e-2
+
+
+def test_regmean_alpha_zero_is_the_per_input_weighted_mean_and_no_data_is_the_mean():
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(2, 3, generator=g) for _ in range(2)]
+    d = [torch.tensor([1.0, 2.0, 0.0]), torch.tensor([3.0, 2.0, 0.0])]
+    grams = [torch.diag(x).double() + 0.5 for x in d]  # off-diagonals vanish at alpha 0
+    out = get_method("regmean")(ws, statistics=grams, alpha=0.0)
+    want = (ws[0] * (d[0] + 0.5) + ws[1] * (d[1] + 0.5)) / (d[0] + d[1] + 1.0)
+    assert torch.allclose(out, want, atol=1e-6)
+    zero = [torch.zeros(3, 3, dtype=torch.float64)] * 2
+    assert torch.allclose(get_method("regmean")(ws, statistics=zero), (ws[0] + ws[1]) / 2)
+
+
+def test_regmean_keeps_the_mean_on_inputs_the_data_never_excites():
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(2, 3, generator=g) for _ in range(2)]
+    xs = [torch.randn(10, 3, generator=g) * torch.tensor([1.0, 1.0, 0.0]) for _ in range(2)]  # input 2 always 0
+    out = get_method("regmean")(ws, statistics=[(x.T @ x).double() for x in xs])
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[:, 2], (ws[0][:, 2] + ws[1][:, 2]) / 2, atol=1e-5)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_fisher_statistics_match_the_per_example_reference():
+    net = _mlp(0)
+    x, y = _data(0, n=10)
+    want = ref.fisher_diag(net, x, y)
+    got = fisher_statistics(net.state_dict(), _evaluator(x, y, batch_size=4), progress=False)
+    assert list(got) == [n for n, _ in net.named_parameters()]
+    for (name, _), w in zip(net.named_parameters(), want):
+        assert torch.allclose(got[name].double(), w, rtol=1e-4, atol=1e-9), name
+
+
+def test_sampled_fisher_draws_labels_from_the_model_and_is_seeded():
+    net = _mlp(0)
+    x, y = _data(0, n=12)
+    ev = _evaluator(x, y)
+    a = fisher_statistics(net.state_dict(), ev, kind="sampled", seed=1, progress=False)
+    b = fisher_statistics(net.state_dict(), ev, kind="sampled", seed=1, progress=False)
+    c = fisher_statistics(net.state_dict(), ev, kind="sampled", seed=2, progress=False)
+    e = fisher_statistics(net.state_dict(), ev, kind="empirical", progress=False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a) and any(not torch.equal(a[k], e[k]) for k in a)
+
+
+def test_gram_statistics_are_the_inputs_gram_of_every_linear_layer():
+    net = _mlp(0)
+    x, y = _data(0, n=10)
+    got = gram_statistics(net.state_dict(), _evaluator(x, y, batch_size=3), progress=False)
+    assert sorted(got) == ["0.weight", "2.weight"]
+    assert torch.allclose(got["0.weight"], x.double().T @ x.double(), atol=1e-10)
+    h = torch.tanh(net[0](x)).detach().double()
+    assert torch.allclose(got["2.weight"], h.T @ h, atol=1e-5)
+    assert got["0.weight"].dtype == torch.float64
+
+
+def test_gram_leaves_out_padded_positions():
+    from modelsoup.recipes.statistics import _rows
+
+    x = torch.arange(12.0).reshape(1, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    assert torch.equal(_rows(x, mask), x[0, :2].double())
+    assert _rows(x, None).shape == (4, 3)
+
+
+def test_statistics_need_a_classifier_for_the_fisher():
+    from modelsoup.eval.base import FunctionEvaluator
+
+    with pytest.raises(EvaluatorError, match="log-likelihood of each example"):
+        fisher_statistics({}, FunctionEvaluator(lambda s: 1.0, "f"))  # type: ignore[arg-type]
+
+
+def test_model_statistics_are_cached_by_weights_and_data(tmp_path, monkeypatch):
+    import modelsoup.recipes.statistics as st
+
+    net = _mlp(0)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    x, y = _data(0)
+    first = model_statistics(path, _evaluator(x, y), "fisher", cache_dir=tmp_path / "cache", progress=False)
+    calls = []
+    monkeypatch.setattr(st, "fisher_statistics", lambda *a, **k: calls.append(1) or {})
+    again = model_statistics(path, _evaluator(x, y), "fisher", cache_dir=tmp_path / "cache", progress=False)
+    assert again == first and not calls
+    x2, y2 = _data(5)  # other data: computed again
+    model_statistics(path, ClassificationEvaluator(_mlp(99), DataLoader(TensorDataset(x2, y2), batch_size=8), name="other"), "fisher",
+                     cache_dir=tmp_path / "cache", progress=False)
+    assert calls == [1]
+    meta_file = load_file(first)
+    assert set(meta_file) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+# ---------------------------------------------------------------- merges, recipes and plans
+
+
+def _two(tmp_path):
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"m{i}.safetensors"
+        save_file({k: v.contiguous() for k, v in _mlp(i).state_dict().items()}, p)
+        paths.append(p)
+    return paths
+
+
+def test_fisher_merge_end_to_end_is_the_weighted_average_by_fisher(tmp_path):
+    paths = _two(tmp_path)
+    stats = []
+    for i, p in enumerate(paths):
+        x, y = _data(10 + i)
+        stats.append(model_statistics(p, _evaluator(x, y), "fisher", output=tmp_path / f"f{i}.safetensors", use_cache=False, progress=False))
+    merge(models=[str(p) for p in paths], method="fisher", statistics=[str(s) for s in stats], output=tmp_path / "out", progress=False)
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    ms, fs = [load_file(p) for p in paths], [load_file(s) for s in stats]
+    for k in got:
+        f0, f1 = fs[0][k].double().clamp_min(1e-6), fs[1][k].double().clamp_min(1e-6)
+        want = (f0 * ms[0][k].double() + f1 * ms[1][k].double()) / (f0 + f1)
+        assert torch.allclose(got[k].double(), want, atol=1e-6), k
+    recipe = (tmp_path / "out" / "recipe.yaml").read_text()
+    assert "statistics:" in recipe and "f0.safetensors" in recipe
+
+
+def test_regmean_merge_end_to_end_solves_linear_weights_and_averages_biases(tmp_path):
+    paths = _two(tmp_path)
+    grams = []
+    for i, p in enumerate(paths):
+        x, y = _data(20 + i)
+        grams.append(load_file(model_statistics(p, _evaluator(x, y), "gram", output=tmp_path / f"g{i}.safetensors", use_cache=False, progress=False)))
+    ms = [load_file(p) for p in paths]
+    got = merge_state_dicts(ms, method="regmean", statistics=grams, parameters={"alpha": 0.9})
+    for k in ms[0]:
+        if k.endswith("bias"):
+            assert torch.allclose(got[k], (ms[0][k] + ms[1][k]) / 2)
+        else:
+            want = get_method("regmean")([ms[0][k], ms[1][k]], statistics=[grams[0][k], grams[1][k]], alpha=0.9)
+            assert torch.equal(got[k], want)
+            assert not torch.allclose(got[k], (ms[0][k] + ms[1][k]) / 2, atol=1e-3)
+
+
+def test_data_aware_recipes_are_checked(tmp_path):
+    paths = _two(tmp_path)
+    with pytest.raises(RecipeError, match=r"models\[0\]: method 'fisher' weighs each model by its fisher statistics: give `data:`"):
+        merge(models=[str(p) for p in paths], method="fisher", output=tmp_path / "o1")
+    with pytest.raises(RecipeError, match=r"method 'linear' uses no per-model data; `statistics:` is for fisher and regmean"):
+        merge(models=[str(p) for p in paths], method="linear", statistics=[str(paths[0])] * 2, output=tmp_path / "o2")
+    with pytest.raises(RecipeError, match=r"'nope.safetensors' is not a file"):
+        merge(models=[str(p) for p in paths], method="fisher", statistics=["nope.safetensors"] * 2, output=tmp_path / "o3")
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n")
+    with pytest.raises(RecipeError, match=r"statistics are not computed yet"):
+        merge({"method": "fisher", "models": [{"path": str(p), "data": str(data)} for p in paths]}, tmp_path / "o4")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_statistics_that_do_not_fit_are_refused_before_any_tensor_is_written(tmp_path):
+    paths = _two(tmp_path)
+    sds = [load_file(p) for p in paths]
+    wrong = [{"0.weight": torch.ones(7, 5)}, {"0.weight": torch.ones(5, 7)}]
+    with pytest.raises(TensorMismatchError, match=r"0.weight \[7, 5\]: its fisher statistic in the statistics of model\[1\] \[5, 7\] float32"):
+        merge_state_dicts(sds, method="fisher", statistics=wrong)
+    partial = [{"0.weight": torch.ones(7, 5)}, {}]
+    with pytest.raises(TensorMismatchError, match=r"the statistics of model\[1\] lack it while the others have it"):
+        merge_state_dicts(sds, method="fisher", statistics=partial)
+    gram_of_bias = [{"0.bias": torch.ones(7, 7)}] * 2
+    with pytest.raises(TensorMismatchError, match=r"only 2-D \(out, in\) weights have a Gram matrix"):
+        merge_state_dicts(sds, method="regmean", statistics=gram_of_bias)
+    nan = [{"0.weight": torch.full((7, 5), float("nan"))}] * 2
+    from modelsoup.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"the statistics of model\[0\]: tensor '0.weight' holds 35 NaN"):
+        merge_state_dicts(sds, method="fisher", statistics=nan)
+    with pytest.raises(Exception, match="negative values"):
+        merge_state_dicts(sds, method="fisher", statistics=[{"0.weight": -torch.ones(7, 5)}] * 2)
