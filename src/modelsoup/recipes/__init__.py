@@ -10,6 +10,7 @@ from .names import ENSEMBLES, RECIPES, SOUPS
 from .._lazy import lazy_exports  # noqa: E402
 
 _EXPORTS = {
+    "AdaMergingResult": "adaptive", "adamerging": "adaptive",
     "CookResult": "kitchen", "Row": "kitchen", "cook": "kitchen",
     "ensemble_predictions": "ensemble", "ensemble_score": "ensemble", "greedy_ensemble": "ensemble",
     "GreedyResult": "greedy", "GreedyStep": "greedy", "greedy_soup": "greedy",

@@ -137,11 +137,16 @@ def _start_alpha(weights: Sequence[float], temperature: float) -> torch.Tensor:
     return (temperature * torch.log(w)).float()
 
 
-def _summed_loss(ev: ModuleEvaluator, call: Callable[..., Any], batches: Sequence[Any]) -> tuple[float, int]:
+# (call, batch on the device) -> (summed loss over the batch's items, items): the evaluator's own loss, or another objective
+BatchLoss = Callable[[Callable[..., Any], Any], tuple[torch.Tensor, int]]
+
+
+def _summed_loss(ev: ModuleEvaluator, call: Callable[..., Any], batches: Sequence[Any], batch_loss: BatchLoss | None = None) -> tuple[float, int]:
     """Backward of each batch's summed loss through ``call`` (gradients accumulate); (summed loss, items)."""
     total, items = 0.0, 0
+    loss_of = batch_loss or ev.batch_loss
     for batch in batches:
-        loss_sum, n = ev.batch_loss(call, to_device(batch, ev.device))
+        loss_sum, n = loss_of(call, to_device(batch, ev.device))
         loss_sum.backward()
         total += float(loss_sum.detach())
         items += n
@@ -172,9 +177,9 @@ class _Resident:
     """Every ingredient stacked in float32 on the device; the loss differentiated through functional_call."""
 
     def __init__(self, evaluator: ModuleEvaluator, uniform: Any, dtypes: Sequence[torch.dtype], cks: Sequence[Any], names: Sequence[str],
-                 group: Sequence[int], by: str) -> None:
+                 group: Sequence[int], by: str, batch_loss: BatchLoss | None = None) -> None:
         device = evaluator.device
-        self.evaluator, self.names, self.group, self.by = evaluator, names, group, by
+        self.evaluator, self.names, self.group, self.by, self.batch_loss = evaluator, names, group, by, batch_loss
         targets = evaluator.module.state_dict(keep_vars=True)
         # floating buffers (batch-norm statistics) are the uniform soup's, whatever soup the module last scored
         buffers = {name for name, _ in evaluator.module.named_buffers(remove_duplicate=False)}
@@ -204,7 +209,7 @@ class _Resident:
         def call(*args: Any, **kwargs: Any) -> Any:
             return functional_call(module, {**self.fixed, **params}, args, kwargs)
 
-        total, items = _summed_loss(ev, call, batches)
+        total, items = _summed_loss(ev, call, batches, self.batch_loss)
         _coefficient_gradient(coefficients(), self.names, self.group, self.by, lambda name: params[name].grad, lambda name: self.stacks[name])
         return total, items
 
@@ -239,8 +244,9 @@ class _Streaming:
     """The soup in the evaluator's module; dL/da_i = <dL/dtheta, theta_i>, read one tensor at a time."""
 
     def __init__(self, evaluator: ModuleEvaluator, pantry: Pantry, uniform: Any, cks: Sequence[Any], names: Sequence[str],
-                 group: Sequence[int], by: str) -> None:
+                 group: Sequence[int], by: str, batch_loss: BatchLoss | None = None) -> None:
         self.evaluator, self.pantry, self.cks, self.names, self.group, self.by = evaluator, pantry, cks, names, group, by
+        self.batch_loss = batch_loss
         self.uniform = uniform
         targets = evaluator.module.state_dict(keep_vars=True)
         missing = [name for name in names if name not in targets]
@@ -259,7 +265,7 @@ class _Streaming:
             t.grad = None
             t.requires_grad_(True)
         try:
-            total, items = _summed_loss(ev, module, batches)
+            total, items = _summed_loss(ev, module, batches, self.batch_loss)
             _coefficient_gradient(coefficients(), self.names, self.group, self.by, lambda name: self.targets[name].grad,
                                   lambda name: (ck.read(name).to(device=device, dtype=torch.float32) for ck in self.cks))
         finally:
@@ -270,6 +276,29 @@ class _Streaming:
 
     def close(self) -> None:
         self.targets = {}
+
+
+def learnable_tensors(evaluator: ModuleEvaluator, state: Any) -> tuple[list[Any], dict[str, str]]:
+    """The merge jobs of ``state``'s plan whose tensors the coefficients move, and the tied names that follow them.
+
+    The module's parameters are learned; its floating buffers (batch-norm statistics) come from the start soup while
+    learning (they are not differentiable), and from the learned weights in the recipe written. A parameter the module
+    ties to another (one tensor under two names) that the files store twice is learned once, under its first name; the
+    others follow it (same coefficients, in the recipe too).
+
+    Returns:
+        (the learned jobs, follower name -> the name it follows).
+    """
+    parameters: dict[str, str] = {}
+    leader_of: dict[int, str] = {}
+    for pname, p in evaluator.module.named_parameters(remove_duplicate=False):
+        parameters[pname] = leader_of.setdefault(id(p), pname)
+    merged_jobs = [j for j in state.run.plan.jobs if j.action == "merge" and j.alias_of is None and j.name in parameters]
+    first_seen: dict[str, str] = {}
+    for j in merged_jobs:  # the first merged name of each tie group leads it (the module's first name may be a copy job)
+        first_seen.setdefault(parameters[j.name], j.name)
+    followers = {j.name: first_seen[parameters[j.name]] for j in merged_jobs if first_seen[parameters[j.name]] != j.name}
+    return [j for j in merged_jobs if j.name not in followers], followers
 
 
 def learned_soup(
@@ -337,20 +366,7 @@ def learned_soup(
         n = len(pantry)
         every = list(range(n))
         uniform_recipe, uniform_state = pantry.soup(every)
-        # the module's parameters are learned; its floating buffers (batch-norm statistics) come from the uniform soup
-        # while learning (they are not differentiable), and from the learned weights in the recipe written
-        # A parameter the module ties to another (one tensor under two names) that the files store twice is learned
-        # once, under its first name; the others follow it (same coefficients, in the recipe too).
-        parameters: dict[str, str] = {}
-        leader_of: dict[int, str] = {}
-        for pname, p in evaluator.module.named_parameters(remove_duplicate=False):
-            parameters[pname] = leader_of.setdefault(id(p), pname)
-        merged_jobs = [j for j in uniform_state.run.plan.jobs if j.action == "merge" and j.alias_of is None and j.name in parameters]
-        first_seen: dict[str, str] = {}
-        for j in merged_jobs:  # the first merged name of each tie group leads it (the module's first name may be a copy job)
-            first_seen.setdefault(parameters[j.name], j.name)
-        followers = {j.name: first_seen[parameters[j.name]] for j in merged_jobs if first_seen[parameters[j.name]] != j.name}
-        learnable = [j for j in merged_jobs if j.name not in followers]
+        learnable, followers = learnable_tensors(evaluator, uniform_state)
         model_bytes = sum(4 * j.nbytes // j.dtype.itemsize for j in learnable)
         device = evaluator.device
         have = max_memory if max_memory is not None else available_memory(device)
