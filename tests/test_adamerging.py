@@ -104,3 +104,27 @@ def test_adamerging_refuses_what_it_cannot_learn_from(task_models):
         adamerging([str(paths[1])], str(paths[0]), _ev(data), init=2.0)
     with pytest.raises(OptionError, match="by must be one of"):
         adamerging([str(paths[1])], str(paths[0]), _ev(data), by="block")
+
+
+def test_soup_adamerge_writes_the_learned_merge(task_models, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from modelsoup.cli import main
+
+    paths, data = task_models
+    here = tmp_path / "ev.py"
+    here.write_text("import torch\nfrom torch.utils.data import DataLoader, TensorDataset\nfrom modelsoup.demo.digits import load_splits, make_net\n"
+                    "from modelsoup.eval import ClassificationEvaluator\nx, y = load_splits(0)['val']\n"
+                    "ev = ClassificationEvaluator(make_net(), DataLoader(TensorDataset(x[:160], y[:160]), batch_size=40), name='val160')\n")
+    out = tmp_path / "out"
+    assert main(["adamerge", str(paths[0]), str(paths[1]), str(paths[2]), "-o", str(out), "--eval", f"{here}:ev", "--heldout", "val",
+                 "--by", "model", "--lr", "0.02", "--epochs", "40", "--no-progress", "--no-cache"]) == 0
+    text = capsys.readouterr().out
+    assert "# AdaMerging" in text and "mean entropy" in text
+    lib = adamerging([str(p) for p in paths[1:]], str(paths[0]), _ev(data), by="model", lr=0.02, epochs=40, progress=False)
+    got = load_file(out / "adamerging" / "model.safetensors")
+    want = merge_state_dicts([load_file(p) for p in paths], weights=[m.weight for m in lib.recipe.models])
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (out / "results.json").is_file() and (out / "results.md").is_file()
+    assert main(["adamerge", str(paths[0]), str(paths[0]), "-o", str(tmp_path / "o2"), "--eval", f"{here}:ev", "--heldout", "val"]) == 2
+    assert "is the base; list only the fine-tunes" in capsys.readouterr().err

@@ -244,3 +244,97 @@ def test_statistics_that_do_not_fit_are_refused_before_any_tensor_is_written(tmp
         merge_state_dicts(sds, method="fisher", statistics=nan)
     with pytest.raises(Exception, match="negative values"):
         merge_state_dicts(sds, method="fisher", statistics=[{"0.weight": -torch.ones(7, 5)}] * 2)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+_EVAL = '''
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from modelsoup.eval import ClassificationEvaluator
+from torch import nn
+
+
+class Tiny(ClassificationEvaluator):
+    def __init__(self, path):
+        d = torch.load(path, weights_only=True)
+        torch.manual_seed(99)
+        net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        super().__init__(net, DataLoader(TensorDataset(d["x"], d["y"]), batch_size=8))
+'''
+
+
+def test_soup_merge_computes_each_models_statistics_from_its_data_and_caches_them(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from modelsoup.cli import main
+
+    monkeypatch.setenv("MODELSOUP_CACHE_DIR", str(tmp_path / "cache"))
+    paths = _two(tmp_path)
+    (tmp_path / "tiny_eval.py").write_text(_EVAL)
+    files = []
+    for i in range(2):
+        x, y = _data(30 + i)
+        files.append(tmp_path / f"d{i}.pt")
+        torch.save({"x": x, "y": y}, files[-1])
+    argv = ["merge", "--method", "regmean", str(paths[0]), str(paths[1]), "--data", f"{paths[0]}={files[0]}", "--data", f"{paths[1]}={files[1]}",
+            "--eval", f"{tmp_path / 'tiny_eval.py'}:Tiny", "-o", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 0
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    ms = [load_file(p) for p in paths]
+    evs = [_evaluator(*torch.load(f, weights_only=True).values()) for f in files]
+    grams = [gram_statistics(m, ev, progress=False) for m, ev in zip(ms, evs)]
+    want = merge_state_dicts(ms, method="regmean", statistics=grams)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert len(list((tmp_path / "cache" / "statistics").glob("gram-*.safetensors"))) == 2
+    # again: both from the cache
+    with caplog.at_level(logging.INFO, logger="modelsoup"):
+        assert main([*argv, "--overwrite"]) == 0
+    assert sum("from the cache" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_soup_merge_refuses_data_it_cannot_use(tmp_path, capsys):
+    from modelsoup.cli import main
+
+    paths = _two(tmp_path)
+    d = tmp_path / "d.pt"
+    torch.save({"x": torch.zeros(1, 5), "y": torch.zeros(1, dtype=torch.long)}, d)
+    assert main(["merge", str(paths[0]), str(paths[1]), "--data", str(d), "--data", str(d), "-o", str(tmp_path / "o1")]) == 2
+    assert "--data is for the data-aware methods (fisher, regmean); method 'linear' does not use it" in capsys.readouterr().err
+    assert main(["merge", "--method", "fisher", str(paths[0]), str(paths[1]), "--data", f"{paths[0]}={d}", "-o", str(tmp_path / "o2")]) == 2
+    assert "models[1]: method 'fisher' weighs each model by its fisher statistics: give `data:`" in capsys.readouterr().err
+    assert main(["merge", "--method", "fisher", str(paths[0]), str(paths[1]), "--data", f"elsewhere.safetensors={d}", "-o", str(tmp_path / "o3")]) == 2
+    assert "'elsewhere.safetensors' is none of the models" in capsys.readouterr().err
+    assert main(["merge", "--method", "fisher", str(paths[0]), str(paths[1]), "--data", str(d), "--data", str(d), "--dry-run",
+                 "-o", str(tmp_path / "o4")]) == 2
+    assert "a dry run computes nothing" in capsys.readouterr().err
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_soup_statistics_then_a_recipe_file_with_statistics(tmp_path, capsys):
+    from modelsoup.cli import main
+
+    paths = _two(tmp_path)
+    (tmp_path / "tiny_eval.py").write_text(_EVAL)
+    stats = []
+    for i, p in enumerate(paths):
+        x, y = _data(40 + i)
+        torch.save({"x": x, "y": y}, tmp_path / f"d{i}.pt")
+        stats.append(tmp_path / f"f{i}.safetensors")
+        argv = ["statistics", str(p), "--data", str(tmp_path / f"d{i}.pt"), "--kind", "fisher", "--eval", f"{tmp_path / 'tiny_eval.py'}:Tiny",
+                "-o", str(stats[-1]), "--no-progress", "--no-statistics-cache"]
+        assert main(argv) == 0
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err  # no silent replacement
+    assert main([*argv, "--overwrite"]) == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: fisher\nmodels:\n" + "".join(f"  - path: {p.name}\n    statistics: {s.name}\n" for p, s in zip(paths, stats)))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 0
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    want = merge_state_dicts([load_file(p) for p in paths], method="fisher", statistics=[load_file(s) for s in stats])
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    from safetensors import safe_open
+
+    with safe_open(str(stats[0]), "pt") as f:
+        meta = f.metadata()
+    assert meta["statistic"] == "fisher" and meta["kind"] == "empirical" and meta["examples"] == "24"

@@ -84,6 +84,7 @@ def _print_estimate(a: argparse.Namespace, est: Any) -> None:
 
 def cmd_merge(a: argparse.Namespace) -> int:
     from ..api import merge
+    from ..methods import get_method
     from ..recipe import read_recipe, recipe_from_dict
 
     is_recipe = bool(a.inputs) and a.method is None and Path(a.inputs[0]).suffix.lower() in (".yaml", ".yml")
@@ -106,6 +107,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
     mergekit_flags += ["copy_tokenizer"] if a.copy_tokenizer is not None else []
     if is_recipe and len(a.inputs) == 1:
         _refuse_recipe_flags(a)
+        if getattr(a, "data", None):
+            raise SoupError("--data names the models of a command line; in a recipe file write each model's data as `data: FILE`")
         loaded, _ = read_recipe(a.inputs[0])
         if loaded is None:  # several documents: a multi-stage recipe
             if a.dry_run or device.type != "cpu":
@@ -125,11 +128,16 @@ def cmd_merge(a: argparse.Namespace) -> int:
         weights = parse_weights(a.weights) if a.weights else None
         if weights is not None and len(weights) != len(a.inputs):
             raise SoupError(f"--weights has {len(weights)} values for {len(a.inputs)} models")
+        data_of = _data_of(a, a.inputs)
+        if data_of and not get_method(a.method or "linear").statistic:
+            raise SoupError(f"--data is for the data-aware methods (fisher, regmean); method '{a.method or 'linear'}' does not use it")
 
         def ref(p: str, i: int | None) -> dict[str, Any]:
             r: dict[str, Any] = {"path": p}
             if i is not None and weights is not None:
                 r["weight"] = weights[i]
+            if i is not None and i in data_of:
+                r["data"] = data_of[i]
             if a.key:
                 r["key"] = a.key
             if a.strip_prefix:
@@ -152,12 +160,57 @@ def cmd_merge(a: argparse.Namespace) -> int:
         if output:
             data["output"] = output
         recipe = recipe_from_dict(data, source="command line")
+    recipe = _with_statistics(a, recipe)
     if a.dry_run:
         _print_estimate(a, merge(recipe, a.output, overwrite=a.overwrite, workers=a.workers, device=device, dry_run=True))
         return 0
     result = merge(recipe, a.output, overwrite=a.overwrite, workers=a.workers, progress=progress(a), hash_files=not a.no_hash, device=device)
     print(f"wrote {result.output} ({result.tensors} tensors, {result.bytes / 1e6:.1f} MB, {result.seconds:.1f} s)")
     return 0
+
+
+def _data_of(a: argparse.Namespace, models: list[str]) -> dict[int, str]:
+    """Model index -> its data file, from --data MODEL=FILE (or FILE per model, in order), checked against the models."""
+    def where(p: str) -> Path:
+        return Path(p).expanduser().absolute()
+
+    given = getattr(a, "data", None) or []
+    named = [d for d in given if "=" in d]
+    if named and len(named) != len(given):
+        raise SoupError("--data: give every model's data as MODEL=FILE, or one FILE per model in order; not both")
+    if not named:
+        if given and len(given) != len(models):
+            raise SoupError(f"--data has {len(given)} file(s) for {len(models)} model(s); give one per model in order, or MODEL=FILE")
+        return dict(enumerate(given))
+    out: dict[int, str] = {}
+    for item in named:
+        model, _, file = item.partition("=")
+        hits = [i for i, m in enumerate(models) if m == model or where(m).resolve() == where(model).resolve()]
+        if len(hits) != 1:
+            raise SoupError(f"--data {item}: {model!r} is {'none' if not hits else 'more than one'} of the models ({', '.join(models)}); "
+                            "give the model as listed")
+        out[hits[0]] = file
+    return out
+
+
+def _with_statistics(a: argparse.Namespace, recipe: Any) -> Any:
+    """For fisher and regmean: the recipe with every model's statistics computed (or found in the cache) from its data."""
+    from ..methods import get_method
+
+    method = get_method(recipe.method)
+    pending = [m.label() for m in recipe.models if m.statistics is None and m.data_resolved is not None]
+    if method.statistic is None or not pending:
+        return recipe
+    if a.dry_run:
+        raise SoupError(f"a dry run computes nothing, and the statistics of {', '.join(pending)} are not computed yet: run the merge, "
+                        "or give their files as `statistics:` (soup statistics)")
+    from ..recipes.statistics import recipe_statistics
+
+    def evaluator_for(i: int, file: Path) -> Any:
+        return _evaluator_for(a, recipe.models[i].resolved, file)
+
+    return recipe_statistics(recipe, evaluator_for, kind=a.fisher, cache_dir=a.statistics_cache, use_cache=not a.no_statistics_cache,
+                             progress=progress(a))
 
 
 # The output `soup plan` estimates for when none is given: a name in the working folder (nothing is written).
@@ -276,6 +329,52 @@ def cmd_methods(a: argparse.Namespace) -> int:
     return 0
 
 
+def _data_options(dg: Any, *, per_model: bool = True) -> None:
+    """How a model's own data is read and run, for the statistics of fisher and regmean (soup merge, soup statistics)."""
+    if per_model:
+        dg.add_argument("--data", action="append", metavar="MODEL=FILE",
+                        help="a model's own data (CSV/JSONL for text classification, or what your --eval takes), repeatable; or FILE once per model, in order")
+    dg.add_argument("--eval", default="text-classification", help="how the data is read and the model run: text-classification (default; "
+                    "the model's own folder, or --model, gives architecture and tokenizer) or your file.py:Evaluator / package.module:Evaluator")
+    dg.add_argument("--model", metavar="FOLDER", help="Hugging Face folder giving architecture and tokenizer (default: each model's own folder)")
+    dg.add_argument("--text-column", help="text column (default text)")
+    dg.add_argument("--label-column", help="label column (default label)")
+    dg.add_argument("--max-length", type=int, help="tokens per example (default 128)")
+    dg.add_argument("--batch-size", type=int, help="examples per forward pass")
+    dg.add_argument("--limit", type=int, help="use only the first N rows of each model's data")
+    dg.add_argument("--fisher", choices=["empirical", "sampled"], default="empirical",
+                    help="fisher: labels from the data (empirical, default) or drawn from the model's predictions (sampled)")
+    dg.add_argument("--statistics-cache", metavar="DIR", help="where statistics are kept (default <modelsoup cache>/statistics)")
+    dg.add_argument("--no-statistics-cache", action="store_true", help="compute the statistics again; keep nothing")
+
+
+def _evaluator_for(a: argparse.Namespace, model: Path | None, file: Path) -> Any:
+    """The evaluator that runs ``model`` on ``file`` as the data options say."""
+    from ..eval.factory import make_evaluators
+
+    folder = a.model or (str(model) if model is not None and (model / "config.json").is_file() else None)
+    held, _ = make_evaluators(a.eval, heldout=str(file), model=folder, text_column=a.text_column, label_column=a.label_column,
+                              max_length=a.max_length, batch_size=a.batch_size, limit=a.limit, progress=progress(a))
+    return held
+
+
+def cmd_statistics(a: argparse.Namespace) -> int:
+    from ..io.output import check_output
+    from ..recipes.statistics import model_statistics
+
+    out = Path(a.output)
+    if out.suffix != ".safetensors":
+        raise SoupError(f"-o {a.output}: statistics are written as one .safetensors file; give a name ending in .safetensors")
+    data = Path(a.data).expanduser()
+    if not data.exists():
+        raise SoupError(f"--data {a.data}: no such file")
+    check_output(out, a.overwrite, inputs=[Path(a.model_path), data], as_file=True)
+    path = model_statistics(a.model_path, _evaluator_for(a, Path(a.model_path), data), a.kind, kind=a.fisher, output=out,
+                            cache_dir=a.statistics_cache, use_cache=not a.no_statistics_cache, progress=progress(a))
+    print(f"wrote {path} ({a.kind} statistics of {a.model_path} on {a.data}); use it as `statistics:` of this model in a {('fisher' if a.kind == 'fisher' else 'regmean')} recipe")
+    return 0
+
+
 def _merge_arguments(m: argparse.ArgumentParser, *, output_help: str) -> None:
     """The arguments of ``soup merge``, which ``soup plan`` takes too."""
     m.add_argument("inputs", nargs="*", help="a recipe file (native or mergekit YAML) and optionally the output, or the models to merge")
@@ -301,6 +400,7 @@ def _merge_arguments(m: argparse.ArgumentParser, *, output_help: str) -> None:
     m.add_argument("--no-hash", action="store_true", help="skip sha256 of inputs and outputs")
     m.add_argument("--intermediate-dir", "-I", metavar="DIR",
                    help="multi-stage recipe: write the named stages to DIR/<name> and keep them (default: a temporary folder, removed)")
+    _data_options(m.add_argument_group("data-aware methods (fisher, regmean): each model's statistics from its own data, cached by weights and data"))
     ad = m.add_argument_group("adapters (PEFT LoRA folders among the models are applied to --base)")
     ad.add_argument("--as-adapter", choices=["cat", "svd", "linear"],
                     help="write a PEFT adapter instead of a full model: cat (exact, rank = sum of ranks), svd (the merged delta "
@@ -343,6 +443,17 @@ def add_parsers(sub: Any) -> None:
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     x.add_argument("--no-hash", action="store_true", help="skip sha256 of the inputs")
     x.set_defaults(fn=cmd_extract_lora)
+
+    st = sub.add_parser("statistics", help="a model's Fisher or input Grams on its own data, for `method: fisher` / `regmean` (`statistics:`)",
+                        description="soup statistics MODEL --data FILE --kind fisher|gram -o STATS.safetensors (soup merge --data computes them itself)")
+    st.add_argument("model_path", metavar="MODEL", help="the model (file or folder)")
+    st.add_argument("--data", required=True, help="its own data")
+    st.add_argument("--kind", choices=["fisher", "gram"], required=True, help="fisher (diagonal Fisher, for fisher) or gram (linear inputs' X^T X, for regmean)")
+    st.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    st.add_argument("--overwrite", action="store_true", help="replace an earlier statistics file")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _data_options(st, per_model=False)
+    st.set_defaults(fn=cmd_statistics)
 
     v = sub.add_parser("validate", help="check a recipe without merging")
     v.add_argument("recipe")

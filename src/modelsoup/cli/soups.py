@@ -109,6 +109,25 @@ def cmd_topk(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adamerge(a: argparse.Namespace) -> int:
+    from ..io.output import check_output
+    from ..recipes import adamerging
+    from ..recipes.kitchen import json_files, write_results
+
+    if a.base in a.inputs:
+        raise SoupError(f"{a.base} is the base; list only the fine-tunes after it")
+    check_output(Path(a.output), a.overwrite, inputs=[a.base, *a.inputs])
+    heldout, _ = evaluators(a, default_model(a, [a.base, *a.inputs]))
+    with open_pantry(a, [a.base, *a.inputs]) as pantry:
+        res = adamerging(pantry, None, heldout, by=a.by, init=a.init, lr=a.lr, epochs=a.epochs, memory=a.learn_memory, accumulate=a.learn_accumulate,
+                         progress=progress(a))
+        write_results(Path(a.output), {"adamerging": res.recipe}, json_files(res.to_markdown, res.to_json), inputs=pantry, overwrite=a.overwrite,
+                      progress=progress(a))
+    print(res.to_markdown())
+    print(f"mean entropy {res.start_entropy:.4f} -> {res.entropy:.4f}; the merge is in {Path(a.output) / 'adamerging'}")
+    return 0
+
+
 def add_cook_parser(sub: Any, name: str, help: str, recipes: list[str] | None, output_required: bool = True) -> argparse.ArgumentParser:
     from ..recipes.names import RECIPES
 
@@ -168,6 +187,22 @@ def add_parsers(sub: Any) -> None:
     ip.add_argument("--overwrite", action="store_true")
     add_eval_options(ip)
     ip.set_defaults(fn=cmd_interpolate)
+    am = sub.add_parser("adamerge", help="AdaMerging: task-arithmetic coefficients learned by minimising prediction entropy on unlabeled data",
+                        description="theta = BASE + sum_i lambda_i (FT_i - BASE), the lambdas (per model, layer or tensor) fitted by Adam to lower the "
+                                    "entropy of the merged model's predictions on --heldout (its labels are only used to report the score)")
+    am.add_argument("base", help="the pre-trained model the fine-tunes share")
+    am.add_argument("inputs", nargs="+", help="the fine-tunes (task models)")
+    am.add_argument("-o", "--output", required=True, help="folder for results.md, results.json and the merge (subfolder adamerging/)")
+    am.add_argument("--by", choices=["model", "layer", "tensor"], default="layer", help="one lambda per task, per task and layer (default), or per task and tensor")
+    am.add_argument("--init", type=float, default=0.3, help="every lambda's start (default 0.3)")
+    am.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    am.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
+    am.add_argument("--learn-memory", choices=["auto", "resident", "streaming"], default="auto",
+                    help="every model resident in float32, or streamed one tensor at a time (as soup learn); auto: resident when it fits")
+    am.add_argument("--learn-accumulate", type=int, metavar="BATCHES", help="batches per update")
+    am.add_argument("--overwrite", action="store_true")
+    add_eval_options(am)
+    am.set_defaults(fn=cmd_adamerge)
     tk = sub.add_parser("topk", help="average the k best checkpoints of one training run (by a logged metric or an evaluator)")
     tk.add_argument("inputs", nargs="+", help="checkpoints of one run")
     tk.add_argument("-k", "--k", type=int, required=True, help="how many to average")

@@ -33,7 +33,7 @@ from ..devices import available_memory
 from ..progress import progress_on
 from ..recipe import Recipe
 from .learned import GRANULARITY, MEMORY_MODES, STREAMING_UPDATES_PER_EPOCH, _gb, _groups, _Resident, _Streaming, learnable_tensors, memory_estimate
-from .pantry import as_pantry
+from .pantry import Pantry, as_pantry
 
 log = logging.getLogger("modelsoup")
 
@@ -66,6 +66,28 @@ class AdaMergingResult:
     memory: str = "resident"
     accumulate: int = 1
     seconds: float = 0.0
+    labels: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"recipe": "adamerging", "lambdas": self.lambdas, "entropy": self.entropy, "start_entropy": self.start_entropy,
+                "history": self.history, "score": self.score.to_dict() if self.score else None,
+                "start_score": self.start_score.to_dict() if self.start_score else None, "memory": self.memory,
+                "accumulate": self.accumulate, "seconds": self.seconds, "models": self.labels}
+
+    def to_markdown(self) -> str:
+        lines = ["# AdaMerging", "", "| | mean entropy (nats) | score |", "|---|---:|---:|"]
+        for what, ent, sc in (("start (every lambda at init)", self.start_entropy, self.start_score), ("learned", self.entropy, self.score)):
+            lines.append(f"| {what} | {ent:.4f} | {f'{sc.metric} {sc.value:.4f}' if sc else ''} |")
+        lines += ["", "The score reads the data's labels; it is reported only. The lambdas were learned from the entropy alone.", ""]
+        if isinstance(self.lambdas, dict):
+            lines += ["| tensor | " + " | ".join(self.labels or [f"model {i}" for i in range(len(next(iter(self.lambdas.values()), [])))]) + " |",
+                      "|---|" + "---:|" * len(next(iter(self.lambdas.values()), []))]
+            lines += [f"| {name} | " + " | ".join(f"{x:.3f}" for x in lam) + " |" for name, lam in self.lambdas.items()]
+        else:
+            lines += ["| model | lambda |", "|---|---:|"] + [f"| {lab} | {x:.4f} |" for lab, x in zip(self.labels or range(len(self.lambdas)), self.lambdas)]
+        lines += ["", "| epoch | mean entropy while learning | lambdas min | max |", "|---:|---:|---:|---:|"]
+        lines += [f"| {int(h['epoch'])} | {h['entropy']:.4f} | {h['lambda_min']:.3f} | {h['lambda_max']:.3f} |" for h in self.history]
+        return "\n".join(lines) + "\n"
 
 
 def _classifier_of(evaluator: ModuleEvaluator, domain: Any) -> ClassificationEvaluator:
@@ -136,7 +158,8 @@ def adamerging(
     """Learn task-arithmetic coefficients by entropy minimisation (module docstring).
 
     Args:
-        models: the fine-tunes (paths, state dicts or modules), all from ``base``.
+        models: the fine-tunes (paths, state dicts or modules), all from ``base``; or a :class:`~.pantry.Pantry` whose first
+            ingredient is the base and the others the fine-tunes (then ``base`` is None).
         base: the pre-trained model they were fine-tuned from.
         evaluator: a classification :class:`~modelsoup.eval.module.ModuleEvaluator` (or several tasks' as domains,
             :func:`~modelsoup.eval.multi_domain`) over unlabeled inputs; it supplies the batches and the module.
@@ -164,13 +187,18 @@ def adamerging(
         raise OptionError(f"AdaMerging needs lr > 0, epochs >= 0 and low <= init <= high; got lr {lr}, epochs {epochs}, init {init}, range [{low}, {high}]")
     if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
         raise OptionError(f"accumulate is the number of batches per update, a whole number >= 1; got {accumulate!r}")
-    if not models:
-        raise OptionError("AdaMerging needs at least one fine-tune besides the base")
-    loss = entropy_loss(evaluator)
-    pantry, own = as_pantry([base, *models], **pantry_options)
+    if isinstance(models, Pantry):
+        if base is not None:
+            raise OptionError("with a Pantry, its first ingredient is the base: pass base=None")
+        pantry, own = models, False
+    else:
+        pantry, own = as_pantry([base, *models], **pantry_options)
     engine: _Resident | _Streaming | None = None
     try:
-        n = len(models)
+        n = len(pantry) - 1
+        if n < 1:
+            raise OptionError("AdaMerging needs at least one fine-tune besides the base")
+        loss = entropy_loss(evaluator)
         every = list(range(n + 1))
         start = [1.0 - n * init] + [init] * n
         start_recipe, start_state = pantry.soup(every, start)
@@ -242,7 +270,7 @@ def adamerging(
         entropy = _mean_entropy(evaluator, state, loss)
         final_score = run_evaluator(evaluator, state, "adamerging")[0] if score else None
         return AdaMergingResult(recipe, lambdas, entropy, start_entropy, history, final_score, start_score, memory, step,
-                                time.perf_counter() - t_start)
+                                time.perf_counter() - t_start, pantry.labels[1:])
     finally:
         if engine is not None:
             engine.close()
