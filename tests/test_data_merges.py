@@ -231,8 +231,8 @@ def test_statistics_that_do_not_fit_are_refused_before_any_tensor_is_written(tmp
     wrong = [{"0.weight": torch.ones(7, 5)}, {"0.weight": torch.ones(5, 7)}]
     with pytest.raises(TensorMismatchError, match=r"0.weight \[7, 5\]: its fisher statistic in the statistics of model\[1\] \[5, 7\] float32"):
         merge_state_dicts(sds, method="fisher", statistics=wrong)
-    partial = [{"0.weight": torch.ones(7, 5)}, {}]
-    with pytest.raises(TensorMismatchError, match=r"the statistics of model\[1\] lack it while the others have it"):
+    partial = [{"0.weight": torch.ones(7, 5), "2.weight": torch.ones(3, 7)}, {"0.weight": torch.ones(7, 5)}]
+    with pytest.raises(TensorMismatchError, match=r"2.weight: the statistics of model\[1\] lacks it while the others have it"):
         merge_state_dicts(sds, method="fisher", statistics=partial)
     gram_of_bias = [{"0.bias": torch.ones(7, 7)}] * 2
     with pytest.raises(TensorMismatchError, match=r"only 2-D \(out, in\) weights have a Gram matrix"):
@@ -338,3 +338,18 @@ def test_soup_statistics_then_a_recipe_file_with_statistics(tmp_path, capsys):
     with safe_open(str(stats[0]), "pt") as f:
         meta = f.metadata()
     assert meta["statistic"] == "fisher" and meta["kind"] == "empirical" and meta["examples"] == "24"
+
+
+def test_statistics_of_another_model_are_refused(tmp_path):
+    paths = _two(tmp_path)
+    sds = [load_file(p) for p in paths]
+    other = [{"module.0.weight": torch.ones(7, 5)}] * 2  # another prefix: it would quietly give the plain mean
+    with pytest.raises(TensorMismatchError, match=r"holds 1 tensor\(s\) the merge does not have \(module.0.weight\): these are not this model's"):
+        merge_state_dicts(sds, method="fisher", statistics=other)
+    with pytest.raises(TensorMismatchError, match="has no statistic of any tensor the merge computes"):
+        merge_state_dicts(sds, method="fisher", statistics=[{"0.weight": torch.ones(7, 5)}] * 2,
+                          overrides=[{"match": "0.weight", "take": "first"}])
+    # a statistic of a tensor the recipe leaves out is not foreign
+    fine = [{"0.weight": torch.ones(7, 5), "2.weight": torch.ones(3, 7)}] * 2
+    out = merge_state_dicts(sds, method="fisher", statistics=fine, overrides=[{"match": "2.*", "take": "skip"}])
+    assert "2.weight" not in out and torch.allclose(out["0.weight"], (sds[0]["0.weight"] + sds[1]["0.weight"]) / 2)

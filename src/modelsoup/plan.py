@@ -595,7 +595,7 @@ class MergePlan:
         return sum(j.nbytes for j in self.jobs)
 
 
-def attach_statistics(jobs: list[TensorJob], method: MergeMethod, statistics: Sequence[Checkpoint], first: int) -> list[TensorJob]:
+def attach_statistics(jobs: list[TensorJob], method: MergeMethod, statistics: Sequence[Checkpoint], first: int, known: set[str]) -> list[TensorJob]:
     """The merge jobs with each ingredient's statistic of their tensor (``statistics[i]`` is ingredient i's, indexed
     from ``first`` among the plan's inputs), after checking each has the shape ``method.statistic`` needs.
 
@@ -605,6 +605,16 @@ def attach_statistics(jobs: list[TensorJob], method: MergeMethod, statistics: Se
     problems: list[str] = []
     out = []
     names_of = [set(ck.names()) for ck in statistics]
+    merged = {job.name for job in jobs if job.action == "merge"}
+    for ck, held in zip(statistics, names_of):  # a file of another model (or another prefix) would quietly give the plain mean
+        foreign = sorted(held - known)
+        if foreign or not held & merged:
+            why = (f"holds {len(foreign)} tensor(s) the merge does not have ({short_list(foreign)})" if foreign else
+                   "has no statistic of any tensor the merge computes")
+            problems.append(f"{ck.label} {why}: these are not this model's statistics (computed for another model, or names with another "
+                            "prefix?); compute them for this checkpoint as it is merged")
+    if problems:
+        _raise_mismatches(problems)
     for job in jobs:
         if job.action != "merge":
             out.append(job)
@@ -615,7 +625,7 @@ def attach_statistics(jobs: list[TensorJob], method: MergeMethod, statistics: Se
             continue
         if not all(have):
             lacking = [statistics[k].label for k, h in enumerate(have) if not h]
-            problems.append(f"{job.name}: the statistics of {', '.join(lacking)} lack it while the others have it; compute every model's "
+            problems.append(f"{job.name}: {', '.join(lacking)} lack{'s' if len(lacking) == 1 else ''} it while the others have it; compute every model's "
                             "statistics the same way (same kind, same module)")
             continue
         want = job.shape if method.statistic == "fisher" else ((job.shape[1], job.shape[1]) if len(job.shape) == 2 else None)
@@ -668,7 +678,7 @@ def plan_merge(recipe: Recipe, models: list[Checkpoint], base: Checkpoint | None
             raise RecipeError(f"method '{method.name}' merges by each model's {method.statistic} statistics, and {len(stats)} of "
                               f"{len(ingredients)} models have them: compute them from each model's data first (`data:` in the recipe, "
                               "--data MODEL=FILE, or modelsoup.model_statistics)")
-        jobs = attach_statistics(jobs, method, stats, len(plan_inputs(models, base)))
+        jobs = attach_statistics(jobs, method, stats, len(plan_inputs(models, base)), {n for ck in models for n in ck.names()})
     elif stats:
         raise RecipeError(f"method '{method.name}' uses no statistics, but {len(stats)} statistics file(s) were given")
     if not jobs:
