@@ -99,7 +99,7 @@ def fisher_statistics(model: Any, evaluator: ModuleEvaluator, *, kind: str = "em
     for name, p in params.items():
         unique.setdefault(id(p), (name, p))
     leaders = [p for _, p in unique.values()]
-    sums = {id(p): torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in leaders}
+    sums = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in leaders}  # squares add without cancelling
     grad_before = {id(p): p.requires_grad for p in leaders}
     gen = torch.Generator().manual_seed(seed)
     examples = 0
@@ -122,7 +122,7 @@ def fisher_statistics(model: Any, evaluator: ModuleEvaluator, *, kind: str = "em
                     grads = torch.autograd.grad(picked[i], leaders, retain_graph=i + 1 < picked.shape[0], allow_unused=True)
                     for p, g in zip(leaders, grads):
                         if g is not None:
-                            sums[id(p)].addcmul_(g.double(), g.double())
+                            sums[id(p)].addcmul_(g, g)
                 examples += picked.shape[0]
                 bar.update(picked.shape[0])
     finally:
@@ -130,7 +130,7 @@ def fisher_statistics(model: Any, evaluator: ModuleEvaluator, *, kind: str = "em
             p.requires_grad_(grad_before[id(p)])
     if examples == 0:
         raise EvaluatorError("the Fisher's data has no examples")
-    return {name: (sums[id(p)] / examples).to(torch.float32).cpu() for name, p in params.items()}
+    return {name: (sums[id(p)] / examples).cpu() for name, p in params.items()}
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
