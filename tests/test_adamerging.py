@@ -128,3 +128,24 @@ def test_soup_adamerge_writes_the_learned_merge(task_models, tmp_path, capsys):
     assert (out / "results.json").is_file() and (out / "results.md").is_file()
     assert main(["adamerge", str(paths[0]), str(paths[0]), "-o", str(tmp_path / "o2"), "--eval", f"{here}:ev", "--heldout", "val"]) == 2
     assert "is the base; list only the fine-tunes" in capsys.readouterr().err
+
+
+def test_adamerging_over_several_tasks_weighs_each_tasks_mean_entropy(task_models):
+    from modelsoup.eval.domains import multi_domain
+
+    paths, data = task_models
+    x, y = data
+    tasks = multi_domain({"low": _ev((x[y < 5], y[y < 5])), "high": _ev((x[y >= 5], y[y >= 5]))})
+    res = adamerging([str(p) for p in paths[1:]], str(paths[0]), tasks, by="model", lr=0.02, epochs=5, progress=False)
+    assert res.entropy < res.start_entropy
+    assert {"domain/low", "domain/high"} <= set(res.score.metrics)  # the score is reported per task
+    # the objective is the mean of the two tasks' mean entropies, whatever their sizes
+    from modelsoup.recipes.adaptive import _mean_entropy, entropy_loss
+    from modelsoup.recipes import Pantry
+
+    with Pantry([str(p) for p in paths]) as pantry:
+        state = pantry.state(res.recipe)
+        both = _mean_entropy(tasks, state, entropy_loss(tasks))
+        low = _mean_entropy(tasks.domains["low"], state, entropy_loss(tasks.domains["low"]))
+        high = _mean_entropy(tasks.domains["high"], state, entropy_loss(tasks.domains["high"]))
+    assert both == pytest.approx((low + high) / 2, rel=1e-5)

@@ -353,3 +353,24 @@ def test_statistics_of_another_model_are_refused(tmp_path):
     fine = [{"0.weight": torch.ones(7, 5), "2.weight": torch.ones(3, 7)}] * 2
     out = merge_state_dicts(sds, method="fisher", statistics=fine, overrides=[{"match": "2.*", "take": "skip"}])
     assert "2.weight" not in out and torch.allclose(out["0.weight"], (sds[0]["0.weight"] + sds[1]["0.weight"]) / 2)
+
+
+def test_a_recipe_file_with_data_per_model(tmp_path):
+    from modelsoup.cli import main
+
+    paths = _two(tmp_path)
+    (tmp_path / "tiny_eval.py").write_text(_EVAL)
+    for i in range(2):
+        x, y = _data(50 + i)
+        torch.save({"x": x, "y": y}, tmp_path / f"d{i}.pt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: regmean\nparameters: {alpha: 0.5}\nmodels:\n" + "".join(f"  - path: {p.name}\n    data: d{i}.pt\n" for i, p in enumerate(paths)))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--eval", f"{tmp_path / 'tiny_eval.py'}:Tiny", "--no-progress"]) == 0
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    grams = [gram_statistics(load_file(p), _evaluator(*torch.load(tmp_path / f"d{i}.pt", weights_only=True).values()), progress=False)
+             for i, p in enumerate(paths)]
+    want = merge_state_dicts([load_file(p) for p in paths], method="regmean", statistics=grams, parameters={"alpha": 0.5})
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    written = (tmp_path / "out" / "recipe.yaml").read_text()
+    assert "data: ../d0.pt" in written and "statistics:" in written  # the record says which data and which statistics
+    assert main(["merge", str(recipe), str(tmp_path / "o2"), "--data", "x=y"]) == 2
