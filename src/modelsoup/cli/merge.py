@@ -318,7 +318,8 @@ def cmd_methods(a: argparse.Namespace) -> int:
     for m in methods:
         need = {"required": "needs a base", "optional": "base optional", "none": "no base"}[m.base]
         count = f"{m.min_models}" + ("+" if m.max_models is None else ("" if m.max_models == m.min_models else f"-{m.max_models}"))
-        print(f"{m.name}  ({need}; {count} models{'; random, seeded per tensor' if m.random else ''})")
+        data = f"; each model's {m.statistic} statistics from its own data (--data MODEL=FILE)" if m.statistic else ""
+        print(f"{m.name}  ({need}; {count} models{'; random, seeded per tensor' if m.random else ''}{data})")
         print(f"    {m.summary}")
         print(f"    paper: {m.paper}")
         for p in m.params:
