@@ -374,3 +374,34 @@ def test_a_recipe_file_with_data_per_model(tmp_path):
     written = (tmp_path / "out" / "recipe.yaml").read_text()
     assert "data: ../d0.pt" in written and "statistics:" in written  # the record says which data and which statistics
     assert main(["merge", str(recipe), str(tmp_path / "o2"), "--data", "x=y"]) == 2
+
+
+def test_regmean_refuses_what_is_not_a_gram_matrix():
+    from modelsoup.errors import MethodError
+
+    w = [torch.ones(2, 3), torch.ones(2, 3)]
+    skew = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(MethodError, match="not one"):
+        get_method("regmean")(w, statistics=[skew, torch.eye(3, dtype=torch.float64)])
+    with pytest.raises(MethodError, match="not one"):
+        get_method("regmean")(w, statistics=[-torch.eye(3, dtype=torch.float64)] * 2)
+
+
+def test_a_tied_name_the_checkpoint_does_not_store_gets_no_statistic(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(6, 5)
+            self.head = nn.Linear(5, 6, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(x))
+
+    torch.manual_seed(0)
+    net = Tied()
+    ev = ClassificationEvaluator(net, DataLoader(TensorDataset(torch.tensor([1, 2, 3]), torch.tensor([0, 4, 5])), batch_size=2))
+    stored = {"emb.weight": net.emb.weight.detach().clone()}  # as safetensors stores a tie: once
+    assert set(fisher_statistics(stored, ev, progress=False)) == {"emb.weight"}
+    with pytest.raises(EvaluatorError, match="Tied has no nn.Linear layer"):  # its only one is the tied head the file does not store
+        gram_statistics(stored, ev, progress=False)

@@ -54,6 +54,10 @@ def regmean(
     b = torch.zeros((n_in, tensors[0].shape[0]), dtype=torch.float64, device=tensors[0].device)
     for t, g, wi in zip(tensors, statistics, w):
         g64 = g.to(torch.float64)
+        scale = float(g64.abs().max())
+        if float((g64 - g64.T).abs().max()) > 1e-6 * scale or bool((torch.diagonal(g64) < 0).any()):
+            raise MethodError("a Gram matrix X^T X is symmetric with a non-negative diagonal; this statistic is not one "
+                              "(compute it with `soup statistics --kind gram`)")
         shrunk = g64 * alpha + torch.diag(torch.diagonal(g64)) * (1.0 - alpha)
         a.add_(shrunk, alpha=wi)
         b.add_(shrunk @ t.to(torch.float64).T, alpha=wi)

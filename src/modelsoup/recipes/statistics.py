@@ -53,17 +53,19 @@ def _require_classifier(evaluator: Any, what: str) -> ClassificationEvaluator:
     return evaluator
 
 
-def _load(model: Any, evaluator: ModuleEvaluator) -> nn.Module:
-    """``evaluator``'s module holding ``model``'s weights (a mapping is loaded as is, a path or module read whole)."""
+def _load(model: Any, evaluator: ModuleEvaluator) -> tuple[nn.Module, set[str]]:
+    """``evaluator``'s module holding ``model``'s weights (a mapping is loaded as is, a path or module read whole), and the
+    names the weights have (a tied name the checkpoint does not store gets no statistic of its own: the merge has none)."""
     if isinstance(model, Mapping):
         evaluator.load(model, label="model")
-        return evaluator.module
+        return evaluator.module, set(model)
     ck = open_checkpoint(model.state_dict() if isinstance(model, nn.Module) else model)
     try:
-        evaluator.load({name: ck.read(name) for name in ck.names()}, label=ck.label)
+        names = ck.names()
+        evaluator.load({name: ck.read(name) for name in names}, label=ck.label)
     finally:
         ck.close()
-    return evaluator.module
+    return evaluator.module, set(names)
 
 
 def _parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -93,8 +95,8 @@ def fisher_statistics(model: Any, evaluator: ModuleEvaluator, *, kind: str = "em
     ev = _require_classifier(evaluator, "a Fisher")
     if kind not in FISHER_KINDS:
         raise OptionError(f"the Fisher's kind must be one of {', '.join(FISHER_KINDS)}, got {kind!r}")
-    module = _load(model, ev)
-    params = _parameters(module)
+    module, stored = _load(model, ev)
+    params = {name: p for name, p in _parameters(module).items() if name in stored}
     unique: dict[int, tuple[str, nn.Parameter]] = {}
     for name, p in params.items():
         unique.setdefault(id(p), (name, p))
@@ -155,10 +157,10 @@ def gram_statistics(model: Any, evaluator: ModuleEvaluator, *, progress: bool | 
     Raises:
         EvaluatorError: the module has no linear layer, or the data no batch.
     """
-    module = _load(model, evaluator)
+    module, stored = _load(model, evaluator)
     linears: dict[int, tuple[nn.Linear, list[str]]] = {}
     for name, m in module.named_modules(remove_duplicate=False):
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear) and (f"{name}.weight" if name else "weight") in stored:
             linears.setdefault(id(m), (m, []))[1].append(f"{name}.weight" if name else "weight")
     if not linears:
         raise EvaluatorError(f"{type(module).__name__} has no nn.Linear layer, so RegMean has nothing to solve; use another method")
