@@ -148,7 +148,8 @@ def human_seconds(s: float) -> str:
 
 
 def _sources(job: TensorJob) -> list[tuple[int, str]]:
-    return [*job.sources, *([job.base_source] if job.base_source is not None else [])]
+    """Every tensor a job reads: its inputs, its base, and a data-aware method's statistics."""
+    return [*job.sources, *([job.base_source] if job.base_source is not None else []), *job.statistic_sources]
 
 
 def job_reads(plan: MergePlan, job: TensorJob) -> int:
