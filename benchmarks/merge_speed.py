@@ -42,7 +42,8 @@ mergekit, soup, mergekit, ...):
   della gets `--random-seed 0` on both sides. It reports the median whole-process wall time (min-max) and
   peak RSS of each tool, the speed-up (mergekit s / modelsoup s) against issue 17's targets (linear >= 2x,
   ties >= 8x), and whether the two outputs agree: same tensor names and shapes, and for the deterministic
-  recipes a max abs difference below 1e-5 over all tensors. DELLA's masks are random and the tools draw them
+  recipes a max abs difference below 1e-5 over all float32 tensors (half-precision outputs: at most one rounding
+  step of the output dtype, since the tools round different float32 sums). DELLA's masks are random and the tools draw them
   differently, so only names and shapes are compared there.
   The table is skipped, with a note, when mergekit-yaml is not found (--mergekit, then PATH, then
   /work/mkenv/bin/mergekit-yaml).
@@ -127,7 +128,9 @@ with open("/proc/self/status") as f:
 MERGEKIT_FALLBACK = "/work/mkenv/bin/mergekit-yaml"
 MERGEKIT_FLAGS = ["--no-write-model-card", "--no-copy-tokenizer", "--quiet"]
 TINY = (64, 176, 256, 4)  # hidden, ffn, vocab, layers of the start-up row's models (~1 MB each)
-AGREE_TOL = 1e-5  # max abs difference of any output tensor, deterministic recipes
+AGREE_TOL = 1e-5  # max abs difference of any float32 output value, deterministic recipes
+AGREE_ULPS = 1  # half-precision outputs: at most one rounding step of the output dtype apart (the tools round different float32 sums)
+HALF_MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
 FLOOR_MODELS = 4  # inputs of the floor table: the base (input 0) and 3 fine-tunes
 # Issue 17's targets: wall time as a multiple of floor B, by method family; peak RSS above the baseline.
 FLOOR_TARGETS = {"linear": 1.15, "ties": 1.8, "sphere": 1.3}
@@ -538,20 +541,29 @@ def agreement(soup_out: Path, mk_out: Path, compare_values: bool) -> str:
     what = f"{len(a)} tensors, {layers[0]} layers"
     if not compare_values:
         return f"same names and shapes ({what}); values random, not compared"
-    worst, worst_name, scale, off, total = 0.0, "", 0.0, 0, 0
+    worst, worst_name, scale, off, total, worst_ulps = 0.0, "", 0.0, 0, 0, 0.0
     for k in sorted(a):
         with safe_open(str(a[k][0]), framework="pt") as fa, safe_open(str(b[k][0]), framework="pt") as fb:
-            x, y = fa.get_tensor(k).double(), fb.get_tensor(k).double()
+            xs, ys = fa.get_tensor(k), fb.get_tensor(k)
+        x, y = xs.double(), ys.double()
         d = (x - y).abs()
         m = d.max().item()
-        off += int((~(d < AGREE_TOL)).sum())  # a NaN counts as off
+        if ys.dtype in HALF_MANTISSA:  # half precision: one rounding step of the output is the unit (1e-5 is below a bf16 step)
+            spacing = torch.exp2(torch.floor(torch.log2(torch.maximum(y.abs(), torch.full_like(y, 2.0 ** -126)))) - HALF_MANTISSA[ys.dtype])
+            ulps = d / spacing
+            worst_ulps = max(worst_ulps, float(ulps.max()))
+            off += int((~(ulps <= AGREE_ULPS)).sum())
+        else:
+            off += int((~(d < AGREE_TOL)).sum())  # a NaN counts as off
         total += d.numel()
         scale = max(scale, y.abs().max().item())
         if not m <= worst:
             worst, worst_name = m, k
+    ulp_note = f", at most {worst_ulps:.0f} output rounding step(s)" if worst_ulps else ""
     if off == 0:
-        return f"agree: max abs diff {worst:.1e} ({what}; largest |value| {scale:.2f})"
-    return f"DIFFER: max abs diff {worst:.1e} at {worst_name}; {off} of {total} values off by >= {AGREE_TOL:g} ({what})"
+        return f"agree: max abs diff {worst:.1e}{ulp_note} ({what}; largest |value| {scale:.2f})"
+    limit = f">= {AGREE_TOL:g} (float32) or > {AGREE_ULPS} rounding step (half precision)"
+    return f"DIFFER: max abs diff {worst:.1e} at {worst_name}{ulp_note}; {off} of {total} values off by {limit} ({what})"
 
 
 def mergekit_table(a: argparse.Namespace, scratch: Path, size_gb: float, dtype_name: str, mergekit: str) -> None:
