@@ -114,11 +114,11 @@ def cmd_adamerge(a: argparse.Namespace) -> int:
     from ..recipes import adamerging
     from ..recipes.kitchen import json_files, write_results
 
-    if a.base in a.inputs:
-        raise SoupError(f"{a.base} is the base; list only the fine-tunes after it")
-    check_output(Path(a.output), a.overwrite, inputs=[a.base, *a.inputs])
-    heldout, _ = evaluators(a, default_model(a, [a.base, *a.inputs]))
-    with open_pantry(a, [a.base, *a.inputs]) as pantry:
+    if a.pretrained in a.inputs:
+        raise SoupError(f"{a.pretrained} is the base; list only the fine-tunes after it")
+    check_output(Path(a.output), a.overwrite, inputs=[a.pretrained, *a.inputs])
+    heldout, _ = evaluators(a, default_model(a, [a.pretrained, *a.inputs]))
+    with open_pantry(a, [a.pretrained, *a.inputs]) as pantry:
         res = adamerging(pantry, None, heldout, by=a.by, init=a.init, lr=a.lr, epochs=a.epochs, memory=a.learn_memory, accumulate=a.learn_accumulate,
                          progress=progress(a))
         write_results(Path(a.output), {"adamerging": res.recipe}, json_files(res.to_markdown, res.to_json), inputs=pantry, overwrite=a.overwrite,
@@ -190,7 +190,7 @@ def add_parsers(sub: Any) -> None:
     am = sub.add_parser("adamerge", help="AdaMerging: task-arithmetic coefficients learned by minimising prediction entropy on unlabeled data",
                         description="theta = BASE + sum_i lambda_i (FT_i - BASE), the lambdas (per model, layer or tensor) fitted by Adam to lower the "
                                     "entropy of the merged model's predictions on --heldout (its labels are only used to report the score)")
-    am.add_argument("base", help="the pre-trained model the fine-tunes share")
+    am.add_argument("pretrained", metavar="BASE", help="the pre-trained model the fine-tunes share")
     am.add_argument("inputs", nargs="+", help="the fine-tunes (task models)")
     am.add_argument("-o", "--output", required=True, help="folder for results.md, results.json and the merge (subfolder adamerging/)")
     am.add_argument("--by", choices=["model", "layer", "tensor"], default="layer", help="one lambda per task, per task and layer (default), or per task and tensor")
