@@ -11,6 +11,10 @@ are not vertices: ``max_p (sum_k w_k s_k - s(p))``. For the loss, lower being be
 ``max_p (L(p) - sum_k w_k L_k)``. A negative barrier means every point beats the interpolation of the
 models' scores: the soups improve on their ingredients. Points outside the segment or triangle (weights
 below 0 or above 1, e.g. ``--alphas -0.5:1.5:0.1``) are plotted but never count towards the barrier.
+
+:func:`aligned_curves` scores the same line or triangle again after permuting the hidden units of B (and C) to
+match A (:func:`modelsoup.align.align`), and optionally with each soup REPAIRed, to show how much of a barrier
+is only a matter of unit order (``soup curve --align``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 
 from ..errors import AnalysisError
@@ -208,3 +212,117 @@ def triangle_curve(models: Pantry | Sequence[Any], evaluator: Evaluator, *, step
     finally:
         if own:
             pantry.close()
+
+
+@dataclass
+class AlignedCurves:
+    """One line (or triangle) scored as given, after aligning the models' hidden units to the first, and after REPAIR.
+
+    Attributes:
+        curves: ``before`` (the models as given), ``aligned`` (B and C permuted to match A), ``repaired``
+            (the aligned line with every interior point REPAIRed; line only, when asked).
+        alignment: the :class:`~modelsoup.align.AlignResult` of B (and C) aligned to A.
+    """
+
+    curves: dict[str, Curve]
+    alignment: Any
+
+    NAMES: ClassVar[dict[str, str]] = {"before": "before alignment", "aligned": "after alignment", "repaired": "after alignment and REPAIR"}
+
+    @property
+    def labels(self) -> list[str]:
+        return self.curves["before"].labels
+
+    def to_json(self) -> dict[str, Any]:
+        return {"curves": {k: c.to_json() for k, c in self.curves.items()}, "alignment": self.alignment.to_json()}
+
+    def to_markdown(self) -> str:
+        """The barriers of each curve side by side, the alignment's summary, then each curve's points."""
+        before = self.curves["before"]
+        head = ["", *(self.NAMES[k] for k in self.curves)]
+        lines = ["| held-out barrier | " + " | ".join(head[1:]) + " |", "|---|" + "---:|" * len(self.curves)]
+        for what in before.barriers("heldout"):
+            name = before.metric if what == "score" else "loss"
+            cells = []
+            for c in self.curves.values():
+                b = c.barriers("heldout").get(what)
+                cells.append("no point inside" if b is None else f"{b.value:+.4f}" + (f" ({b.relative:+.1%})" if b.relative is not None else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        method = f"{self.alignment.method} matching"
+        out = [f"Barriers before and after aligning {', '.join(before.labels[1:])} to {before.labels[0]} ({method})", "", *lines, "",
+               self.alignment.to_markdown()]
+        for k, c in self.curves.items():
+            out += [f"### {self.NAMES[k][0].upper()}{self.NAMES[k][1:]}", "", c.to_markdown()]
+        return "\n".join(out)
+
+
+def aligned_curves(pantry: Pantry, evaluator: Evaluator, *, alphas: Sequence[float] = DEFAULT_ALPHAS, steps: int = 6, test: Evaluator | None = None,
+                   method: str = "weight", arch: Any = None, data: Any = None, spec: Any = None, input_shape: Sequence[int] | None = None,
+                   repair: bool = False, seed: int = 0, progress: bool | None = None) -> AlignedCurves:
+    """Score the line (two models) or triangle (three) as given, then with B (and C) aligned to A in memory, and, for a
+    line with ``repair``, with every interior point REPAIRed (:func:`modelsoup.align.repair`).
+
+    Args:
+        pantry: the two or three models (the first is the reference).
+        evaluator: held-out scorer; a module evaluator's module is the default architecture and its batches the default data.
+        alphas: line grid (weights of B); steps: triangle grid.
+        test: scores every point on test data too.
+        method, arch, data, spec, input_shape, seed: see :func:`modelsoup.align.align`.
+        repair: also the REPAIRed line (statistics measured on ``data``).
+        progress: progress bars; None = only on a terminal.
+
+    Raises:
+        AnalysisError: not 2 or 3 models, adapters, or REPAIR of a triangle.
+        AlignmentError: the models cannot be aligned (see :func:`modelsoup.align.align`).
+    """
+    from ..align import align
+    from ..align import repair as repair_state
+    from ..align.core import aligned_modules
+    from ..eval.cache import EvalCache
+
+    n = len(pantry)
+    if n not in (2, 3):
+        raise AnalysisError(f"alignment curves take 2 models (a line) or 3 (a triangle), got {n}")
+    if any(it.base is not None or it.path is None for it in pantry.items):
+        raise AnalysisError("--align takes full models given as files or folders (not PEFT adapters or in-memory models)")
+    if repair and n == 3:
+        raise AnalysisError("REPAIR is measured along a line; give two models with --repair")
+    before = line_curve(pantry, None, evaluator, alphas=alphas, test=test, progress=progress) if n == 2 else \
+        triangle_curve(pantry, evaluator, steps=steps, test=test, progress=progress)
+    it0 = pantry.items[0]
+    arch = arch if arch is not None else getattr(evaluator, "module", None) if pantry.checkpoint(0).folder is None else None
+    if data is None and hasattr(evaluator, "batches"):
+        data = evaluator
+    result = align(it0.source, [it.source for it in pantry.items[1:]], method=method, arch=arch, data=data, spec=spec, input_shape=input_shape,
+                   seed=seed, labels=[it.label for it in pantry.items[1:]], key=it0.key, strip_prefix=it0.strip_prefix)
+    labels = [it0.label] + [f"{it.label} aligned" for it in pantry.items[1:]]
+    memory: dict[str, Any] = {"labels": labels, "cache": EvalCache(enabled=False)}
+    states = [result.reference_state, *result.states]
+    if n == 2:
+        aligned = line_curve(states[0], states[1], evaluator, alphas=alphas, test=test, progress=progress, **memory)
+    else:
+        aligned = triangle_curve(states, evaluator, steps=steps, test=test, progress=progress, **memory)
+    curves = {"before": before, "aligned": aligned}
+    if repair:
+        from ..align.core import as_batches
+
+        batches = as_batches(data)
+        if batches is None:
+            raise AnalysisError("REPAIR needs data to measure activation statistics on (--align-data)")
+        ref, (other,) = aligned_modules(result)
+        t0 = time.perf_counter()
+        points, scores, tests = [], [], []
+        for k, (p, s) in enumerate(zip(aligned.points, aligned.scores)):
+            alpha = p[-1]
+            if 0.0 < alpha < 1.0:
+                state = repair_state(ref, other, alpha, batches, spec=result.spec)
+                s = evaluator.evaluate(state, label=f"REPAIR alpha {alpha:g}")
+                t = test.evaluate(state, label=f"REPAIR alpha {alpha:g} (test)") if test is not None else None
+                log.info("REPAIR alpha %g: %s", alpha, s)
+            else:
+                t = aligned.test_scores[k] if aligned.test_scores else None
+            points.append(p)
+            scores.append(s)
+            tests.append(t)
+        curves["repaired"] = Curve(labels, points, scores, tests if test is not None else None, time.perf_counter() - t0)  # type: ignore[arg-type]
+    return AlignedCurves(curves, result)

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .curves import Curve
+from .curves import AlignedCurves, Curve
 from .ensembling import SoupVsEnsemble
 from .figures import pyplot
 from .scaling import Scaling
@@ -122,6 +122,33 @@ def curve_plot(curve: Curve, path: Path) -> Path:
         ax.legend(fontsize=8)
     b = curve.barriers("heldout")
     fig.suptitle("Interpolation; held-out barrier: " + ", ".join(f"{curve.metric if k == 'score' else k} {v.value:+.4f}" for k, v in b.items() if v is not None), fontsize=10)
+    return _save(fig, path)
+
+
+def aligned_curve_plot(ac: AlignedCurves, path: Path) -> Path:
+    """The held-out score and loss along the line before alignment, after it, and after REPAIR, each with the straight
+    line between its end points (a triangle: the triangle after alignment; the one before is drawn by :func:`curve_plot`)."""
+    if len(ac.labels) == 3:
+        return _triangle_plot(ac.curves["aligned"], path)
+    plt = require_matplotlib()
+    first = ac.curves["before"]
+    has_loss = all("loss" in s.metrics for c in ac.curves.values() for s in c.scores)
+    fig, axes = plt.subplots(1, 2 if has_loss else 1, figsize=(10 if has_loss else 5.5, 4), squeeze=False)
+    series = [(first.metric, lambda s: s.value)] + ([("loss", lambda s: s.metrics["loss"])] if has_loss else [])
+    for ax, (name, get) in zip(axes.flat, series):
+        for key, c in ac.curves.items():
+            xs, ys = c.alphas, [get(s) for s in c.scores]
+            line = ax.plot(xs, ys, "-o", ms=3, label=AlignedCurves.NAMES[key])[0]
+            ax.plot([0, 1], [ys[xs.index(0.0)], ys[xs.index(1.0)]], ":", color=line.get_color(), lw=1)
+        ax.set_xlabel(f"alpha (0: {first.labels[0]}, 1: {first.labels[1]})")
+        ax.set_ylabel(f"held-out {name}")
+        ax.legend(fontsize=8)
+    parts = []
+    for key, c in ac.curves.items():
+        b = c.barriers("heldout")["score"]
+        if b is not None:
+            parts.append(f"{AlignedCurves.NAMES[key]} {b.value:+.3f}")
+    fig.suptitle(f"{first.metric} barrier: " + ", ".join(parts), fontsize=10)
     return _save(fig, path)
 
 

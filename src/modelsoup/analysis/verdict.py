@@ -27,11 +27,14 @@ from typing import Any
 import torch
 
 from ..errors import short_list
-from .curves import Barrier, Curve
+from .curves import AlignedCurves, Barrier, Curve
 from .ensembling import SoupVsEnsemble
 from .similarity import Similarity
 
 LEVELS = ("ok", "caution", "stop")
+
+# Stop reasons that models trained from different random starts give, which permutation alignment may remove.
+ALIGNABLE = ("weight_cosine", "score_barrier", "loss_barrier")
 
 # (ok at or beyond the first value, stop beyond the second); in between: caution.
 THRESHOLDS: dict[str, tuple[float, float]] = {
@@ -196,6 +199,24 @@ def barrier_reasons(curve: Curve) -> list[Reason]:
     return [r for r in found if r is not None]
 
 
+def alignment_reasons(ac: AlignedCurves) -> list[Reason]:
+    """Findings from ``soup curve --align``: the barriers after alignment, and how much alignment (and REPAIR) closed them."""
+    aligned = ac.curves["aligned"]
+    out = barrier_reasons(aligned)
+    b0, b1 = ac.curves["before"].barriers("heldout")["score"], aligned.barriers("heldout")["score"]
+    if b0 is None or b1 is None:
+        return out
+    who = f"{', '.join(ac.labels[1:])} to {ac.labels[0]}"
+    msg = f"aligning {who} ({ac.alignment.method} matching) takes the {aligned.metric} barrier from {b0.value:+.4f} to {b1.value:+.4f}"
+    rep = ac.curves.get("repaired")
+    b2 = rep.barriers("heldout")["score"] if rep is not None else None
+    if b2 is not None:
+        msg += f", and {b2.value:+.4f} with REPAIR (each soup's activation statistics renormalised on data; modelsoup.align.repair)"
+    out.append(Reason("ok" if b1.value < b0.value else "caution", "alignment",
+                      msg + ("" if b1.value < b0.value else ": alignment did not lower it"), b1.value, f"aligned barrier {b1.value:+.4f}"))
+    return out
+
+
 def ensemble_reasons(cmp: SoupVsEnsemble) -> list[Reason]:
     """Findings from the soup-vs-ensemble comparison: how far the soup of every ingredient falls short of their ensemble."""
     last = cmp.rows[-1]
@@ -220,10 +241,17 @@ def verdict(reasons: Iterable[Reason]) -> Verdict:
     level = max((r.level for r in rs), key=LEVELS.index)
     codes = {r.code for r in rs}
     advice: list[str] = []
+    aligned = "alignment" in codes
+    if aligned and level != "stop":
+        advice.append("these barriers are those of the aligned models: write them with soup align A B -o aligned, then soup A with aligned/B")
     if level == "stop":
         first = next(r for r in rs if r.level == "stop")
         headline = f"do not soup these models ({first.headline})"
         advice.append("average only models fine-tuned from one pre-trained start; to combine unrelated models use their logit ensemble (soup ensemble)")
+        if not aligned and any(r.level == "stop" and r.code in ALIGNABLE for r in rs):
+            advice.append("models of one architecture trained from different random starts often differ mostly by the order of their hidden "
+                          "units: permute them to match (soup align A B -o aligned), check the barrier after alignment "
+                          "(soup curve A B --align --heldout DATA), then soup the aligned models")
     elif level == "caution":
         headline = "soup with care"
         advice.append("prefer the greedy soup (soup greedy): it adds an ingredient only when the held-out score improves")

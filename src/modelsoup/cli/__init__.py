@@ -15,12 +15,12 @@ from typing import Any
 
 from .. import __version__
 from ..errors import SoupError
-from . import demo, diagnose, merge, soups
+from . import align, demo, diagnose, merge, soups
 
 log = logging.getLogger("modelsoup")
 
 # Subcommands that read checkpoints, and so take --allow-global.
-_READERS = ("merge", "plan", "cook", "greedy", "learn", "ensemble", "interpolate", "topk", "templates", "inspect", "curve", "compare", "scale")
+_READERS = ("merge", "plan", "cook", "greedy", "learn", "ensemble", "interpolate", "topk", "templates", "inspect", "curve", "compare", "scale", "align", "statistics", "adamerge")
 
 
 def _verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"modelsoup {__version__}")
     _verbosity(p, top=True)
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (merge, soups, diagnose, demo):
+    for module in (merge, soups, diagnose, align, demo):
         module.add_parsers(sub)
     for name, sp in sub.choices.items():
         _verbosity(sp, top=False)

@@ -71,8 +71,12 @@ def cmd_curve(a: argparse.Namespace) -> int:
 
     models = [a.a, a.b] + ([a.c] if a.c else [])
     alphas = parse_floats(a.alphas, "alphas")
+    if a.repair and not a.align:
+        raise SoupError("--repair renormalises the soups of aligned models; add --align")
     prepare(a)
     heldout, test = evaluators(a, default_model(a, models))
+    if a.align:
+        return _aligned_curve(a, models, alphas, heldout, test)
     with open_pantry(a, models) as pantry:
         if a.c:
             curve = triangle_curve(pantry, heldout, steps=a.steps, test=test, progress=progress(a))
@@ -81,6 +85,22 @@ def cmd_curve(a: argparse.Namespace) -> int:
         inputs = pantry_inputs(pantry) if a.output else []
     figures = {} if a.no_plots else {("triangle.png" if a.c else "curve.png"): lambda p: plots.curve_plot(curve, p)}
     finish(a, "curve", curve, inputs=inputs, figures=figures, verdict=verdict(barrier_reasons(curve)))
+    return 0
+
+
+def _aligned_curve(a: argparse.Namespace, models: list[str], alphas: list[float], heldout: Any, test: Any) -> int:
+    from ..analysis import plots
+    from ..analysis.curves import aligned_curves
+    from ..analysis.verdict import alignment_reasons, verdict
+    from .align import align_kwargs
+
+    with open_pantry(a, models) as pantry:
+        curves = aligned_curves(pantry, heldout, alphas=alphas, steps=a.steps, test=test, repair=a.repair, progress=progress(a), **align_kwargs(a))
+        inputs = pantry_inputs(pantry) if a.output else []
+    name = "triangle" if a.c else "curve"
+    figures = {} if a.no_plots else {f"{name}.png": lambda p: plots.curve_plot(curves.curves["before"], p),
+                                     f"{name}-aligned.png": lambda p: plots.aligned_curve_plot(curves, p)}
+    finish(a, "curve", curves, inputs=inputs, figures=figures, verdict=verdict(alignment_reasons(curves)))
     return 0
 
 
@@ -177,6 +197,13 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--steps", type=int, default=6, help="triangle: grid step 1/STEPS ((STEPS+1)(STEPS+2)/2 points; default 6)")
     add_output_options(c, output_help="folder for curve.json, curve.md and curve.png / triangle.png (default: print only)")
     add_eval_options(c)
+    from .align import add_align_options
+
+    g = add_align_options(c, prefix="align-")
+    g.add_argument("--align", action="store_true", help="also align B (and C) to A in memory (permute their hidden units, Git Re-Basin) and "
+                   "score the line again: the output shows the barrier before and after (curve-aligned.png)")
+    g.add_argument("--repair", action="store_true", help="with --align, a line: also REPAIR each soup (rescale every hidden channel to the "
+                   "endpoints' interpolated activation statistics, measured on --align-data)")
     c.set_defaults(fn=cmd_curve)
 
     cp = sub.add_parser("compare", help="weight vs logit averaging: uniform soup vs ensemble of the first k ingredients, k = 1..N",
