@@ -366,6 +366,48 @@ def test_a_spec_that_breaks_the_function_is_refused_with_the_figure_and_nothing_
         align(model, [other], spec=wrong)
 
 
+class _Sqrt(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.sqrt())))  # NaN on the check's random normal inputs
+
+
+def test_a_check_whose_outputs_are_not_finite_proves_nothing_and_is_refused():
+    torch.manual_seed(0)
+    a, b = _Sqrt(), _Sqrt()
+    wrong = PermutationSpec((Group("h", 16, (Axis("fc1.weight", 0), Axis("fc1.bias", 0))),), "declared")  # fc2's columns left out
+    with pytest.raises(AlignmentError, match="hold NaN/Inf, so they cannot show"):
+        align(a, [b], spec=wrong, arch=_Sqrt, input_shape=(6,))
+
+
+class _Capped(nn.Module):
+    """Per-unit learned clipping: clamp's tensor argument must follow the units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.cap = nn.Parameter(torch.linspace(0.05, 0.6, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.clamp(torch.relu(self.fc1(x)), max=self.cap))
+
+
+def test_a_tensor_argument_of_an_elementwise_op_is_permuted_with_the_units():
+    spec = permutation_spec(_Capped(), example_inputs=(torch.randn(2, 6),))
+    (group,) = spec.groups
+    assert ("cap", 0) in {(a.tensor, a.axis) for a in group.axes}
+    torch.manual_seed(1)
+    a, b = _Capped(), _Capped()
+    res = align(a, [b], arch=_Capped, input_shape=(6,))
+    aligned = copy.deepcopy(b)
+    aligned.load_state_dict(res.models[0].state)
+    x = torch.rand(32, 6) * 20  # the caps bind: a cap left in place would change the outputs
+    assert torch.allclose(aligned(x), b(x), atol=1e-5)
+
+
 def test_activation_matching_without_data_and_an_unknown_method_are_refused():
     with pytest.raises(AlignmentError, match="activation matching needs data"):
         align(mlp(0), [mlp(1)], method="activation")

@@ -179,8 +179,14 @@ def output_difference(original: nn.Module, permuted: nn.Module, inputs: Iterable
             for x, y in zip(a, b):
                 if not x.is_floating_point():
                     continue
+                if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):  # a NaN would hide every difference beside it
+                    raise AlignmentError(f"{type(original).__name__}: its outputs on the check's inputs hold NaN/Inf, so they cannot show that "
+                                         "the aligned model computes the same function; give inputs it is defined on (--data, the model's own data)")
                 diff = max(diff, float((x.double() - y.double()).abs().max()) if x.numel() else 0.0)
                 scale = max(scale, float(x.double().abs().max()) if x.numel() else 0.0)
+    if scale == 0.0:
+        raise AlignmentError(f"{type(original).__name__}: its outputs on the check's inputs are all zero, so they cannot show that the aligned "
+                             "model computes the same function; give inputs that exercise it (--data, the model's own data)")
     return diff, scale
 
 

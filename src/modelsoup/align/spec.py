@@ -510,7 +510,8 @@ class _Tracer:
         raise self.refuse(node, f"is an operation modelsoup does not know, applied to the units of {self.names[self.find(perm[0][1].gid)]}")  # type: ignore[union-attr]
 
     def elementwise(self, node: Any, perm: list[tuple[Any, _Value | None]]) -> _Value:
-        if len(perm) > 1:
+        others = [n for n, v in self.inputs(node) if v is not None and _shape(n) is not None]
+        if len(perm) > 1 or len(others) > 1:  # a tensor argument (clamp's per-unit max, pow's exponents) is combined with the units
             return self.binary(node, self.inputs(node))
         v = perm[0][1]
         assert v is not None
