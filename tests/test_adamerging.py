@@ -149,3 +149,43 @@ def test_adamerging_over_several_tasks_weighs_each_tasks_mean_entropy(task_model
         low = _mean_entropy(tasks.domains["low"], state, entropy_loss(tasks.domains["low"]))
         high = _mean_entropy(tasks.domains["high"], state, entropy_loss(tasks.domains["high"]))
     assert both == pytest.approx((low + high) / 2, rel=1e-5)
+
+
+def test_a_name_stored_as_one_tensor_with_another_keeps_its_coefficients(tmp_path):
+    """A .pt checkpoint whose head shares the embedding's storage: the written recipe must give both names the same
+    per-tensor coefficients, or the head would be merged by the start's weights and untied (a red-team finding)."""
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.emb(x)))
+
+    torch.manual_seed(0)
+    base = Tied()
+    paths = [tmp_path / "base.pt"]
+    torch.save(base.state_dict(), paths[0])
+    for k in range(2):
+        ft = Tied()
+        ft.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            ft.emb.weight.add_(0.5 * torch.randn(10, 6))
+        paths.append(tmp_path / f"ft{k}.pt")
+        torch.save(ft.state_dict(), paths[-1])
+    x = torch.arange(10).repeat(4)
+    ev = ClassificationEvaluator(Tied(), DataLoader(TensorDataset(x, x), batch_size=8))
+    res = adamerging([str(p) for p in paths[1:]], str(paths[0]), ev, by="tensor", lr=0.05, epochs=5, progress=False)
+    assert res.lambdas["head.weight"] == res.lambdas["emb.weight"] != [0.3, 0.3]
+    merged = merge_state_dicts([torch.load(p, weights_only=True) for p in paths], weights=[m.weight for m in res.recipe.models],
+                               overrides=[{"match": o.match, "weights": list(o.weights)} for o in res.recipe.overrides])
+    assert torch.equal(merged["head.weight"], merged["emb.weight"])
+    net = Tied()
+    net.load_state_dict(merged)
+    with torch.no_grad():
+        logp = torch.log_softmax(net(x), -1)
+    assert float(-(logp.exp() * logp).sum(-1).mean()) == pytest.approx(res.entropy, abs=1e-5)

@@ -298,7 +298,16 @@ def learnable_tensors(evaluator: ModuleEvaluator, state: Any) -> tuple[list[Any]
     for j in merged_jobs:  # the first merged name of each tie group leads it (the module's first name may be a copy job)
         first_seen.setdefault(parameters[j.name], j.name)
     followers = {j.name: first_seen[parameters[j.name]] for j in merged_jobs if first_seen[parameters[j.name]] != j.name}
-    return [j for j in merged_jobs if j.name not in followers], followers
+    learned = [j for j in merged_jobs if j.name not in followers]
+    # a name the files store as one tensor with another (the plan computes it once) must get the same coefficients in
+    # the recipe, or its own rule there would untie it and merge it by the start's weights
+    leads = {j.name for j in learned}
+    for j in state.run.plan.jobs:
+        if j.action == "merge" and j.alias_of is not None:
+            target = followers.get(j.alias_of, j.alias_of)
+            if target in leads:
+                followers[j.name] = target
+    return learned, followers
 
 
 def learned_soup(
