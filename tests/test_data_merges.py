@@ -385,6 +385,12 @@ def test_regmean_refuses_what_is_not_a_gram_matrix():
         get_method("regmean")(w, statistics=[skew, torch.eye(3, dtype=torch.float64)])
     with pytest.raises(MethodError, match="not one"):
         get_method("regmean")(w, statistics=[-torch.eye(3, dtype=torch.float64)] * 2)
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # symmetric, diagonal >= 0, an eigenvalue -1
+    with pytest.raises(MethodError, match="positive semi-definite"):
+        get_method("regmean")([torch.ones(2, 2)] * 2, statistics=[indefinite, torch.eye(2, dtype=torch.float64)])
+    x = torch.randn(5, 3, dtype=torch.float64)
+    singular = x[:, :1] @ x[:, :1].T  # rank one, zero eigenvalues in rounding: still a Gram
+    get_method("regmean")([torch.ones(2, 5)] * 2, statistics=[singular, singular])
 
 
 def test_a_tied_name_the_checkpoint_does_not_store_gets_no_statistic(tmp_path):
@@ -405,3 +411,103 @@ def test_a_tied_name_the_checkpoint_does_not_store_gets_no_statistic(tmp_path):
     assert set(fisher_statistics(stored, ev, progress=False)) == {"emb.weight"}
     with pytest.raises(EvaluatorError, match="Tied has no nn.Linear layer"):  # its only one is the tied head the file does not store
         gram_statistics(stored, ev, progress=False)
+
+
+# ---------------------------------------------------------------- red-team findings: statistics that would not apply
+
+
+def _adapter(folder, seed):
+    import json
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["0", "2"]}))
+    save_file({"base_model.model.0.lora_A.weight": torch.randn(2, 5, generator=g), "base_model.model.0.lora_B.weight": torch.randn(7, 2, generator=g),
+               "base_model.model.2.lora_A.weight": torch.randn(2, 7, generator=g), "base_model.model.2.lora_B.weight": torch.randn(3, 2, generator=g)},
+              folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_statistics_of_adapters_and_of_a_nested_key_are_of_the_model_as_merged(tmp_path, monkeypatch):
+    from modelsoup.cli import main
+    from modelsoup.io import open_checkpoint
+    from modelsoup.io.adapters import adapted
+
+    monkeypatch.setenv("MODELSOUP_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "tiny_eval.py").write_text(_EVAL)
+    save_file({k: v.contiguous() for k, v in _mlp(0).state_dict().items()}, tmp_path / "base.safetensors")
+    ads = [_adapter(tmp_path / f"a{i}", i) for i in range(2)]
+    files = []
+    for i in range(2):
+        x, y = _data(60 + i)
+        files.append(tmp_path / f"d{i}.pt")
+        torch.save({"x": x, "y": y}, files[-1])
+    ev = f"{tmp_path / 'tiny_eval.py'}:Tiny"
+    assert main(["merge", "--method", "fisher", "--base", str(tmp_path / "base.safetensors"), str(ads[0]), str(ads[1]), "--data", str(files[0]),
+                 "--data", str(files[1]), "--eval", ev, "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    states = []
+    for a in ads:
+        ck = adapted(open_checkpoint(tmp_path / "base.safetensors"), a)
+        states.append({n: ck.read(n) for n in ck.names()})
+        ck.close()
+    fishers = [fisher_statistics(sd, _evaluator(*torch.load(f, weights_only=True).values()), progress=False) for sd, f in zip(states, files)]
+    want = merge_state_dicts(states, method="fisher", statistics=fishers)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+    # a nested torch checkpoint read with --key: the statistics are of that entry, and the key is part of the cache key
+    for i in range(2):
+        torch.save({"state_dict": _mlp(i).state_dict(), "ema": _mlp(10 + i).state_dict()}, tmp_path / f"k{i}.pt")
+    out = {}
+    for key in ("ema", "state_dict"):
+        assert main(["merge", "--method", "fisher", str(tmp_path / "k0.pt"), str(tmp_path / "k1.pt"), "--key", key, "--data", str(files[0]),
+                     "--data", str(files[1]), "--eval", ev, "-o", str(tmp_path / f"o-{key}"), "--no-progress"]) == 0
+        out[key] = load_file(tmp_path / f"o-{key}" / "model.safetensors")
+        sds = [_mlp(10 + i if key == "ema" else i).state_dict() for i in range(2)]
+        fishers = [fisher_statistics(sd, _evaluator(*torch.load(f, weights_only=True).values()), progress=False) for sd, f in zip(sds, files)]
+        want = merge_state_dicts(sds, method="fisher", statistics=fishers)
+        assert all(torch.allclose(out[key][k], want[k], atol=1e-6) for k in want), key
+
+
+def test_an_evaluator_that_would_not_read_each_models_data_is_refused(tmp_path, capsys):
+    from modelsoup.cli import main
+
+    paths = _two(tmp_path)
+    (tmp_path / "ev.py").write_text(_EVAL + "\ninstance = Tiny(__import__('pathlib').Path(__file__).with_name('d.pt'))\n"
+                                    "class NoArg(Tiny):\n    def __init__(self):\n        super().__init__(__import__('pathlib').Path(__file__).with_name('d.pt'))\n")
+    torch.save({"x": torch.zeros(2, 5), "y": torch.zeros(2, dtype=torch.long)}, tmp_path / "d.pt")
+    base = ["merge", "--method", "fisher", str(paths[0]), str(paths[1]), "--data", str(tmp_path / "d.pt"), "--data", str(tmp_path / "d.pt")]
+    for name in ("instance", "NoArg"):
+        assert main([*base, "--eval", f"{tmp_path / 'ev.py'}:{name}", "-o", str(tmp_path / name)]) == 2
+        assert "give an Evaluator class whose constructor takes the data path" in capsys.readouterr().err
+    assert main([*base, "--eval", f"{tmp_path / 'ev.py'}:Tiny", "--limit", "2", "-o", str(tmp_path / "lim")]) == 2
+    assert "--limit are options of the built-in evaluators" in capsys.readouterr().err
+
+
+def test_the_cache_follows_the_evaluators_code_and_the_file_follows_its_kind_and_owner(tmp_path, monkeypatch):
+    from modelsoup.cli import main
+
+    monkeypatch.setenv("MODELSOUP_CACHE_DIR", str(tmp_path / "cache"))
+    paths = _two(tmp_path)
+    x, y = _data(70)
+    torch.save({"x": x, "y": y}, tmp_path / "d.pt")
+    (tmp_path / "ev.py").write_text(_EVAL)
+    argv = ["merge", "--method", "regmean", str(paths[0]), str(paths[1]), "--data", str(tmp_path / "d.pt"), "--data", str(tmp_path / "d.pt"),
+            "--eval", f"{tmp_path / 'ev.py'}:Tiny", "--no-progress", "--overwrite"]
+    assert main([*argv, "-o", str(tmp_path / "tanh")]) == 0
+    (tmp_path / "ev.py").write_text(_EVAL.replace("nn.Tanh()", "nn.ReLU()"))  # the same data, another module: new statistics
+    assert main([*argv, "-o", str(tmp_path / "relu")]) == 0
+    a, b = load_file(tmp_path / "tanh" / "model.safetensors"), load_file(tmp_path / "relu" / "model.safetensors")
+    assert not torch.equal(a["2.weight"], b["2.weight"])
+    assert len(list((tmp_path / "cache" / "statistics").glob("gram-*"))) == 4
+    assert main([*argv, "--no-statistics-cache", "-o", str(tmp_path / "again")]) == 0  # computed again, not an error
+    # a file of one kind for the other method, or of one model for another, is refused by its metadata
+    stats = []
+    for i, p in enumerate(paths):
+        stats.append(tmp_path / f"g{i}.safetensors")
+        assert main(["statistics", str(p), "--data", str(tmp_path / "d.pt"), "--kind", "gram", "--eval", f"{tmp_path / 'ev.py'}:Tiny",
+                     "-o", str(stats[-1]), "--no-progress"]) == 0
+    with pytest.raises(RecipeError, match="holds gram statistics, and this method needs fisher statistics"):
+        merge(models=[str(p) for p in paths], method="fisher", statistics=[str(s) for s in stats], output=tmp_path / "o1")
+    with pytest.raises(RecipeError, match=r"models\[0\]: \S*g1.safetensors was computed for other weights than"):
+        merge(models=[str(p) for p in paths], method="regmean", statistics=[str(stats[1]), str(stats[0])], output=tmp_path / "o2")

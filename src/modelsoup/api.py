@@ -149,6 +149,9 @@ def _opened(recipe: Recipe, allow_globals: Sequence[str] = ()) -> Iterator[tuple
                 src = m.statistics if m.statistics_resolved is None else m.statistics_resolved
                 ck = open_checkpoint(src, label=f"the statistics of model[{i}]" if m.statistics_resolved is None else str(m.statistics))
                 opened.append(ck)
+                from .recipes.statistics import check_statistics_file
+
+                check_statistics_file(ck, method.statistic, opened[i], f"models[{i}]", m)
                 stats.append(ck)
         yield opened[: len(recipe.models)], base, stats
     finally:

@@ -346,12 +346,34 @@ def _data_options(dg: Any, *, per_model: bool = True) -> None:
     dg.add_argument("--fisher", choices=["empirical", "sampled"], default="empirical",
                     help="fisher: labels from the data (empirical, default) or drawn from the model's predictions (sampled)")
     dg.add_argument("--statistics-cache", metavar="DIR", help="where statistics are kept (default <modelsoup cache>/statistics)")
-    dg.add_argument("--no-statistics-cache", action="store_true", help="compute the statistics again; keep nothing")
+    dg.add_argument("--no-statistics-cache", action="store_true", help="compute the statistics again (and replace the cached ones)")
 
 
 def _evaluator_for(a: argparse.Namespace, model: Path | None, file: Path) -> Any:
-    """The evaluator that runs ``model`` on ``file`` as the data options say."""
-    from ..eval.factory import make_evaluators
+    """The evaluator that runs ``model`` on ``file`` as the data options say.
+
+    Raises:
+        SoupError: a custom ``--eval`` that would not read ``file`` (an Evaluator object, or a class that takes no data
+            path: every model's statistics would come from one dataset), or built-in options given to it.
+    """
+    import inspect
+
+    from ..eval.base import Evaluator, load_object
+    from ..eval.factory import BUILTINS, make_evaluators
+
+    if a.eval not in BUILTINS:
+        given = [f"--{k.replace('_', '-')}" for k in ("text_column", "label_column", "max_length", "batch_size", "limit") if getattr(a, k) is not None]
+        if given:
+            raise SoupError(f"{', '.join(given)} are options of the built-in evaluators; your --eval {a.eval} reads its data itself")
+        obj = load_object(a.eval)
+        try:
+            takes = isinstance(obj, type) and issubclass(obj, Evaluator) and any(
+                p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in inspect.signature(obj).parameters.values())
+        except (TypeError, ValueError):
+            takes = False
+        if not takes:
+            raise SoupError(f"--eval {a.eval}: each model's statistics come from its own --data file, so give an Evaluator class whose "
+                            f"constructor takes the data path (a {type(obj).__name__} with its own data would give every model the same data)")
 
     folder = a.model or (str(model) if model is not None and (model / "config.json").is_file() else None)
     held, _ = make_evaluators(a.eval, heldout=str(file), model=folder, text_column=a.text_column, label_column=a.label_column,

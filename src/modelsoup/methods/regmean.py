@@ -55,8 +55,10 @@ def regmean(
     for t, g, wi in zip(tensors, statistics, w):
         g64 = g.to(torch.float64)
         scale = float(g64.abs().max())
-        if float((g64 - g64.T).abs().max()) > 1e-6 * scale or bool((torch.diagonal(g64) < 0).any()):
-            raise MethodError("a Gram matrix X^T X is symmetric with a non-negative diagonal; this statistic is not one "
+        # X^T X is symmetric positive semi-definite: a Cholesky factor exists once the rounding of its zero eigenvalues is covered
+        jitter = torch.eye(n_in, dtype=torch.float64, device=g64.device) * (1e-9 * scale * n_in)
+        if scale > 0 and (float((g64 - g64.T).abs().max()) > 1e-6 * scale or int(torch.linalg.cholesky_ex(g64 + jitter).info) != 0):
+            raise MethodError("a Gram matrix X^T X is symmetric positive semi-definite; this statistic is not one "
                               "(compute it with `soup statistics --kind gram`)")
         shrunk = g64 * alpha + torch.diag(torch.diagonal(g64)) * (1.0 - alpha)
         a.add_(shrunk, alpha=wi)

@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import EvaluatorError, OptionError
 from ..eval.module import ClassificationEvaluator, ModuleEvaluator, to_device
-from ..io import open_checkpoint
+from ..io import Checkpoint, open_checkpoint
+from ..io.adapters import adapted
+from ..recipe.schema import ModelRef
 from ..io.output import cache_root, cached_sha256
 from ..progress import progress_on
 
@@ -53,13 +55,34 @@ def _require_classifier(evaluator: Any, what: str) -> ClassificationEvaluator:
     return evaluator
 
 
+def open_model(model: Any) -> Checkpoint:
+    """The checkpoint of ``model`` as a merge reads it: a path, a state dict or module, or a recipe's
+    :class:`~modelsoup.recipe.schema.ModelRef` (its ``key``, ``strip_prefix`` and PEFT ``adapter`` applied)."""
+    if isinstance(model, ModelRef):
+        source = model.source if model.source is not None else model.resolved
+        ck = open_checkpoint(source, label=model.label() if model.source is not None else str(model.path), key=model.key,
+                             strip_prefix=model.strip_prefix)
+        return ck if model.adapter_resolved is None else adapted(ck, model.adapter_resolved, model.adapter)
+    return open_checkpoint(model.state_dict() if isinstance(model, nn.Module) else model)
+
+
+def weights_digest(ck: Checkpoint, model: Any = None) -> str | None:
+    """sha256 naming a model's weights as read: its files' sha256 and the reading options (None for an in-memory model)."""
+    if not ck.files:
+        return None
+    ref = model if isinstance(model, ModelRef) else None
+    parts = {"files": [cached_sha256(Path(f)) for f in ck.files], "key": ref.key if ref else None, "strip_prefix": ref.strip_prefix if ref else None}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def _load(model: Any, evaluator: ModuleEvaluator) -> tuple[nn.Module, set[str]]:
-    """``evaluator``'s module holding ``model``'s weights (a mapping is loaded as is, a path or module read whole), and the
-    names the weights have (a tied name the checkpoint does not store gets no statistic of its own: the merge has none)."""
+    """``evaluator``'s module holding ``model``'s weights (a mapping is loaded as is, anything else read whole as
+    :func:`open_model` opens it), and the names the weights have (a tied name the checkpoint does not store gets no
+    statistic of its own: the merge has none)."""
     if isinstance(model, Mapping):
         evaluator.load(model, label="model")
         return evaluator.module, set(model)
-    ck = open_checkpoint(model.state_dict() if isinstance(model, nn.Module) else model)
+    ck = open_model(model)
     try:
         names = ck.names()
         evaluator.load({name: ck.read(name) for name in names}, label=ck.label)
@@ -192,18 +215,54 @@ def gram_statistics(model: Any, evaluator: ModuleEvaluator, *, progress: bool | 
     return {name: grams[key].cpu() for key, (_, names) in linears.items() for name in names}
 
 
-def _key(model: Any, evaluator: ModuleEvaluator, statistic: str, settings: Mapping[str, Any]) -> str | None:
-    """The cache key of a model's statistics: its files' sha256, the evaluator's identity and the settings (None: in memory)."""
-    if isinstance(model, (Mapping, nn.Module)):
+def _evaluator_code(evaluator: ModuleEvaluator) -> dict[str, Any]:
+    """What the statistics depend on in the evaluator's code: the module's structure, and the source of a user's class."""
+    import inspect
+
+    parts: dict[str, Any] = {"module": hashlib.sha256(repr(evaluator.module).encode()).hexdigest()}
+    for cls in type(evaluator).__mro__:
+        if cls.__module__.startswith("modelsoup.") or cls.__module__ in ("builtins", "abc"):
+            continue
+        try:
+            source = inspect.getsourcefile(cls)
+        except TypeError:
+            source = None
+        if source and Path(source).is_file():
+            parts[f"{cls.__module__}.{cls.__qualname__}"] = cached_sha256(Path(source))
+    return parts
+
+
+def _key(digest: str | None, evaluator: ModuleEvaluator, statistic: str, settings: Mapping[str, Any]) -> str | None:
+    """The cache key of a model's statistics: its weights, the evaluator (identity: its data; its code) and the settings."""
+    if digest is None:
         return None
-    ck = open_checkpoint(model)
-    try:
-        files = sorted(str(f) for f in ck.files)
-        hashes = [cached_sha256(Path(f)) for f in files]
-    finally:
-        ck.close()
-    parts = {"statistic": statistic, "settings": dict(settings), "weights": hashes, "evaluator": evaluator.identity(), "version": 1}
+    parts = {"statistic": statistic, "settings": dict(settings), "weights": digest, "evaluator": evaluator.identity(),
+             "code": _evaluator_code(evaluator), "version": 2}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def check_statistics_file(ck: Checkpoint, statistic: str, model: Checkpoint, label: str, ref: Any = None) -> None:
+    """Refuse a statistics file written for another method's statistic or for other weights (its metadata says which).
+
+    Raises:
+        RecipeError: the file's ``statistic`` is not ``statistic``, or its ``weights`` digest is not ``model``'s (read as the
+            recipe entry ``ref`` says).
+    """
+    from safetensors import safe_open
+
+    from ..errors import RecipeError
+
+    if not ck.files or not str(ck.files[0]).endswith(".safetensors"):
+        return
+    with safe_open(str(ck.files[0]), "pt") as f:
+        meta = dict(f.metadata() or {})
+    if "statistic" in meta and meta["statistic"] != statistic:
+        raise RecipeError([f"{label}: {ck.label} holds {meta['statistic']} statistics, and this method needs {statistic} statistics "
+                           f"(soup statistics --kind {statistic})"])
+    digest = weights_digest(model, ref)
+    if "weights" in meta and digest is not None and meta["weights"] != digest:
+        raise RecipeError([f"{label}: {ck.label} was computed for other weights than {model.label}'s (its files or reading options "
+                           "changed, or it is another model's); compute this model's statistics again"])
 
 
 def save_statistics(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]) -> Path:
@@ -229,14 +288,15 @@ def model_statistics(model: Any, evaluator: ModuleEvaluator, statistic: str, *, 
     """Compute (or find in the cache) one model's statistics and return the safetensors file that holds them.
 
     Args:
-        model: a checkpoint path (file or folder; the cache is keyed by its files' hashes), or a state dict / module
+        model: a checkpoint path (file or folder; the cache is keyed by its files' hashes), a recipe's model entry
+            (:class:`~modelsoup.recipe.schema.ModelRef`: its key, prefix and adapter applied), or a state dict / module
             (computed every time; give ``output``).
         evaluator: over the model's own data (see :func:`fisher_statistics`, :func:`gram_statistics`).
         statistic: ``fisher`` (for ``method: fisher``) or ``gram`` (for ``method: regmean``).
         kind, seed: the Fisher's labels (:func:`fisher_statistics`).
         output: write the file here too (e.g. next to the model); default: only in the cache.
         cache_dir: the cache folder (default ``<modelsoup cache>/statistics``).
-        use_cache: False computes again and stores nothing in the cache.
+        use_cache: False computes again (and replaces the cached file).
 
     Raises:
         OptionError: an unknown statistic, or an in-memory model without ``output``.
@@ -245,14 +305,20 @@ def model_statistics(model: Any, evaluator: ModuleEvaluator, statistic: str, *, 
     if statistic not in STATISTICS:
         raise OptionError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
     settings = {"kind": kind, "seed": seed} if statistic == "fisher" else {}
-    key = _key(model, evaluator, statistic, settings) if use_cache else None
+    if isinstance(model, Mapping):
+        digest = None
+    else:
+        ck = open_model(model)
+        try:
+            digest = weights_digest(ck, model)
+        finally:
+            ck.close()
+    key = _key(digest, evaluator, statistic, settings)
     if key is None and output is None:
-        if use_cache:
-            raise OptionError("statistics of an in-memory model are not cached; give output= (a .safetensors path) to keep them")
-        raise OptionError("give output= (a .safetensors path): with use_cache=False nothing is stored in the cache")
+        raise OptionError("statistics of an in-memory model are not cached; give output= (a .safetensors path) to keep them")
     cached = Path(cache_dir) if cache_dir is not None else cache_root() / "statistics"
     hit = cached / f"{statistic}-{key}.safetensors" if key is not None else None
-    if hit is not None and hit.is_file():
+    if use_cache and hit is not None and hit.is_file():
         log.info("%s statistics of %s: from the cache (%s)", statistic, model, hit)
         if output is not None:
             import shutil
@@ -262,7 +328,7 @@ def model_statistics(model: Any, evaluator: ModuleEvaluator, statistic: str, *, 
             os.replace(tmp, output)
             return Path(output)
         return hit
-    label = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    label = model.label() if isinstance(model, ModelRef) else str(model) if isinstance(model, (str, Path)) else type(model).__name__
     log.info("%s statistics of %s on %s", statistic, label, evaluator.name or type(evaluator).__name__)
     if statistic == "fisher":
         tensors = fisher_statistics(model, evaluator, kind=kind, seed=seed, progress=progress)
@@ -270,7 +336,7 @@ def model_statistics(model: Any, evaluator: ModuleEvaluator, statistic: str, *, 
         tensors = gram_statistics(model, evaluator, progress=progress)
     examples = evaluator.data_size()
     meta = {"statistic": statistic, "modelsoup": __version__, "evaluator": evaluator.identity(), **{k: str(v) for k, v in settings.items()},
-            **({"examples": str(examples)} if examples is not None else {})}
+            **({"examples": str(examples)} if examples is not None else {}), **({"weights": digest} if digest is not None else {})}
     written = None
     if hit is not None:
         try:
@@ -279,7 +345,10 @@ def model_statistics(model: Any, evaluator: ModuleEvaluator, statistic: str, *, 
             log.warning("cannot write the statistics cache in %s (%s)", cached, e)
     if output is not None:
         return save_statistics(tensors, output, meta)
-    assert written is not None
+    if written is None:
+        from ..errors import OutputError
+
+        raise OutputError(f"the statistics cache {cached} cannot be written; give another folder (--statistics-cache DIR, cache_dir=) or output=")
     return written
 
 
@@ -303,8 +372,7 @@ def recipe_statistics(recipe: Any, evaluator_for: Callable[[int, Path], ModuleEv
         m = models[i]
         if m.statistics is not None or m.data_resolved is None:
             continue
-        source = m.source if m.source is not None else m.resolved
-        path = model_statistics(source, evaluator_for(i, m.data_resolved), method.statistic, kind=kind, seed=seed, cache_dir=cache_dir,
+        path = model_statistics(m, evaluator_for(i, m.data_resolved), method.statistic, kind=kind, seed=seed, cache_dir=cache_dir,
                                 use_cache=use_cache, progress=progress)
         models[i] = dataclasses.replace(m, statistics=str(path), statistics_resolved=path)
     return dataclasses.replace(recipe, models=models)
