@@ -640,6 +640,11 @@ def attach_statistics(jobs: list[TensorJob], method: MergeMethod, statistics: Se
             continue
         out.append(replace(job, statistic_sources=tuple((first + k, job.name) for k in range(len(statistics)))))
     _raise_mismatches(problems)
+    with_stats = {j.name for j in out if j.statistic_sources}
+    unused = [f"{j.name} (as {j.alias_of})" for j in out if j.alias_of is not None and j.name in with_stats and j.alias_of not in with_stats]
+    if unused:  # one tensor under two names is merged once, under its first name, which has no statistic here
+        log.warning("%s: stored as one tensor with a name that has no %s statistic, so merged as that name is (the weighted mean), "
+                    "keeping the tie", ", ".join(unused), method.statistic)
     return out
 
 
