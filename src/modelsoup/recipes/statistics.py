@@ -134,28 +134,42 @@ def fisher_statistics(model: Any, evaluator: ModuleEvaluator, *, kind: str = "em
             p.requires_grad_(True)
         with tqdm(total=ev.data_size(), unit="ex", desc="fisher", disable=not progress_on(progress), leave=False) as bar:
             for batch in ev.batches():
-                logits, labels = ev.forward(module, to_device(batch, ev.device))
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                if logp.ndim != 2:
-                    raise EvaluatorError(f"a Fisher needs logits of shape (examples, classes); the module gave {list(logits.shape)}")
-                if kind == "empirical":
-                    y = labels.long().reshape(-1)
-                else:
-                    y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).reshape(-1).to(logp.device)
-                picked = logp.gather(1, y[:, None]).reshape(-1)
-                for i in range(picked.shape[0]):
-                    grads = torch.autograd.grad(picked[i], leaders, retain_graph=i + 1 < picked.shape[0], allow_unused=True)
-                    for p, g in zip(leaders, grads):
-                        if g is not None:
-                            sums[id(p)].addcmul_(g, g)
-                examples += picked.shape[0]
-                bar.update(picked.shape[0])
+                for example in _examples(to_device(batch, ev.device)):  # one graph per example: a batch's graph would cost B x per backward
+                    logits, labels = ev.forward(module, example)
+                    logp = torch.log_softmax(logits.float(), dim=-1)
+                    if logp.ndim != 2:
+                        raise EvaluatorError(f"a Fisher needs logits of shape (examples, classes); the module gave {list(logits.shape)}")
+                    if kind == "empirical":
+                        y = labels.long().reshape(-1)
+                    else:
+                        y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).reshape(-1).to(logp.device)
+                    picked = logp.gather(1, y[:, None]).reshape(-1)
+                    for i in range(picked.shape[0]):
+                        grads = torch.autograd.grad(picked[i], leaders, retain_graph=i + 1 < picked.shape[0], allow_unused=True)
+                        for p, g in zip(leaders, grads):
+                            if g is not None:
+                                sums[id(p)].addcmul_(g, g)
+                    examples += picked.shape[0]
+                    bar.update(picked.shape[0])
     finally:
         for p in leaders:
             p.requires_grad_(grad_before[id(p)])
     if examples == 0:
         raise EvaluatorError("the Fisher's data has no examples")
     return {name: (sums[id(p)] / examples).cpu() for name, p in params.items()}
+
+
+def _examples(batch: Any) -> list[Any]:
+    """A batch as batches of one example each (every tensor sliced along its first dimension, the batch's size), or the
+    batch itself when its tensors do not share one (then each example's gradient is taken through the whole batch)."""
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
+    sizes = {t.shape[0] if t.ndim else None for t in leaves}
+    if len(sizes) != 1 or None in sizes:
+        return [batch]
+    n = sizes.pop()
+    return [tree_map(lambda t, i=i: t[i:i + 1] if isinstance(t, torch.Tensor) else t, batch) for i in range(n)]
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
