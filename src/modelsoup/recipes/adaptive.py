@@ -32,7 +32,8 @@ from ..eval.module import ClassificationEvaluator, ModuleEvaluator, load_weights
 from ..devices import available_memory
 from ..progress import progress_on
 from ..recipe import Recipe
-from .learned import GRANULARITY, MEMORY_MODES, STREAMING_UPDATES_PER_EPOCH, _gb, _groups, _Resident, _Streaming, learnable_tensors, memory_estimate
+from .learned import (GRANULARITY, MEMORY_MODES, OPTIMIZER_CLASSES, _gb, _groups, _Resident, _Streaming, batch_updates, check_accumulate,
+                      learnable_tensors, memory_estimate, per_tensor)
 from .pantry import Pantry, as_pantry
 
 log = logging.getLogger("modelsoup")
@@ -109,7 +110,7 @@ def entropy_loss(evaluator: ModuleEvaluator) -> Callable[[Callable[..., Any], An
     def loss(call: Callable[..., Any], batch: Any) -> tuple[torch.Tensor, int]:
         d, inner = batch if domains else (None, batch)
         ev = _classifier_of(evaluator, d)
-        logits, labels = ev.forward(call, inner)
+        logits, _ = ev.forward(call, inner)
         logp = torch.log_softmax(logits.float(), dim=-1)
         total = -(logp.exp() * logp).sum()
         n = int(logits.shape[0])
@@ -185,8 +186,7 @@ def adamerging(
             raise OptionError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
     if not (lr > 0 and epochs >= 0 and low <= init <= high):
         raise OptionError(f"AdaMerging needs lr > 0, epochs >= 0 and low <= init <= high; got lr {lr}, epochs {epochs}, init {init}, range [{low}, {high}]")
-    if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
-        raise OptionError(f"accumulate is the number of batches per update, a whole number >= 1; got {accumulate!r}")
+    check_accumulate(accumulate)
     if isinstance(models, Pantry):
         if base is not None:
             raise OptionError("with a Pantry, its first ingredient is the base: pass base=None")
@@ -201,7 +201,7 @@ def adamerging(
         loss = entropy_loss(evaluator)
         every = list(range(n + 1))
         start = [1.0 - n * init] + [init] * n
-        start_recipe, start_state = pantry.soup(every, start)
+        _, start_state = pantry.soup(every, start)
         learnable, followers = learnable_tensors(evaluator, start_state)
         names = [j.name for j in learnable]
         group = _groups(names) if by == "layer" else list(range(len(names)))
@@ -216,8 +216,7 @@ def adamerging(
                                           + ("use memory=\"streaming\" (--learn-memory streaming), or " if memory == "resident" else "")
                                           + "run on a larger device")
         lam = torch.full((n,) if by == "model" else (rows, n), float(init), dtype=torch.float32, device=evaluator.device, requires_grad=True)
-        opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
-        opt = opt_cls([lam], lr=lr)
+        opt = OPTIMIZER_CLASSES[optimizer]([lam], lr=lr)
 
         def coefficients() -> torch.Tensor:
             return torch.cat([1.0 - lam.sum(dim=-1, keepdim=True), lam], dim=-1)
@@ -227,10 +226,7 @@ def adamerging(
             lams = lam.detach().double().cpu()
             if by == "model":
                 return pantry.recipe(every, [float(x) for x in c]), [float(x) for x in lams]
-            per = {name: [float(x) for x in c[group[k]]] for k, name in enumerate(names)}
-            per.update({f: per[lead] for f, lead in followers.items()})
-            lam_per = {name: [float(x) for x in lams[group[k]]] for k, name in enumerate(names)}
-            lam_per.update({f: lam_per[lead] for f, lead in followers.items()})
+            per, lam_per = per_tensor(c, names, group, followers), per_tensor(lams, names, group, followers)
             return pantry.recipe(every, start, tensor_weights=per), lam_per  # tensors not learned keep the start's weights
 
         start_entropy = _mean_entropy(evaluator, start_state, loss)
@@ -239,8 +235,7 @@ def adamerging(
         load_weights(evaluator.module, start_state, ignore_unexpected=evaluator.ignore_unexpected, label="adamerging start")
         cks = [pantry.checkpoint(i) for i in every]
         batches = list(evaluator.batches())
-        step = accumulate if accumulate is not None else (1 if memory == "resident" else max(1, -(-len(batches) // STREAMING_UPDATES_PER_EPOCH)))
-        updates = [batches[k:k + step] for k in range(0, len(batches), step)]
+        step, updates = batch_updates(batches, accumulate, memory)
         if epochs > 0:
             engine = (_Resident(evaluator, start_state, [j.dtype for j in learnable], cks, names, group, by, loss) if memory == "resident"
                       else _Streaming(evaluator, pantry, start_state, cks, names, group, by, loss))

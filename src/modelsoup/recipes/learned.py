@@ -278,6 +278,33 @@ class _Streaming:
         self.targets = {}
 
 
+def check_accumulate(accumulate: int | None) -> None:
+    """Refuse an ``accumulate`` that is not a whole number of batches >= 1 (None: the default).
+
+    Raises:
+        OptionError: it is not.
+    """
+    if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
+        raise OptionError(f"accumulate is the number of batches per update, a whole number >= 1; got {accumulate!r}")
+
+
+def batch_updates(batches: Sequence[Any], accumulate: int | None, memory: str) -> tuple[int, list[Sequence[Any]]]:
+    """(batches per update, the updates' batches): ``accumulate``, or 1 resident and streaming at most
+    ``STREAMING_UPDATES_PER_EPOCH`` updates per epoch."""
+    step = accumulate if accumulate is not None else (1 if memory == "resident" else max(1, -(-len(batches) // STREAMING_UPDATES_PER_EPOCH)))
+    return step, [batches[k:k + step] for k in range(0, len(batches), step)]
+
+
+def per_tensor(rows: torch.Tensor, names: Sequence[str], group: Sequence[int], followers: Mapping[str, str]) -> dict[str, list[float]]:
+    """Each learned tensor's row of coefficients (``rows[group[k]]`` for ``names[k]``), the tied names following their leader's."""
+    per = {name: [float(x) for x in rows[group[k]]] for k, name in enumerate(names)}
+    per.update({f: per[lead] for f, lead in followers.items()})
+    return per
+
+
+OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
 def learnable_tensors(evaluator: ModuleEvaluator, state: Any) -> tuple[list[Any], dict[str, str]]:
     """The merge jobs of ``state``'s plan whose tensors the coefficients move, and the tied names that follow them.
 
@@ -367,8 +394,7 @@ def learned_soup(
             raise OptionError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
     if not (temperature > 0 and lr > 0 and epochs >= 0):
         raise OptionError(f"the learned soup needs temperature > 0, lr > 0 and epochs >= 0; got temperature {temperature}, lr {lr}, epochs {epochs}")
-    if accumulate is not None and (isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1):
-        raise OptionError(f"accumulate is the number of batches per update, a whole number >= 1; got {accumulate!r}")
+    check_accumulate(accumulate)
     pantry, own = as_pantry(ingredients, **pantry_options)
     engine: _Resident | _Streaming | None = None
     try:
@@ -423,8 +449,7 @@ def learned_soup(
         rows = max(group, default=-1) + 1
         init = _start_alpha(begin_weights, temperature) if begin == "greedy" else torch.zeros(n)
         alpha = (init if by == "model" else init.expand(rows, n)).clone().to(device).requires_grad_(True)
-        opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
-        opt = opt_cls([alpha], lr=lr, weight_decay=weight_decay)
+        opt = OPTIMIZER_CLASSES[optimizer]([alpha], lr=lr, weight_decay=weight_decay)
 
         def coefficients() -> torch.Tensor:
             return torch.softmax(alpha / temperature, dim=-1)
@@ -434,16 +459,14 @@ def learned_soup(
             if by == "model":
                 w = [float(x) for x in c]
                 return pantry.recipe(every, w), w
-            per = {name: [float(x) for x in c[group[k]]] for k, name in enumerate(names)}
-            per.update({f: per[lead] for f, lead in followers.items()})
+            per = per_tensor(c, names, group, followers)
             return pantry.recipe(every, tensor_weights=per), per
 
         begin_w: Any = begin_weights if by == "model" else {name: list(begin_weights) for name in [*names, *followers]}
         best: tuple[Score, int, Recipe, Any, Predictions | None] = (begin_score, 0, begin_recipe, begin_w, begin_preds)
         history: list[dict[str, float]] = [{"epoch": 0.0, "loss": begin_score.metrics.get("loss", float("nan")), "score": begin_score.value}]
         batches = list(evaluator.batches())
-        step = accumulate if accumulate is not None else (1 if memory == "resident" else max(1, -(-len(batches) // STREAMING_UPDATES_PER_EPOCH)))
-        updates = [batches[k:k + step] for k in range(0, len(batches), step)]
+        step, updates = batch_updates(batches, accumulate, memory)
         if epochs == 0:
             engine = None
         elif memory == "resident":
