@@ -66,6 +66,37 @@ def test_writer_round_trip_any_shard_size_and_order(tmp_path, shard_size):
                 assert h.metadata()["format"] == "pt"
 
 
+def test_writer_starts_each_shards_write_back_while_writing(tmp_path, monkeypatch):
+    """Every FLUSH_EVERY bytes written to a shard, the flusher thread asks for its write-back (on Linux, where the call
+    exists); the files are whole and the same, and an abort with requests pending leaves no thread behind."""
+    import sys
+    import threading
+
+    import modelsoup.io.writer as writer_mod
+
+    if writer_mod._write_back_starter() is None:
+        assert not sys.platform.startswith("linux")
+        pytest.skip("no sync_file_range here: the final fsync does it all")
+    started: list[int] = []
+    real = writer_mod._write_back_starter()
+    monkeypatch.setattr(writer_mod, "_write_back_starter", lambda: lambda fd: (started.append(fd), real(fd)))
+    monkeypatch.setattr(writer_mod, "FLUSH_EVERY", 1000)
+    sd = {f"t{i}": torch.randn(300 + i) for i in range(8)}  # 1.2 KB each: about one request per tensor
+    w = SafetensorsWriter(tmp_path, [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], 5000)
+    for k, v in sd.items():
+        w.write(k, v)
+    w.close()
+    assert len(started) >= 7 and len(set(started)) == len(w.files) > 1
+    _assert_same(open_checkpoint(tmp_path), sd)
+
+    (tmp_path / "x").mkdir()
+    w = SafetensorsWriter(tmp_path / "x", [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], 5000)
+    for k, v in sd.items():
+        w.write(k, v)
+    w.abort()
+    assert not any(t.name == "soup-flush" for t in threading.enumerate())
+
+
 def test_sharded_torch_bin_folder(tmp_path):
     sd = make_state(0)
     names = list(sd)

@@ -6,6 +6,11 @@ offset as soon as it is ready, from any thread, with no buffering of the whole m
 arrive in pieces (:meth:`SafetensorsWriter.write_range`, from the engine's chunked loop, whose buffers are
 reused): the sha256 of a file is then taken in file order from what was written, read back from the page
 cache as each tensor completes, so nothing is held for hashing.
+
+The output must be durable when the merge returns (``close`` fsyncs every shard). So that the disk does not start
+only then, a flusher thread asks the kernel to start writing each shard back (``sync_file_range``, Linux) every
+:data:`FLUSH_EVERY` bytes written to it, while later tensors are still being computed; the final fsync then
+waits only for the tail. Where ``sync_file_range`` is missing, the fsync does it all.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import hashlib
 import json
 import os
 import queue
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +33,29 @@ from .safetensors_format import encode_header, tensor_bytes
 
 # Finished tensors are read back for hashing through one buffer of this size.
 HASH_READ = 8 << 20
+
+# Bytes written to a shard between two requests to start its write-back.
+FLUSH_EVERY = 64 << 20
+
+
+def _write_back_starter() -> Callable[[int], None] | None:
+    """``start(fd)``: have the kernel start writing back a file's dirty pages without waiting for them
+    (``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)``); None where the call is missing (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int) -> None:
+        fn(fd, 0, 0, 2)  # a hint: a failure leaves it all to the fsync
+
+    return start
 
 
 @dataclass(frozen=True)
@@ -87,6 +116,8 @@ class SafetensorsWriter:
         self.total_size = 0
         self._fds: list[int] = []
         self._hasher: threading.Thread | None = None
+        self._flusher: threading.Thread | None = None
+        self._flushes: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self.order: list[str] = []
         self._hashers: list[hashlib._Hash | None] = []
         self._file_order: list[list[str]] = []
@@ -127,6 +158,12 @@ class SafetensorsWriter:
                 if slot.nbytes == 0:
                     self._queue.put(name)
         self._sharded = len(self.files) > 1
+        self._unflushed = [0] * len(self.files)  # bytes written to each shard since its last write-back request
+        self._flush_lock = threading.Lock()
+        start = _write_back_starter()
+        self._flusher = threading.Thread(target=self._flush_loop, args=(start,), name="soup-flush", daemon=True) if start else None
+        if self._flusher is not None:
+            self._flusher.start()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one whole tensor at its reserved place (thread-safe)."""
@@ -154,6 +191,25 @@ class SafetensorsWriter:
         self._written[name] = slot.nbytes if whole else before + len(data)  # a whole write replaces any pieces
         if before < slot.nbytes == self._written[name] and self._hasher is not None:
             self._queue.put(name)
+        if self._flusher is not None:
+            with self._flush_lock:
+                self._unflushed[slot.fd_index] += len(data)
+                due = self._unflushed[slot.fd_index] >= FLUSH_EVERY
+                if due:
+                    self._unflushed[slot.fd_index] = 0
+            if due:
+                self._flushes.put(slot.fd_index)
+
+    def _flush_loop(self, start: Callable[[int], None]) -> None:
+        """Start the write-back of each shard it is handed (this thread may block on a busy disk; the writers never do)."""
+        while (shard := self._flushes.get()) is not None:
+            start(self._fds[shard])
+
+    def _stop_flushing(self) -> None:
+        if self._flusher is not None:
+            self._flushes.put(None)
+            self._flusher.join()
+            self._flusher = None
 
     def _hash_loop(self) -> None:
         """Hash each shard in file order: each tensor, once complete and all before it hashed, read back from the file."""
@@ -199,8 +255,9 @@ class SafetensorsWriter:
         return out
 
     def close(self) -> list[Path]:
-        """Close the files and write the shard index if sharded; return every file written."""
+        """Close the files (each fsynced) and write the shard index if sharded; return every file written."""
         self._stop_hashing()
+        self._stop_flushing()
         for fd in self._fds:
             os.fsync(fd)
             os.close(fd)
@@ -215,6 +272,7 @@ class SafetensorsWriter:
     def abort(self) -> None:
         """Close file handles without finishing (the caller deletes the folder)."""
         self._stop_hashing()
+        self._stop_flushing()
         for fd in self._fds:
             os.close(fd)
         self._fds = []
