@@ -412,6 +412,89 @@ def test_a_nan_in_a_later_chunk_is_named_with_the_whole_tensors_count(tmp_path):
     assert got[CHUNK + 5].isnan() and got[2 * CHUNK + 1].isinf() and int(torch.isfinite(got).sum()) == 2 * CHUNK + 1
 
 
+def _kernel_methods():
+    from modelsoup.methods import available_methods
+
+    return sorted(m.name for m in available_methods() if m.chunk_kernel is not None or m.carries_nonfinite)
+
+
+def _case_inputs(method: str, gen: torch.Generator, n: int, dtype: torch.dtype = torch.float32):
+    opts, with_base, n_models = _POINTWISE_CASES[method]
+    tensors = [_edge_tensor(gen, n).to(dtype) for _ in range(n_models)]
+    base = _edge_tensor(gen, n).to(dtype) if with_base else None
+    return tensors, base, {"weights": opts.get("weights"), **opts.get("parameters", {})}
+
+
+@pytest.mark.parametrize("method", _kernel_methods())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunk_kernel_gives_the_methods_bits_through_stale_buffers(method, dtype):
+    """The engine hands a kernel buffers holding the last chunk's values (here: NaN garbage) and of the chunk's length;
+    what it returns is what the method's own function computes."""
+    from modelsoup.methods import get_method
+
+    m = get_method(method)
+    assert m.chunk_kernel is not None
+    tensors, base, params = _case_inputs(method, torch.Generator().manual_seed(5), 1000, dtype)
+    if not m.takes_half:  # the engine hands such a method float32 chunks
+        tensors, base = [t.float() for t in tensors], base.float() if base is not None else None
+    bufs: dict = {}
+
+    def buffer(role, dt):
+        return bufs.setdefault((role, dt), torch.full((1000,), float("nan"), dtype=dt))
+
+    for _ in range(2):  # the second call finds the first's results in its buffers
+        got = m.chunk_kernel(tensors, base=base, buffer=buffer, **params)
+        want = m.fn(tensors, base=base, **params)
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("method", _kernel_methods())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "inf-inf", "zero-weight"])
+def test_a_method_that_carries_nonfinite_never_hides_one(method, bad):
+    """The streaming engine leaves such a method's input chunks unchecked: a NaN/Inf in any input, the base included,
+    must reach its result, whatever the weights (an Inf times a zero weight, opposite infinities)."""
+    from modelsoup.methods import get_method
+
+    m = get_method(method)
+    assert m.carries_nonfinite
+    opts, with_base, n_models = _POINTWISE_CASES[method]
+    for where in range(n_models + with_base):
+        tensors, base, params = _case_inputs(method, torch.Generator().manual_seed(where), 8)
+        ins = ([base] if base is not None else []) + tensors
+        if bad == "inf-inf":
+            ins[where][3] = float("inf")
+            ins[(where + 1) % len(ins)][3] = -float("inf")
+        else:
+            ins[where][3] = float("inf") if bad == "zero-weight" else bad
+        if bad == "zero-weight" and params.get("weights") is not None and where >= with_base:
+            params["weights"] = [0.0 if k == where - with_base else w for k, w in enumerate(params["weights"])]
+        out = m.fn(tensors, base=base, **params)
+        assert not torch.isfinite(out[3]), (where, out[3])
+
+
+def test_a_nan_in_the_base_of_a_streamed_task_arithmetic_is_named(tmp_path):
+    from modelsoup.engine import CHUNK
+
+    base, ft = torch.zeros(2 * CHUNK + 3), torch.ones(2 * CHUNK + 3)
+    base[CHUNK + 5] = float("nan")
+    save_file({"w": base}, tmp_path / "base.safetensors")
+    save_file({"w": ft}, tmp_path / "ft.safetensors")
+    with pytest.raises(NonFiniteError, match=r"base\.safetensors: tensor 'w' holds 1 NaN/Inf value\(s\) of 262147"):
+        merge(models=[tmp_path / "ft.safetensors"], base=tmp_path / "base.safetensors", method="task_arithmetic",
+              output=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_a_pointwise_method_takes_a_chunk_kernel():
+    from modelsoup.errors import MethodError
+    from modelsoup.methods.registry import register
+
+    with pytest.raises(MethodError, match="for pointwise methods"):
+        @register("kernel_not_pointwise", summary="x", paper="x", carries_nonfinite=True)
+        def _m(tensors, *, base=None, weights=None):
+            return tensors[0]
+
+
 def test_a_result_that_overflows_in_a_later_chunk_is_refused(tmp_path):
     from modelsoup.engine import CHUNK
 
@@ -505,11 +588,15 @@ def test_streamed_slerp_takes_the_spherical_branch_with_the_whole_tensors_bits(t
 @pytest.mark.parametrize("params", [{"density": 0.4}, {"density": 0.3, "scale": 0.7, "sign_method": "count", "weights_": [1.0, -0.5, 2.0]},
                                     {"density": 0.5, "tie_break": "torch_sort"}, {"density": 0.5, "rescale": "l1"},
                                     {"density": 0.2, "sign_from": "unweighted", "divide_by": "count", "keep_at_least_one": True}])
-@pytest.mark.parametrize("out_dtype", [None, "bfloat16"])
-def test_streamed_ties_writes_the_whole_tensor_paths_bits(tmp_path, params, out_dtype):
+@pytest.mark.parametrize("out_dtype, in_dtype", [(None, torch.float32), ("bfloat16", torch.float32), (None, torch.bfloat16),
+                                                 ("float32", torch.float16)])
+def test_streamed_ties_writes_the_whole_tensor_paths_bits(tmp_path, params, out_dtype, in_dtype):
     """TIES' thresholds from the whole inputs, then its result a chunk at a time into the file: the whole path's bits,
-    with ties at the cut (heavy rounding), signed weights, and the cases that fall back to the whole path."""
+    with ties at the cut (heavy rounding), signed weights, and the cases that fall back to the whole path. Half-precision
+    inputs reach the streamed path as stored (each chunk widened there) and the whole path as float32 copies; a tensor
+    above selection.BRACKET_ABOVE takes the sampled bracket."""
     from modelsoup.engine import CHUNK
+    from modelsoup.methods.selection import BRACKET_ABOVE
 
     params = dict(params)
     weights = params.pop("weights_", None)
@@ -518,7 +605,9 @@ def test_streamed_ties_writes_the_whole_tensor_paths_bits(tmp_path, params, out_
     for i in range(4):
         sd = {"big": (torch.randn(2, CHUNK + 999, generator=g) * 4).round() / 64, "vec": torch.randn(CHUNK * 3 + 5, generator=g),
               "tiny": torch.randn(3, generator=g)}
-        save_file(sd, tmp_path / f"m{i}.safetensors")
+        if in_dtype != torch.float32:
+            sd["huge"] = torch.randn(BRACKET_ABOVE + 4099, generator=g) * 0.01 + 0.5
+        save_file({k: v.to(in_dtype) for k, v in sd.items()}, tmp_path / f"m{i}.safetensors")
         paths.append(tmp_path / f"m{i}.safetensors")
     rec = {"method": "ties", "base": str(paths[0]), "models": [{"path": str(p)} for p in paths[1:]], "parameters": params}
     if weights:

@@ -164,9 +164,9 @@ class MergeRun:
             return t
         if device.type != "cpu":
             t = t.to(device)  # moved in its stored dtype (half the bytes of float32); the upcast below is exact either way
-        wide = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
-        if not self.plan.allow_nonfinite and not all_finite(wide):
-            bad = int((~torch.isfinite(wide)).sum())
+        wide = t if t.dtype in (torch.float32, torch.float64) or not upcast else t.to(torch.float32)
+        if not self.plan.allow_nonfinite and not all_finite(wide):  # all_finite reads half precision as stored: no copy
+            bad = int((~torch.isfinite(wide if wide.dtype.itemsize >= 2 else wide.to(torch.float32))).sum())
             raise NonFiniteError(
                 f"{ck.label}: tensor '{name}' holds {bad} NaN/Inf value(s) of {t.numel()}; fix the checkpoint, "
                 "or set allow_nonfinite: true (--allow-nonfinite) to merge it anyway"
@@ -203,13 +203,15 @@ class MergeRun:
             return {}
         return {"statistics": [self._get(s, device=device) for s in job.statistic_sources] or None}
 
-    def _inputs(self, job: TensorJob, device: torch.device = CPU) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """A merge job's whole inputs and base, upcast and finite-checked (large tensors' models read concurrently)."""
+    def _inputs(self, job: TensorJob, device: torch.device = CPU, half: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """A merge job's whole inputs and base, upcast (half precision kept as stored with ``half``) and finite-checked
+        (large tensors' models read concurrently)."""
+        upcast = not half
         if job.nbytes >= PARALLEL_READ_BYTES and len(job.sources) > 1:
-            tensors = list(_READ_POOL.map(lambda s: self._get(s, upcast=True, device=device), job.sources))
+            tensors = list(_READ_POOL.map(lambda s: self._get(s, upcast=upcast, device=device), job.sources))
         else:
-            tensors = [self._get(s, upcast=True, device=device) for s in job.sources]
-        base = self._get(job.base_source, upcast=True, device=device) if job.base_source is not None else None
+            tensors = [self._get(s, upcast=upcast, device=device) for s in job.sources]
+        base = self._get(job.base_source, upcast=upcast, device=device) if job.base_source is not None else None
         return tensors, base
 
     def _generator(self, job: TensorJob) -> torch.Generator | None:
@@ -231,9 +233,11 @@ class MergeRun:
         """Whether :meth:`compute_chunked` streams this job (see :func:`streams`)."""
         return streams(self.plan, job, self.device)
 
-    def _chunks(self, src: Source, role: int, pool: _Pool, upcast: bool, size: int = CHUNK, half: bool = False) -> Callable[[int, int], torch.Tensor]:
+    def _chunks(self, src: Source, role: int, pool: _Pool, upcast: bool, size: int = CHUNK, half: bool = False,
+                checked: bool = True) -> Callable[[int, int], torch.Tensor]:
         """Reads chunk [i, j) of a source: from the file into this thread's buffer where the format reads ranges
-        (else a view of the tensor read once), finite-checked as :meth:`_read` checks it, in float32 if ``upcast``."""
+        (else a view of the tensor read once), finite-checked as :meth:`_read` checks it (unless not ``checked``: the
+        caller checks what the chunk becomes), in float32 if ``upcast``."""
         ck, name = self.inputs[src[0]], src[1]
         dtype = ck.meta(name)[0]
         read_range = getattr(ck, "read_range", None)
@@ -248,7 +252,7 @@ class MergeRun:
 
         if not dtype.is_floating_point:
             return raw
-        check = not self.plan.allow_nonfinite
+        check = checked and not self.plan.allow_nonfinite
 
         def read(i: int, j: int) -> torch.Tensor:
             t = raw(i, j)
@@ -280,9 +284,11 @@ class MergeRun:
         if merging and plan.method.prepare is not None:
             return self._prepared(job, emit, out_buf)
         half = merging and plan.method.takes_half
-        readers = [self._chunks(s, k, pool, upcast=merging, half=half) for k, s in enumerate(job.sources)]
-        base = self._chunks(job.base_source, -1, pool, upcast=True, half=half) if merging and job.base_source is not None else None
+        checked = not (merging and plan.method.carries_nonfinite)  # else the result chunk's check covers its inputs
+        readers = [self._chunks(s, k, pool, upcast=merging, half=half, checked=checked) for k, s in enumerate(job.sources)]
+        base = self._chunks(job.base_source, -1, pool, upcast=True, half=half, checked=checked) if merging and job.base_source is not None else None
         method: Callable[..., torch.Tensor] = plan.method
+        kernel = plan.method.chunk_kernel if merging else None
         reduction = plan.method.reduction if merging else None
         try:
             if reduction is not None:  # first pass: the method's sums over its own slices, in order
@@ -302,7 +308,11 @@ class MergeRun:
                     emit(i, t if t.dtype == job.dtype else out_buf[: j - i].copy_(t))
                     continue
                 ins = [r(i, j) for r in readers]
-                out = method(ins, base=base(i, j) if base is not None else None, weights=job.weights, **job.params)
+                if kernel is not None:
+                    out = kernel(ins, base=base(i, j) if base is not None else None, weights=job.weights,
+                                 buffer=lambda role, dtype, n=j - i: pool.get(("kernel", role), dtype)[:n], **job.params)
+                else:
+                    out = method(ins, base=base(i, j) if base is not None else None, weights=job.weights, **job.params)
                 if tuple(out.shape) != (j - i,):
                     raise RuntimeError(f"pointwise method '{plan.method.name}' returned shape {list(out.shape)} for a chunk of {j - i} of '{job.name}'")
                 emit(i, self._as_written(job, out, out_buf))
@@ -315,7 +325,7 @@ class MergeRun:
         reads them (large ones mapped, not copied), its result computed and emitted a chunk at a time; False where the
         method needs its whole-tensor path for this tensor (the caller then runs :meth:`compute`)."""
         method = self.plan.method
-        tensors, base = self._inputs(job)
+        tensors, base = self._inputs(job, half=method.takes_half)  # a method that takes half widens each chunk itself
         params = {p.name: p.default for p in method.params} | job.params  # as the method's signature fills them in
         if method.random:
             params["generator"] = self._generator(job)

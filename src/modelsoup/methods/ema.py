@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import torch
 
 from ..errors import MethodError
+from .linear import weighted_sum
 from .registry import Param, register
+
+
+def _coefficients(n: int, weights: Sequence[float] | None, decay: float) -> list[float]:
+    """decay^(n-1) for the oldest checkpoint, (1 - decay) decay^(n-1-k) for checkpoint k >= 1.
+
+    Raises:
+        MethodError: weights were given (the order and ``decay`` define them).
+    """
+    if weights is not None:
+        raise MethodError("ema takes no weights: list the checkpoints oldest first and set `decay`")
+    return [decay ** (n - 1)] + [(1 - decay) * decay ** (n - 1 - k) for k in range(1, n)]
+
+
+def _chunk(tensors: Sequence[torch.Tensor], *, buffer: Callable[[str, torch.dtype], torch.Tensor], base: torch.Tensor | None = None,
+           weights: Sequence[float] | None = None, decay: float = 0.9) -> torch.Tensor:
+    return weighted_sum(tensors, _coefficients(len(tensors), weights, decay), None, buffer=buffer)
 
 
 @register(
@@ -18,6 +35,8 @@ from .registry import Param, register
     takes_weights=False,
     pointwise=True,
     takes_half=True,
+    chunk_kernel=_chunk,
+    carries_nonfinite=True,
 )
 def ema(
     tensors: Sequence[torch.Tensor],
@@ -34,11 +53,4 @@ def ema(
     Raises:
         MethodError: weights were given (the order and ``decay`` define them).
     """
-    if weights is not None:
-        raise MethodError("ema takes no weights: list the checkpoints oldest first and set `decay`")
-    n = len(tensors)
-    coef = [decay ** (n - 1)] + [(1 - decay) * decay ** (n - 1 - k) for k in range(1, n)]
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float64)
-    for c, t in zip(coef, tensors):
-        acc.add_(t.to(torch.float64), alpha=c)
-    return acc.to(torch.float32)
+    return weighted_sum(tensors, _coefficients(len(tensors), weights, decay), None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import torch
@@ -23,9 +23,40 @@ def accumulate(acc: torch.Tensor | None, t: torch.Tensor, w: float) -> torch.Ten
     return acc.add_(t, alpha=w)
 
 
-def finish(acc: torch.Tensor, total: float | None) -> torch.Tensor:
-    """The float32 result of a running sum: divided by ``total`` (the weight sum) when normalising, else as is."""
-    return (acc.div_(total) if total is not None else acc).to(torch.float32)
+def finish(acc: torch.Tensor, total: float | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 result of a running sum: divided by ``total`` (the weight sum) when normalising, else as is;
+    rounded into ``out`` (float32, ``acc``'s size) when given."""
+    acc = acc.div_(total) if total is not None else acc
+    return acc.to(torch.float32) if out is None else out.copy_(acc)
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], total: float | None,
+                 buffer: Callable[[str, torch.dtype], torch.Tensor] | None = None) -> torch.Tensor:
+    """sum_i c_i t_i in float64 (divided by ``total`` if given), rounded to float32: the sums of linear and EMA.
+
+    With ``buffer`` (a streamed chunk, see :attr:`~modelsoup.methods.registry.MergeMethod.chunk_kernel`) the sum and
+    the result go into reused buffers instead of fresh ones; the bits are the same.
+    """
+    if buffer is None:
+        acc = None
+        for t, c in zip(tensors, coefficients):
+            acc = accumulate(acc, t, c)
+        assert acc is not None
+        return finish(acc, total)
+    acc = buffer("sum", torch.float64).zero_()
+    for t, c in zip(tensors, coefficients):
+        accumulate(acc, t, c)
+    return finish(acc, total, buffer("result", torch.float32))
+
+
+def _weights(n: int, weights: Sequence[float] | None, normalize: bool) -> tuple[list[float], float | None]:
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    return w, (normalizing_sum(w) if normalize else None)
+
+
+def _chunk(tensors: Sequence[torch.Tensor], *, buffer: Callable[[str, torch.dtype], torch.Tensor], base: torch.Tensor | None = None,
+           weights: Sequence[float] | None = None, normalize: bool = True) -> torch.Tensor:
+    return weighted_sum(tensors, *_weights(len(tensors), weights, normalize), buffer=buffer)
 
 
 @register(
@@ -36,6 +67,8 @@ def finish(acc: torch.Tensor, total: float | None) -> torch.Tensor:
     keeps_identical=lambda p: bool(p["normalize"]),
     pointwise=True,
     takes_half=True,
+    chunk_kernel=_chunk,
+    carries_nonfinite=True,
 )
 def linear(
     tensors: Sequence[torch.Tensor],
@@ -55,10 +88,4 @@ def linear(
     Raises:
         MethodError: weights sum to zero while normalising.
     """
-    w = [1.0] * len(tensors) if weights is None else [float(x) for x in weights]
-    total = normalizing_sum(w) if normalize else None
-    acc = None
-    for t, wi in zip(tensors, w):
-        acc = accumulate(acc, t, wi)
-    assert acc is not None
-    return finish(acc, total)
+    return weighted_sum(tensors, *_weights(len(tensors), weights, normalize))

@@ -15,7 +15,7 @@ slower than float kernels, so masks here are float 0/1 tensors written with ``ou
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -127,6 +127,20 @@ def base_and_one_model(tensors: Sequence[torch.Tensor], base: torch.Tensor | Non
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
     """delta_i = theta_i - base."""
     return [t - base for t in tensors]
+
+
+def weighted_deltas(deltas: Iterable[torch.Tensor], weights: Sequence[float], *, normalize: bool, acc: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i delta_i (divided by sum_i w_i if ``normalize``), added in order into ``acc`` (zeros of the deltas' shape
+    and dtype). ``deltas`` may be a generator that fills one buffer for each (each is added before the next is made).
+
+    Raises:
+        MethodError: weights summing to zero while normalising.
+    """
+    for d, w in zip(deltas, weights):
+        acc.add_(d, alpha=w)
+    if normalize:
+        acc /= normalizing_sum(weights)
+    return acc
 
 
 def add_to_base(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch.Tensor:
@@ -453,12 +467,7 @@ def combine(
     """
     if sign_method == "none":
         whole = deltas if isinstance(deltas, Sequence) else _whole(deltas)
-        acc = torch.zeros_like(whole[0])
-        for d, w in zip(whole, weights):
-            acc.add_(d, alpha=w)
-        if normalize:
-            acc /= normalizing_sum(weights)
-        return acc
+        return weighted_deltas(whole, weights, normalize=normalize, acc=torch.zeros_like(whole[0]))
     chunks = _Stacked(deltas) if isinstance(deltas, Sequence) else deltas
     n = math.prod(chunks.shape)
     out = torch.empty(n, dtype=chunks.dtype)

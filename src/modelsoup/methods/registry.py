@@ -185,8 +185,19 @@ class MergeMethod:
             a chunk at a time: ``prepare(tensors, base=, weights=, **params)`` returns an object whose ``chunk(i, j)``
             gives entries [i, j) of the flat result (by the operations the method's own whole-tensor path runs), or
             None where this merge needs the whole-tensor path; the engine then streams the result to the sink.
-        takes_half: the method widens its inputs itself, exactly (to float64), so the engine may hand it float16 and
-            bfloat16 inputs as stored instead of their float32 copies (the same values, one pass fewer).
+        takes_half: on the streamed paths the method widens its inputs itself, exactly (linear: to float64; TIES's
+            ``prepare``: each chunk to float32), so the engine may hand it float16 and bfloat16 inputs as stored
+            instead of their float32 copies (the same values, one pass and, for whole inputs, a fresh copy fewer).
+            Its whole-tensor path still gets float32.
+        chunk_kernel: for a pointwise method, the same arithmetic on one chunk into buffers the engine reuses:
+            ``chunk_kernel(tensors, *, base=, weights=, buffer=, **params)``, where ``buffer(role, dtype)`` is a flat
+            buffer of the chunk's length that this thread gets back, unchanged in size, for every chunk (its contents
+            are stale); the result may be one of them. Bit-identical to ``fn`` on those elements; it spares the fresh
+            temporaries of every chunk. None = the engine calls ``fn`` on each chunk.
+        carries_nonfinite: a NaN or Inf in any input (base included) makes the result NaN or Inf at that position (sums
+            and products only, nothing that compares or selects), so the streaming engine checks only each result chunk
+            and leaves the input chunks unchecked; a non-finite result sends the tensor to the whole-tensor path, which
+            names the input.
     """
 
     name: str
@@ -208,6 +219,8 @@ class MergeMethod:
     prepare: Callable[..., Any] | None = None
     takes_half: bool = False
     statistic: Statistic | None = None
+    chunk_kernel: Callable[..., torch.Tensor] | None = None
+    carries_nonfinite: bool = False
 
     def keeps_identical(self, params: Mapping[str, Any]) -> bool:
         """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the
@@ -282,6 +295,8 @@ def register(
     prepare: Callable[..., Any] | None = None,
     takes_half: bool = False,
     statistic: Statistic | None = None,
+    chunk_kernel: Callable[..., torch.Tensor] | None = None,
+    carries_nonfinite: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method; reads its hyperparameters from its signature and checks it at import.
 
@@ -306,6 +321,8 @@ def register(
         takes_half: half-precision inputs may reach the method as stored (:attr:`MergeMethod.takes_half`).
         statistic: the per-model statistic the method weighs its inputs by (``fisher`` or ``gram``); the function then
             takes ``statistics=None``, one tensor per ingredient for the tensors that have one, None for the others.
+        chunk_kernel: a pointwise method's chunk of work into reused buffers (:attr:`MergeMethod.chunk_kernel`).
+        carries_nonfinite: NaN/Inf inputs always give a NaN/Inf result (:attr:`MergeMethod.carries_nonfinite`).
 
     Raises:
         MethodError: duplicate name, a signature that does not follow the method contract, or a pointwise method that draws random numbers.
@@ -323,6 +340,8 @@ def register(
             raise MethodError(f"merge method '{name}': a method takes `statistics=None` exactly when it is registered with statistic=")
         if (pointwise or reduction is not None) and random:
             raise MethodError(f"merge method '{name}' draws random numbers, so it cannot be pointwise (chunks would draw differently)")
+        if (chunk_kernel is not None or carries_nonfinite) and not pointwise:
+            raise MethodError(f"merge method '{name}': chunk_kernel and carries_nonfinite are for pointwise methods (register it pointwise=True)")
         aliases = {a: p.name for p in params for a in p.aliases}
         _REGISTRY[name] = MergeMethod(
             name=name,
@@ -344,6 +363,8 @@ def register(
             prepare=prepare,
             takes_half=takes_half,
             statistic=statistic,
+            chunk_kernel=chunk_kernel,
+            carries_nonfinite=carries_nonfinite,
         )
         return fn
 

@@ -30,27 +30,34 @@ def _spans(n: int) -> list[tuple[int, int]]:
 
 
 class MagnitudeSource:
-    """|theta - base| (or |theta|) of a flat tensor, produced chunk by chunk without materialising it."""
+    """|theta - base| (or |theta|) of a flat tensor, produced chunk by chunk without materialising it.
+
+    Half-precision inputs (float16, bfloat16) may be given as stored: each chunk is widened to float32 first, so the
+    deltas and magnitudes (``dtype``: float32) have the bits of the float32 copies' and no whole copy is made.
+    """
 
     def __init__(self, theta: torch.Tensor, base: torch.Tensor | None = None) -> None:
         self.theta = theta.reshape(-1)
         self.base = None if base is None else base.reshape(-1)
         self.n = self.theta.numel()
+        self.dtype = self.theta.dtype if self.theta.dtype in (torch.float32, torch.float64) else torch.float32
 
     def delta(self, i: int, j: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """theta - base on [i, j), written into ``out`` (j - i elements) or a fresh tensor."""
+        """theta - base on [i, j), written into ``out`` (j - i elements of ``dtype``) or a fresh tensor."""
         if out is None:
-            out = torch.empty(j - i, dtype=self.theta.dtype)
+            out = torch.empty(j - i, dtype=self.dtype)
         if self.base is None:
             return out.copy_(self.theta[i:j])
+        if self.theta.dtype != self.dtype:  # widen first: a half-precision subtraction would round to half
+            return out.copy_(self.theta[i:j]).sub_(self.base[i:j])
         return torch.sub(self.theta[i:j], self.base[i:j], out=out)
 
     def magnitude(self, i: int, j: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.delta(i, j, out).abs_()
 
     def sample(self, stride: int) -> torch.Tensor:
-        t = self.theta[::stride]
-        return (t - self.base[::stride]).abs_() if self.base is not None else t.abs()
+        t = self.theta[::stride].to(self.dtype)
+        return (t - self.base[::stride].to(self.dtype)).abs_() if self.base is not None else t.abs()
 
 
 class Kth(NamedTuple):
@@ -76,7 +83,7 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
     if n > BRACKET_ABOVE:
         brackets = [_bracket(src, k) for src, k in zip(srcs, ks)]
         above, bands = [0] * len(srcs), [[] for _ in srcs]
-        buf = torch.empty(CHUNK, dtype=srcs[0].theta.dtype)
+        buf = torch.empty(CHUNK, dtype=srcs[0].dtype)
         over_hi, in_band = np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool)
         for i, j in _spans(n):
             for s, (src, (lo, hi)) in enumerate(zip(srcs, brackets)):
@@ -144,7 +151,7 @@ class TopKTrim:
             kth = kth or kth_largest_magnitudes([src], [self.k])[0]
             self.kth = kth.value
             # hardshrink keeps |d| > lambda: the next float below the k-th magnitude keeps those equal to it
-            below = torch.nextafter(torch.tensor(kth.value, dtype=src.theta.dtype), torch.tensor(-np.inf, dtype=src.theta.dtype))
+            below = torch.nextafter(torch.tensor(kth.value, dtype=src.dtype), torch.tensor(-np.inf, dtype=src.dtype))
             self.kth_or_equal = float(below)
             self.cut = _tie_cut(src, kth, self.k - kth.greater)
             self.tied_at_cut = self.k - kth.greater < sum(kth.equal)

@@ -26,6 +26,7 @@ from .registry import Param, register
     paper="Yadav et al. 2023, TIES-Merging: resolving interference when merging models (arXiv 2306.01708)",
     base="required",
     prepare=lambda tensors, **kw: _prepare(tensors, **kw),
+    takes_half=True,
 )
 def ties(
     tensors: Sequence[torch.Tensor],
