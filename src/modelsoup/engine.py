@@ -293,8 +293,8 @@ class MergeRun:
         try:
             if reduction is not None:  # first pass: the method's sums over its own slices, in order
                 size = reduction.chunk
-                wide = [self._chunks(s, k, pool, upcast=True, size=size) for k, s in enumerate(job.sources)]
-                wide_base = self._chunks(job.base_source, -1, pool, upcast=True, size=size) if job.base_source is not None else None
+                wide = [self._chunks(s, k, pool, upcast=True, size=size, half=half) for k, s in enumerate(job.sources)]
+                wide_base = self._chunks(job.base_source, -1, pool, upcast=True, size=size, half=half) if job.base_source is not None else None
                 sums: tuple[float, ...] | None = None
                 for i in range(0, n, size):
                     j = min(i + size, n)

@@ -186,7 +186,8 @@ class MergeMethod:
             gives entries [i, j) of the flat result (by the operations the method's own whole-tensor path runs), or
             None where this merge needs the whole-tensor path; the engine then streams the result to the sink.
         takes_half: on the streamed paths the method widens its inputs itself, exactly (linear: to float64; TIES's
-            ``prepare``: each chunk to float32), so the engine may hand it float16 and bfloat16 inputs as stored
+            ``prepare``: each chunk to float32; slerp: its sums' slices to float64, its interpolation to float32), so the
+            engine may hand it float16 and bfloat16 inputs as stored
             instead of their float32 copies (the same values, one pass and, for whole inputs, a fresh copy fewer).
             Its whole-tensor path still gets float32.
         chunk_kernel: for a pointwise method, the same arithmetic on one chunk into buffers the engine reuses:

@@ -97,6 +97,7 @@ def _interpolate(gram: tuple[float, float, float], tensors: Sequence[torch.Tenso
     max_models=2,
     takes_weights=False,
     reduction=Reduction(chunk=_CHUNK, partial=_partials, apply=_interpolate),
+    takes_half=True,  # the sums widen each slice to float64, the interpolation to float32
 )
 def slerp(
     tensors: Sequence[torch.Tensor],
