@@ -638,15 +638,18 @@ def test_every_method_that_prepares_has_a_streaming_case():
 
 
 @pytest.mark.parametrize("method", sorted(_PREPARED_CASES))
-def test_streamed_prepared_methods_write_the_whole_tensor_paths_bits(tmp_path, method):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_prepared_methods_write_the_whole_tensor_paths_bits(tmp_path, method, dtype):
     """Methods that analyse whole inputs (thresholds, random masks drawn model after model) and stream their result:
-    the written bytes are the whole path's, over several chunks, with the random methods' per-tensor generators."""
+    the written bytes are the whole path's, over several chunks, with the random methods' per-tensor generators; a
+    method that takes half precision as stored gets bfloat16 inputs there and their float32 copies on the whole path."""
     from modelsoup.engine import CHUNK
 
     g = torch.Generator().manual_seed(2)
     paths = []
     for i in range(4):
-        save_file({"big": (torch.randn(2, CHUNK + 999, generator=g) * 4).round() / 64, "vec": torch.randn(CHUNK * 2 + 5, generator=g)},
+        save_file({"big": ((torch.randn(2, CHUNK + 999, generator=g) * 4).round() / 64).to(dtype),
+                   "vec": torch.randn(CHUNK * 2 + 5, generator=g).to(dtype)},
                   tmp_path / f"m{i}.safetensors")
         paths.append(tmp_path / f"m{i}.safetensors")
     rec = {"method": method, "base": str(paths[0]), "models": [{"path": str(p), "weight": w} for p, w in zip(paths[1:], (1.0, 0.5, 1.5))],

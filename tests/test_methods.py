@@ -469,6 +469,47 @@ def test_dare_rescale_rules_match_reference_on_ties_and_zeros(small_chunks, name
     close(got, ref.dare(ms, base, w, _dare_masks(ms, base, dens, 9), dens, ties_style=name == "dare_ties", rescale=rescale))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_uniforms_drawn_in_pieces_are_the_uniforms_drawn_at_once(threads):
+    """DroppedDeltas draws each model's mask a chunk at a time from one generator, into a reused buffer: that must be the
+    draw of one torch.rand over the whole tensor (and so peft's torch.bernoulli), whatever the pieces and threads."""
+    import itertools
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        whole = torch.rand(3 * 70_001, generator=torch.Generator().manual_seed(4))
+        g, out, parts, done = torch.Generator().manual_seed(4), torch.empty(40_000), [], 0
+        for size in itertools.cycle((1, 15, 16, 17, 40_000, 39_999, 33)):
+            if done == whole.numel():
+                break
+            size = min(size, whole.numel() - done)
+            parts.append(torch.rand(size, generator=g, out=out[:size]).clone())
+            done += size
+        assert torch.equal(torch.cat(parts), whole)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rescale", ["density", "none"])
+def test_dropped_deltas_a_chunk_at_a_time_are_drop_randoms_bits(small_chunks, dtype, rescale):
+    from modelsoup.methods.ops import DroppedDeltas, drop_random
+
+    base, ms = _rand(3, 3)
+    base, ms = base.to(dtype), [m.to(dtype) for m in ms]
+    dens = [0.3, 0.7, 1.0]
+    chunks = DroppedDeltas(ms, base, dens, torch.Generator().manual_seed(8), rescale)
+    n = base.numel()
+    rows = torch.full((3, n), float("nan"))
+    for i in range(0, n, 50):  # chunks of another size than the masks were drawn in
+        chunks.fill(i, min(i + 50, n), rows[:, i : min(i + 50, n)])
+    g = torch.Generator().manual_seed(8)
+    for row, m, p in zip(rows, ms, dens):
+        want = drop_random(m.float() - base.float(), p, g, rescale).reshape(-1)
+        assert torch.equal(row.view(torch.int32), want.view(torch.int32))
+
+
 @pytest.mark.parametrize("conv", CONVENTIONS)
 def test_sign_election_matches_reference_on_exact_zero_votes_and_zero_deltas(conv):
     _, ms = _tricky(3, n=400)

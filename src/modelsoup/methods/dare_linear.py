@@ -19,7 +19,8 @@ from .registry import Param, register
     base="required",
     workspace=1,
     divides_by_weight_sum=divides_by_plain_weight_sum,
-    prepare=lambda tensors, **kw: _prepare(tensors, **kw),
+    prepare=lambda tensors, **kw: None if kw["rescale"] == "l1" else _prepare(tensors, **kw),  # l1: the whole path, in float32
+    takes_half=True,
 )
 def dare_linear(
     tensors: Sequence[torch.Tensor],
@@ -39,7 +40,8 @@ def dare_linear(
 
 def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None, generator: torch.Generator | None,
              density: float | Sequence[float], scale: float, rescale: str, normalize: bool) -> MergedChunks:
-    """The dropped task vectors (whole: the masks are drawn model after model) and their weighted sum, a chunk at a time."""
+    """The dropped task vectors (masks drawn model after model, kept as booleans; each chunk's deltas made when merged, see
+    :class:`~modelsoup.methods.ops.DroppedDeltas`) and their weighted sum, a chunk at a time."""
     base = require_base(base, "dare_linear")
     dropped = dare_deltas(tensors, base, density, generator, rescale)
     return MergedChunks(dropped, model_weights(weights, len(tensors)), base, scale, normalize=normalize)

@@ -21,7 +21,8 @@ from .registry import Param, register
     paper="Yu et al. 2024, Language models are Super Mario (DARE) (arXiv 2311.03099); Yadav et al. 2023 (TIES)",
     base="required",
     workspace=1,
-    prepare=lambda tensors, **kw: _prepare(tensors, **kw),
+    prepare=lambda tensors, **kw: None if kw["rescale"] == "l1" else _prepare(tensors, **kw),  # l1: the whole path, in float32
+    takes_half=True,
 )
 def dare_ties(
     tensors: Sequence[torch.Tensor],
@@ -45,7 +46,8 @@ def dare_ties(
 def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None, generator: torch.Generator | None,
              density: float | Sequence[float], scale: float, rescale: str, sign_method: str, sign_from: str, normalize: bool,
              divide_by: str) -> MergedChunks:
-    """The dropped task vectors (whole: the masks are drawn model after model) and the merge they define, a chunk at a time."""
+    """The dropped task vectors (masks drawn model after model, kept as booleans; each chunk's deltas made when merged, see
+    :class:`~modelsoup.methods.ops.DroppedDeltas`) and the merge they define, a chunk at a time."""
     base = require_base(base, "dare_ties")
     dropped = dare_deltas(tensors, base, density, generator, rescale)
     return MergedChunks(dropped, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,

@@ -220,11 +220,53 @@ def drop_random(delta: torch.Tensor, density: float, generator: torch.Generator 
 
 
 def dare_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: float | Sequence[float], generator: torch.Generator | None,
-                rescale: str) -> list[torch.Tensor]:
-    """DARE's first step for every model: delta_i = theta_i - base, dropped and rescaled (:func:`drop_random`), in model order;
-    each delta is freed once dropped."""
+                rescale: str) -> list[torch.Tensor] | DroppedDeltas:
+    """DARE's first step for every model: delta_i = theta_i - base, dropped and rescaled (:func:`drop_random`), in model order.
+
+    With ``rescale: l1`` (which needs each dropped vector whole) the dropped deltas themselves, each delta freed once
+    dropped; otherwise :class:`DroppedDeltas`, the same values a chunk at a time from masks kept as booleans.
+    """
     dens = per_model(density, len(tensors), "density")
+    if rescale != "l1":
+        return DroppedDeltas(tensors, base, dens, generator, rescale)
     return [drop_random(t - base, p, generator, rescale) for t, p in zip(tensors, dens)]
+
+
+class DroppedDeltas:
+    """DARE's dropped and rescaled task vectors as :class:`DeltaChunks`: what :func:`drop_random` gives, bit for bit.
+
+    The masks are drawn first, model after model from the one generator, a chunk of uniforms at a time (``torch.rand(a)``
+    then ``torch.rand(b)`` draws what ``torch.rand(a + b)`` draws; pinned by tests/test_methods.py), and kept as
+    booleans: one byte an entry instead of the four of a dropped float32 delta. Each chunk of delta_i is then made
+    again (half-precision inputs widened first, see :class:`~modelsoup.methods.selection.MagnitudeSource`), multiplied
+    by its 0/1 mask and divided by density_i (``rescale: density``) by the operations :func:`drop_random` runs.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float], generator: torch.Generator | None,
+                 rescale: str) -> None:
+        if rescale not in ("density", "none"):
+            raise ValueError(f"DroppedDeltas rescales by density or not at all, not {rescale!r}")
+        self.srcs = [selection.MagnitudeSource(t, base) for t in tensors]
+        self.shape, self.dtype, self.rescale, self.densities = base.shape, torch.float32, rescale, list(densities)
+        n = self.srcs[0].n
+        uniforms = torch.empty(max(1, min(n, selection.CHUNK)), dtype=torch.float32)
+        self.keep = []
+        for p in self.densities:
+            keep = torch.empty(n, dtype=torch.bool)
+            for i in range(0, n, selection.CHUNK):
+                j = min(i + selection.CHUNK, n)
+                torch.lt(torch.rand(j - i, generator=generator, out=uniforms[: j - i]), p, out=keep[i:j])
+            self.keep.append(keep)
+        self._mask = uniforms  # reused: each chunk's mask as float 0/1, as drop_random multiplies by it
+
+    def __len__(self) -> int:
+        return len(self.srcs)
+
+    def fill(self, i: int, j: int, rows: torch.Tensor) -> None:
+        for src, keep, p, row in zip(self.srcs, self.keep, self.densities, rows):
+            kept = src.delta(i, j, row).mul_(self._mask[: j - i].copy_(keep[i:j]))
+            if self.rescale == "density":
+                kept.div_(p)
 
 
 def magnitude_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float, method: str = "della") -> torch.Tensor:
