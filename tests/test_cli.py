@@ -85,3 +85,22 @@ def test_methods_lists_every_method_with_parameters(capsys):
         assert f"\n{name}  (" in "\n" + text, name
     assert "density = 0.2 [per model]  (0, 1]" in text
     assert "paper:" in text
+
+
+def test_torch_is_imported_with_the_collector_paused_and_frozen_only_in_a_fresh_process():
+    """`soup` imports torch itself, collector off, and freezes what the import made (no later collection scans it); in a
+    process that already has torch (a caller of main) it changes nothing about the collector."""
+    import gc
+    import subprocess
+    import sys
+
+    code = ("import gc, sys; from modelsoup.cli import _import_torch; assert 'torch' not in sys.modules; "
+            "_import_torch(); print(gc.get_freeze_count(), gc.isenabled(), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) > 100_000 and out[1:] == ["True", "True"]
+
+    from modelsoup.cli import _import_torch
+
+    frozen, enabled = gc.get_freeze_count(), gc.isenabled()
+    _import_torch()
+    assert (gc.get_freeze_count(), gc.isenabled()) == (frozen, enabled)

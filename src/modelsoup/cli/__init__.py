@@ -8,6 +8,7 @@ is printed as ``error: ...`` with exit code 2; SIGTERM and SIGHUP are handled li
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -67,9 +68,30 @@ def _with_signals() -> None:
             signal.signal(sig, _terminate)
 
 
+def _import_torch() -> None:
+    """Import torch, which every command computes with, with the garbage collector paused, then freeze what it made.
+
+    The import makes hundreds of thousands of objects that live as long as the process and no garbage; collections
+    during it, and later ones scanning all of it again, took 0.5 s of a 3.3 s linear merge (2.72 s against 3.32 s
+    with them, whole-process medians of 10 pairs). Where torch is already imported (``main`` called in a process that
+    uses it) nothing is done, so nothing of the caller's is frozen.
+    """
+    if "torch" in sys.modules:
+        return
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        import torch  # noqa: F401
+    finally:
+        gc.freeze()  # what the import made lives as long as the process: later collections need not scan it again
+        if collecting:
+            gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``soup`` with ``argv`` (default: the command line); return the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and --version exit here, before torch is imported
+    _import_torch()
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="soup: %(message)s", stream=sys.stderr)
     logging.getLogger("modelsoup").setLevel(level)
