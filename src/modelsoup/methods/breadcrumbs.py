@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops import MergedChunks, divides_by_plain_weight_sum, model_weights, per_model, require_base, rescale_l1, trim_outliers
+from .ops import MaskedDeltas, MergedChunks, divides_by_plain_weight_sum, model_weights, outlier_mask, per_model, require_base, rescale_l1, trim_outliers
 from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone, TieBreak
 from .registry import register
 
@@ -43,13 +43,22 @@ def breadcrumbs(
 def prepare_breadcrumbs(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None,
                         density: float | Sequence[float], gamma: float | Sequence[float], scale: float, rescale: str, tie_break: str,
                         sign_method: str, sign_from: str, normalize: bool, divide_by: str) -> MergedChunks:
-    """The trimmed task vectors (whole: the cuts need each one) and the merge they define, a chunk at a time."""
+    """The trimmed task vectors and the merge they define, a chunk at a time.
+
+    The cuts need each task vector whole, one at a time; what is kept is its boolean mask (:class:`MaskedDeltas`, one
+    byte an entry), the trimmed chunks being made again when merged. ``rescale: l1`` needs each trimmed vector whole,
+    so those are kept.
+    """
     base = require_base(base, "breadcrumbs")
     dens, gam = per_model(density, len(tensors), "density"), per_model(gamma, len(tensors), "gamma")
-    trimmed = []
-    for t, p, g in zip(tensors, dens, gam):
-        d = t - base
-        trimmed.append(rescale_l1(trim_outliers(d, p, g, tie_break), d, rescale))
-        del d  # one untrimmed task vector at a time
+    trimmed: list[torch.Tensor] | MaskedDeltas
+    if rescale == "none":
+        trimmed = MaskedDeltas(tensors, base, [outlier_mask((t - base).abs_(), p, g, tie_break) for t, p, g in zip(tensors, dens, gam)])
+    else:
+        trimmed = []
+        for t, p, g in zip(tensors, dens, gam):
+            d = t - base
+            trimmed.append(rescale_l1(trim_outliers(d, p, g, tie_break), d, rescale))
+            del d  # one untrimmed task vector at a time
     return MergedChunks(trimmed, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
                         normalize=normalize, divide_by=divide_by)

@@ -232,41 +232,58 @@ def dare_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: fl
     return [drop_random(t - base, p, generator, rescale) for t, p in zip(tensors, dens)]
 
 
-class DroppedDeltas:
+class MaskedDeltas:
+    """Task vectors times 0/1 masks (each divided by its own number, or not), as :class:`DeltaChunks`.
+
+    The masks are kept as booleans: one byte an entry instead of the four of a masked float32 delta. Each chunk of
+    delta_i is made when asked for (half-precision inputs widened first, see
+    :class:`~modelsoup.methods.selection.MagnitudeSource`), multiplied by its mask as a float 0/1 chunk and divided by
+    its divisor: elementwise, the operations ``delta * mask`` (then ``/ divisor``) runs on the whole tensor, so the bits
+    are the same. A mask of None keeps every entry (no multiply).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, masks: Sequence[torch.Tensor | None],
+                 divisors: Sequence[float | None] | None = None) -> None:
+        self.srcs = [selection.MagnitudeSource(t, base) for t in tensors]
+        self.shape, self.dtype = base.shape, torch.float32
+        self.keep = [None if m is None else m.reshape(-1) for m in masks]
+        self.divisors = list(divisors) if divisors is not None else [None] * len(self.srcs)
+        self._mask = torch.empty(max(1, min(self.srcs[0].n, selection.CHUNK)), dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.srcs)
+
+    def fill(self, i: int, j: int, rows: torch.Tensor) -> None:
+        for src, keep, divisor, row in zip(self.srcs, self.keep, self.divisors, rows):
+            kept = src.delta(i, j, row)
+            if keep is not None:
+                kept.mul_(self._mask[: j - i].copy_(keep[i:j]))
+            if divisor is not None:
+                kept.div_(divisor)
+
+
+class DroppedDeltas(MaskedDeltas):
     """DARE's dropped and rescaled task vectors as :class:`DeltaChunks`: what :func:`drop_random` gives, bit for bit.
 
     The masks are drawn first, model after model from the one generator, a chunk of uniforms at a time (``torch.rand(a)``
     then ``torch.rand(b)`` draws what ``torch.rand(a + b)`` draws; pinned by tests/test_methods.py), and kept as
-    booleans: one byte an entry instead of the four of a dropped float32 delta. Each chunk of delta_i is then made
-    again (half-precision inputs widened first, see :class:`~modelsoup.methods.selection.MagnitudeSource`), multiplied
-    by its 0/1 mask and divided by density_i (``rescale: density``) by the operations :func:`drop_random` runs.
+    booleans (:class:`MaskedDeltas`); ``rescale: density`` divides each survivor by density_i.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float], generator: torch.Generator | None,
                  rescale: str) -> None:
         if rescale not in ("density", "none"):
             raise ValueError(f"DroppedDeltas rescales by density or not at all, not {rescale!r}")
-        self.srcs = [selection.MagnitudeSource(t, base) for t in tensors]
-        self.shape, self.dtype, self.rescale, self.densities = base.shape, torch.float32, rescale, list(densities)
-        n = self.srcs[0].n
+        n = base.numel()
         uniforms = torch.empty(max(1, min(n, selection.CHUNK)), dtype=torch.float32)
-        self.keep = []
-        for p in self.densities:
+        masks = []
+        for p in densities:
             keep = torch.empty(n, dtype=torch.bool)
             for i in range(0, n, selection.CHUNK):
                 j = min(i + selection.CHUNK, n)
                 torch.lt(torch.rand(j - i, generator=generator, out=uniforms[: j - i]), p, out=keep[i:j])
-            self.keep.append(keep)
-        self._mask = uniforms  # reused: each chunk's mask as float 0/1, as drop_random multiplies by it
-
-    def __len__(self) -> int:
-        return len(self.srcs)
-
-    def fill(self, i: int, j: int, rows: torch.Tensor) -> None:
-        for src, keep, p, row in zip(self.srcs, self.keep, self.densities, rows):
-            kept = src.delta(i, j, row).mul_(self._mask[: j - i].copy_(keep[i:j]))
-            if self.rescale == "density":
-                kept.div_(p)
+            masks.append(keep)
+        super().__init__(tensors, base, masks, list(densities) if rescale == "density" else None)
 
 
 def magnitude_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float, method: str = "della") -> torch.Tensor:
@@ -332,26 +349,34 @@ def _match_l1(kept: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
 
 
 def trim_outliers(delta: torch.Tensor, density: float, gamma: float, tie_break: str = "index") -> torch.Tensor:
-    """Breadcrumbs: drop the largest ``gamma`` fraction of magnitudes and the smallest, keeping ``density``.
+    """Breadcrumbs: drop the largest ``gamma`` fraction of magnitudes and the smallest, keeping ``density``
+    (the entries :func:`outlier_mask` keeps). At density 1 the delta is returned whole (mergekit's convention)."""
+    keep = outlier_mask(delta.abs(), density, gamma, tie_break)
+    return delta.clone() if keep is None else delta * keep.view_as(delta)
+
+
+def outlier_mask(magnitude: torch.Tensor, density: float, gamma: float, tie_break: str = "index") -> torch.Tensor | None:
+    """The flat boolean mask of the entries breadcrumbs keeps, given the task vector's magnitudes |delta|; None at
+    density 1 (all of them).
 
     n_top = floor(gamma n), n_keep = floor(density n), n_bottom = n - n_keep - n_top (if negative, fewer
-    top entries are dropped). At density 1 the delta is returned whole (mergekit's convention).
+    top entries are dropped); ties at the cuts in index order, or (``tie_break: torch_sort``) in the order
+    torch.sort gives them (mergekit's magnitude_outliers).
     """
-    n = delta.numel()
+    n = magnitude.numel()
     if density >= 1:
-        return delta.clone()
+        return None
     n_keep, n_top = int(density * n), int(gamma * n)
     n_bot = n - n_keep - n_top
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
     if tie_break == "index":
-        return delta * _middle_ranks(delta.abs().reshape(-1), n_bot, n - n_top).view_as(delta)
-    # ties at the cuts in the order torch.sort gives them (mergekit's magnitude_outliers)
-    order = torch.sort(delta.abs().reshape(-1).float()).indices
+        return _middle_ranks(magnitude.reshape(-1), n_bot, n - n_top)
+    order = torch.sort(magnitude.reshape(-1).float()).indices
     keep = torch.zeros(n, dtype=torch.bool)
     keep[order[n_bot : n - n_top]] = True
-    return delta * keep.view_as(delta)
+    return keep
 
 
 def _middle_ranks(mag: torch.Tensor, first: int, stop: int) -> torch.Tensor:
