@@ -9,6 +9,7 @@ import torch
 from .ops import MaskedDeltas, MergedChunks, divides_by_plain_weight_sum, model_weights, outlier_mask, per_model, require_base, rescale_l1, trim_outliers
 from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone, TieBreak
 from .registry import register
+from .selection import MagnitudeSource
 
 
 @register(
@@ -18,7 +19,8 @@ from .registry import register
     base="required",
     workspace=2,
     divides_by_weight_sum=divides_by_plain_weight_sum,
-    prepare=lambda tensors, **kw: prepare_breadcrumbs(tensors, **kw),
+    prepare=lambda tensors, **kw: None if kw["rescale"] == "l1" else prepare_breadcrumbs(tensors, **kw),  # l1: the whole path, in float32
+    takes_half=True,
 )
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],
@@ -53,7 +55,8 @@ def prepare_breadcrumbs(tensors: Sequence[torch.Tensor], *, base: torch.Tensor |
     dens, gam = per_model(density, len(tensors), "density"), per_model(gamma, len(tensors), "gamma")
     trimmed: list[torch.Tensor] | MaskedDeltas
     if rescale == "none":
-        trimmed = MaskedDeltas(tensors, base, [outlier_mask((t - base).abs_(), p, g, tie_break) for t, p, g in zip(tensors, dens, gam)])
+        trimmed = MaskedDeltas(tensors, base, [outlier_mask(MagnitudeSource(t, base).magnitude(0, t.numel()), p, g, tie_break)
+                                               for t, p, g in zip(tensors, dens, gam)])  # |t - base| in one float32 buffer
     else:
         trimmed = []
         for t, p, g in zip(tensors, dens, gam):
