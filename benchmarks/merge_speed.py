@@ -454,8 +454,8 @@ def floor_table(a: argparse.Namespace, scratch: Path, size_gb: float, dtype_name
           f"median of {a.repeats} interleaved rounds (min-max)")
     print("floor A: import torch, get_tensor every tensor of each input (safetensors), os.write an output-sized file (the last "
           "input's tensor bytes), no fsync; floor B: the same + fsync. Each row's floors read the same number of inputs.")
-    print("merge rows: `soup merge RECIPE -o OUT --no-progress -q`, default hashing with the input hashes cached (hashed once "
-          "before the timed runs; the output still hashed), except the two linear rows that say otherwise")
+    print("merge rows: `soup merge RECIPE -o OUT --no-progress -q --no-hash` (like the floors, which hash nothing), except the "
+          "two linear rows that say how they hash")
     print(f"peak RSS above baseline: wait4's ru_maxrss (the largest of the runs) minus {baseline:.0f} MiB, the VmRSS of a "
           f"process after `import torch, modelsoup.api` (the floors import only torch)")
     if gpu_note:
