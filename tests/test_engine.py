@@ -332,6 +332,8 @@ _POINTWISE_CASES = {
     "nearswap": ({"parameters": {"t": 0.05}}, True, 1),
     "passthrough": ({"parameters": {"scale": 0.5}}, False, 1),
     "slerp": ({"parameters": {"t": 0.3}}, False, 2),
+    "nuslerp": ({"weights": [1.0, 3.0]}, True, 2),
+    "nuslerp without a base": ({}, False, 2),
     "slerp with a base": ({"parameters": {"t": 0.7}}, True, 1),
 }
 
@@ -659,3 +661,29 @@ def test_streamed_prepared_methods_write_the_whole_tensor_paths_bits(tmp_path, m
     merge(rec, tmp_path / "o", progress=False, workers=2, hash_files=False)
     written = load_file(tmp_path / "o" / "model.safetensors")
     _assert_whole_path_bits(rec, written)
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_nuslerp_streams_flattened_and_runs_whole_row_by_row(tmp_path, flatten):
+    """nuslerp's flattened angle is three streamed sums; row by row it is a reduction per row, so the whole path runs.
+    Either way the file holds the whole path's bits."""
+    from modelsoup.api import _opened
+    from modelsoup.engine import CHUNK, streams
+    from modelsoup.methods import get_method
+    from modelsoup.plan import plan_merge
+    from modelsoup.recipe import recipe_from_dict
+
+    g = torch.Generator().manual_seed(6)
+    paths = []
+    for i in range(3):
+        save_file({"w": torch.randn(4, CHUNK // 2 + 7, generator=g)}, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+    rec = {"method": "nuslerp", "base": str(paths[0]), "models": [{"path": str(p)} for p in paths[1:]],
+           "parameters": {"flatten": flatten, "row_wise": True}}
+    merge(rec, tmp_path / "o", progress=False, workers=2, hash_files=False)
+    _assert_whole_path_bits(rec, load_file(tmp_path / "o" / "model.safetensors"))
+    assert (get_method("nuslerp").streamed_reduction({"flatten": flatten}) is not None) == flatten
+    recipe = recipe_from_dict(rec)
+    with _opened(recipe, ()) as (cks, base_ck, _):
+        plan = plan_merge(recipe, cks, base_ck)
+        assert [streams(plan, j) for j in plan.jobs] == [flatten]

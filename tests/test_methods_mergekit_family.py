@@ -48,6 +48,25 @@ H = math.sqrt(0.5)
 # ================================================================ hand-worked examples
 
 
+def test_nuslerp_takes_the_angle_of_a_large_tensor_in_float64():
+    """Two fine-tunes of 4M entries, nearly parallel (cos 0.9999): a float32 sum of u0 * u1 comes out above 1 there
+    (1.00009), which clamps to 1 and interpolates linearly; the float64 sums give the spherical result, which the
+    float64 formula computes here to float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 22
+    base = torch.randn(n, generator=g) * 0.02
+    a, b = base + torch.randn(n, generator=g) * 2e-4, base + torch.randn(n, generator=g) * 2e-4
+    a64, b64 = a.double(), b.double()
+    cos = float(a64 @ b64 / (a64.norm() * b64.norm()))
+    assert float((a / a.norm() * (b / b.norm())).sum()) > 1 > cos > 0.9998  # what a float32 angle would do
+    theta = math.acos(cos)
+    want = (math.sin(theta / 2) * a64 + math.sin(theta / 2) * b64) / math.sin(theta)
+    got = call("nuslerp", [a, b])
+    assert float(((got.double() - want).abs() / want.abs().clamp_min(1e-3)).max()) < 1e-6
+    linear = (a64 + b64) / 2
+    assert float(((linear - want).abs() / want.abs().clamp_min(1e-3)).max()) > 5e-6  # the test tells the two apart
+
+
 def test_nuslerp_by_hand():
     # t = w_2 / (w_1 + w_2); orthogonal unit vectors, theta = pi/2
     close(call("nuslerp", [T(1, 0), T(0, 1)]), T(H, H))  # no weights: t = .5

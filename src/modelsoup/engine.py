@@ -289,7 +289,7 @@ class MergeRun:
         base = self._chunks(job.base_source, -1, pool, upcast=True, half=half, checked=checked) if merging and job.base_source is not None else None
         method: Callable[..., torch.Tensor] = plan.method
         kernel = plan.method.chunk_kernel if merging else None
-        reduction = plan.method.reduction if merging else None
+        reduction = plan.method.streamed_reduction(job.params) if merging else None
         try:
             if reduction is not None:  # first pass: the method's sums over its own slices, in order
                 size = reduction.chunk
@@ -396,7 +396,8 @@ def streams(plan: MergePlan, job: TensorJob, device: torch.device | None = None)
         return False
     if job.action in ("base", "first"):
         return job.dtype.is_floating_point
-    return job.action == "merge" and (plan.method.pointwise or plan.method.reduction is not None or plan.method.prepare is not None)
+    method = plan.method
+    return job.action == "merge" and (method.pointwise or method.streamed_reduction(job.params) is not None or method.prepare is not None)
 
 
 def computed_jobs(plan: MergePlan) -> list[TensorJob]:
@@ -421,7 +422,7 @@ def job_cost(plan: MergePlan, job: TensorJob, device: torch.device | None = None
     numel = math.prod(job.shape)
     if job.action == "merge" and plan.method.prepare is not None:  # whole float32 inputs, the method's chunk buffers, no result
         return f32 * (readers + plan.method.workspace * len(job.sources))
-    reduction = plan.method.reduction if job.action == "merge" else None
+    reduction = plan.method.streamed_reduction(job.params) if job.action == "merge" else None
     chunk = max(CHUNK, reduction.chunk) if reduction is not None else CHUNK
     whole = sum(tensor_nbytes(*plan.inputs[s[0]].meta(s[1])) for s in (*job.sources, *([job.base_source] if job.base_source else []))
                 if not hasattr(plan.inputs[s[0]], "read_range"))

@@ -5,18 +5,25 @@ With a base the interpolation runs on the task vectors and the result is added b
 ``flatten`` interpolates the whole tensor as one vector; otherwise each row (``row_wise``: each column,
 i.e. vectors along dim 0) is interpolated on its own. Nearly colinear vectors (1 - cos^2 <= eps^2)
 are interpolated linearly.
+
+Flattened, the angle comes from float64 sums of |v0|^2, |v1|^2 and <v0, v1> over slices (as slerp's), so the engine
+streams the tensor in two passes. mergekit takes it from a float32 sum of u0 * u1, which on a large tensor of nearly
+parallel task vectors can exceed 1 (1.00009 for a cosine of 0.9999 over 4M entries; 1.0115 over a 65M-entry
+embedding), is clamped and interpolates linearly: there the two differ by that (up to a few 1e-5 relative).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
 from ..errors import MethodError
 from .ops import model_weights
-from .registry import Param, register
+from .registry import Param, Reduction, register
+from .slerp import GRAM_SLICE, gram64, gram_slice
 
 # mergekit's cut-offs: a weight sum below this gives t = 0.5; norms are floored at NORM_FLOOR.
 T_FROM_WEIGHTS_FLOOR = 1e-6
@@ -42,6 +49,41 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float) -> t
     return torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
 
 
+def _deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v0, v1): the two models, or their task vectors with a base.
+
+    Raises:
+        MethodError: not exactly two models.
+    """
+    if len(tensors) != 2:
+        raise MethodError(f"nuslerp merges exactly two models (besides an optional base), got {len(tensors)}")
+    return (tensors[0] - base, tensors[1] - base) if base is not None else (tensors[0], tensors[1])
+
+
+def _partials(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, weights: Sequence[float] | None = None,
+              **_: Any) -> tuple[float, float, float]:
+    """(|v0|^2, |v1|^2, <v0, v1>) of one slice, in float64 (the engine's first pass; :func:`~.slerp.gram64` over the whole)."""
+    return gram_slice(*_deltas(tensors, base))
+
+
+def _interpolate(gram: tuple[float, float, float], tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None,
+                 weights: Sequence[float] | None = None, eps: float = 1e-8, **_: Any) -> torch.Tensor:
+    """The flattened interpolation given the task vectors' Gram sums: pointwise (the engine's second pass, and the whole
+    tensor's). Norms are floored at NORM_FLOOR, the cosine clamped to [-1, 1]; colinear pairs are interpolated linearly."""
+    t = interpolation_t(weights)
+    v0, v1 = _deltas(tensors, base)
+    sq0, sq1, dot = gram
+    cos = max(-1.0, min(1.0, dot / (max(math.sqrt(sq0), NORM_FLOOR) * max(math.sqrt(sq1), NORM_FLOOR))))
+    if 1 - cos * cos <= eps**2:
+        c0, c1 = 1 - t, t
+    else:
+        theta = math.acos(cos)
+        c0, c1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    out = torch.mul(v0, c0)
+    out.add_(v1, alpha=c1)
+    return out.add_(base) if base is not None else out
+
+
 @register(
     "nuslerp",
     summary="slerp of two models (of their task vectors with a base), t = w_2 / (w_1 + w_2), whole tensor or row by row",
@@ -50,6 +92,8 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float) -> t
     base="optional",
     min_models=2,
     max_models=2,
+    # flattened, the angle is three sums of the whole tensor (float64, in slices): streamed in two passes
+    reduction=Reduction(chunk=GRAM_SLICE, partial=_partials, apply=_interpolate, applies=lambda p: bool(p["flatten"])),
 )
 def nuslerp(
     tensors: Sequence[torch.Tensor],
@@ -65,17 +109,17 @@ def nuslerp(
     Raises:
         MethodError: not exactly two models.
     """
-    if len(tensors) != 2:
-        raise MethodError(f"nuslerp merges exactly two models (besides an optional base), got {len(tensors)}")
+    if flatten:  # the engine streams this case in two passes (the same bits: the deltas are elementwise)
+        v0, v1 = _deltas(tensors, base)
+        out = _interpolate(gram64(v0, v1), [v0, v1], weights=weights, eps=eps)
+        return out.add_(base) if base is not None else out
     t = interpolation_t(weights)
-    v0, v1 = (x - base for x in tensors) if base is not None else tensors
+    v0, v1 = _deltas(tensors, base)
     shape = v0.shape
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise and v0.dim() > 1:
+    if row_wise and v0.dim() > 1:
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
     out = slerp_vectors(t, v0, v1, eps)
-    if not flatten and row_wise and out.dim() > 1:
+    if row_wise and out.dim() > 1:
         out = out.transpose(0, -1)
     out = out.reshape(shape).contiguous()
     return out.add_(base) if base is not None else out

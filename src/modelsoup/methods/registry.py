@@ -162,11 +162,19 @@ class Reduction:
         chunk: elements per slice of the reduction (part of the numerics: the sums are taken slice by slice).
         partial: ``partial(tensors, base=, weights=, **params) -> tuple[float, ...]`` of flat slices.
         apply: ``apply(sums, tensors, base=, weights=, **params) -> Tensor``, pointwise given ``sums``.
+        applies: given the resolved hyperparameters, whether this merge is a reduction at all (None = always); where it
+            is not, the method's own whole-tensor path runs.
     """
 
     chunk: int
     partial: Callable[..., tuple[float, ...]]
     apply: Callable[..., torch.Tensor]
+    applies: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def streams(self, params: Mapping[str, Any]) -> bool:
+        """Whether a merge with these (fully resolved) hyperparameters is computed this way; ``applies`` None = always
+        (nuslerp reduces a flattened tensor to three sums, but not row by row)."""
+        return self.applies is None or self.applies(params)
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,12 @@ class MergeMethod:
     statistic: Statistic | None = None
     chunk_kernel: Callable[..., torch.Tensor] | None = None
     carries_nonfinite: bool = False
+
+    def streamed_reduction(self, params: Mapping[str, Any]) -> Reduction | None:
+        """The :class:`Reduction` that streams a merge with these hyperparameters (defaults filled in here), or None."""
+        if self.reduction is None:
+            return None
+        return self.reduction if self.reduction.streams({p.name: p.default for p in self.params} | dict(params)) else None
 
     def keeps_identical(self, params: Mapping[str, Any]) -> bool:
         """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the

@@ -20,6 +20,7 @@ from ..errors import MethodError
 from .registry import Param, Reduction, register
 
 _CHUNK = 1 << 20
+GRAM_SLICE = _CHUNK  # elements per slice of gram64's float64 sums: part of the numerics of every method that uses them
 
 
 def gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
@@ -58,14 +59,18 @@ def _ends(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, weights: S
     return ends[0], ends[1]
 
 
-def _partials(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, weights: Sequence[float] | None = None,
-              **_: Any) -> tuple[float, float, float]:
-    """:func:`gram64`'s sums over one slice of ``_CHUNK`` elements (the engine's first pass)."""
-    v0, v1 = _ends(tensors, base, weights)
+def gram_slice(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """:func:`gram64`'s sums over one flat slice of at most ``_CHUNK`` elements, through this thread's float64 buffers."""
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
         bufs = _SCRATCH.bufs = (torch.empty(_CHUNK, dtype=torch.float64), torch.empty(_CHUNK, dtype=torch.float64))
-    return _gram_chunk(v0, v1, *bufs)
+    return _gram_chunk(a, b, *bufs)
+
+
+def _partials(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, weights: Sequence[float] | None = None,
+              **_: Any) -> tuple[float, float, float]:
+    """:func:`gram64`'s sums over one slice of ``_CHUNK`` elements (the engine's first pass)."""
+    return gram_slice(*_ends(tensors, base, weights))
 
 
 _SCRATCH = threading.local()  # each thread's two float64 slices for _partials, made once
