@@ -17,6 +17,7 @@ import torch
 
 from .ops import model_weights, normalizing_sum
 from .registry import Param, register
+from .slerp import dot64, norm64
 
 
 @register(
@@ -45,7 +46,7 @@ def karcher(
     total = normalizing_sum(w, option=None)
     alphas = [x / total for x in w]
     flat = [t.reshape(-1) for t in tensors]
-    norms = [float(torch.linalg.vector_norm(f)) for f in flat]
+    norms = [norm64(f) for f in flat]  # reductions in float64: a float32 norm or dot of millions of entries is off in its 4th digit
     valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
@@ -57,22 +58,22 @@ def karcher(
     mean = torch.zeros_like(flat[0])
     for i in valid:
         mean.add_(unit(i), alpha=a[i])
-    mn = float(torch.linalg.vector_norm(mean))
+    mn = norm64(mean)
     mean = unit(valid[0]) if mn < tol else mean / mn
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for i in valid:
             u = unit(i)
-            dot = max(-1.0, min(1.0, float(torch.dot(mean, u))))
+            dot = max(-1.0, min(1.0, dot64(mean, u)))
             theta = math.acos(dot)
             if theta < tol:
                 continue
             tangent.add_(u.sub_(dot * mean), alpha=a[i] * theta / math.sin(theta))  # units[i] - dot * mean, in the unit's memory
-        tn = float(torch.linalg.vector_norm(tangent))
+        tn = norm64(tangent)
         if tn < tol:
             break
         mean = math.cos(tn) * mean + (math.sin(tn) / tn) * tangent
-        un = float(torch.linalg.vector_norm(mean))
+        un = norm64(mean)
         if un > tol:
             mean = mean / un
     scale = sum(ai * n for ai, n in zip(alphas, norms))

@@ -11,6 +11,7 @@ error. One model is returned unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Annotated
 
@@ -19,6 +20,7 @@ import torch
 from ..errors import MethodError
 from .ops import model_weights, normalizing_sum
 from .registry import Param, register
+from .slerp import dot64, norm64
 
 
 @register(
@@ -52,15 +54,15 @@ def multislerp(
         total = normalizing_sum(w, option="normalize_weights")
         w = [x / total for x in w]
     vs = [(x - base if base is not None else x).reshape(-1) for x in tensors]
-    norms = [v.norm() for v in vs]
+    norms = [norm64(v) for v in vs]  # reductions in float64: a float32 norm or dot of millions of entries is off in its 4th digit
 
     def units() -> Iterator[torch.Tensor]:  # made when needed (the same bits each time), so only one is held
         return (v / (n + eps) for v, n in zip(vs, norms))
 
-    mean = torch.zeros_like(vs[0], dtype=torch.result_type(vs[0], norms[0]))
+    mean = torch.zeros_like(vs[0])
     for u, wi in zip(units(), w):
         mean.add_(u, alpha=wi)
-    mean_norm = float(mean.norm())
+    mean_norm = norm64(mean)
     if mean_norm < eps:
         if len(vs) != 2:
             raise MethodError("multislerp: the weighted mean of the models' directions is zero (antipodal models with "
@@ -70,9 +72,9 @@ def multislerp(
         mean /= mean_norm
         tangent = torch.zeros_like(mean)
         for u, wi in zip(units(), w):
-            tangent.add_(u.sub_(torch.dot(u, mean) * mean), alpha=wi)  # u - <u, m> m, in the unit's memory
-        tn = tangent.norm() + eps
-        out = mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
+            tangent.add_(u.sub_(mean, alpha=dot64(u, mean)), alpha=wi)  # u - <u, m> m, in the unit's memory
+        tn = norm64(tangent) + eps
+        out = mean * math.cos(tn) + tangent * (math.sin(tn) / tn)
         out *= sum(float(n) * wi for n, wi in zip(norms, w))
     out = out.reshape(tensors[0].shape)
     return out.add_(base) if base is not None else out
