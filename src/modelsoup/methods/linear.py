@@ -37,16 +37,11 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float],
     With ``buffer`` (a streamed chunk, see :attr:`~modelsoup.methods.registry.MergeMethod.chunk_kernel`) the sum and
     the result go into reused buffers instead of fresh ones; the bits are the same.
     """
-    if buffer is None:
-        acc = None
-        for t, c in zip(tensors, coefficients):
-            acc = accumulate(acc, t, c)
-        assert acc is not None
-        return finish(acc, total)
-    acc = buffer("sum", torch.float64).zero_()
+    acc = buffer("sum", torch.float64).zero_() if buffer is not None else None
     for t, c in zip(tensors, coefficients):
-        accumulate(acc, t, c)
-    return finish(acc, total, buffer("result", torch.float32))
+        acc = accumulate(acc, t, c)
+    assert acc is not None
+    return finish(acc, total, buffer("result", torch.float32) if buffer is not None else None)
 
 
 def _weights(n: int, weights: Sequence[float] | None, normalize: bool) -> tuple[list[float], float | None]:
