@@ -630,7 +630,7 @@ _PREPARED_CASES = {
     "della_linear": {"density": 0.5, "epsilon": 0.2, "rescale": "none"},
     "breadcrumbs": {"density": 0.8, "gamma": 0.05},
     "breadcrumbs_ties": {"density": 0.7, "gamma": 0.1},
-    "breadcrumbs l1": {"density": 0.8, "gamma": 0.05, "rescale": "l1"},  # l1: no prepare, the whole path (float32 copies of half)
+    "breadcrumbs l1": {"density": 0.8, "gamma": 0.05, "rescale": "l1"},  # l1: whole trimmed vectors, half widened before subtracting
     "dare_ties l1": {"density": 0.6, "rescale": "l1"},
 }
 

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops import MaskedDeltas, MergedChunks, divides_by_plain_weight_sum, model_weights, outlier_mask, per_model, require_base, rescale_l1, trim_outliers
+from .ops import MaskedDeltas, MergedChunks, divides_by_plain_weight_sum, model_weights, outlier_mask, per_model, require_base, rescale_l1, task_vector, trim_outliers
 from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone, TieBreak
 from .registry import register
-from .selection import MagnitudeSource
 
 
 @register(
@@ -19,7 +18,7 @@ from .selection import MagnitudeSource
     base="required",
     workspace=2,
     divides_by_weight_sum=divides_by_plain_weight_sum,
-    prepare=lambda tensors, **kw: None if kw["rescale"] == "l1" else prepare_breadcrumbs(tensors, **kw),  # l1: the whole path, in float32
+    prepare=lambda tensors, **kw: prepare_breadcrumbs(tensors, **kw),
     takes_half=True,
 )
 def breadcrumbs(
@@ -55,12 +54,12 @@ def prepare_breadcrumbs(tensors: Sequence[torch.Tensor], *, base: torch.Tensor |
     dens, gam = per_model(density, len(tensors), "density"), per_model(gamma, len(tensors), "gamma")
     trimmed: list[torch.Tensor] | MaskedDeltas
     if rescale == "none":
-        trimmed = MaskedDeltas(tensors, base, [outlier_mask(MagnitudeSource(t, base).magnitude(0, t.numel()), p, g, tie_break)
+        trimmed = MaskedDeltas(tensors, base, [outlier_mask(task_vector(t, base).abs_(), p, g, tie_break)
                                                for t, p, g in zip(tensors, dens, gam)])  # |t - base| in one float32 buffer
     else:
         trimmed = []
         for t, p, g in zip(tensors, dens, gam):
-            d = t - base
+            d = task_vector(t, base)
             trimmed.append(rescale_l1(trim_outliers(d, p, g, tie_break), d, rescale))
             del d  # one untrimmed task vector at a time
     return MergedChunks(trimmed, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,

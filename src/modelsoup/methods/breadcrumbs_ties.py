@@ -17,7 +17,7 @@ from .registry import register
     paper="Davari & Belilovsky 2024, Model breadcrumbs (arXiv 2312.06795); Yadav et al. 2023 (TIES)",
     base="required",
     workspace=2,
-    prepare=lambda tensors, **kw: None if kw["rescale"] == "l1" else prepare_breadcrumbs(tensors, **kw),  # l1: the whole path, in float32
+    prepare=lambda tensors, **kw: prepare_breadcrumbs(tensors, **kw),
     takes_half=True,
 )
 def breadcrumbs_ties(

@@ -19,7 +19,7 @@ from .registry import Param, register
     base="required",
     workspace=1,
     divides_by_weight_sum=divides_by_plain_weight_sum,
-    prepare=lambda tensors, **kw: None if kw["rescale"] == "l1" else _prepare(tensors, **kw),  # l1: the whole path, in float32
+    prepare=lambda tensors, **kw: _prepare(tensors, **kw),
     takes_half=True,
 )
 def dare_linear(

@@ -21,7 +21,7 @@ from .registry import Param, register
     paper="Yu et al. 2024, Language models are Super Mario (DARE) (arXiv 2311.03099); Yadav et al. 2023 (TIES)",
     base="required",
     workspace=1,
-    prepare=lambda tensors, **kw: None if kw["rescale"] == "l1" else _prepare(tensors, **kw),  # l1: the whole path, in float32
+    prepare=lambda tensors, **kw: _prepare(tensors, **kw),
     takes_half=True,
 )
 def dare_ties(

@@ -124,9 +124,18 @@ def base_and_one_model(tensors: Sequence[torch.Tensor], base: torch.Tensor | Non
     return base, tensors[0]
 
 
+def task_vector(theta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """delta = theta - base; a half-precision theta is widened to float32 first (a half subtraction would round to half),
+    as :class:`~modelsoup.methods.selection.MagnitudeSource` widens it, so a method handed half precision as stored
+    (``takes_half``) gets the deltas of the float32 copies."""
+    if theta.dtype in (torch.float16, torch.bfloat16):
+        return MagnitudeSource(theta, base).delta(0, theta.numel()).view(theta.shape)
+    return theta - base
+
+
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
-    """delta_i = theta_i - base."""
-    return [t - base for t in tensors]
+    """delta_i = theta_i - base (see :func:`task_vector`)."""
+    return [task_vector(t, base) for t in tensors]
 
 
 def weighted_deltas(deltas: Iterable[torch.Tensor], weights: Sequence[float], *, normalize: bool, acc: torch.Tensor) -> torch.Tensor:
@@ -229,7 +238,7 @@ def dare_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: fl
     dens = per_model(density, len(tensors), "density")
     if rescale != "l1":
         return DroppedDeltas(tensors, base, dens, generator, rescale)
-    return [drop_random(t - base, p, generator, rescale) for t, p in zip(tensors, dens)]
+    return [drop_random(task_vector(t, base), p, generator, rescale) for t, p in zip(tensors, dens)]
 
 
 class MaskedDeltas:
