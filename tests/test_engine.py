@@ -642,11 +642,13 @@ def test_every_method_that_prepares_has_a_streaming_case():
 
 
 @pytest.mark.parametrize("method", sorted(_PREPARED_CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float8_e4m3fn])
 def test_streamed_prepared_methods_write_the_whole_tensor_paths_bits(tmp_path, method, dtype):
     """Methods that analyse whole inputs (thresholds, random masks drawn model after model) and stream their result:
     the written bytes are the whole path's, over several chunks, with the random methods' per-tensor generators; a
-    method that takes half precision as stored gets bfloat16 inputs there and their float32 copies on the whole path."""
+    method that takes half precision as stored gets bfloat16 inputs there and their float32 copies on the whole path,
+    and float64 and float8 inputs as float32 copies on both (not as stored: float64 deltas would round differently,
+    float8 has no arithmetic)."""
     from modelsoup.engine import CHUNK
 
     g = torch.Generator().manual_seed(2)

@@ -154,8 +154,9 @@ class MergeRun:
         self._disagreeing: list[tuple[str, str]] = []  # (tensor, the input it was taken from)
         self.inputs = plan.inputs
 
-    def _read(self, ck: Checkpoint, name: str, upcast: bool = False, device: torch.device = CPU) -> torch.Tensor:
-        """Read a tensor (in float32 if ``upcast`` and floating, moved to ``device`` first), refusing NaN/Inf unless allowed.
+    def _read(self, ck: Checkpoint, name: str, upcast: bool = False, device: torch.device = CPU, keep_half: bool = False) -> torch.Tensor:
+        """Read a tensor (in float32 if ``upcast`` and floating, float16 and bfloat16 kept as stored with ``keep_half``;
+        moved to ``device`` first), refusing NaN/Inf unless allowed.
 
         Large safetensors tensors are mapped, not copied (``read_mapped``): a method's inputs may start at any alignment.
         """
@@ -164,17 +165,20 @@ class MergeRun:
             return t
         if device.type != "cpu":
             t = t.to(device)  # moved in its stored dtype (half the bytes of float32); the upcast below is exact either way
-        wide = t if t.dtype in (torch.float32, torch.float64) or not upcast else t.to(torch.float32)
+        half = keep_half and t.dtype in (torch.float16, torch.bfloat16)  # the method widens it itself, exactly
+        wide = t if t.dtype in (torch.float32, torch.float64) or half else t.to(torch.float32)
         if not self.plan.allow_nonfinite and not all_finite(wide):  # all_finite reads half precision as stored: no copy
-            bad = int((~torch.isfinite(wide if wide.dtype.itemsize >= 2 else wide.to(torch.float32))).sum())
+            bad = int((~torch.isfinite(wide)).sum())
             raise NonFiniteError(
                 f"{ck.label}: tensor '{name}' holds {bad} NaN/Inf value(s) of {t.numel()}; fix the checkpoint, "
                 "or set allow_nonfinite: true (--allow-nonfinite) to merge it anyway"
             )
+        if half:
+            return t
         return wide.to(torch.float32) if upcast else t
 
-    def _get(self, src: Source, upcast: bool = False, device: torch.device = CPU) -> torch.Tensor:
-        return self._read(self.inputs[src[0]], src[1], upcast, device)
+    def _get(self, src: Source, upcast: bool = False, device: torch.device = CPU, keep_half: bool = False) -> torch.Tensor:
+        return self._read(self.inputs[src[0]], src[1], upcast, device, keep_half)
 
     def compute(self, job: TensorJob) -> torch.Tensor:
         """Compute one output tensor (in its output dtype)."""
@@ -204,14 +208,13 @@ class MergeRun:
         return {"statistics": [self._get(s, device=device) for s in job.statistic_sources] or None}
 
     def _inputs(self, job: TensorJob, device: torch.device = CPU, half: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """A merge job's whole inputs and base, upcast (half precision kept as stored with ``half``) and finite-checked
-        (large tensors' models read concurrently)."""
-        upcast = not half
+        """A merge job's whole inputs and base, upcast to float32 (float16 and bfloat16 kept as stored with ``half``) and
+        finite-checked (large tensors' models read concurrently)."""
         if job.nbytes >= PARALLEL_READ_BYTES and len(job.sources) > 1:
-            tensors = list(_READ_POOL.map(lambda s: self._get(s, upcast=upcast, device=device), job.sources))
+            tensors = list(_READ_POOL.map(lambda s: self._get(s, upcast=True, device=device, keep_half=half), job.sources))
         else:
-            tensors = [self._get(s, upcast=upcast, device=device) for s in job.sources]
-        base = self._get(job.base_source, upcast=upcast, device=device) if job.base_source is not None else None
+            tensors = [self._get(s, upcast=True, device=device, keep_half=half) for s in job.sources]
+        base = self._get(job.base_source, upcast=True, device=device, keep_half=half) if job.base_source is not None else None
         return tensors, base
 
     def _generator(self, job: TensorJob) -> torch.Generator | None:
