@@ -613,3 +613,25 @@ def _stable_outlier_mask(d, density, gamma):
     keep = torch.zeros(n, dtype=torch.bool)
     keep[d.abs().argsort(stable=True)[n_bot : n - n_top]] = True
     return keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_all_finite_finds_every_nonfinite_and_clears_overflowing_sums(dtype):
+    from modelsoup.methods.ops import all_finite
+
+    n = 3 * (1 << 16) + 5
+    x = (torch.arange(n, dtype=torch.float32) % 7 - 3).to(dtype)
+    assert all_finite(x)
+    bad_values = [math.nan] if dtype == torch.float8_e4m3fn else [math.nan, math.inf, -math.inf]  # e4m3fn has no Inf
+    for bad in bad_values:
+        for at in (0, n // 2, n - 1):
+            y = x.clone()
+            y[at] = bad
+            assert not all_finite(y), (dtype, bad, at)
+    if dtype != torch.float8_e4m3fn:
+        opposite = x.clone()
+        opposite[1], opposite[n - 2] = math.inf, -math.inf  # a sum of NaN, not of an infinity
+        assert not all_finite(opposite)
+    # every value finite and large: the sum overflows the dtype (float16's total: beyond 65504), which is not a NaN/Inf
+    big = torch.full((n,), torch.finfo(dtype).max / 2, dtype=torch.float64).to(dtype)
+    assert all_finite(big)
