@@ -635,3 +635,47 @@ def test_all_finite_finds_every_nonfinite_and_clears_overflowing_sums(dtype):
     # every value finite and large: the sum overflows the dtype (float16's total: beyond 65504), which is not a NaN/Inf
     big = torch.full((n,), torch.finfo(dtype).max / 2, dtype=torch.float64).to(dtype)
     assert all_finite(big)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_window_in_any_chunks_keeps_the_stable_sorts_places(seed):
+    """RankWindow (breadcrumbs' streamed cuts) keeps argsort(|d|, stable=True)[first:stop], whatever the chunks, at every
+    kind of window: empty, whole, touching either end, and both cuts inside one group of ties."""
+    from modelsoup.methods.selection import MagnitudeSource, RankWindow
+
+    g = torch.Generator().manual_seed(seed)
+    n = 997
+    base = torch.randint(-3, 4, (n,), generator=g).float() / 2
+    theta = base + torch.randint(-3, 4, (n,), generator=g).float() / 2  # seven magnitudes: every cut falls inside ties
+    d = theta - base
+    order = d.abs().argsort(stable=True)
+    src = MagnitudeSource(theta, base)
+    for first, stop in ((0, n), (0, 500), (300, n), (400, 400), (500, 10), (1, n - 1), (450, 470), (0, 1), (n - 1, n)):
+        want = torch.zeros(n, dtype=torch.bool)
+        want[order[first:stop]] = True
+        window = RankWindow(src, first, stop)
+        for size in (n, 64, 97, 1):
+            got = torch.cat([window.apply_(src.delta(i, min(i + size, n)), i) for i in range(0, n, size)])
+            assert torch.equal(got, d * want), (first, stop, size)
+        groups = {float(v) for v in d.abs()[order[first:stop]]} & {float(v) for v in d.abs()[~want]} if 0 < stop - first < n else set()
+        assert window.tied_at_cut == bool(groups), (first, stop)
+
+
+def test_breadcrumbs_torch_sort_streams_where_no_ties_meet_a_cut_and_sorts_where_they_do():
+    """tie_break: torch_sort (mergekit's breadcrumbs) keeps torch.sort's order of ties at a cut; without such ties every order
+    keeps the same entries, so the cuts stream as with index order."""
+    from modelsoup.methods.breadcrumbs import prepare_breadcrumbs
+    from modelsoup.methods.ops import MaskedDeltas, TrimmedDeltas, sorted_window_mask
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4000, generator=g)
+    distinct = [base + torch.randn(4000, generator=g) for _ in range(2)]
+    tied = [base + torch.randint(-2, 3, (4000,), generator=g).float() for _ in range(2)]
+    params = {"weights": [1.0, 0.5], "density": 0.6, "gamma": 0.05, "scale": 1.0, "rescale": "none", "tie_break": "torch_sort",
+              "sign_method": "none", "sign_from": "weighted", "normalize": False, "divide_by": "weight_sum"}
+    for models, kind in ((distinct, TrimmedDeltas), (tied, MaskedDeltas)):
+        prepared = prepare_breadcrumbs(models, base=base, **params)
+        assert isinstance(prepared.deltas, kind)
+        masks = [sorted_window_mask((t - base).abs(), 4000 - 2400 - 200, 4000 - 200) for t in models]
+        want = base + sum(w * (t - base) * m for w, t, m in zip(params["weights"], models, masks))
+        assert torch.equal(prepared.whole(), want)

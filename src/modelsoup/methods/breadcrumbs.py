@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops import MaskedDeltas, MergedChunks, divides_by_plain_weight_sum, model_weights, outlier_mask, per_model, require_base, rescale_l1, task_vector, trim_outliers
+from .ops import (MaskedDeltas, MergedChunks, TrimmedDeltas, divides_by_plain_weight_sum, model_weights, outlier_deltas, outlier_window, per_model,
+                  require_base, rescale_l1, sorted_window_mask, task_vector, trim_outliers)
 from .params import Density, DivideBy, Gamma, Normalize, RescaleL1, Scale, SignFrom, SignMethodOrNone, TieBreak
 from .registry import register
 
@@ -46,16 +47,20 @@ def prepare_breadcrumbs(tensors: Sequence[torch.Tensor], *, base: torch.Tensor |
                         sign_method: str, sign_from: str, normalize: bool, divide_by: str) -> MergedChunks:
     """The trimmed task vectors and the merge they define, a chunk at a time.
 
-    The cuts need each task vector whole, one at a time; what is kept is its boolean mask (:class:`MaskedDeltas`, one
-    byte an entry), the trimmed chunks being made again when merged. ``rescale: l1`` needs each trimmed vector whole,
-    so those are kept.
+    The cuts of every task vector are found first, in one sweep (:func:`outlier_deltas`); the trimmed chunks are then
+    made when merged, so no task vector is held whole. Where ``tie_break: torch_sort`` meets ties at a cut, torch's
+    order of them needs each task vector sorted whole: its boolean mask is kept (:class:`MaskedDeltas`, one byte an
+    entry). ``rescale: l1`` needs each trimmed vector whole, so those are kept.
     """
     base = require_base(base, "breadcrumbs")
     dens, gam = per_model(density, len(tensors), "density"), per_model(gamma, len(tensors), "gamma")
-    trimmed: list[torch.Tensor] | MaskedDeltas
+    trimmed: list[torch.Tensor] | TrimmedDeltas | MaskedDeltas
     if rescale == "none":
-        trimmed = MaskedDeltas(tensors, base, [outlier_mask(task_vector(t, base).abs_(), p, g, tie_break)
-                                               for t, p, g in zip(tensors, dens, gam)])  # |t - base| in one float32 buffer
+        trimmed = outlier_deltas(tensors, base, dens, gam)
+        if tie_break != "index" and trimmed.tied_at_cut:  # with no ties at a cut, every tie-break keeps the same entries
+            windows = [outlier_window(base.numel(), p, g) for p, g in zip(dens, gam)]
+            trimmed = MaskedDeltas(tensors, base, [None if w is None else sorted_window_mask(task_vector(t, base).abs_(), *w)
+                                                   for t, w in zip(tensors, windows)])  # |t - base| in one float32 buffer
     else:
         trimmed = []
         for t, p, g in zip(tensors, dens, gam):

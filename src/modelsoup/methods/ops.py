@@ -1,7 +1,7 @@
 """Shared operations of the task-vector methods: sparsify (trim, drop-and-rescale), elect signs, combine.
 
 TIES, DARE and breadcrumbs are compositions of these: sparsify each task vector (``trim_top_k`` /
-``TopKDeltas``, ``drop_random``, ``trim_outliers``), then ``combine`` them (plain weighted sum, or sign
+``top_k_deltas``, ``drop_random``, ``trim_outliers``), then ``combine`` them (plain weighted sum, or sign
 election and a disjoint mean), then ``add_to_base``. Every function is pure:
 inputs are never modified.
 
@@ -18,12 +18,11 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from ..errors import MethodError
 from . import selection
-from .selection import MagnitudeSource, TopKTrim
+from .selection import MagnitudeSource, RankWindow, TopKTrim
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -185,24 +184,46 @@ def trim_top_k(delta: torch.Tensor, density: float, *, at_least_one: bool = Fals
     return TopKTrim(src, density, at_least_one=at_least_one).apply_(src.delta(0, src.n), 0).view_as(delta)
 
 
-class TopKDeltas:
-    """delta_i = theta_i - base trimmed to its k_i = floor(density_i * n) largest magnitudes, chunk by chunk.
+class _Trim(Protocol):
+    tied_at_cut: bool
 
-    The thresholds are found first, for all models in one sweep (:meth:`TopKTrim.for_sources`); each
-    chunk is then computed and trimmed when asked for, in float32.
-    """
+    def apply_(self, d: torch.Tensor, start: int) -> torch.Tensor: ...
 
-    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float], *, at_least_one: bool = False) -> None:
-        self.srcs = [MagnitudeSource(t, base) for t in tensors]
-        self.trims = TopKTrim.for_sources(self.srcs, densities, at_least_one=at_least_one)
+
+class TrimmedDeltas:
+    """delta_i = theta_i - base, each trimmed by its own trim (whose cuts were found first, for all models in one sweep),
+    chunk by chunk: each chunk is computed and trimmed when asked for, in float32, so no task vector is held whole."""
+
+    def __init__(self, srcs: Sequence[MagnitudeSource], trims: Sequence[_Trim], base: torch.Tensor) -> None:
+        self.srcs, self.trims = list(srcs), list(trims)
         self.shape, self.dtype = base.shape, torch.float32
 
     def __len__(self) -> int:
         return len(self.srcs)
 
+    @property
+    def tied_at_cut(self) -> bool:
+        """Whether some trim keeps some entries of a magnitude at its cut and not others (their order then decides)."""
+        return any(t.tied_at_cut for t in self.trims)
+
     def fill(self, i: int, j: int, rows: torch.Tensor) -> None:
         for trim, src, row in zip(self.trims, self.srcs, rows):
             trim.apply_(src.delta(i, j, row), i)
+
+
+def top_k_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float], *, at_least_one: bool = False) -> TrimmedDeltas:
+    """delta_i trimmed to its k_i = floor(density_i * n) largest magnitudes (:class:`TopKTrim`), chunk by chunk."""
+    srcs = [MagnitudeSource(t, base) for t in tensors]
+    return TrimmedDeltas(srcs, TopKTrim.for_sources(srcs, densities, at_least_one=at_least_one), base)
+
+
+def outlier_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float], gammas: Sequence[float]) -> TrimmedDeltas:
+    """delta_i without its outliers and smallest magnitudes (breadcrumbs, :func:`outlier_window`; ties in index order),
+    chunk by chunk."""
+    srcs = [MagnitudeSource(t, base) for t in tensors]
+    n = srcs[0].n if srcs else 0
+    windows = [outlier_window(n, p, g) or (0, n) for p, g in zip(densities, gammas)]
+    return TrimmedDeltas(srcs, RankWindow.for_sources(srcs, windows), base)
 
 
 def bernoulli_mask(like: torch.Tensor, p: float | torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -364,20 +385,25 @@ def _match_l1(kept: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
 
 def trim_outliers(delta: torch.Tensor, density: float, gamma: float, tie_break: str = "index") -> torch.Tensor:
     """Breadcrumbs: drop the largest ``gamma`` fraction of magnitudes and the smallest, keeping ``density``
-    (the entries :func:`outlier_mask` keeps). At density 1 the delta is returned whole (mergekit's convention)."""
-    keep = outlier_mask(delta.abs(), density, gamma, tie_break)
-    return delta.clone() if keep is None else delta * keep.view_as(delta)
+    (see :func:`outlier_window`). At density 1 the delta is returned whole (mergekit's convention)."""
+    window = outlier_window(delta.numel(), density, gamma)
+    if window is None:
+        return delta.clone()
+    if tie_break == "index":
+        src = MagnitudeSource(delta)
+        return RankWindow(src, *window).apply_(src.delta(0, src.n), 0).view_as(delta)
+    return delta * sorted_window_mask(delta.abs(), *window).view_as(delta)
 
 
-def outlier_mask(magnitude: torch.Tensor, density: float, gamma: float, tie_break: str = "index") -> torch.Tensor | None:
-    """The flat boolean mask of the entries breadcrumbs keeps, given the task vector's magnitudes |delta|; None at
+def outlier_window(n: int, density: float, gamma: float) -> tuple[int, int] | None:
+    """The places [first, stop) in the ascending order of a task vector's n magnitudes that breadcrumbs keeps; None at
     density 1 (all of them).
 
-    n_top = floor(gamma n), n_keep = floor(density n), n_bottom = n - n_keep - n_top (if negative, fewer
-    top entries are dropped); ties at the cuts in index order, or (``tie_break: torch_sort``) in the order
-    torch.sort gives them (mergekit's magnitude_outliers).
+    n_top = floor(gamma n), n_keep = floor(density n), n_bottom = n - n_keep - n_top (if negative, fewer top entries
+    are dropped). Ties at the cuts are taken in index order (:class:`~modelsoup.methods.selection.RankWindow`), or
+    (``tie_break: torch_sort``) in the order torch.sort gives them (:func:`sorted_window_mask`, mergekit's
+    magnitude_outliers).
     """
-    n = magnitude.numel()
     if density >= 1:
         return None
     n_keep, n_top = int(density * n), int(gamma * n)
@@ -385,35 +411,15 @@ def outlier_mask(magnitude: torch.Tensor, density: float, gamma: float, tie_brea
     if n_bot < 0:
         n_top += n_bot
         n_bot = 0
-    if tie_break == "index":
-        return _middle_ranks(magnitude.reshape(-1), n_bot, n - n_top)
+    return n_bot, n - n_top
+
+
+def sorted_window_mask(magnitude: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+    """The flat boolean mask of the entries at places [first, stop) of ``torch.sort(magnitude)`` (its order of ties)."""
     order = torch.sort(magnitude.reshape(-1).float()).indices
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[order[n_bot : n - n_top]] = True
+    keep = torch.zeros(magnitude.numel(), dtype=torch.bool)
+    keep[order[first:stop]] = True
     return keep
-
-
-def _middle_ranks(mag: torch.Tensor, first: int, stop: int) -> torch.Tensor:
-    """Mask of the entries at positions [first, stop) of ``mag`` sorted ascending and stably (ties in index order).
-
-    The same entries ``mag.argsort(stable=True)[first:stop]`` picks, in linear time: everything strictly between the
-    values at the two end positions, and of the entries equal to an end value (which sit together in the sorted order,
-    in index order) those whose place falls inside. ``mag`` is flat and has no NaN.
-    """
-    n = mag.numel()
-    keep = np.zeros(n, dtype=bool)
-    if stop <= first:
-        return torch.from_numpy(keep)
-    m = mag.numpy()
-    part = np.partition(m, [first, stop - 1])  # a copy; m keeps its order
-    lo, hi = part[first], part[stop - 1]
-    del part
-    np.logical_and(m > lo, m < hi, out=keep)
-    for value in (lo, hi) if hi != lo else (lo,):
-        ties = np.flatnonzero(m == value)
-        below = int(np.count_nonzero(m < value))  # the ties hold sorted places [below, below + len(ties))
-        keep[ties[max(first - below, 0) : max(stop - below, 0)]] = True
-    return torch.from_numpy(keep)
 
 
 # ----------------------------------------------------------------------------------------- combine

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import MergedChunks, TopKDeltas, add_to_base, combine, model_weights, per_model, require_base, rescale_l1, task_vectors, trim_top_k, trim_top_k_torch_order
+from .ops import MergedChunks, add_to_base, combine, model_weights, per_model, require_base, rescale_l1, task_vectors, top_k_deltas, trim_top_k, trim_top_k_torch_order
 from .params import Density, DivideBy, Normalize, RescaleL1, Scale, SignFrom, SignMethod, TieBreak
 from .registry import Param, register
 
@@ -70,8 +70,8 @@ def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weig
     base = require_base(base, "ties")
     if rescale != "none":
         return None
-    chunked = TopKDeltas(tensors, base, per_model(density, len(tensors), "density"), at_least_one=keep_at_least_one)
-    if tie_break != "index" and any(t.tied_at_cut for t in chunked.trims):
+    chunked = top_k_deltas(tensors, base, per_model(density, len(tensors), "density"), at_least_one=keep_at_least_one)
+    if tie_break != "index" and chunked.tied_at_cut:
         return None  # with no ties at a cut, every tie-break keeps the same entries
     return MergedChunks(chunked, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
                         normalize=normalize, divide_by=divide_by)
