@@ -142,6 +142,22 @@ def test_nonfinite_input_refused_and_no_output_left(tmp_path, states):
     assert torch.isnan(_read_all(out)["head.weight"][0, 0])
 
 
+def test_nan_allowed_but_not_rankable_is_refused_naming_the_tensor(tmp_path, states):
+    """allow_nonfinite merges NaN with methods that carry it, but TIES/breadcrumbs rank magnitudes and NaN has no rank:
+    a named error, not a crash or a silently different trim."""
+    from modelsoup.errors import MethodError
+
+    bad = dict(states[2])
+    bad["head.weight"] = bad["head.weight"].clone()
+    bad["head.weight"][0, 0] = float("nan")
+    paths = _files(tmp_path, [states[0], states[1], bad])
+    for method in ("ties", "breadcrumbs"):
+        out = tmp_path / f"out-{method}"
+        with pytest.raises(MethodError, match=r"tensor 'head.weight': 1 task-vector entries are NaN.*rank"):
+            merge(models=paths[1:], base=paths[0], method=method, output=out, allow_nonfinite=True, progress=False)
+        assert not out.exists()
+
+
 def test_output_exists_refused_unless_overwrite(tmp_path, states):
     paths = _files(tmp_path, states)
     out = tmp_path / "out"

@@ -679,3 +679,31 @@ def test_breadcrumbs_torch_sort_streams_where_no_ties_meet_a_cut_and_sorts_where
         masks = [sorted_window_mask((t - base).abs(), 4000 - 2400 - 200, 4000 - 200) for t in models]
         want = base + sum(w * (t - base) * m for w, t, m in zip(params["weights"], models, masks))
         assert torch.equal(prepared.whole(), want)
+
+
+def test_rank_trims_of_float64_inputs_cut_in_float64():
+    """Cuts found in float64 are applied to float64 deltas: a float32 row would round the entries at a cut onto the
+    float next to the cut (both dropped, or every tie kept)."""
+    base = torch.zeros(4, dtype=torch.float64)
+    m = torch.tensor([1.0, 1 + 2**-40, 1 + 2**-41, 3.0], dtype=torch.float64)
+    assert torch.equal(call("breadcrumbs", [m], base=base, density=0.5, gamma=0.25), torch.tensor([0, 1 + 2**-40, 1 + 2**-41, 0], dtype=torch.float64))
+    assert torch.equal(call("ties", [m], base=base, density=0.5), torch.tensor([0, 1 + 2**-40, 0, 3], dtype=torch.float64))
+
+
+def test_outlier_trim_keeps_an_infinite_entry_inside_the_window_and_refuses_nan():
+    from modelsoup.methods.ops import trim_outliers, trim_top_k
+
+    inf, nan = math.inf, math.nan
+    assert torch.equal(trim_outliers(torch.tensor([inf, 1.0, 2.0, 3.0]), 0.75, 0.0), torch.tensor([inf, 0.0, 2.0, 3.0]))
+    for trim in (lambda d: trim_outliers(d, 0.75, 0.0), lambda d: trim_top_k(d, 0.5)):
+        with pytest.raises(MethodError, match=r"1 task-vector entries are NaN.*rank"):
+            trim(torch.tensor([nan, 1.0, 2.0, 3.0]))
+
+
+def test_nan_is_refused_on_the_bracketed_path_too(small_chunks):
+    base = torch.zeros(1000)
+    m = torch.linspace(-1, 1, 1000)
+    m[777] = math.nan
+    for name in ("ties", "breadcrumbs"):
+        with pytest.raises(MethodError, match="NaN"):
+            call(name, [m, m.flip(0)], base=base, density=0.5)

@@ -525,10 +525,15 @@ def run_jobs(
         names = [job.name, *by_target.get(job.name, ())]
         if torch.get_num_threads() != per_worker:
             torch.set_num_threads(per_worker)
-        if not (run.chunked(job) and streamed(job, names)):
-            out = run.compute(job)
-            for name in names:
-                write(name, out)
+        try:
+            if not (run.chunked(job) and streamed(job, names)):
+                out = run.compute(job)
+                for name in names:
+                    write(name, out)
+        except MethodError as e:
+            if f"'{job.name}'" in str(e):
+                raise
+            raise MethodError(f"tensor '{job.name}': {e}") from e  # a method's own error names the tensor here
         return job.nbytes * len(names)
 
     done = 0

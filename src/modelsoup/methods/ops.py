@@ -196,7 +196,8 @@ class TrimmedDeltas:
 
     def __init__(self, srcs: Sequence[MagnitudeSource], trims: Sequence[_Trim], base: torch.Tensor) -> None:
         self.srcs, self.trims = list(srcs), list(trims)
-        self.shape, self.dtype = base.shape, torch.float32
+        self.shape = base.shape
+        self.dtype = self.srcs[0].dtype if self.srcs else torch.float32  # float32, or float64 for float64 inputs (as the cuts)
 
     def __len__(self) -> int:
         return len(self.srcs)
@@ -280,10 +281,11 @@ class MaskedDeltas:
     def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, masks: Sequence[torch.Tensor | None],
                  divisors: Sequence[float | None] | None = None) -> None:
         self.srcs = [selection.MagnitudeSource(t, base) for t in tensors]
-        self.shape, self.dtype = base.shape, torch.float32
+        self.shape = base.shape
+        self.dtype = self.srcs[0].dtype if self.srcs else torch.float32  # float32, or float64 for float64 inputs
         self.keep = [None if m is None else m.reshape(-1) for m in masks]
         self.divisors = list(divisors) if divisors is not None else [None] * len(self.srcs)
-        self._mask = torch.empty(max(1, min(self.srcs[0].n, selection.CHUNK)), dtype=torch.float32)
+        self._mask = torch.empty(max(1, min(self.srcs[0].n, selection.CHUNK)), dtype=self.dtype)
 
     def __len__(self) -> int:
         return len(self.srcs)

@@ -12,11 +12,14 @@ hold few distinct values: 1.5M band entries, 1623 values, 127 ms against 12 ms).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from ..errors import MethodError
 
 # Tensors larger than this find their k-th magnitude by bracketing it from a strided sample first,
 # of about SAMPLE elements.
@@ -43,6 +46,14 @@ class MagnitudeSource:
         self.base = None if base is None else base.reshape(-1)
         self.n = self.theta.numel()
         self.dtype = self.theta.dtype if self.theta.dtype in (torch.float32, torch.float64) else torch.float32
+        self._finite: bool | None = None
+
+    @property
+    def finite_inputs(self) -> bool:
+        """Whether theta and base hold only finite values, so no magnitude is NaN (one fast sum each, taken once)."""
+        if self._finite is None:
+            self._finite = all(math.isfinite(float(t.sum())) for t in (self.theta, self.base) if t is not None and t.numel())
+        return self._finite
 
     def delta(self, i: int, j: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """theta - base on [i, j), written into ``out`` (j - i elements of ``dtype``) or a fresh tensor."""
@@ -81,6 +92,7 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
     if not srcs:
         return []
     n = srcs[0].n
+    unsure = [not src.finite_inputs for src in srcs]  # non-finite inputs may give NaN magnitudes, which have no rank
     found: list[Kth | None] = [None] * len(srcs)
     if n > BRACKET_ABOVE:
         brackets = [_bracket(src, k) for src, k in zip(srcs, ks)]
@@ -91,6 +103,8 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
             for s, (src, (lo, hi)) in enumerate(zip(srcs, brackets)):
                 if s == 0 or src is not srcs[s - 1]:  # a source listed twice in a row (two k of one tensor) is read once
                     mag = src.magnitude(i, j, buf[: j - i]).numpy()
+                    if unsure[s]:
+                        _refuse_nan(mag)
                 over = np.greater(mag, hi, out=over_hi[: j - i])
                 above[s] += int(np.count_nonzero(over))
                 band = np.logical_xor(np.greater_equal(mag, lo, out=in_band[: j - i]), over, out=in_band[: j - i])  # lo <= mag <= hi
@@ -102,8 +116,8 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
 def _bracket(src: MagnitudeSource, k: int) -> tuple[float, float]:
     """Two magnitudes that enclose the k-th largest with high probability, from a strided sample."""
     n = src.n
-    sample = src.sample(n // SAMPLE).sort().values
-    m = sample.numel()
+    sample = np.sort(src.sample(n // SAMPLE).numpy())  # values only: 2.5x faster than torch.sort, which makes indices too
+    m = sample.size
     pos = (1 - k / n) * m
     margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 64
     return float(sample[max(0, int(pos - margin))]), float(sample[min(m - 1, int(pos + margin))])
@@ -119,8 +133,17 @@ def _kth_in_band(bands: list[np.ndarray], k: int, above: int) -> Kth | None:
     return Kth(float(kth), above + int(np.count_nonzero(band > kth)), [int(np.count_nonzero(b == kth)) for b in bands])
 
 
+def _refuse_nan(mag: np.ndarray) -> None:
+    if np.isnan(mag).any():
+        raise MethodError(f"{int(np.isnan(mag).sum())} task-vector entries are NaN (from NaN or infinite weights): the method keeps "
+                          "entries by the rank of their magnitude, and NaN has none. Fix the checkpoint (allow_nonfinite cannot "
+                          "merge NaN with a method that ranks magnitudes)")
+
+
 def _kth_of_all(src: MagnitudeSource, k: int) -> Kth:
     mag = src.magnitude(0, src.n).numpy()
+    if not src.finite_inputs:
+        _refuse_nan(mag)
     kth = np.sort(mag)[src.n - k]  # a sorted copy (the counts below need flat order), not a partition: see _kth_in_band
     return Kth(float(kth), int(np.count_nonzero(mag > kth)), [int(np.count_nonzero(mag[i:j] == kth)) for i, j in _spans(src.n)])
 
@@ -225,7 +248,8 @@ class RankWindow:
         up = torch.tensor(np.inf, dtype=src.dtype)
         # keep lo_bound < |d| < hi_bound, the bounds moved by one float where the ties at lo or hi are kept
         self.lo, self.lo_or_equal = lo.value, float(torch.nextafter(torch.tensor(lo.value, dtype=src.dtype), down))
-        self.hi, self.hi_or_equal = hi.value, float(torch.nextafter(torch.tensor(hi.value, dtype=src.dtype), up))
+        # (an infinite hi kept has no float above it: no upper bound then)
+        self.hi, self.hi_or_equal = hi.value, float(torch.nextafter(torch.tensor(hi.value, dtype=src.dtype), up)) if math.isfinite(hi.value) else None
         self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
@@ -256,5 +280,6 @@ class RankWindow:
             lo = self.lo_or_equal if start + a >= self.cut_lo else self.lo  # from cut_lo on, ties at lo are kept
             hi = self.hi_or_equal if start + a < self.cut_hi else self.hi  # before cut_hi, ties at hi are kept
             torch.gt(mag[a:b], lo, out=keep[a:b])  # float 0/1 masks: faster than bool ones (see ops)
-            keep[a:b].mul_(torch.lt(mag[a:b], hi, out=mag[a:b]))
+            if hi is not None:
+                keep[a:b].mul_(torch.lt(mag[a:b], hi, out=mag[a:b]))
         return d.mul_(keep)
