@@ -707,3 +707,44 @@ def test_nan_is_refused_on_the_bracketed_path_too(small_chunks):
     for name in ("ties", "breadcrumbs"):
         with pytest.raises(MethodError, match="NaN"):
             call(name, [m, m.flip(0)], base=base, density=0.5)
+
+
+def _magprune_whole(delta, density, epsilon, generator, rescale):
+    """MagPrune on the whole tensor at once, by torch's stable argsort: what drop_by_magnitude computes a block at a time."""
+    from modelsoup.methods.ops import _match_l1, bernoulli_mask
+
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    order = rows.abs().argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n).view(1, n, *[1] * (rows.dim() - 2)).expand_as(order)).float()
+    probs = ((density - epsilon) + (ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)) * (2 * epsilon)).reshape(delta.shape)
+    kept = delta * bernoulli_mask(delta, probs, generator)
+    return {"density": lambda: kept / probs, "l1": lambda: _match_l1(kept, delta), "none": lambda: kept}[rescale](), probs
+
+
+@pytest.mark.parametrize("block", [1 << 20, 64])
+def test_magprune_by_blocks_of_rows_and_sorted_keys_has_the_whole_tensors_bits(monkeypatch, block):
+    """Ranks from sorted (magnitude bits, column) keys, drawn and rescaled a block of rows at a time: the same probabilities,
+    masks and bits as torch's stable argsort and one draw over the whole tensor, and the generator left alike."""
+    from modelsoup.methods import ops
+
+    monkeypatch.setattr(ops, "RANK_BLOCK", block)
+    g = torch.Generator().manual_seed(5)
+    shapes = [(), (1,), (7,), (300,), (1, 1), (9, 1), (40, 33), (129, 16), (6, 5, 3), (4, 3, 2, 2)]
+    for shape in shapes:
+        for kind in ("distinct", "ties", "zeros"):
+            d = torch.randn(shape, generator=g)
+            if kind == "ties":
+                d = torch.randint(-3, 4, shape, generator=g).float() / 4  # signed equal magnitudes and zeros
+            elif kind == "zeros":
+                d = torch.zeros(shape) * torch.randn(shape, generator=g).sign()  # +0 and -0
+            for dtype in (torch.float32, torch.float64, torch.float16):
+                x = d.to(dtype)
+                want_p = _magprune_whole(x, 0.5, 0.2, None, "none")[1]
+                assert torch.equal(ops.magnitude_keep_probabilities(x, 0.5, 0.2), want_p), (shape, kind, dtype)
+                for rescale in ("density", "l1", "none"):
+                    ga, gb = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+                    got = ops.drop_by_magnitude(x, 0.5, 0.2, ga, rescale)
+                    want = _magprune_whole(x, 0.5, 0.2, gb, rescale)[0]
+                    assert got.dtype == want.dtype and torch.equal(got, want), (shape, kind, dtype, rescale)
+                    assert torch.equal(ga.get_state(), gb.get_state())

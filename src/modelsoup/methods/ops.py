@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from ..errors import MethodError
@@ -323,6 +324,11 @@ class DroppedDeltas(MaskedDeltas):
         super().__init__(tensors, base, masks, list(densities) if rescale == "density" else None)
 
 
+# MagPrune ranks and draws a block of rows of dim 0 (contiguous, so its uniforms come in the whole tensor's order) of about
+# this many entries at a time: no tensor-sized sort indices or uniforms.
+RANK_BLOCK = 1 << 20
+
+
 def magnitude_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float, method: str = "della") -> torch.Tensor:
     """DELLA's MagPrune probabilities: density - epsilon for the smallest magnitude of each row up to density + epsilon for the largest.
 
@@ -332,15 +338,56 @@ def magnitude_keep_probabilities(delta: torch.Tensor, density: float, epsilon: f
     Raises:
         MethodError: density -/+ epsilon outside (0, 1).
     """
+    _check_magprune(density, epsilon, method)
+    rows = _rows(delta)
+    out = torch.empty(rows.shape, dtype=torch.float32)
+    for r, block in _row_blocks(rows):
+        out[r : r + len(block)] = _keep_probabilities(block, density, epsilon)
+    return out.reshape(delta.shape)
+
+
+def _check_magprune(density: float, epsilon: float, method: str) -> None:
     if not (0 < density - epsilon and density + epsilon < 1):
         raise MethodError(f"{method}: density {density:g} -/+ epsilon {epsilon:g} must lie inside (0, 1); lower epsilon")
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+
+
+def _rows(delta: torch.Tensor) -> torch.Tensor:
+    return delta.reshape(1, -1) if delta.dim() < 2 else delta.contiguous()
+
+
+def _row_blocks(rows: torch.Tensor) -> Iterable[tuple[int, torch.Tensor]]:
+    per = max(1, RANK_BLOCK // max(1, rows[0].numel()))
+    return ((r, rows[r : r + per]) for r in range(0, rows.shape[0], per))
+
+
+def _keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     n = rows.shape[1]
-    order = rows.abs().argsort(dim=1, stable=True)
-    positions = torch.arange(n).view(1, n, *[1] * (rows.dim() - 2)).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, positions).to(torch.float32)  # the inverse permutation, without a second sort
-    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
-    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(delta.shape)
+    rank_norm = _ranks(rows) / (n - 1) if n > 1 else torch.full(rows.shape, 0.5)
+    return (density - epsilon) + rank_norm * (2 * epsilon)
+
+
+def _ranks(rows: torch.Tensor) -> torch.Tensor:
+    """The float32 rank of each entry of |rows| along dim 1, ties in index order: the inverse of ``argsort(stable=True)``.
+
+    Float32 rows (the usual case) sort one int64 key per entry, the magnitude's bits above the column index: keys are
+    unique and order as (magnitude, index) do (non-negative floats order as their bits; NaN's bits sort after +Inf, as
+    torch sorts NaN last), so numpy's unstable sort of the keys gives the stable order, and their low bits the columns:
+    5x faster than torch's stable argsort.
+    """
+    n = rows.shape[1]
+    if rows.dim() != 2 or rows.dtype != torch.float32 or n > 1 << 32:
+        order = rows.abs().argsort(dim=1, stable=True)
+        positions = torch.arange(n).view(1, n, *[1] * (rows.dim() - 2)).expand_as(order)
+        return torch.empty_like(order).scatter_(1, order, positions).to(torch.float32)  # the inverse permutation, without a second sort
+    shift = max(1, (n - 1).bit_length())
+    keys = rows.abs().numpy().view(np.int32).astype(np.int64)
+    np.left_shift(keys, shift, out=keys)
+    np.bitwise_or(keys, np.arange(n, dtype=np.int64), out=keys)
+    keys.sort(axis=1)
+    np.bitwise_and(keys, (1 << shift) - 1, out=keys)  # the column at each rank
+    ranks = np.empty(keys.shape, dtype=np.float32)
+    np.put_along_axis(ranks, keys, np.arange(n, dtype=np.int64).astype(np.float32)[None, :], axis=1)
+    return torch.from_numpy(ranks)
 
 
 def magprune_deltas(
@@ -361,16 +408,22 @@ def drop_by_magnitude(
     ``rescale``: ``density`` divides each survivor by its own keep probability (the DELLA paper); ``l1`` scales
     the result to the L1 norm of the original delta (mergekit's ``rescale: true``); ``none`` leaves it. At
     density 1 the delta is returned whole (mergekit's convention).
+
+    Computed a block of rows at a time: ranks, uniforms (:func:`bernoulli_mask`, drawn in the whole tensor's order, so
+    the masks are those of one draw for the whole tensor) and the division are elementwise per block, so the result has
+    the bits of the same steps on the whole tensor.
     """
     if density >= 1:
         return delta.clone()
-    probs = magnitude_keep_probabilities(delta, density, epsilon, method)
-    kept = delta * bernoulli_mask(delta, probs, generator)
-    if rescale == "density":
-        return kept / probs
-    if rescale == "l1":
-        return _match_l1(kept, delta)
-    return kept
+    _check_magprune(density, epsilon, method)
+    rows = _rows(delta)
+    out = torch.empty(rows.shape, dtype=torch.promote_types(delta.dtype, torch.float32) if rescale == "density" else delta.dtype)
+    for r, block in _row_blocks(rows):
+        probs = _keep_probabilities(block, density, epsilon)
+        kept = block * bernoulli_mask(block, probs, generator)
+        out[r : r + len(block)] = kept / probs if rescale == "density" else kept
+    out = out.reshape(delta.shape)
+    return _match_l1(out, delta) if rescale == "l1" else out
 
 
 def rescale_l1(kept: torch.Tensor, original: torch.Tensor, rescale: str) -> torch.Tensor:
