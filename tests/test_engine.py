@@ -351,6 +351,8 @@ _POINTWISE_CASES = {
     "nuslerp": ({"weights": [1.0, 3.0]}, True, 2),
     "nuslerp without a base": ({}, False, 2),
     "slerp with a base": ({"parameters": {"t": 0.7}}, True, 1),
+    "multislerp": ({"weights": [1.0, 2.5, 0.5]}, False, 3),
+    "multislerp with a base": ({"parameters": {"normalize_weights": False}}, True, 2),
 }
 
 

@@ -298,11 +298,7 @@ class MergeRun:
                 size = reduction.chunk
                 wide = [self._chunks(s, k, pool, upcast=True, size=size, half=half) for k, s in enumerate(job.sources)]
                 wide_base = self._chunks(job.base_source, -1, pool, upcast=True, size=size, half=half) if job.base_source is not None else None
-                sums: tuple[float, ...] | None = None
-                for i in range(0, n, size):
-                    j = min(i + size, n)
-                    part = reduction.partial([r(i, j) for r in wide], base=wide_base(i, j) if wide_base else None, weights=job.weights, **job.params)
-                    sums = tuple(a + b for a, b in zip(sums or (0.0,) * len(part), part))  # from 0.0, as a sum loop does
+                sums = reduction.sums(lambda i, j: ([r(i, j) for r in wide], wide_base(i, j) if wide_base else None), n, job.weights, job.params)
                 method = functools.partial(reduction.apply, sums)
             for i in range(0, n, CHUNK):
                 j = min(i + CHUNK, n)

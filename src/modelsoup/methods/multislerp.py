@@ -3,7 +3,7 @@
 Method (as mergekit's ``multislerp``): project the unit vectors onto the tangent space at their
 normalised weighted mean, average there, map back with the exponential map, and scale the result to the
 weighted mean of the norms. (At the normalised weighted mean the weighted tangent vectors sum to zero, so
-in exact arithmetic the result is that mean direction times the weighted mean norm: one step, not the
+the result is that mean direction times the weighted mean norm, which is how it is computed here: one step, not the
 iterated Riemannian mean, for which see :mod:`.karcher`.) Limits: the weighted mean of the unit vectors must not vanish (antipodal
 models with balancing weights): with two models it falls back to the weighted sum, with more it is an
 error. One model is returned unchanged.
@@ -12,15 +12,113 @@ error. One model is returned unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Annotated
+import threading
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import torch
 
 from ..errors import MethodError
 from .ops import model_weights, normalizing_sum
-from .registry import Param, register
-from .slerp import dot64, norm64
+from .registry import Param, Reduction, register
+
+# Entries per slice of the sums (part of the numerics, with ROW): the slices' sums are added in float64, in order.
+SLICE = 1 << 20
+ROW = 1 << 10
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> of two flat slices: the products' float32 sums over rows of ROW entries, the row sums added in float64.
+
+    Not torch.dot: its BLAS rounds differently with the thread count and the operands' alignment, where a reduction
+    along rows splits only across rows (each row is one thread's), so the bits are the same wherever it runs.
+    """
+    n = a.numel()
+    prod = torch.mul(a, b, out=_work(2, n))
+    full = n - n % ROW
+    total = float(prod[:full].view(-1, ROW).sum(dim=1).to(torch.float64).sum()) if full else 0.0
+    return total + float(prod[full:].sum()) if full < n else total
+
+
+_SCRATCH = threading.local()
+
+
+def _vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
+    """v_i = theta_i - base (theta_i without a base) of one flat slice in float32: half precision (given as stored) is
+    widened first, into this thread's float32 buffers (the last three of them are the work buffers of :func:`_work`);
+    a float32 theta without a base is used as it is."""
+    n = tensors[0].numel()
+    bufs: list[torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", [])
+    while len(bufs) < len(tensors) + 3:
+        bufs.append(torch.empty(SLICE, dtype=torch.float32))
+    vs = []
+    for t, buf in zip(tensors, bufs):
+        t = t.reshape(-1)
+        if base is None:
+            vs.append(t if t.dtype == torch.float32 else buf[:n].copy_(t))
+        elif t.dtype == torch.float32:
+            vs.append(torch.sub(t, base.reshape(-1), out=buf[:n]))
+        else:
+            vs.append(buf[:n].copy_(t).sub_(base.reshape(-1)))  # widened first: a half-precision difference would round
+    return vs
+
+
+def _work(k: int, n: int) -> torch.Tensor:
+    return _SCRATCH.bufs[-(k + 1)][:n]  # the three buffers after the vectors': mean, unit, products
+
+
+def _unit_weights(weights: Sequence[float] | None, n: int, normalize_weights: bool) -> list[float]:
+    w = model_weights(weights, n)
+    if normalize_weights:
+        total = normalizing_sum(w, option="normalize_weights")
+        w = [x / total for x in w]
+    return w
+
+
+def _mean(vs: list[torch.Tensor], norms: Sequence[float], w: Sequence[float], eps: float) -> torch.Tensor:
+    """sum_i w_i u_i of one slice, u_i = v_i / (|v_i| + eps): sum_i (w_i / (|v_i| + eps)) v_i, added in model order into
+    a zeroed buffer (one fused multiply-add an entry and model)."""
+    mean = _work(0, vs[0].numel()).zero_()
+    for v, norm, wi in zip(vs, norms, w):
+        mean.add_(v, alpha=wi / (norm + eps))
+    return mean
+
+
+def _norms(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, **_: Any) -> tuple[float, ...]:
+    """Pass 1: |v_i|^2 of each model."""
+    return tuple(_dot(v, v) for v in _vectors(tensors, base))
+
+
+def _mean_norm(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None,
+               weights: Sequence[float] | None = None, normalize_weights: bool = True, eps: float = 1e-8, **_: Any) -> tuple[float]:
+    """Pass 2: |sum_i w_i u_i|^2."""
+    k = len(tensors)
+    mean = _mean(_vectors(tensors, base), [math.sqrt(x) for x in sums[:k]], _unit_weights(weights, k, normalize_weights), eps)
+    return (_dot(mean, mean),)
+
+
+def _combine(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None,
+             weights: Sequence[float] | None = None, normalize_weights: bool = True, eps: float = 1e-8, **_: Any) -> torch.Tensor:
+    """The result on one slice, given both passes' sums: pointwise."""
+    k = len(tensors)
+    if k == 1:
+        return tensors[0].reshape(-1).to(torch.float32, copy=True)
+    w = _unit_weights(weights, k, normalize_weights)
+    vs = _vectors(tensors, base)
+    norms, mean_norm = [math.sqrt(x) for x in sums[:k]], math.sqrt(sums[k])
+    if mean_norm < eps:
+        if k != 2:
+            raise MethodError("multislerp: the weighted mean of the models' directions is zero (antipodal models with "
+                              "balancing weights); change the weights")
+        out = vs[0] * w[0] + vs[1] * w[1]
+    else:  # m cos|g| + g sin|g| / |g| with g = 0 and |g| = 0 + eps, times the weighted mean norm, plus the base
+        c = math.cos(eps) * sum(n * wi for n, wi in zip(norms, w)) / mean_norm
+        mean = _mean(vs, norms, w, eps)
+        return torch.add(base.reshape(-1), mean, alpha=c) if base is not None else mean * c
+    return out.add_(base.reshape(-1)) if base is not None else out
+
+
+REDUCTION = Reduction(chunk=SLICE, partial=_norms, then=(_mean_norm,), apply=_combine)
 
 
 @register(
@@ -30,6 +128,8 @@ from .slerp import dot64, norm64
     workspace=2,
     base="optional",
     divides_by_weight_sum=lambda p: bool(p["normalize_weights"]),
+    reduction=REDUCTION,
+    takes_half=True,  # each slice is widened to float32 first (_vectors)
 )
 def multislerp(
     tensors: Sequence[torch.Tensor],
@@ -41,7 +141,11 @@ def multislerp(
 ) -> torch.Tensor:
     """u_i = v_i / (|v_i| + eps), m = sum w_i u_i / |.|, g = sum w_i (u_i - <u_i, m> m), theta = (m cos|g| + g sin|g|/|g|) sum w_i |v_i|.
 
-    v_i = theta_i - base with a base (added back at the end), theta_i without.
+    v_i = theta_i - base with a base (added back at the end), theta_i without. g is zero: sum w_i u_i = |.| m, so
+    sum w_i <u_i, m> m is that same vector, and theta = m cos(eps) sum w_i |v_i| (|g| + eps = eps) is computed so, in
+    one fused multiply-add an entry. mergekit computes g, i.e. its rounding noise (about 1e-7 of the result), which this leaves
+    out. The norms are float64 sums of float32 row sums (:func:`_dot`; a float32 norm of millions of entries is off in
+    its fourth digit), taken in two passes over slices of the tensors, so the engine streams it (:data:`REDUCTION`).
 
     Raises:
         MethodError: the weighted mean of the unit vectors is zero with more than two models; weights summing
@@ -49,32 +153,4 @@ def multislerp(
     """
     if len(tensors) == 1:
         return tensors[0].clone()
-    w = model_weights(weights, len(tensors))
-    if normalize_weights:
-        total = normalizing_sum(w, option="normalize_weights")
-        w = [x / total for x in w]
-    vs = [(x - base if base is not None else x).reshape(-1) for x in tensors]
-    norms = [norm64(v) for v in vs]  # reductions in float64: a float32 norm or dot of millions of entries is off in its 4th digit
-
-    def units() -> Iterator[torch.Tensor]:  # made when needed (the same bits each time), so only one is held
-        return (v / (n + eps) for v, n in zip(vs, norms))
-
-    mean = torch.zeros_like(vs[0])
-    for u, wi in zip(units(), w):
-        mean.add_(u, alpha=wi)
-    mean_norm = norm64(mean)
-    if mean_norm < eps:
-        if len(vs) != 2:
-            raise MethodError("multislerp: the weighted mean of the models' directions is zero (antipodal models with "
-                              "balancing weights); change the weights")
-        out = vs[0] * w[0] + vs[1] * w[1]
-    else:
-        mean /= mean_norm
-        tangent = torch.zeros_like(mean)
-        for u, wi in zip(units(), w):
-            tangent.add_(u.sub_(mean, alpha=dot64(u, mean)), alpha=wi)  # u - <u, m> m, in the unit's memory
-        tn = norm64(tangent) + eps
-        out = mean * math.cos(tn) + tangent * (math.sin(tn) / tn)
-        out *= sum(float(n) * wi for n, wi in zip(norms, w))
-    out = out.reshape(tensors[0].shape)
-    return out.add_(base) if base is not None else out
+    return REDUCTION.whole(tensors, base=base, weights=weights, normalize_weights=normalize_weights, eps=eps)

@@ -164,12 +164,48 @@ class Reduction:
         apply: ``apply(sums, tensors, base=, weights=, **params) -> Tensor``, pointwise given ``sums``.
         applies: given the resolved hyperparameters, whether this merge is a reduction at all (None = always); where it
             is not, the method's own whole-tensor path runs.
+        then: later passes, for sums that need earlier ones (multislerp: the norms, then the mean's norm, ...): each
+            ``then[k](sums, tensors, base=, weights=, **params) -> tuple[float, ...]`` is summed over the slices like
+            ``partial``, given the sums of every pass before it (concatenated, in order); ``apply`` gets them all. Each
+            pass reads the inputs again.
     """
 
     chunk: int
     partial: Callable[..., tuple[float, ...]]
     apply: Callable[..., torch.Tensor]
     applies: Callable[[Mapping[str, Any]], bool] | None = None
+    then: tuple[Callable[..., tuple[float, ...]], ...] = ()
+
+    def sums(self, slices: Callable[[int, int], tuple[list[torch.Tensor], torch.Tensor | None]], n: int, weights: Sequence[float] | None,
+             params: Mapping[str, Any]) -> tuple[float, ...]:
+        """Every pass's sums over the ``chunk``-sized slices of n entries, in order, as Python floats from 0.0;
+        ``slices(i, j)`` gives entries [i, j) of each input and of the base (or None)."""
+        done: tuple[float, ...] = ()
+        for k, step in enumerate((self.partial, *self.then)):
+            total: tuple[float, ...] | None = None
+            for i in range(0, n, self.chunk):
+                tensors, base = slices(i, min(i + self.chunk, n))
+                part = step(tensors, base=base, weights=weights, **params) if k == 0 else step(done, tensors, base=base, weights=weights, **params)
+                total = tuple(a + b for a, b in zip(total or (0.0,) * len(part), part))  # from 0.0, as a sum loop does
+            done += total or ()
+        return done
+
+    def whole(self, tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None,
+              **params: Any) -> torch.Tensor:
+        """The merge of whole tensors, by the steps the engine streams (:meth:`sums`, then ``apply``): the same bits."""
+        flat = [t.reshape(-1) for t in tensors]
+        flat_base = base.reshape(-1) if base is not None else None
+        n = flat[0].numel()
+
+        def slices(i: int, j: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+            return [t[i:j] for t in flat], flat_base[i:j] if flat_base is not None else None
+
+        sums = self.sums(slices, n, weights, params)
+        out = torch.empty(n, dtype=torch.float32)
+        for i in range(0, n, self.chunk):  # apply is pointwise: a slice at a time holds no tensor-sized temporaries
+            ts, b = slices(i, min(i + self.chunk, n))
+            out[i : i + len(ts[0])] = self.apply(sums, ts, base=b, weights=weights, **params)
+        return out.view(tensors[0].shape)
 
     def streams(self, params: Mapping[str, Any]) -> bool:
         """Whether a merge with these (fully resolved) hyperparameters is computed this way; ``applies`` None = always
