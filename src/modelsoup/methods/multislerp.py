@@ -21,23 +21,14 @@ import torch
 from ..errors import MethodError
 from .ops import model_weights, normalizing_sum
 from .registry import Param, Reduction, register
+from .slerp import dot_rows
 
-# Entries per slice of the sums (part of the numerics, with ROW): the slices' sums are added in float64, in order.
+# Entries per slice of the sums (part of the numerics): the slices' sums are added in float64, in order.
 SLICE = 1 << 20
-ROW = 1 << 10
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> of two flat slices: the products' float32 sums over rows of ROW entries, the row sums added in float64.
-
-    Not torch.dot: its BLAS rounds differently with the thread count and the operands' alignment, where a reduction
-    along rows splits only across rows (each row is one thread's), so the bits are the same wherever it runs.
-    """
-    n = a.numel()
-    prod = torch.mul(a, b, out=_work(2, n))
-    full = n - n % ROW
-    total = float(prod[:full].view(-1, ROW).sum(dim=1).to(torch.float64).sum()) if full else 0.0
-    return total + float(prod[full:].sum()) if full < n else total
+    return dot_rows(a, b, _work(2, a.numel()))
 
 
 _SCRATCH = threading.local()
@@ -144,7 +135,7 @@ def multislerp(
     v_i = theta_i - base with a base (added back at the end), theta_i without. g is zero: sum w_i u_i = |.| m, so
     sum w_i <u_i, m> m is that same vector, and theta = m cos(eps) sum w_i |v_i| (|g| + eps = eps) is computed so, in
     one fused multiply-add an entry. mergekit computes g, i.e. its rounding noise (about 1e-7 of the result), which this leaves
-    out. The norms are float64 sums of float32 row sums (:func:`_dot`; a float32 norm of millions of entries is off in
+    out. The norms are float64 sums of float32 row sums (:func:`~modelsoup.methods.slerp.dot_rows`; a float32 norm of millions of entries is off in
     its fourth digit), taken in two passes over slices of the tensors, so the engine streams it (:data:`REDUCTION`).
 
     Raises:

@@ -59,21 +59,22 @@ def _ends(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, weights: S
     return ends[0], ends[1]
 
 
-DOT_SLICE = 1 << 16  # entries per slice of dot64: the slices' dots are short enough to be accurate
+ROW = 1 << 10  # entries per row of dot_rows: part of the numerics of the methods that use it
 
 
-def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> of two tensors of one size (flattened): torch's dot of each slice of ``DOT_SLICE`` entries, the slices'
-    dots summed in float64. A float32 dot of millions of entries is off in its fourth or fifth digit; of 65K entries
-    its error is that of a few products, and float64 adds nothing to it across slices (7-8x faster than widening every
-    entry to float64 first)."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    return math.fsum(float(torch.dot(x, y)) for x, y in zip(fa.split(DOT_SLICE), fb.split(DOT_SLICE)))
+def dot_rows(a: torch.Tensor, b: torch.Tensor, prod: torch.Tensor) -> float:
+    """<a, b> of two flat float32 slices: their products (into ``prod``, a float32 buffer of their size) summed in
+    float32 over rows of ROW entries, the row sums added in float64.
 
-
-def norm64(a: torch.Tensor) -> float:
-    """|a| from :func:`dot64`."""
-    return math.sqrt(dot64(a, a))
+    Not torch.dot: its BLAS rounds differently with the thread count and the operands' alignment, where a reduction
+    along rows splits only across rows (each row is one thread's), so the bits are the same wherever it runs; and a
+    float32 dot of millions of entries is off in its fourth digit, a row sum of 1024 in its seventh.
+    """
+    n = a.numel()
+    torch.mul(a, b, out=prod)
+    full = n - n % ROW
+    total = float(prod[:full].view(-1, ROW).sum(dim=1).to(torch.float64).sum()) if full else 0.0
+    return total + float(prod[full:].sum()) if full < n else total
 
 
 def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
