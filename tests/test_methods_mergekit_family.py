@@ -691,3 +691,24 @@ def test_zero_sum_weight_errors_name_an_option_that_exists():
             call(name, [T(1, 0), T(0, 1)], weights=[1, -1])
         assert "normalize: false" not in str(e.value), (name, str(e.value))
         assert str(e.value).endswith("(change the weights)" if name == "karcher" else "(set normalize_weights: false or change the weights)")
+
+
+def test_multislerp_of_exact_antipodes_takes_the_weighted_sum_and_float64_stays_float64():
+    """Exactly antipodal units cancel exactly (each unit is made before it is weighted), so the degenerate mean is caught:
+    the two-model fallback, not noise divided by noise. float64 inputs are computed in float64 (1e100 does not overflow)."""
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.tensor([1.0, 2.0, 3.0]), torch.randn(70_001, generator=g), torch.tensor(2.0)):
+        assert torch.equal(call("multislerp", [x, -x]), torch.zeros_like(x))
+    assert torch.equal(call("multislerp", [torch.tensor(2.0), torch.tensor(-3.0)]), torch.tensor(-0.5))
+    big = [torch.tensor([1e100, 2e100], dtype=torch.float64), torch.tensor([3e100, 1e100], dtype=torch.float64)]
+    got = call("multislerp", big)
+    assert got.dtype == torch.float64 and torch.isfinite(got).all()
+    close(got / 1e100, ref.multislerp([b / 1e100 for b in big]))
+
+
+def test_della_of_a_tensor_without_rows():
+    from modelsoup.methods.ops import drop_by_magnitude, magnitude_keep_probabilities
+
+    for shape in ((0, 5), (0,), (3, 0)):
+        assert magnitude_keep_probabilities(torch.zeros(shape), 0.5, 0.2).shape == shape
+        assert drop_by_magnitude(torch.zeros(shape), 0.5, 0.2, torch.Generator().manual_seed(0), "density").shape == shape

@@ -9,107 +9,15 @@ the scale). If no model has a direction the result is zero. mergekit weights eve
 
 from __future__ import annotations
 
-import functools
 import math
-import threading
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 
 from .ops import model_weights, normalizing_sum
-from .registry import Param, Reduction, register
-from .slerp import dot_rows
-
-# Entries per slice of the Gram sums (part of the numerics): the slices' sums are added in float64, in order.
-SLICE = 1 << 20
-
-_SCRATCH = threading.local()
-
-
-def _flat32(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The slices in float32 (half precision, given as stored, widened into this thread's buffers; the last buffer is
-    the dot products')."""
-    bufs: list[torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", [])
-    while len(bufs) < len(tensors) + 1:
-        bufs.append(torch.empty(SLICE, dtype=torch.float32))
-    n = tensors[0].numel()
-    return [t.reshape(-1) if t.dtype == torch.float32 else buf[:n].copy_(t.reshape(-1)) for t, buf in zip(tensors, bufs)]
-
-
-def _gram(tensors: Sequence[torch.Tensor], **_: Any) -> tuple[float, ...]:
-    """The pass over the inputs: <theta_i, theta_j> for i <= j, row by row (:func:`~modelsoup.methods.slerp.dot_rows`)."""
-    xs = _flat32(tensors)
-    prod = _SCRATCH.bufs[-1][: xs[0].numel()]
-    return tuple(dot_rows(xs[i], xs[j], prod) for i in range(len(xs)) for j in range(i, len(xs)))
-
-
-@functools.lru_cache(maxsize=64)
-def _coefficients(gram: tuple[float, ...], k: int, weights: tuple[float, ...] | None, max_iter: int, tol: float) -> tuple[float, ...]:
-    """The result as sum_i c_i theta_i: mergekit's iteration run on coefficients over the unit vectors.
-
-    Every vector the iteration makes (the mean, the tangent) is a combination of the unit vectors u_i = theta_i / |theta_i|,
-    so it runs on those combinations' coefficients, its norms and dots taken through the Gram matrix of the u_i: the same
-    steps in exact arithmetic, without a tensor-sized operation (and in float64 throughout).
-    """
-    g = [[0.0] * k for _ in range(k)]
-    it = iter(gram)
-    for i in range(k):
-        for j in range(i, k):
-            g[i][j] = g[j][i] = next(it)
-    w = model_weights(weights, k)
-    total = normalizing_sum(w, option=None)
-    alphas = [x / total for x in w]
-    norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(k)]
-    valid = [i for i, n in enumerate(norms) if n > tol]
-    if not valid:
-        return (0.0,) * k
-    units = [[g[i][j] / (norms[i] * norms[j]) if i in valid and j in valid else 0.0 for j in range(k)] for i in range(k)]
-
-    def dot(c: Sequence[float], d: Sequence[float]) -> float:
-        return math.fsum(c[i] * units[i][j] * d[j] for i in valid for j in valid)
-
-    vsum = sum(alphas[i] for i in valid)
-    a = {i: alphas[i] / vsum for i in valid}
-    mean = [a.get(i, 0.0) for i in range(k)]
-    mn = math.sqrt(max(dot(mean, mean), 0.0))
-    mean = [1.0 if i == valid[0] else 0.0 for i in range(k)] if mn < tol else [c / mn for c in mean]
-    for _ in range(max_iter):
-        tangent = [0.0] * k
-        for i in valid:
-            d = max(-1.0, min(1.0, sum(mean[j] * units[j][i] for j in valid)))
-            theta = math.acos(d)
-            if theta < tol:
-                continue
-            f = a[i] * theta / math.sin(theta)  # += f (u_i - d mean)
-            tangent = [t - f * d * m for t, m in zip(tangent, mean)]
-            tangent[i] += f
-        tn = math.sqrt(max(dot(tangent, tangent), 0.0))
-        if tn < tol:
-            break
-        mean = [math.cos(tn) * m + (math.sin(tn) / tn) * t for m, t in zip(mean, tangent)]
-        un = math.sqrt(max(dot(mean, mean), 0.0))
-        if un > tol:
-            mean = [m / un for m in mean]
-    scale = sum(ai * n for ai, n in zip(alphas, norms))
-    return tuple(mean[i] * scale / norms[i] if i in valid else 0.0 for i in range(k))
-
-
-def _combine(gram: tuple[float, ...], tensors: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None,
-             max_iter: int = 10, tol: float = 1e-5, **_: Any) -> torch.Tensor:
-    """sum_i c_i theta_i on one slice: pointwise given the Gram sums."""
-    k = len(tensors)
-    if k == 1:
-        return tensors[0].reshape(-1).to(torch.float32, copy=True)
-    coefficients = _coefficients(gram, k, None if weights is None else tuple(float(x) for x in weights), int(max_iter), float(tol))
-    out = torch.zeros(tensors[0].numel(), dtype=torch.float32)
-    for t, c in zip(tensors, coefficients):
-        if c != 0.0:
-            out.add_(t.reshape(-1), alpha=c)  # half precision is widened exactly inside the kernel
-    return out
-
-
-REDUCTION = Reduction(chunk=SLICE, partial=_gram, apply=_combine)
+from .registry import Param, register
+from .slerp import dot64, norm64
 
 
 @register(
@@ -118,8 +26,6 @@ REDUCTION = Reduction(chunk=SLICE, partial=_gram, apply=_combine)
     paper="Karcher 1977, Riemannian center of mass; for model merging as in mergekit (arXiv 2603.04972)",
     workspace=1,
     divides_by_weight_sum=lambda p: True,
-    reduction=REDUCTION,
-    takes_half=True,  # the Gram sums widen each slice, the combination widens inside its kernel
 )
 def karcher(
     tensors: Sequence[torch.Tensor],
@@ -131,12 +37,44 @@ def karcher(
 ) -> torch.Tensor:
     """m = argmin_m sum_i a_i d(m, u_i)^2 on the sphere (u_i = theta_i / |theta_i|), theta = m sum_i a_i |theta_i|, a_i = w_i / sum w.
 
-    The iteration runs on the coefficients of m over the u_i, through their Gram matrix (:func:`_coefficients`): one
-    pass for the Gram sums, one for the combination, so the engine streams it (:data:`REDUCTION`).
-
     Raises:
         MethodError: weights summing to zero.
     """
     if len(tensors) == 1:
         return tensors[0].clone()
-    return REDUCTION.whole(tensors, base=None, weights=weights, max_iter=max_iter, tol=tol)
+    w = model_weights(weights, len(tensors))
+    total = normalizing_sum(w, option=None)
+    alphas = [x / total for x in w]
+    flat = [t.reshape(-1) for t in tensors]
+    norms = [norm64(f) for f in flat]  # reductions in float64: a float32 norm or dot of millions of entries is off in its 4th digit
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    def unit(i: int) -> torch.Tensor:  # made when needed (the same bits each time), so only one is held
+        return flat[i] / norms[i]
+
+    vsum = sum(alphas[i] for i in valid)
+    a = {i: alphas[i] / vsum for i in valid}
+    mean = torch.zeros_like(flat[0])
+    for i in valid:
+        mean.add_(unit(i), alpha=a[i])
+    mn = norm64(mean)
+    mean = unit(valid[0]) if mn < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for i in valid:
+            u = unit(i)
+            dot = max(-1.0, min(1.0, dot64(mean, u)))
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            tangent.add_(u.sub_(dot * mean), alpha=a[i] * theta / math.sin(theta))  # units[i] - dot * mean, in the unit's memory
+        tn = norm64(tangent)
+        if tn < tol:
+            break
+        mean = math.cos(tn) * mean + (math.sin(tn) / tn) * tangent
+        un = norm64(mean)
+        if un > tol:
+            mean = mean / un
+    scale = sum(ai * n for ai, n in zip(alphas, norms))
+    return (mean * scale).reshape(tensors[0].shape)

@@ -35,19 +35,21 @@ _SCRATCH = threading.local()
 
 
 def _vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
-    """v_i = theta_i - base (theta_i without a base) of one flat slice in float32: half precision (given as stored) is
-    widened first, into this thread's float32 buffers (the last three of them are the work buffers of :func:`_work`);
+    """v_i = theta_i - base (theta_i without a base) of one flat slice in float32 (float64 for float64 inputs): half
+    precision (given as stored) is widened first, into this thread's float32 buffers (the last three of them are the work buffers of :func:`_work`);
     a float32 theta without a base is used as it is."""
     n = tensors[0].numel()
-    bufs: list[torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", [])
+    wide = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32  # float64 stays float64 (direct calls)
+    _SCRATCH.dtype = wide
+    bufs: list[torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", {}).setdefault(wide, [])
     while len(bufs) < len(tensors) + 3:
-        bufs.append(torch.empty(SLICE, dtype=torch.float32))
+        bufs.append(torch.empty(SLICE, dtype=wide))
     vs = []
     for t, buf in zip(tensors, bufs):
         t = t.reshape(-1)
         if base is None:
-            vs.append(t if t.dtype == torch.float32 else buf[:n].copy_(t))
-        elif t.dtype == torch.float32:
+            vs.append(t if t.dtype == wide else buf[:n].copy_(t))
+        elif t.dtype == wide:
             vs.append(torch.sub(t, base.reshape(-1), out=buf[:n]))
         else:
             vs.append(buf[:n].copy_(t).sub_(base.reshape(-1)))  # widened first: a half-precision difference would round
@@ -55,7 +57,7 @@ def _vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> list
 
 
 def _work(k: int, n: int) -> torch.Tensor:
-    return _SCRATCH.bufs[-(k + 1)][:n]  # the three buffers after the vectors': mean, unit, products
+    return _SCRATCH.bufs[_SCRATCH.dtype][-(k + 1)][:n]  # the three buffers after the vectors': mean, unit, products
 
 
 def _unit_weights(weights: Sequence[float] | None, n: int, normalize_weights: bool) -> list[float]:
@@ -67,11 +69,12 @@ def _unit_weights(weights: Sequence[float] | None, n: int, normalize_weights: bo
 
 
 def _mean(vs: list[torch.Tensor], norms: Sequence[float], w: Sequence[float], eps: float) -> torch.Tensor:
-    """sum_i w_i u_i of one slice, u_i = v_i / (|v_i| + eps): sum_i (w_i / (|v_i| + eps)) v_i, added in model order into
-    a zeroed buffer (one fused multiply-add an entry and model)."""
-    mean = _work(0, vs[0].numel()).zero_()
+    """sum_i w_i u_i of one slice, u_i = v_i / (|v_i| + eps), added in model order into a zeroed buffer. Each u_i is made
+    first (not one fused v_i * (w_i / (|v_i| + eps)) step): the units of exactly antipodal models then cancel exactly,
+    which the degenerate-mean test needs."""
+    mean, unit = _work(0, vs[0].numel()).zero_(), _work(1, vs[0].numel())
     for v, norm, wi in zip(vs, norms, w):
-        mean.add_(v, alpha=wi / (norm + eps))
+        mean.add_(torch.div(v, norm + eps, out=unit), alpha=wi)
     return mean
 
 
@@ -93,7 +96,7 @@ def _combine(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, base: 
     """The result on one slice, given both passes' sums: pointwise."""
     k = len(tensors)
     if k == 1:
-        return tensors[0].reshape(-1).to(torch.float32, copy=True)
+        return tensors[0].reshape(-1).to(torch.promote_types(tensors[0].dtype, torch.float32), copy=True)
     w = _unit_weights(weights, k, normalize_weights)
     vs = _vectors(tensors, base)
     norms, mean_norm = [math.sqrt(x) for x in sums[:k]], math.sqrt(sums[k])

@@ -356,7 +356,7 @@ def _rows(delta: torch.Tensor) -> torch.Tensor:
 
 
 def _row_blocks(rows: torch.Tensor) -> Iterable[tuple[int, torch.Tensor]]:
-    per = max(1, RANK_BLOCK // max(1, rows[0].numel()))
+    per = max(1, RANK_BLOCK // max(1, math.prod(rows.shape[1:])))  # (a tensor may have no rows)
     return ((r, rows[r : r + per]) for r in range(0, rows.shape[0], per))
 
 

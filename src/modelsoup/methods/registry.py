@@ -183,7 +183,7 @@ class Reduction:
         done: tuple[float, ...] = ()
         for k, step in enumerate((self.partial, *self.then)):
             total: tuple[float, ...] | None = None
-            for i in range(0, n, self.chunk):
+            for i in range(0, max(n, 1), self.chunk):  # an empty tensor is one empty slice: every pass has its sums
                 tensors, base = slices(i, min(i + self.chunk, n))
                 part = step(tensors, base=base, weights=weights, **params) if k == 0 else step(done, tensors, base=base, weights=weights, **params)
                 total = tuple(a + b for a, b in zip(total or (0.0,) * len(part), part))  # from 0.0, as a sum loop does
@@ -201,10 +201,15 @@ class Reduction:
             return [t[i:j] for t in flat], flat_base[i:j] if flat_base is not None else None
 
         sums = self.sums(slices, n, weights, params)
-        out = torch.empty(n, dtype=torch.float32)
+        out: torch.Tensor | None = None
         for i in range(0, n, self.chunk):  # apply is pointwise: a slice at a time holds no tensor-sized temporaries
             ts, b = slices(i, min(i + self.chunk, n))
-            out[i : i + len(ts[0])] = self.apply(sums, ts, base=b, weights=weights, **params)
+            part = self.apply(sums, ts, base=b, weights=weights, **params)
+            if out is None:
+                out = torch.empty(n, dtype=part.dtype)
+            out[i : i + part.numel()] = part
+        if out is None:  # no entries
+            out = self.apply(sums, [t[:0] for t in flat], base=None if flat_base is None else flat_base[:0], weights=weights, **params)
         return out.view(tensors[0].shape)
 
     def streams(self, params: Mapping[str, Any]) -> bool:
