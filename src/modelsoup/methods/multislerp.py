@@ -27,25 +27,35 @@ from .slerp import dot_rows
 SLICE = 1 << 20
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return dot_rows(a, b, _work(2, a.numel()))
-
-
 _SCRATCH = threading.local()
+
+
+def _buffers(dtype: torch.dtype, count: int) -> list[torch.Tensor]:
+    """At least ``count`` of this thread's SLICE-sized buffers of ``dtype``: the vectors' first, the last three the
+    work buffers of :func:`_work`."""
+    bufs: list[torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", {}).setdefault(dtype, [])
+    while len(bufs) < count:
+        bufs.append(torch.empty(SLICE, dtype=dtype))
+    return bufs
+
+
+def _work(k: int, like: torch.Tensor) -> torch.Tensor:
+    """Work buffer k (0: the mean, 1: a unit, 2: products) in ``like``'s dtype and size."""
+    return _buffers(like.dtype, 3)[-(k + 1)][: like.numel()]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return dot_rows(a, b, _work(2, a))
 
 
 def _vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
     """v_i = theta_i - base (theta_i without a base) of one flat slice in float32 (float64 for float64 inputs): half
-    precision (given as stored) is widened first, into this thread's float32 buffers (the last three of them are the work buffers of :func:`_work`);
-    a float32 theta without a base is used as it is."""
+    precision (given as stored) is widened first, into this thread's buffers; a theta of that width without a base is
+    used as it is."""
     n = tensors[0].numel()
     wide = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32  # float64 stays float64 (direct calls)
-    _SCRATCH.dtype = wide
-    bufs: list[torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", {}).setdefault(wide, [])
-    while len(bufs) < len(tensors) + 3:
-        bufs.append(torch.empty(SLICE, dtype=wide))
     vs = []
-    for t, buf in zip(tensors, bufs):
+    for t, buf in zip(tensors, _buffers(wide, len(tensors) + 3)):
         t = t.reshape(-1)
         if base is None:
             vs.append(t if t.dtype == wide else buf[:n].copy_(t))
@@ -54,10 +64,6 @@ def _vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> list
         else:
             vs.append(buf[:n].copy_(t).sub_(base.reshape(-1)))  # widened first: a half-precision difference would round
     return vs
-
-
-def _work(k: int, n: int) -> torch.Tensor:
-    return _SCRATCH.bufs[_SCRATCH.dtype][-(k + 1)][:n]  # the three buffers after the vectors': mean, unit, products
 
 
 def _unit_weights(weights: Sequence[float] | None, n: int, normalize_weights: bool) -> list[float]:
@@ -72,7 +78,7 @@ def _mean(vs: list[torch.Tensor], norms: Sequence[float], w: Sequence[float], ep
     """sum_i w_i u_i of one slice, u_i = v_i / (|v_i| + eps), added in model order into a zeroed buffer. Each u_i is made
     first (not one fused v_i * (w_i / (|v_i| + eps)) step): the units of exactly antipodal models then cancel exactly,
     which the degenerate-mean test needs."""
-    mean, unit = _work(0, vs[0].numel()).zero_(), _work(1, vs[0].numel())
+    mean, unit = _work(0, vs[0]).zero_(), _work(1, vs[0])
     for v, norm, wi in zip(vs, norms, w):
         mean.add_(torch.div(v, norm + eps, out=unit), alpha=wi)
     return mean
@@ -100,15 +106,14 @@ def _combine(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, base: 
     w = _unit_weights(weights, k, normalize_weights)
     vs = _vectors(tensors, base)
     norms, mean_norm = [math.sqrt(x) for x in sums[:k]], math.sqrt(sums[k])
-    if mean_norm < eps:
-        if k != 2:
-            raise MethodError("multislerp: the weighted mean of the models' directions is zero (antipodal models with "
-                              "balancing weights); change the weights")
-        out = vs[0] * w[0] + vs[1] * w[1]
-    else:  # m cos|g| + g sin|g| / |g| with g = 0 and |g| = 0 + eps, times the weighted mean norm, plus the base
+    if mean_norm >= eps:  # m cos|g| + g sin|g| / |g| with g = 0 and |g| = 0 + eps, times the weighted mean norm, plus the base
         c = math.cos(eps) * sum(n * wi for n, wi in zip(norms, w)) / mean_norm
         mean = _mean(vs, norms, w, eps)
         return torch.add(base.reshape(-1), mean, alpha=c) if base is not None else mean * c
+    if k != 2:
+        raise MethodError("multislerp: the weighted mean of the models' directions is zero (antipodal models with "
+                          "balancing weights); change the weights")
+    out = vs[0] * w[0] + vs[1] * w[1]
     return out.add_(base.reshape(-1)) if base is not None else out
 
 

@@ -372,7 +372,7 @@ def _ranks(rows: torch.Tensor) -> torch.Tensor:
     Float32 rows (the usual case) sort one int64 key per entry, the magnitude's bits above the column index: keys are
     unique and order as (magnitude, index) do (non-negative floats order as their bits; NaN's bits sort after +Inf, as
     torch sorts NaN last), so numpy's unstable sort of the keys gives the stable order, and their low bits the columns:
-    5x faster than torch's stable argsort.
+    about 3x faster than torch's stable argsort (rows of 2048: 20 ms against 65 ms per 1M entries).
     """
     n = rows.shape[1]
     if rows.dim() != 2 or rows.dtype != torch.float32 or n > 1 << 32:

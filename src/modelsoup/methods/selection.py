@@ -233,10 +233,8 @@ class RankWindow:
 
     def __init__(self, src: MagnitudeSource, first: int, stop: int, kths: tuple[Kth, Kth] | None = None) -> None:
         n = src.n
-        first, stop = max(first, 0), min(stop, n)
-        self.none, self.all = stop <= first, first == 0 and stop == n
+        self.none, self.all = self._trivial(first, stop, n)
         self.tied_at_cut = False  # some entries equal to lo or hi are kept and others not
-        self.dtype = src.dtype
         if self.none or self.all:
             return
         lo, hi = kths or kth_largest_magnitudes([src, src], [n - first, n - stop + 1])  # places first and stop - 1
@@ -252,11 +250,17 @@ class RankWindow:
         self.hi, self.hi_or_equal = hi.value, float(torch.nextafter(torch.tensor(hi.value, dtype=src.dtype), up)) if math.isfinite(hi.value) else None
         self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @staticmethod
+    def _trivial(first: int, stop: int, n: int) -> tuple[bool, bool]:
+        """(keeps nothing, keeps everything) for the places [first, stop) of n."""
+        first, stop = max(first, 0), min(stop, n)
+        return stop <= first, first == 0 and stop == n
+
     @classmethod
     def for_sources(cls, srcs: Sequence[MagnitudeSource], windows: Sequence[tuple[int, int]]) -> list[RankWindow]:
         """One window per source (all of one length), cuts found together by :func:`kth_largest_magnitudes`."""
         n = srcs[0].n if srcs else 0
-        todo = [s for s, (first, stop) in enumerate(windows) if max(first, 0) < min(stop, n) and not (first <= 0 and stop >= n)]
+        todo = [s for s, (first, stop) in enumerate(windows) if not any(cls._trivial(first, stop, n))]
         ks = [k for s in todo for k in (n - windows[s][0], n - windows[s][1] + 1)]
         kths = kth_largest_magnitudes([srcs[s] for s in todo for _ in range(2)], ks)
         found = {s: (kths[2 * t], kths[2 * t + 1]) for t, s in enumerate(todo)}
@@ -274,9 +278,7 @@ class RankWindow:
         mag, keep = self._bufs[0][:m], self._bufs[1][:m]
         torch.abs(d, out=mag)
         cuts = sorted({0, m, *(min(max(c - start, 0), m) for c in (self.cut_lo, self.cut_hi))})
-        for a, b in itertools.pairwise(cuts):
-            if a == b:
-                continue
+        for a, b in itertools.pairwise(cuts):  # distinct, sorted: every piece is nonempty
             lo = self.lo_or_equal if start + a >= self.cut_lo else self.lo  # from cut_lo on, ties at lo are kept
             hi = self.hi_or_equal if start + a < self.cut_hi else self.hi  # before cut_hi, ties at hi are kept
             torch.gt(mag[a:b], lo, out=keep[a:b])  # float 0/1 masks: faster than bool ones (see ops)
