@@ -712,3 +712,16 @@ def test_della_of_a_tensor_without_rows():
     for shape in ((0, 5), (0,), (3, 0)):
         assert magnitude_keep_probabilities(torch.zeros(shape), 0.5, 0.2).shape == shape
         assert drop_by_magnitude(torch.zeros(shape), 0.5, 0.2, torch.Generator().manual_seed(0), "density").shape == shape
+
+
+def test_multislerp_of_empty_tensors_is_empty():
+    """A tensor with no entries has no direction: it merges to an empty tensor, not a refusal of the whole merge."""
+    for n_models in (2, 3):
+        got = call("multislerp", [torch.zeros(0, 4)] * n_models)
+        assert got.shape == (0, 4)
+
+
+def test_multislerp_of_a_nan_input_is_nan_not_a_degenerate_mean():
+    """A NaN (merged only with allow_nonfinite) makes the norms NaN: that is not a vanishing mean, so it is not refused as one."""
+    x = torch.tensor([1.0, 2.0, math.nan])
+    assert torch.isnan(call("multislerp", [x, torch.ones(3), torch.ones(3) * 2])).all()

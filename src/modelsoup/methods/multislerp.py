@@ -101,20 +101,21 @@ def _combine(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, base: 
              weights: Sequence[float] | None = None, normalize_weights: bool = True, eps: float = 1e-8, **_: Any) -> torch.Tensor:
     """The result on one slice, given both passes' sums: pointwise."""
     k = len(tensors)
-    if k == 1:
+    if k == 1 or tensors[0].numel() == 0:  # one model is itself; an empty tensor has no direction to refuse
         return tensors[0].reshape(-1).to(torch.promote_types(tensors[0].dtype, torch.float32), copy=True)
     w = _unit_weights(weights, k, normalize_weights)
     vs = _vectors(tensors, base)
     norms, mean_norm = [math.sqrt(x) for x in sums[:k]], math.sqrt(sums[k])
-    if mean_norm >= eps:  # m cos|g| + g sin|g| / |g| with g = 0 and |g| = 0 + eps, times the weighted mean norm, plus the base
-        c = math.cos(eps) * sum(n * wi for n, wi in zip(norms, w)) / mean_norm
-        mean = _mean(vs, norms, w, eps)
-        return torch.add(base.reshape(-1), mean, alpha=c) if base is not None else mean * c
-    if k != 2:
-        raise MethodError("multislerp: the weighted mean of the models' directions is zero (antipodal models with "
-                          "balancing weights); change the weights")
-    out = vs[0] * w[0] + vs[1] * w[1]
-    return out.add_(base.reshape(-1)) if base is not None else out
+    if mean_norm < eps:  # (a NaN norm, from NaN inputs allowed, is not degenerate: it merges to NaN)
+        if k != 2:
+            raise MethodError("multislerp: the weighted mean of the models' directions is zero (antipodal models with "
+                              "balancing weights); change the weights")
+        out = vs[0] * w[0] + vs[1] * w[1]
+        return out.add_(base.reshape(-1)) if base is not None else out
+    # m cos|g| + g sin|g| / |g| with g = 0 and |g| = 0 + eps, times the weighted mean norm, plus the base
+    c = math.cos(eps) * sum(n * wi for n, wi in zip(norms, w)) / mean_norm
+    mean = _mean(vs, norms, w, eps)
+    return torch.add(base.reshape(-1), mean, alpha=c) if base is not None else mean * c
 
 
 REDUCTION = Reduction(chunk=SLICE, partial=_norms, then=(_mean_norm,), apply=_combine)
