@@ -69,6 +69,13 @@ def rt_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"Rotten Tomatoes corpus not available offline and the download failed: {e}")
 
 
+@pytest.fixture(scope="session")
+def quick_demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for every `soup demo --quick` run of the session: the full and the LoRA demo share the
+    split, the linear-probe start and its scores, as a user's second demo run does (their ingredients differ)."""
+    return tmp_path_factory.mktemp("quick-demo-cache")
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the input-hash cache out of the user's home during tests."""

