@@ -605,3 +605,44 @@ def least_squares(x, y):
     x64, y64 = x.double(), y.double()
     g = x64.T @ x64
     return torch.stack([torch.linalg.solve(g, x64.T @ y64[:, j]) for j in range(y64.shape[1])])
+
+
+def karcher_whole_float32(tensors, weights=None, *, max_iter=10, tol=1e-5):
+    """:func:`karcher`'s steps as whole-tensor torch operations on float32 copies, each step a fresh tensor in the
+    textbook order (u_i - dot * m; cos|t| m + (sin|t| / |t|) t), dots and norms as sums of 65536-entry slices' float32
+    dots taken in float64: the bits modelsoup's in-place, block-at-a-time karcher must reproduce."""
+    def dot(x, y):
+        return math.fsum(float(torch.dot(p, q)) for p, q in zip(x.split(1 << 16), y.split(1 << 16)))
+
+    flat = [t.reshape(-1).to(torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]
+    if len(flat) == 1:
+        return flat[0].clone().reshape(tensors[0].shape)
+    w = [1.0] * len(flat) if weights is None else [float(x) for x in weights]
+    alphas = [x / sum(w) for x in w]
+    norms = [math.sqrt(dot(f, f)) for f in flat]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(flat[0]).reshape(tensors[0].shape)
+    a = {i: alphas[i] / sum(alphas[j] for j in valid) for i in valid}
+    mean = torch.zeros_like(flat[0])
+    for i in valid:
+        mean = torch.add(mean, flat[i] / norms[i], alpha=a[i])  # torch's x + alpha * y, as the method's sums
+    mn = math.sqrt(dot(mean, mean))
+    mean = flat[valid[0]] / norms[valid[0]] if mn < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for i in valid:
+            u = flat[i] / norms[i]
+            d = max(-1.0, min(1.0, dot(mean, u)))
+            theta = math.acos(d)
+            if theta < tol:
+                continue
+            tangent = torch.add(tangent, u - d * mean, alpha=a[i] * theta / math.sin(theta))
+        tn = math.sqrt(dot(tangent, tangent))
+        if tn < tol:
+            break
+        mean = math.cos(tn) * mean + (math.sin(tn) / tn) * tangent
+        un = math.sqrt(dot(mean, mean))
+        if un > tol:
+            mean = mean / un
+    return (mean * sum(ai * n for ai, n in zip(alphas, norms))).reshape(tensors[0].shape)

@@ -725,3 +725,43 @@ def test_multislerp_of_a_nan_input_is_nan_not_a_degenerate_mean():
     """A NaN (merged only with allow_nonfinite) makes the norms NaN: that is not a vanishing mean, so it is not refused as one."""
     x = torch.tensor([1.0, 2.0, math.nan])
     assert torch.isnan(call("multislerp", [x, torch.ones(3), torch.ones(3) * 2])).all()
+
+
+@pytest.mark.parametrize("n", [5, (1 << 20) + 12345, 3 << 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_karcher_in_place_blocks_have_the_whole_tensor_steps_bits(n, dtype):
+    """karcher runs in place on a mean and a tangent, making each unit vector a block at a time (half precision widened
+    there): bit for bit the whole-tensor float32 (or float64) steps, a fresh tensor per step, across block edges, with
+    weights, antipodes, a model without a direction, a capped and a wide tol."""
+    g = torch.Generator().manual_seed(n % 97)
+    ts = [(torch.randn(n, generator=g) * (1 + i)).to(dtype) for i in range(3)]
+    cases = [(ts, {}), (ts, {"weights": [1.0, 0.5, 2.0]}), (ts, {"max_iter": 1}), (ts, {"tol": 1e-2}), ([ts[0], -ts[0], ts[1]], {}),
+             ([ts[0], -ts[0]], {}), ([torch.zeros(n, dtype=dtype), *ts[1:]], {}), ([ts[0], (ts[0].double() * 1.01 + 1e-3).to(dtype)], {})]
+    for tensors, kw in cases:
+        got = call("karcher", tensors, **kw)
+        want = ref.karcher_whole_float32(tensors, **kw)
+        assert got.dtype == want.dtype and torch.equal(got, want), kw
+
+
+def test_karcher_half_inputs_as_stored_through_the_engine(tmp_path):
+    """The engine hands karcher bfloat16 inputs as stored (no float32 copy of each): the file holds the bits of the
+    float32 copies' merge, rounded once to bfloat16."""
+    from safetensors.torch import load_file, save_file
+
+    from modelsoup.api import merge
+
+    g = torch.Generator().manual_seed(4)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({"w": torch.randn(300, 1000, generator=g).bfloat16(), "b": torch.randn(7, generator=g).bfloat16()}, paths[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's float32 dot splits by thread count: one thread in the merge's workers and here
+    try:
+        merge({"method": "karcher", "models": [{"path": str(p)} for p in paths]}, tmp_path / "o", progress=False, hash_files=False)
+        out = load_file(tmp_path / "o" / "model.safetensors")
+        for name in ("w", "b"):
+            want = ref.karcher_whole_float32([load_file(p)[name].float() for p in paths]).bfloat16()
+            assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], want), name
+    finally:
+        torch.set_num_threads(threads)

@@ -192,7 +192,7 @@ class MergeRun:
                     self._disagreeing.append((job.name, self.inputs[job.sources[0][0]].label))
             return ref.clone()
         dev = self.device
-        tensors, base = self._inputs(job, dev)
+        tensors, base = self._inputs(job, dev, half=plan.method.whole_half)
         gen = self._generator(job)
         extra = self._statistics(job, dev)
         if dev.type != "cpu":

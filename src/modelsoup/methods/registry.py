@@ -238,7 +238,9 @@ class MergeMethod:
             ``prepare``: each chunk to float32; slerp: its sums' slices to float64, its interpolation to float32), so the
             engine may hand it float16 and bfloat16 inputs as stored
             instead of their float32 copies (the same values, one pass and, for whole inputs, a fresh copy fewer).
-            Its whole-tensor path still gets float32.
+            Its whole-tensor path still gets float32 (unless ``whole_half``).
+        whole_half: the whole-tensor path, too, takes float16 and bfloat16 inputs as stored and widens them exactly
+            itself (karcher: a block at a time), so the engine makes no float32 copy of each input (half the memory).
         chunk_kernel: for a pointwise method, the same arithmetic on one chunk into buffers the engine reuses:
             ``chunk_kernel(tensors, *, base=, weights=, buffer=, **params)``, where ``buffer(role, dtype)`` is a flat
             buffer of the chunk's length that this thread gets back, unchanged in size, for every chunk (its contents
@@ -268,6 +270,7 @@ class MergeMethod:
     reduction: Reduction | None = None
     prepare: Callable[..., Any] | None = None
     takes_half: bool = False
+    whole_half: bool = False
     statistic: Statistic | None = None
     chunk_kernel: Callable[..., torch.Tensor] | None = None
     carries_nonfinite: bool = False
@@ -350,6 +353,7 @@ def register(
     reduction: Reduction | None = None,
     prepare: Callable[..., Any] | None = None,
     takes_half: bool = False,
+    whole_half: bool = False,
     statistic: Statistic | None = None,
     chunk_kernel: Callable[..., torch.Tensor] | None = None,
     carries_nonfinite: bool = False,
@@ -375,6 +379,7 @@ def register(
         reduction: streams a reduce-then-combine method in two passes (:class:`Reduction`); tests check it as pointwise.
         prepare: streams the result of a method that needs its whole inputs (:attr:`MergeMethod.prepare`).
         takes_half: half-precision inputs may reach the method as stored (:attr:`MergeMethod.takes_half`).
+        whole_half: and on its whole-tensor path (:attr:`MergeMethod.whole_half`).
         statistic: the per-model statistic the method weighs its inputs by (``fisher`` or ``gram``); the function then
             takes ``statistics=None``, one tensor per ingredient for the tensors that have one, None for the others.
         chunk_kernel: a pointwise method's chunk of work into reused buffers (:attr:`MergeMethod.chunk_kernel`).
@@ -418,6 +423,7 @@ def register(
             reduction=reduction,
             prepare=prepare,
             takes_half=takes_half,
+            whole_half=whole_half,
             statistic=statistic,
             chunk_kernel=chunk_kernel,
             carries_nonfinite=carries_nonfinite,
