@@ -748,3 +748,23 @@ def test_magprune_by_blocks_of_rows_and_sorted_keys_has_the_whole_tensors_bits(m
                     want = _magprune_whole(x, 0.5, 0.2, gb, rescale)[0]
                     assert got.dtype == want.dtype and torch.equal(got, want), (shape, kind, dtype, rescale)
                     assert torch.equal(ga.get_state(), gb.get_state())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_magprune_of_half_inputs_as_stored_has_the_float32_copies_bits(monkeypatch, dtype):
+    """DELLA's streamed path hands magprune_deltas half-precision models and base as stored: each block of rows is widened
+    before it is subtracted, so every rescale gives the float32 copies' bits and leaves the generator alike."""
+    from modelsoup.methods import ops
+
+    monkeypatch.setattr(ops, "RANK_BLOCK", 64)  # several blocks of rows
+    g = torch.Generator().manual_seed(8)
+    for shape in [(40, 33), (300,), (6, 5, 3)]:
+        base = torch.randn(shape, generator=g).to(dtype)
+        models = [(base.float() + 0.1 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]
+        for rescale in ("density", "l1", "none"):
+            ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+            got = ops.magprune_deltas(models, base, [0.5, 0.6, 0.4], 0.2, ga, rescale, "della")
+            want = ops.magprune_deltas([m.float() for m in models], base.float(), [0.5, 0.6, 0.4], 0.2, gb, rescale, "della")
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), (shape, rescale)
+            assert torch.equal(ga.get_state(), gb.get_state())

@@ -19,6 +19,7 @@ from .registry import Param, register
     base="required",
     workspace=2,
     prepare=lambda tensors, **kw: _prepare(tensors, **kw),
+    takes_half=True,  # each block of rows is widened to float32 before it is subtracted (magprune_deltas)
 )
 def della(
     tensors: Sequence[torch.Tensor],

@@ -20,6 +20,7 @@ from .registry import Param, register
     workspace=1,
     divides_by_weight_sum=divides_by_plain_weight_sum,
     prepare=lambda tensors, **kw: _prepare(tensors, **kw),
+    takes_half=True,  # each block of rows is widened to float32 before it is subtracted (magprune_deltas)
 )
 def della_linear(
     tensors: Sequence[torch.Tensor],

@@ -394,10 +394,38 @@ def magprune_deltas(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, density: float | Sequence[float], epsilon: float | Sequence[float],
     generator: torch.Generator | None, rescale: str, method: str,
 ) -> list[torch.Tensor]:
-    """DELLA's first step for every model: delta_i = theta_i - base, MagPruned (:func:`drop_by_magnitude`) and rescaled."""
+    """DELLA's first step for every model: delta_i = theta_i - base, MagPruned (:func:`drop_by_magnitude`) and rescaled.
+
+    Half-precision inputs may be given as stored: each block of rows is widened to float32 before it is subtracted, so
+    the result has the bits of the float32 copies' (and no whole delta, nor a float32 copy of an input, is made, except
+    for ``rescale: l1``, whose norm is the whole delta's).
+    """
     n = len(tensors)
-    return [drop_by_magnitude(t - base, p, e, generator, rescale, method)
+    return [_drop_by_magnitude(_DeltaRows(t, base), p, e, generator, rescale, method)
             for t, p, e in zip(tensors, per_model(density, n, "density"), per_model(epsilon, n, "epsilon"))]
+
+
+class _DeltaRows:
+    """theta - base (or a delta, theta, as given), as :func:`_rows` lays a delta out, a block of rows at a time."""
+
+    def __init__(self, theta: torch.Tensor, base: torch.Tensor | None = None) -> None:
+        self.theta, self.base = _rows(theta), None if base is None else _rows(base)
+        # a given delta keeps its dtype; a difference of half-precision tensors is taken in float32
+        widest = theta.dtype if base is None else torch.promote_types(theta.dtype, base.dtype)
+        self.dtype = torch.float32 if base is not None and widest in (torch.float16, torch.bfloat16) else widest
+        self.shape = theta.shape
+
+    def block(self, r: int, stop: int) -> torch.Tensor:
+        """Rows [r, stop) of the delta, a fresh tensor of ``dtype``."""
+        x = self.theta[r:stop]
+        if self.base is None:
+            return x.to(self.dtype, copy=True)
+        if x.dtype != self.dtype:  # widened exactly, then subtracted: a half-precision subtraction would round to half
+            return x.to(self.dtype).sub_(self.base[r:stop])
+        return x - self.base[r:stop]
+
+    def whole(self) -> torch.Tensor:
+        return self.block(0, self.theta.shape[0]).reshape(self.shape)
 
 
 def drop_by_magnitude(
@@ -413,17 +441,25 @@ def drop_by_magnitude(
     the masks are those of one draw for the whole tensor) and the division are elementwise per block, so the result has
     the bits of the same steps on the whole tensor.
     """
+    return _drop_by_magnitude(_DeltaRows(delta), density, epsilon, generator, rescale, method)
+
+
+def _drop_by_magnitude(delta: _DeltaRows, density: float, epsilon: float, generator: torch.Generator | None, rescale: str,
+                       method: str) -> torch.Tensor:
     if density >= 1:
-        return delta.clone()
+        return delta.whole()
     _check_magprune(density, epsilon, method)
-    rows = _rows(delta)
-    out = torch.empty(rows.shape, dtype=torch.promote_types(delta.dtype, torch.float32) if rescale == "density" else delta.dtype)
-    for r, block in _row_blocks(rows):
+    original = delta.whole() if rescale == "l1" else None  # the L1 norm is the whole delta's sum
+    rows = _rows(original) if original is not None else None
+    out = torch.empty(delta.theta.shape, dtype=torch.promote_types(delta.dtype, torch.float32) if rescale == "density" else delta.dtype)
+    for r, shape_block in _row_blocks(delta.theta):
+        stop = r + len(shape_block)
+        block = rows[r:stop] if rows is not None else delta.block(r, stop)
         probs = _keep_probabilities(block, density, epsilon)
         kept = block * bernoulli_mask(block, probs, generator)
-        out[r : r + len(block)] = kept / probs if rescale == "density" else kept
+        out[r:stop] = kept / probs if rescale == "density" else kept
     out = out.reshape(delta.shape)
-    return _match_l1(out, delta) if rescale == "l1" else out
+    return _match_l1(out, original) if original is not None else out
 
 
 def rescale_l1(kept: torch.Tensor, original: torch.Tensor, rescale: str) -> torch.Tensor:
