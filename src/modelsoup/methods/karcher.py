@@ -20,7 +20,7 @@ import torch
 
 from .ops import model_weights, normalizing_sum
 from .registry import Param, register
-from .slerp import DOT_SLICE, norm64
+from .slerp import DOT_SLICE, norm64, slice_dots
 
 # Entries per block of the unit vectors (whole slices of DOT_SLICE): each u_i is made a block at a time into one reused
 # buffer, never whole.
@@ -49,24 +49,24 @@ class _Units:
     def _square_sums(self, i: int) -> list[float]:
         out = []
         for a, b in self.spans:
-            x = self.flat[i][a:b]
-            x = x if x.dtype == self.u.dtype else self.u[: b - a].copy_(x)  # widened exactly: the float32 copy's bits
-            out.extend(float(torch.dot(s, s)) for s in x.split(DOT_SLICE))
+            x = self._widened(i, a, b)
+            out.extend(slice_dots(x, x))
         return out
+
+    def _widened(self, i: int, a: int, b: int) -> torch.Tensor:
+        """Entries [a, b) of theta_i in the work dtype: the input itself, or widened exactly into the shared buffer."""
+        x = self.flat[i][a:b]
+        return x if x.dtype == self.u.dtype else self.u[: b - a].copy_(x)
 
     def block(self, i: int, a: int, b: int) -> torch.Tensor:
         """Entries [a, b) of u_i, in the shared buffer (valid until the next call)."""
-        x, u = self.flat[i][a:b], self.u[: b - a]
-        if x.dtype == u.dtype:
-            return torch.div(x, self.norms[i], out=u)
-        return u.copy_(x).div_(self.norms[i])
+        return torch.div(self._widened(i, a, b), self.norms[i], out=self.u[: b - a])
 
     def dot(self, i: int, mean: torch.Tensor) -> float:
         """<mean, u_i> as :func:`~.slerp.dot64` takes it."""
-        parts = []
+        parts: list[float] = []
         for a, b in self.spans:
-            u = self.block(i, a, b)
-            parts.extend(float(torch.dot(x, y)) for x, y in zip(mean[a:b].split(DOT_SLICE), u.split(DOT_SLICE)))
+            parts.extend(slice_dots(mean[a:b], self.block(i, a, b)))
         return math.fsum(parts)
 
     def add_to(self, acc: torch.Tensor, i: int, alpha: float, mean: torch.Tensor | None = None, dot: float = 0.0) -> None:

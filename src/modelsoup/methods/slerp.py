@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any
 
 import torch
@@ -84,8 +84,14 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     """<a, b> of two tensors of one size (flattened): torch's dot of each slice of ``DOT_SLICE`` entries, the slices'
     dots summed in float64 (karcher's whole-tensor steps). A float32 dot of millions of entries is off in its fourth or
     fifth digit; of 65K entries its error is that of a few products."""
+    return math.fsum(slice_dots(a, b))
+
+
+def slice_dots(a: torch.Tensor, b: torch.Tensor) -> Iterator[float]:
+    """torch's dot of each ``DOT_SLICE``-entry slice of two tensors of one size (flattened), in order: what :func:`dot64`
+    sums (math.fsum, exactly rounded, so the slices' dots may be gathered from several blocks first)."""
     fa, fb = a.reshape(-1), b.reshape(-1)
-    return math.fsum(float(torch.dot(x, y)) for x, y in zip(fa.split(DOT_SLICE), fb.split(DOT_SLICE)))
+    return (float(torch.dot(x, y)) for x, y in zip(fa.split(DOT_SLICE), fb.split(DOT_SLICE)))
 
 
 def norm64(a: torch.Tensor) -> float:
