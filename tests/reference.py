@@ -607,12 +607,22 @@ def least_squares(x, y):
     return torch.stack([torch.linalg.solve(g, x64.T @ y64[:, j]) for j in range(y64.shape[1])])
 
 
+def dot_by_rows(x, y, exact=False):
+    """<x, y> as modelsoup.methods.reduce defines it, on the whole tensors at once: the products of the flattened tensors
+    (float32, float64 if one is; ``exact``: in float64, exact for float32) cut into rows of 1024, each row summed by
+    torch in that width, the row sums (and the short last row's) added exactly (math.fsum)."""
+    width = torch.float64 if exact or torch.float64 in (x.dtype, y.dtype) else torch.float32
+    p = x.reshape(-1).to(width) * y.reshape(-1).to(width)
+    full = p.numel() - p.numel() % 1024
+    parts = p[:full].view(-1, 1024).sum(dim=1).tolist() + ([float(p[full:].sum())] if full < p.numel() else [])
+    return math.fsum(parts)
+
+
 def karcher_whole_float32(tensors, weights=None, *, max_iter=10, tol=1e-5):
     """:func:`karcher`'s steps as whole-tensor torch operations on float32 copies, each step a fresh tensor in the
-    textbook order (u_i - dot * m; cos|t| m + (sin|t| / |t|) t), dots and norms as sums of 65536-entry slices' float32
-    dots taken in float64: the bits modelsoup's in-place, block-at-a-time karcher must reproduce."""
-    def dot(x, y):
-        return math.fsum(float(torch.dot(p, q)) for p, q in zip(x.split(1 << 16), y.split(1 << 16)))
+    textbook order (u_i - dot * m; cos|t| m + (sin|t| / |t|) t), dots and norms as :func:`dot_by_rows` takes them: the
+    bits modelsoup's in-place, block-at-a-time karcher must reproduce."""
+    dot = dot_by_rows
 
     flat = [t.reshape(-1).to(torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]
     if len(flat) == 1:

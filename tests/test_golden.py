@@ -41,7 +41,9 @@ RECIPES: dict[str, str] = {
 
 # sha256 of the output tensors, computed at commit 178d556 (before the trust and structure issues) and unchanged since,
 # except "linear": re-pinned when the linear method moved to a float64 sum divided by the weight sum at the end (was: a
-# float32 sum of pre-normalised weights), so that the greedy soup's running sum gives the same bits (issue 16)
+# float32 sum of pre-normalised weights), so that the greedy soup's running sum gives the same bits (issue 16); and
+# "slerp": re-pinned when its angle's sums became modelsoup.methods.reduce.dot's (float32 rows added exactly), which give
+# the same bits on any thread count and alignment (its float64 torch.dot did not, issue 17)
 GOLDEN: dict[str, str] = {
     "linear": "c34d3993acdb9685c8db88caadd0d2fd4ac97db9ea167bdb0c9b4e69e9a0b1f4",
     "weighted-bf16": "031bebd0cad30e1ba3012fcc100a50ef347a30b2b80266fcec4ba3a61727989d",
@@ -49,7 +51,7 @@ GOLDEN: dict[str, str] = {
     "ties": "cc9d094d49feae299b68db6f4b7dc7318246586973bca44fe334e657fa73b817",
     "dare-ties": "0c80413a5805dd57e0cdef3a3a0c675e833ce23461a4e0face03f4488aeb1376",
     "breadcrumbs-signs": "3a9b3a89216faba0e43cf111af3298c76e8ffcebeae31f0375b68c228ddb3d4f",
-    "slerp": "285e2922f3b7deee6df4817683dea3edc2860dc3cd9fbdf62165a4bb50a9fd0b",
+    "slerp": "ad7ca53909f99a18869940f04d6f5fb6b03d14be0e28a8eaebadfafc7e17e673",
     "model-stock": "f5a024bd73487cfc7a7abca6451917d5c09848f55408479d9961c73861376cb6",
     "ema": "b46b1d18d5818b7473482f30dddc00703761b2d45c7bdedea4d44b1a828095c7",
     "mergekit-ties": "2fad2fde5f4ae9fa1498cde132e2bf454dfcfe5d5aff2c44d159117c8335d342",

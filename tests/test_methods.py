@@ -348,6 +348,35 @@ def test_contract_shape_dtype_no_mutation_deterministic(m):
         assert not torch.equal(out1, m(ms, generator=gen(2), **kw))
 
 
+def _placed(t, offset):
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype)
+    buf[offset:] = t.reshape(-1)
+    return buf[offset:].view(t.shape)
+
+
+@pytest.mark.parametrize("m", [m for m in available_methods() if m.statistic is None], ids=lambda m: m.name)
+def test_contract_bits_do_not_depend_on_threads_or_alignment(m):
+    """The same inputs give the same bits on 1, 2 and 3 threads and at any alignment (a mapped input may start anywhere):
+    a recipe rerun on another machine reproduces its output. torch.dot and whole-tensor sums are split by the thread
+    count (karcher and SCE differed in most entries before their sums became modelsoup.methods.reduce's)."""
+    g = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    try:
+        for shape in [(70_001,), (300, 261)]:
+            base = torch.randn(shape, generator=g)
+            ms = [base + 0.05 * torch.randn(shape, generator=g) for _ in range(4)][: m.max_models or 4]
+            want = None
+            for threads, offset in [(1, 0), (2, 0), (3, 1), (2, 3)]:
+                torch.set_num_threads(threads)
+                kw = {"base": _placed(base, offset)} if m.base == "required" else {}
+                gen = torch.Generator().manual_seed(1) if m.random else None
+                got = m([_placed(t, offset) for t in ms], generator=gen, **kw).view(torch.int32)
+                want = got if want is None else want
+                assert torch.equal(got, want), (shape, threads, offset, int((got != want).sum()))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("m", available_methods(), ids=lambda m: m.name)
 def test_contract_defaults_are_in_range_and_documented(m):
     assert m.summary and m.paper

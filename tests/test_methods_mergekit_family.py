@@ -755,13 +755,9 @@ def test_karcher_half_inputs_as_stored_through_the_engine(tmp_path):
     for i in range(3):
         paths.append(tmp_path / f"m{i}.safetensors")
         save_file({"w": torch.randn(300, 1000, generator=g).bfloat16(), "b": torch.randn(7, generator=g).bfloat16()}, paths[-1])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # torch's float32 dot splits by thread count: one thread in the merge's workers and here
-    try:
-        merge({"method": "karcher", "models": [{"path": str(p)} for p in paths]}, tmp_path / "o", progress=False, hash_files=False)
-        out = load_file(tmp_path / "o" / "model.safetensors")
-        for name in ("w", "b"):
-            want = ref.karcher_whole_float32([load_file(p)[name].float() for p in paths]).bfloat16()
-            assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], want), name
-    finally:
-        torch.set_num_threads(threads)
+    # no thread pinning: the merge's workers and this process use every core, and karcher's sums do not depend on that
+    merge({"method": "karcher", "models": [{"path": str(p)} for p in paths]}, tmp_path / "o", progress=False, hash_files=False)
+    out = load_file(tmp_path / "o" / "model.safetensors")
+    for name in ("w", "b"):
+        want = ref.karcher_whole_float32([load_file(p)[name].float() for p in paths]).bfloat16()
+        assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], want), name

@@ -493,8 +493,8 @@ def run_jobs(
     n = workers or default_workers()
     # torch threads of each job (a per-thread setting): the default workers share the caller's threads, since kernels
     # of several workers each spinning up a full team oversubscribe the cores (TIES measured 14% faster this way).
-    # It depends on the caller's threads only, not on ``workers``: reductions (slerp's dot products) split by thread
-    # count, so the bits do not change with the number of workers.
+    # Results do not depend on it: the methods' reductions are modelsoup.methods.reduce's, the same on any thread count
+    # (except the data-aware methods' linear algebra, which is LAPACK's).
     per_worker = max(1, threads // default_workers())
 
     def streamed(job: TensorJob, names: list[str]) -> bool:

@@ -20,11 +20,11 @@ import torch
 
 from .ops import model_weights, normalizing_sum
 from .registry import Param, register
-from .slerp import DOT_SLICE, norm64, slice_dots
+from .reduce import ROW, dot_parts, norm
 
-# Entries per block of the unit vectors (whole slices of DOT_SLICE): each u_i is made a block at a time into one reused
-# buffer, never whole.
-BLOCK = 16 * DOT_SLICE
+# Entries per block of the unit vectors (whole rows of the reductions, see :mod:`.reduce`): each u_i is made a block at a
+# time into one reused buffer, never whole.
+BLOCK = 1024 * ROW
 
 
 def _work_dtype(flat: Sequence[torch.Tensor]) -> torch.dtype:
@@ -34,8 +34,8 @@ def _work_dtype(flat: Sequence[torch.Tensor]) -> torch.dtype:
 
 class _Units:
     """u_i = theta_i / |theta_i|, a block of :data:`BLOCK` entries at a time into one reused buffer: the bits of dividing
-    the whole (widened) tensor, without holding it. Blocks are whole slices of :data:`~.slerp.DOT_SLICE`, so the dots
-    taken per slice here are :func:`~.slerp.dot64`'s."""
+    the whole (widened) tensor, without holding it. Blocks are whole rows of :mod:`.reduce`'s sums, so the dots gathered a
+    block at a time here are :func:`~.reduce.dot`'s of the whole tensors."""
 
     def __init__(self, flat: Sequence[torch.Tensor], dtype: torch.dtype) -> None:
         self.flat = flat
@@ -50,7 +50,7 @@ class _Units:
         out = []
         for a, b in self.spans:
             x = self._widened(i, a, b)
-            out.extend(slice_dots(x, x))
+            out.extend(dot_parts(x, x))
         return out
 
     def _widened(self, i: int, a: int, b: int) -> torch.Tensor:
@@ -63,10 +63,10 @@ class _Units:
         return torch.div(self._widened(i, a, b), self.norms[i], out=self.u[: b - a])
 
     def dot(self, i: int, mean: torch.Tensor) -> float:
-        """<mean, u_i> as :func:`~.slerp.dot64` takes it."""
+        """<mean, u_i> as :func:`~.reduce.dot` takes it."""
         parts: list[float] = []
         for a, b in self.spans:
-            parts.extend(slice_dots(mean[a:b], self.block(i, a, b)))
+            parts.extend(dot_parts(mean[a:b], self.block(i, a, b)))
         return math.fsum(parts)
 
     def add_to(self, acc: torch.Tensor, i: int, alpha: float, mean: torch.Tensor | None = None, dot: float = 0.0) -> None:
@@ -113,7 +113,7 @@ def karcher(
     total = normalizing_sum(w, option=None)
     alphas = [x / total for x in w]
     units = _Units(flat, dtype)
-    norms = units.norms  # reductions in float64: a float32 norm or dot of millions of entries is off in its 4th digit
+    norms = units.norms  # reduce.dot's sums: float32 rows added exactly (a float32 dot of millions of entries is off in its 4th digit)
     valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
         return torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
@@ -125,7 +125,7 @@ def karcher(
     mean = torch.zeros(units.n, dtype=dtype, device=tensors[0].device)
     for i in valid:
         units.add_to(mean, i, a[i])
-    mn = norm64(mean)
+    mn = norm(mean)
     if mn < tol:
         units.copy_to(mean, valid[0])
     else:
@@ -139,11 +139,11 @@ def karcher(
             if theta < tol:
                 continue
             units.add_to(tangent, i, a[i] * theta / math.sin(theta), mean, dot)
-        tn = norm64(tangent)
+        tn = norm(tangent)
         if tn < tol:
             break
         mean.mul_(math.cos(tn)).add_(tangent.mul_(math.sin(tn) / tn))
-        un = norm64(mean)
+        un = norm(mean)
         if un > tol:
             mean.div_(un)
     scale = sum(ai * n for ai, n in zip(alphas, norms))

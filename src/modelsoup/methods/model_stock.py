@@ -13,6 +13,7 @@ from typing import Annotated
 import torch
 
 from ..errors import MethodError
+from .reduce import row_dots, row_norms
 from .registry import Param, register
 
 
@@ -49,11 +50,11 @@ def model_stock(
         raise MethodError("model_stock needs a base model and at least two fine-tuned models")
     n = len(tensors)
     deltas = [_rows(t - base, filter_wise).double() for t in tensors]
-    norms = [d.norm(dim=1) for d in deltas]
+    norms = [row_norms(d).squeeze(1) for d in deltas]  # (row_norms, row_dots: one value on any thread count)
     cos_sum = torch.zeros(deltas[0].shape[0], dtype=torch.float64)
     for i in range(n):
         for j in range(i + 1, n):
-            dot = (deltas[i] * deltas[j]).sum(dim=1)
+            dot = row_dots(deltas[i], deltas[j]).squeeze(1)
             cos_sum += (dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
     cos = cos_sum / (n * (n - 1) / 2)
     denom = 1 + (n - 1) * cos

@@ -21,7 +21,7 @@ import torch
 from ..errors import MethodError
 from .ops import model_weights, normalizing_sum
 from .registry import Param, Reduction, register
-from .slerp import dot_rows
+from . import reduce
 
 # Entries per slice of the sums (part of the numerics): the slices' sums are added in float64, in order.
 SLICE = 1 << 20
@@ -31,7 +31,7 @@ _SCRATCH = threading.local()
 
 
 def _buffers(dtype: torch.dtype, count: int) -> list[torch.Tensor]:
-    """At least ``count`` of this thread's SLICE-sized buffers of ``dtype``: the vectors' first, the last three the
+    """At least ``count`` of this thread's SLICE-sized buffers of ``dtype``: the vectors' first, the last two the
     work buffers of :func:`_work`."""
     bufs: list[torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", {}).setdefault(dtype, [])
     while len(bufs) < count:
@@ -40,12 +40,12 @@ def _buffers(dtype: torch.dtype, count: int) -> list[torch.Tensor]:
 
 
 def _work(k: int, like: torch.Tensor) -> torch.Tensor:
-    """Work buffer k (0: the mean, 1: a unit, 2: products) in ``like``'s dtype and size."""
-    return _buffers(like.dtype, 3)[-(k + 1)][: like.numel()]
+    """Work buffer k (0: the mean, 1: a unit) in ``like``'s dtype and size."""
+    return _buffers(like.dtype, 2)[-(k + 1)][: like.numel()]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return dot_rows(a, b, _work(2, a))
+    return reduce.dot(a, b)
 
 
 def _vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
@@ -55,7 +55,7 @@ def _vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> list
     n = tensors[0].numel()
     wide = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32  # float64 stays float64 (direct calls)
     vs = []
-    for t, buf in zip(tensors, _buffers(wide, len(tensors) + 3)):
+    for t, buf in zip(tensors, _buffers(wide, len(tensors) + 2)):
         t = t.reshape(-1)
         if base is None:
             vs.append(t if t.dtype == wide else buf[:n].copy_(t))
@@ -144,8 +144,8 @@ def multislerp(
     v_i = theta_i - base with a base (added back at the end), theta_i without. g is zero: sum w_i u_i = |.| m, so
     sum w_i <u_i, m> m is that same vector, and theta = m cos(eps) sum w_i |v_i| (|g| + eps = eps) is computed so, in
     one fused multiply-add an entry. mergekit computes g, i.e. its rounding noise (about 1e-7 of the result), which this leaves
-    out. The norms are float64 sums of float32 row sums (:func:`~modelsoup.methods.slerp.dot_rows`; a float32 norm of millions of entries is off in
-    its fourth digit), taken in two passes over slices of the tensors, so the engine streams it (:data:`REDUCTION`).
+    out. The norms are float32 row sums added exactly (:func:`~modelsoup.methods.reduce.dot`; a float32 norm of millions of
+    entries is off in its fourth digit), taken in two passes over slices of the tensors, so the engine streams it (:data:`REDUCTION`).
 
     Raises:
         MethodError: the weighted mean of the unit vectors is zero with more than two models; weights summing

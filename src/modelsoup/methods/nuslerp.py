@@ -22,6 +22,7 @@ import torch
 
 from ..errors import MethodError
 from .ops import model_weights
+from .reduce import row_dots, row_norms
 from .registry import Param, Reduction, register
 from .slerp import GRAM_SLICE, gram64, gram_slice
 
@@ -39,9 +40,9 @@ def interpolation_t(weights: Sequence[float] | None) -> float:
 
 def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float) -> torch.Tensor:
     """Slerp between the rows of ``v0`` and ``v1`` (last dim), linear where a pair is colinear."""
-    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
-    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
-    cos = (u0 * u1).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    u0 = v0 / row_norms(v0).clamp(min=NORM_FLOOR)  # (row_norms, row_dots: one value on any thread count)
+    u1 = v1 / row_norms(v1).clamp(min=NORM_FLOOR)
+    cos = row_dots(u0, u1).clamp(-1, 1)
     colinear = (1 - cos.square()) <= eps**2
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin = torch.sin(theta)

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import MethodError
 from . import selection
+from .reduce import abs_sum64
 from .selection import MagnitudeSource, RankWindow, TopKTrim
 
 
@@ -468,10 +469,10 @@ def rescale_l1(kept: torch.Tensor, original: torch.Tensor, rescale: str) -> torc
 
 
 def _match_l1(kept: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    new = float(kept.abs().sum(dtype=torch.float64))
+    new = abs_sum64(kept)  # float64 sums with the same bits on any thread count (a whole-tensor torch sum is split by threads)
     if new <= 1e-7:
         return kept
-    return kept * (float(original.abs().sum(dtype=torch.float64)) / new)
+    return kept * (abs_sum64(original) / new)
 
 
 def trim_outliers(delta: torch.Tensor, density: float, gamma: float, tie_break: str = "index") -> torch.Tensor:

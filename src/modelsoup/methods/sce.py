@@ -16,6 +16,7 @@ from typing import Annotated
 import torch
 
 from .ops import require_base, task_vectors
+from .reduce import dot64
 from .registry import Param, register
 
 # mergekit's floors: a total energy below this gives uniform weights; the divisor is at least this.
@@ -35,8 +36,11 @@ def select_by_variance(deltas: Sequence[torch.Tensor], fraction: float) -> torch
 
 
 def energy_weights(deltas: Sequence[torch.Tensor]) -> list[float]:
-    """mean(delta_i^2) / sum_j mean(delta_j^2), or 1/n each where the sum is below ``WEIGHT_SUM_FLOOR``."""
-    e = [float(d.square().mean()) for d in deltas]
+    """mean(delta_i^2) / sum_j mean(delta_j^2), or 1/n each where the sum is below ``WEIGHT_SUM_FLOOR``.
+
+    The means are float64 sums (:func:`~.reduce.dot64`: the same on any thread count; a float32 mean of a whole tensor is
+    split across threads), divided by the entry count."""
+    e = [dot64(d, d) / max(d.numel(), 1) for d in deltas]
     total = sum(e)
     if abs(total) < WEIGHT_SUM_FLOOR:
         return [1.0 / len(e)] * len(e)

@@ -10,13 +10,13 @@ interpolation.
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import torch
 
 from ..errors import MethodError
+from . import reduce
 from .registry import Param, Reduction, register
 
 _CHUNK = 1 << 20
@@ -24,25 +24,21 @@ GRAM_SLICE = _CHUNK  # elements per slice of gram64's float64 sums: part of the 
 
 
 def gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """(<a, a>, <b, b>, <a, b>) of two flattened tensors, accumulated in float64 chunk by chunk.
-
-    One pass over both tensors, upcasting each chunk once into two reused float64 buffers (no full
-    float64 copy, no allocation per chunk). The sums are taken over slices of ``_CHUNK`` elements, in order:
-    the engine streams slerp with the same slices (:func:`_partials`), so both give the same bits.
+    """(<a, a>, <b, b>, <a, b>) of two flattened tensors in float64: the sums of each slice of ``_CHUNK`` elements
+    (:func:`gram_slice`), added in order. The engine streams slerp with the same slices (:func:`_partials`), so both give
+    the same bits, and each slice's sums are :func:`~.reduce.gram`'s: the same on any thread count and alignment.
     """
     fa, fb = a.reshape(-1), b.reshape(-1)
-    n = min(_CHUNK, fa.numel())
-    ba, bb = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
-    aa = bb_ = ab = 0.0
+    aa = bb = ab = 0.0
     for x, y in zip(fa.split(_CHUNK), fb.split(_CHUNK)):
-        pa, pb, pab = _gram_chunk(x, y, ba, bb)
-        aa, bb_, ab = aa + pa, bb_ + pb, ab + pab
-    return aa, bb_, ab
+        pa, pb, pab = gram_slice(x, y)
+        aa, bb, ab = aa + pa, bb + pb, ab + pab
+    return aa, bb, ab
 
 
-def _gram_chunk(x: torch.Tensor, y: torch.Tensor, ba: torch.Tensor, bb: torch.Tensor) -> tuple[float, float, float]:
-    xa, yb = ba[: x.numel()].copy_(x), bb[: y.numel()].copy_(y)
-    return float(torch.dot(xa, xa)), float(torch.dot(yb, yb)), float(torch.dot(xa, yb))
+def gram_slice(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """:func:`gram64`'s sums over one flat slice of at most ``_CHUNK`` elements."""
+    return reduce.gram(a, b)
 
 
 def _ends(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, weights: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,66 +55,10 @@ def _ends(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, weights: S
     return ends[0], ends[1]
 
 
-ROW = 1 << 10  # entries per row of dot_rows: part of the numerics of the methods that use it
-
-
-def dot_rows(a: torch.Tensor, b: torch.Tensor, prod: torch.Tensor) -> float:
-    """<a, b> of two flat float32 slices: their products (into ``prod``, a float32 buffer of their size) summed in
-    float32 over rows of ROW entries, the row sums added in float64.
-
-    Not torch.dot: its BLAS rounds differently with the thread count and the operands' alignment, where a reduction
-    along rows splits only across rows (each row is one thread's), so the bits are the same wherever it runs; and a
-    float32 dot of millions of entries is off in its fourth digit, a row sum of 1024 in its seventh.
-    """
-    n = a.numel()
-    torch.mul(a, b, out=prod)
-    full = n - n % ROW
-    total = float(prod[:full].view(-1, ROW).sum(dim=1).to(torch.float64).sum()) if full else 0.0
-    return total + float(prod[full:].sum()) if full < n else total
-
-
-DOT_SLICE = 1 << 16  # entries per slice of dot64: the slices' dots are short enough to be accurate
-
-
-def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b> of two tensors of one size (flattened): torch's dot of each slice of ``DOT_SLICE`` entries, the slices'
-    dots summed in float64 (karcher's whole-tensor steps). A float32 dot of millions of entries is off in its fourth or
-    fifth digit; of 65K entries its error is that of a few products."""
-    return math.fsum(slice_dots(a, b))
-
-
-def slice_dots(a: torch.Tensor, b: torch.Tensor) -> Iterator[float]:
-    """torch's dot of each ``DOT_SLICE``-entry slice of two tensors of one size (flattened), in order: what :func:`dot64`
-    sums (math.fsum, exactly rounded, so the slices' dots may be gathered from several blocks first)."""
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    return (float(torch.dot(x, y)) for x, y in zip(fa.split(DOT_SLICE), fb.split(DOT_SLICE)))
-
-
-def norm64(a: torch.Tensor) -> float:
-    """|a| from :func:`dot64`."""
-    return math.sqrt(dot64(a, a))
-
-
-def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """This thread's two float64 slices on ``device`` (a method may run on a GPU, see :func:`modelsoup.engine.on_device`)."""
-    bufs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = _SCRATCH.__dict__.setdefault("bufs", {})
-    if device not in bufs:
-        bufs[device] = (torch.empty(_CHUNK, dtype=torch.float64, device=device), torch.empty(_CHUNK, dtype=torch.float64, device=device))
-    return bufs[device]
-
-
-def gram_slice(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """:func:`gram64`'s sums over one flat slice of at most ``_CHUNK`` elements, through this thread's float64 buffers."""
-    return _gram_chunk(a, b, *_scratch(a.device))
-
-
 def _partials(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, weights: Sequence[float] | None = None,
               **_: Any) -> tuple[float, float, float]:
     """:func:`gram64`'s sums over one slice of ``_CHUNK`` elements (the engine's first pass)."""
     return gram_slice(*_ends(tensors, base, weights))
-
-
-_SCRATCH = threading.local()  # each thread's two float64 slices per device for the sums, made once
 
 
 def _interpolate(gram: tuple[float, float, float], tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None,

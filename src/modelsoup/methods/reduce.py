@@ -1,0 +1,181 @@
+"""Sums and dots whose bits do not depend on the thread count, the operands' alignment, or the pieces a tensor is taken
+in: the reductions of the methods that measure angles and norms (slerp, nuslerp, multislerp, karcher, Model Stock, SCE's
+energies, the L1 rescale), so that a recipe rerun on another machine writes the same bytes.
+
+Neither torch.dot nor a whole-tensor ``t.sum()`` gives that. torch.dot is BLAS, which splits the work by the thread count
+and rounds differently with the operands' alignment; a reduction of a whole tensor to one number gives each thread a
+part and then adds the parts, so a merge run on 2 and on 16 cores would differ (karcher's output did in most entries).
+Here a tensor (flattened) is cut into fixed rows of :data:`ROW` consecutive entries; torch reduces the rows of a 2-D view
+independently, each row by one thread, so each row's sum has one value wherever it runs; and the row sums are added with
+``math.fsum``, which rounds the exact total once and so gives the same result in any order. A sum gathered piece by
+piece, from pieces that start at multiples of ROW (the engine's chunks, karcher's blocks), is therefore the whole
+tensor's sum, bit for bit.
+
+Two widths: :func:`dot`, :func:`norm` and :func:`gram` (the sphere methods, which take them over every tensor, some
+many times) multiply and sum the rows in float32 (products of half-precision entries are exact there), accurate to
+about 1e-7; :func:`dot64`, :func:`sum64` and :func:`abs_sum64` (sums taken once per tensor) widen to float64 first, where
+products of float32 entries are exact, accurate to about 1e-16. Float64 inputs are float64 throughout.
+
+(The bits are also the same across x86 machines with AVX2 and AVX-512, torch's two vectorised CPU kernels; torch's
+unvectorised fallback rounds some elementwise steps differently, so no method is reproducible there bit for bit.)
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable
+
+import torch
+
+ROW = 1 << 10  # entries per row: part of the numerics of every method that uses these sums
+PIECE = 1 << 20  # entries widened at a time into this thread's buffers (a multiple of ROW)
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, device: torch.device, k: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """This thread's buffer ``k`` of ``dtype`` and ``n`` (at most PIECE) entries on ``device``, made once."""
+    bufs: dict[tuple[torch.device, int, torch.dtype], torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get((device, k, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(device, k, dtype)] = torch.empty(max(n, 1 << 16), dtype=dtype, device=device)
+    return buf[:n]
+
+
+def row_sums(x: torch.Tensor) -> list[float]:
+    """The sums of the consecutive ROW-entry rows of flat ``x`` (the last row may be shorter), in its dtype, each one
+    thread's."""
+    n = x.numel()
+    full = n - n % ROW
+    out: list[float] = x[:full].view(-1, ROW).sum(dim=1).tolist() if full else []
+    if full < n:
+        out.append(float(x[full:].sum()))  # fewer than ROW entries: one thread's
+    return out
+
+
+def _pieces(n: int) -> Iterable[tuple[int, int]]:
+    return ((i, min(i + PIECE, n)) for i in range(0, n, PIECE))
+
+
+def _flat_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    if fa.numel() != fb.numel():
+        raise ValueError(f"{what} of tensors of {fa.numel()} and {fb.numel()} entries")
+    return fa, fb
+
+
+def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if a tensor is, else float32: the width of :func:`dot`'s products and row sums."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _widened(x: torch.Tensor, dtype: torch.dtype, k: int) -> torch.Tensor:
+    """``x`` in ``dtype``: itself, or widened exactly into this thread's buffer ``k``."""
+    return x if x.dtype == dtype else _scratch(x.numel(), x.device, k, dtype).copy_(x)
+
+
+# ------------------------------------------------------------------ the sphere methods' sums: float32 rows, added exactly
+
+
+def dot_parts(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """The row sums of a * b (flattened, one size): products and row sums in :func:`work_dtype` (half precision widened
+    exactly first, its products exact in float32), what :func:`dot` adds. ``a`` and ``b`` may be pieces of longer tensors
+    that start at a multiple of ROW in them."""
+    same = a is b
+    fa, fb = _flat_pair(a, b, "dot")
+    dtype = work_dtype(fa, fb)
+    parts: list[float] = []
+    for i, j in _pieces(fa.numel()):
+        x = _widened(fa[i:j], dtype, 0)
+        y = x if same else _widened(fb[i:j], dtype, 1)
+        parts.extend(row_sums(torch.mul(x, y, out=_scratch(j - i, fa.device, 2, dtype))))
+    return parts
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b>: float32 products summed in float32 over rows of ROW entries, the rows added exactly (float64 throughout
+    for float64 inputs). The same bits on any thread count, alignment and row-aligned cut; accurate to about 1e-7 of
+    |a| |b| (a float32 dot of millions of entries is off in its fourth digit). Twice the memory traffic of torch.dot,
+    a fifth of :func:`dot64`'s."""
+    return math.fsum(dot_parts(a, b))
+
+
+def norm(a: torch.Tensor) -> float:
+    """|a| from :func:`dot`."""
+    return math.sqrt(math.fsum(dot_parts(a, a)))
+
+
+def gram(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(<a, a>, <b, b>, <a, b>), each as :func:`dot` takes it, each input widened (if it must be) once per piece."""
+    fa, fb = _flat_pair(a, b, "Gram sums")
+    dtype = work_dtype(fa, fb)
+    aa: list[float] = []
+    bb: list[float] = []
+    ab: list[float] = []
+    for i, j in _pieces(fa.numel()):
+        x, y = _widened(fa[i:j], dtype, 0), _widened(fb[i:j], dtype, 1)
+        prod = _scratch(j - i, fa.device, 2, dtype)
+        aa.extend(row_sums(torch.mul(x, x, out=prod)))
+        bb.extend(row_sums(torch.mul(y, y, out=prod)))
+        ab.extend(row_sums(torch.mul(x, y, out=prod)))
+    return math.fsum(aa), math.fsum(bb), math.fsum(ab)
+
+
+def total(parts: Iterable[float]) -> float:
+    """The exactly rounded sum of row sums (math.fsum: any order gives these bits)."""
+    return math.fsum(parts)
+
+
+# ------------------------------------------------------------------ one-off sums: float64, products exact
+
+
+def _exact_parts(a: torch.Tensor, b: torch.Tensor | None = None, absolute: bool = False) -> list[float]:
+    """Row sums in float64 of a * b (or of a, or |a|), each piece widened exactly into this thread's float64 buffer."""
+    fa = a.reshape(-1)
+    fb = _flat_pair(a, b, "dot")[1] if b is not None else None
+    parts: list[float] = []
+    for i, j in _pieces(fa.numel()):
+        w = _scratch(j - i, fa.device, 3).copy_(fa[i:j])
+        if fb is not None:
+            w.mul_(fb[i:j])  # fb promoted to float64 inside the kernel: exact products of float32 and narrower
+        parts.extend(row_sums(w.abs_() if absolute else w))
+    return parts
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> in float64 (products exact for float32 and narrower, about 1e-16 relative): the same bits on any thread
+    count and alignment. For sums taken once per tensor (SCE's energies, Model Stock's cosines)."""
+    return math.fsum(_exact_parts(a, b))
+
+
+def norm64(a: torch.Tensor) -> float:
+    """|a| from :func:`dot64`."""
+    return math.sqrt(dot64(a, a))
+
+
+def sum64(a: torch.Tensor) -> float:
+    """The sum of a tensor's entries in float64, the same bits on any thread count and alignment."""
+    return math.fsum(_exact_parts(a))
+
+
+def abs_sum64(a: torch.Tensor) -> float:
+    """sum |a_i| in float64, as :func:`sum64` (the L1 rescale's norms)."""
+    return math.fsum(_exact_parts(a, absolute=True))
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The dots of the rows (last dim) of two tensors of one shape, keepdim, in their dtype: torch's reduction of each row
+    where there are several (each row one thread's), :func:`dot64` where there is one vector (a reduction to one number
+    is split across threads)."""
+    if a.dim() > 1 and math.prod(a.shape[:-1]) > 1:
+        return (a * b).sum(dim=-1, keepdim=True)
+    return torch.full((*a.shape[:-1], 1), dot64(a, b), dtype=a.dtype, device=a.device)
+
+
+def row_norms(a: torch.Tensor) -> torch.Tensor:
+    """The norms of the rows (last dim) of a tensor, keepdim, as :func:`row_dots` takes its dots (torch's per row, or
+    :func:`norm64` of one vector)."""
+    if a.dim() > 1 and math.prod(a.shape[:-1]) > 1:
+        return a.norm(dim=-1, keepdim=True)
+    return torch.full((*a.shape[:-1], 1), norm64(a), dtype=a.dtype, device=a.device)
