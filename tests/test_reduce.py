@@ -65,7 +65,7 @@ def test_a_sum_gathered_in_row_aligned_pieces_is_the_whole_sum():
         parts = []
         for i in range(0, n, step):
             parts.extend(reduce.dot_parts(a[i : i + step], b[i : i + step]))
-        assert bits(reduce.total(parts)) == bits(whole), step
+        assert bits(reduce.fsum(parts)) == bits(whole), step
     assert reduce.gram(a, b) == (reduce.dot(a, a), reduce.dot(b, b), whole)
 
 
@@ -152,6 +152,9 @@ def test_every_method_has_the_same_bits_with_torchs_avx2_and_avx512_kernels():
         "            gen = torch.Generator().manual_seed(1) if m.random else None\n"
         "            r = m(ms[: m.max_models or 4], generator=gen, **kw)\n"
         "            print(m.name, hashlib.sha256(r.numpy().tobytes()).hexdigest())\n"
+        "from modelsoup.methods.arcee_fusion import importance\n"
+        "a, b = torch.randn(300, 1208, generator=g), torch.randn(300, 1208, generator=g)\n"
+        "print('importance', hashlib.sha256(importance(a, b).numpy().tobytes()).hexdigest())\n"
         "print(torch.backends.cpu.get_cpu_capability())\n"
     )
     outs = {}
@@ -160,3 +163,52 @@ def test_every_method_has_the_same_bits_with_torchs_avx2_and_avx512_kernels():
         outs[cap] = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
     assert outs["avx2"][-1] == "AVX2" and outs["avx512"][-1] == "AVX512"
     assert len(outs["avx2"]) > 20 and outs["avx2"][:-1] == outs["avx512"][:-1]
+
+
+def test_arcee_fusion_keeps_the_same_entries_on_any_thread_count(threads):
+    """arcee_fusion's importance is |delta| times a KL divergence; for one vector its sum was a whole-tensor torch sum, so
+    on deltas at the outlier cut (few distinct magnitudes) 1 and 2 threads kept different entries. Its softmax and sums
+    are reduce's now."""
+    from modelsoup.methods import get_method
+    from modelsoup.methods.arcee_fusion import importance
+
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    base = torch.round(torch.randn(n, generator=g) * 256) / 256  # a grid: base + delta is exact
+    mag = torch.full((n,), 2.0)
+    mag[: int(0.3 * n)], mag[int(0.7 * n) :], mag[-200:] = 1.0, 3.0, 5.0
+    theta = base + torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) * mag / 64
+    seen = set()
+    for t in (1, 2, 3):
+        threads(t)
+        seen.add((importance(theta, base).numpy().tobytes(), get_method("arcee_fusion")([theta], base=base).numpy().tobytes()))
+    assert len(seen) == 1
+
+
+def test_non_finite_and_overflowing_sums():
+    """+inf and -inf in different rows give NaN (math.fsum raises there), a total beyond float64 gives inf; float32
+    squares that overflow where the entries do not (1e20) are summed again in float64: the angle stays right."""
+    x = torch.zeros(5000)
+    x[3], x[4000] = math.inf, -math.inf
+    assert math.isnan(reduce.sum64(x)) and math.isnan(reduce.dot(x, torch.ones(5000))) and reduce.gram(x, x)[0] == math.inf
+    big = torch.full((3000,), 1e308, dtype=torch.float64)
+    assert reduce.sum64(big) == math.inf
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(70_001, generator=g), torch.randn(70_001, generator=g)
+    huge = reduce.gram(a * 1e20, b * 1e20)
+    assert all(math.isfinite(v) for v in huge)
+    small = reduce.gram(a.double(), b.double())
+    assert huge[2] / math.sqrt(huge[0] * huge[1]) == pytest.approx(small[2] / math.sqrt(small[0] * small[1]), rel=1e-6)
+    assert reduce.dot(a * 1e20, a * 1e20) == pytest.approx(1e40 * reduce.dot64(a, a), rel=1e-6)
+
+
+def test_row_helpers_shapes():
+    """Keepdim shapes as torch gives them (a 0-d tensor stays 0-d); operands of two shapes are refused, not broadcast."""
+    assert reduce.row_dots(torch.tensor(2.0), torch.tensor(3.0)).shape == () and float(reduce.row_dots(torch.tensor(2.0), torch.tensor(3.0))) == 6
+    assert reduce.row_norms(torch.tensor(-2.0)).shape == ()
+    assert reduce.row_sum(torch.ones(4, 3)).shape == (4, 1) and reduce.row_sum(torch.ones(1, 7)).shape == (1, 1)
+    with pytest.raises(ValueError, match=r"row dots of tensors of shapes \[2, 3\] and \[3\]"):
+        reduce.row_dots(torch.ones(2, 3), torch.ones(3))
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(reduce.softmax(x), torch.softmax(x, dim=-1))
+    torch.testing.assert_close(reduce.softmax(x[0]), torch.softmax(x[0], dim=-1))

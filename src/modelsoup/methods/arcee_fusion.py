@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import reduce
 from .ops import base_and_one_model
 from .registry import register
 
@@ -22,10 +23,13 @@ QUARTILES = (0.25, 0.5, 0.75)
 
 
 def importance(theta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """|theta - base| times the KL divergence of the rows' softmax distributions."""
-    p = torch.softmax(theta, dim=-1) + PROB_EPS
-    q = torch.softmax(base, dim=-1) + PROB_EPS
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    """|theta - base| times the KL divergence of the rows' softmax distributions.
+
+    The softmax and the KL's sums are :mod:`.reduce`'s (exp(x - max) / sum, per row): torch.softmax rounds differently
+    on AVX2 and AVX-512 CPUs, and a one-vector sum with the thread count, which moved entries across the outlier cut."""
+    p = reduce.softmax(theta) + PROB_EPS
+    q = reduce.softmax(base) + PROB_EPS
+    kl = reduce.row_sum(p * torch.log(p / q))
     return (theta - base).abs() * kl
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .ops import model_weights, normalizing_sum
 from .registry import Param, register
-from .reduce import ROW, dot_parts, norm
+from .reduce import ROW, dot_parts, fsum, norm
 
 # Entries per block of the unit vectors (whole rows of the reductions, see :mod:`.reduce`): each u_i is made a block at a
 # time into one reused buffer, never whole.
@@ -44,7 +44,7 @@ class _Units:
         self.u = torch.empty(size, dtype=dtype, device=flat[0].device)
         self.t = torch.empty(size, dtype=dtype, device=flat[0].device)
         self.spans = [(a, min(a + BLOCK, self.n)) for a in range(0, self.n, BLOCK)]
-        self.norms = [math.sqrt(math.fsum(self._square_sums(i))) for i in range(len(flat))]
+        self.norms = [math.sqrt(fsum(self._square_sums(i))) for i in range(len(flat))]
 
     def _square_sums(self, i: int) -> list[float]:
         out = []
@@ -67,7 +67,7 @@ class _Units:
         parts: list[float] = []
         for a, b in self.spans:
             parts.extend(dot_parts(mean[a:b], self.block(i, a, b)))
-        return math.fsum(parts)
+        return fsum(parts)
 
     def add_to(self, acc: torch.Tensor, i: int, alpha: float, mean: torch.Tensor | None = None, dot: float = 0.0) -> None:
         """acc += alpha * u_i; with ``mean``, acc += alpha * (u_i - dot * mean) (the log map's direction)."""

@@ -46,12 +46,39 @@ def _scratch(n: int, device: torch.device, k: int = 0, dtype: torch.dtype = torc
 def row_sums(x: torch.Tensor) -> list[float]:
     """The sums of the consecutive ROW-entry rows of flat ``x`` (the last row may be shorter), in its dtype, each one
     thread's."""
+    return _row_sum_tensor(x).tolist()
+
+
+def _row_sum_tensor(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     full = n - n % ROW
-    out: list[float] = x[:full].view(-1, ROW).sum(dim=1).tolist() if full else []
+    sums = [x[:full].view(-1, ROW).sum(dim=1)] if full else []
     if full < n:
-        out.append(float(x[full:].sum()))  # fewer than ROW entries: one thread's
+        sums.append(x[full:].sum().reshape(1))  # fewer than ROW entries: one thread's
+    return torch.cat(sums) if len(sums) > 1 else sums[0] if sums else x.new_zeros(0)
+
+
+def _product_rows(x: torch.Tensor, y: torch.Tensor, prod: torch.Tensor) -> list[float]:
+    """The row sums of x * y (products into ``prod``, in its dtype); a float32 row whose sum is not finite is summed again
+    in float64 (its squares or products may overflow float32 where the entries do not: 1e20 squared), so only non-finite
+    entries give a non-finite sum."""
+    sums = _row_sum_tensor(torch.mul(x, y, out=prod))
+    out: list[float] = sums.tolist()
+    if prod.dtype != torch.float64 and not bool(torch.isfinite(sums).all()):
+        for k in torch.nonzero(~torch.isfinite(sums)).view(-1).tolist():
+            a, b = k * ROW, min((k + 1) * ROW, x.numel())
+            out[k] = float((x[a:b].to(torch.float64) * y[a:b].to(torch.float64)).sum())
     return out
+
+
+def fsum(parts: Iterable[float]) -> float:
+    """math.fsum of row sums (exactly rounded: any order gives these bits), NaN where +inf and -inf meet and +-inf where
+    the total leaves float64's range (math.fsum raises on both)."""
+    parts = list(parts)
+    try:
+        return math.fsum(parts)
+    except (ValueError, OverflowError):
+        return float(sum(parts))
 
 
 def _pieces(n: int) -> Iterable[tuple[int, int]]:
@@ -89,7 +116,7 @@ def dot_parts(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     for i, j in _pieces(fa.numel()):
         x = _widened(fa[i:j], dtype, 0)
         y = x if same else _widened(fb[i:j], dtype, 1)
-        parts.extend(row_sums(torch.mul(x, y, out=_scratch(j - i, fa.device, 2, dtype))))
+        parts.extend(_product_rows(x, y, _scratch(j - i, fa.device, 2, dtype)))
     return parts
 
 
@@ -98,12 +125,12 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     for float64 inputs). The same bits on any thread count, alignment and row-aligned cut; accurate to about 1e-7 of
     |a| |b| (a float32 dot of millions of entries is off in its fourth digit). Twice the memory traffic of torch.dot,
     a fifth of :func:`dot64`'s."""
-    return math.fsum(dot_parts(a, b))
+    return fsum(dot_parts(a, b))
 
 
 def norm(a: torch.Tensor) -> float:
     """|a| from :func:`dot`."""
-    return math.sqrt(math.fsum(dot_parts(a, a)))
+    return math.sqrt(fsum(dot_parts(a, a)))
 
 
 def gram(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
@@ -116,15 +143,10 @@ def gram(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     for i, j in _pieces(fa.numel()):
         x, y = _widened(fa[i:j], dtype, 0), _widened(fb[i:j], dtype, 1)
         prod = _scratch(j - i, fa.device, 2, dtype)
-        aa.extend(row_sums(torch.mul(x, x, out=prod)))
-        bb.extend(row_sums(torch.mul(y, y, out=prod)))
-        ab.extend(row_sums(torch.mul(x, y, out=prod)))
-    return math.fsum(aa), math.fsum(bb), math.fsum(ab)
-
-
-def total(parts: Iterable[float]) -> float:
-    """The exactly rounded sum of row sums (math.fsum: any order gives these bits)."""
-    return math.fsum(parts)
+        aa.extend(_product_rows(x, x, prod))
+        bb.extend(_product_rows(y, y, prod))
+        ab.extend(_product_rows(x, y, prod))
+    return fsum(aa), fsum(bb), fsum(ab)
 
 
 # ------------------------------------------------------------------ one-off sums: float64, products exact
@@ -146,7 +168,7 @@ def _exact_parts(a: torch.Tensor, b: torch.Tensor | None = None, absolute: bool 
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     """<a, b> in float64 (products exact for float32 and narrower, about 1e-16 relative): the same bits on any thread
     count and alignment. For sums taken once per tensor (SCE's energies, Model Stock's cosines)."""
-    return math.fsum(_exact_parts(a, b))
+    return fsum(_exact_parts(a, b))
 
 
 def norm64(a: torch.Tensor) -> float:
@@ -156,26 +178,45 @@ def norm64(a: torch.Tensor) -> float:
 
 def sum64(a: torch.Tensor) -> float:
     """The sum of a tensor's entries in float64, the same bits on any thread count and alignment."""
-    return math.fsum(_exact_parts(a))
+    return fsum(_exact_parts(a))
 
 
 def abs_sum64(a: torch.Tensor) -> float:
     """sum |a_i| in float64, as :func:`sum64` (the L1 rescale's norms)."""
-    return math.fsum(_exact_parts(a, absolute=True))
+    return fsum(_exact_parts(a, absolute=True))
+
+
+def _one_per_row(a: torch.Tensor, value: float) -> torch.Tensor:
+    """``value`` shaped as a keepdim reduction of ``a``'s last dim (a 0-d tensor stays 0-d)."""
+    return torch.full((*a.shape[:-1], 1) if a.dim() else (), value, dtype=a.dtype, device=a.device)
+
+
+def _several_rows(a: torch.Tensor) -> bool:
+    return a.dim() > 1 and math.prod(a.shape[:-1]) > 1
+
+
+def row_sum(a: torch.Tensor) -> torch.Tensor:
+    """The sums along the last dim, keepdim, in ``a``'s dtype: torch's reduction of each row where there are several (each
+    row one thread's), :func:`sum64` where there is one vector (a reduction to one number is split across threads)."""
+    return a.sum(dim=-1, keepdim=True) if _several_rows(a) else _one_per_row(a, sum64(a))
 
 
 def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The dots of the rows (last dim) of two tensors of one shape, keepdim, in their dtype: torch's reduction of each row
-    where there are several (each row one thread's), :func:`dot64` where there is one vector (a reduction to one number
-    is split across threads)."""
-    if a.dim() > 1 and math.prod(a.shape[:-1]) > 1:
-        return (a * b).sum(dim=-1, keepdim=True)
-    return torch.full((*a.shape[:-1], 1), dot64(a, b), dtype=a.dtype, device=a.device)
+    where there are several, :func:`dot64` where there is one vector."""
+    if a.shape != b.shape:
+        raise ValueError(f"row dots of tensors of shapes {list(a.shape)} and {list(b.shape)}")
+    return (a * b).sum(dim=-1, keepdim=True) if _several_rows(a) else _one_per_row(a, dot64(a, b))
 
 
 def row_norms(a: torch.Tensor) -> torch.Tensor:
     """The norms of the rows (last dim) of a tensor, keepdim, as :func:`row_dots` takes its dots (torch's per row, or
     :func:`norm64` of one vector)."""
-    if a.dim() > 1 and math.prod(a.shape[:-1]) > 1:
-        return a.norm(dim=-1, keepdim=True)
-    return torch.full((*a.shape[:-1], 1), norm64(a), dtype=a.dtype, device=a.device)
+    return a.norm(dim=-1, keepdim=True) if _several_rows(a) else _one_per_row(a, norm64(a))
+
+
+def softmax(a: torch.Tensor) -> torch.Tensor:
+    """Softmax along the last dim, exp(a - max) / sum, the sum :func:`row_sum`'s: torch.softmax's own reductions round
+    differently with the CPU's vector width (AVX2 and AVX-512 differ) and, for one vector, with the thread count."""
+    e = torch.exp(a - a.amax(dim=-1, keepdim=True))
+    return e / row_sum(e)
