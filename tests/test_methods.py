@@ -797,3 +797,36 @@ def test_magprune_of_half_inputs_as_stored_has_the_float32_copies_bits(monkeypat
             for a, b in zip(got, want):
                 assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), (shape, rescale)
             assert torch.equal(ga.get_state(), gb.get_state())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_magpruned_codes_rebuild_magprune_deltas_bits_in_any_chunks(monkeypatch, dtype):
+    """DELLA's streamed task vectors hold a rank code an entry (int16), not the float32 result: every chunk rebuilt from
+    the inputs and the codes has magprune_deltas' bits (zeros' signs, infinite deltas' NaN and rows of one entry included),
+    for every rescale and a density of 1, and the generator is left alike."""
+    from modelsoup.methods import ops
+
+    monkeypatch.setattr(ops, "RANK_BLOCK", 64)  # several blocks of rows
+    g = torch.Generator().manual_seed(9)
+    for shape in [(40, 33), (300,), (6, 5, 3), (1,), (), (9, 1), (3, 0)]:
+        base = torch.randn(shape, generator=g).to(dtype)
+        models = [(base.float() + 0.1 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]
+        if shape == (40, 33):
+            models[1] = base.clone()  # a zero delta: every magnitude tied
+            models[2].view(-1)[::3] = float("inf")
+        for rescale in ("density", "none", "l1"):
+            for dens in ([0.5, 0.6, 0.4], [0.5, 1.0, 0.4]):
+                ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+                want = ops.magprune_deltas(models, base, dens, 0.2, ga, rescale, "della")
+                chunks = ops.MagPrunedDeltas(models, base, dens, 0.2, gb, rescale, "della")
+                n = base.numel()
+                rows = torch.full((3, n), float("nan"), dtype=chunks.dtype)
+                for i in range(0, n, 7):
+                    chunks.fill(i, min(i + 7, n), rows[:, i : min(i + 7, n)])
+                for got, w in zip(rows, want):
+                    w = w.reshape(-1).to(got.dtype)
+                    assert torch.equal(got.isnan(), w.isnan()) and torch.equal(got.nan_to_num(7.0), w.nan_to_num(7.0)), (shape, rescale, dens)
+                    assert torch.equal(torch.signbit(got), torch.signbit(w)), (shape, rescale, dens)
+                assert torch.equal(ga.get_state(), gb.get_state())
+    with pytest.raises(MethodError, match="density 0.5 -/\\+ epsilon 0.6 must lie inside"):
+        ops.MagPrunedDeltas(models, base, 0.5, 0.6, None, "density", "della")

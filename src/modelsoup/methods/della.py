@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import MergedChunks, magprune_deltas, model_weights, require_base
+from .ops import MagPrunedDeltas, MergedChunks, model_weights, require_base
 from .params import DellaDensity, DellaEpsilon, DivideBy, Normalize, Rescale, Scale, SignFrom, SignMethod
 from .registry import Param, register
 
@@ -44,8 +44,9 @@ def della(
 def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None, generator: torch.Generator | None,
              density: float | Sequence[float], epsilon: float | Sequence[float], scale: float, rescale: str, sign_method: str, sign_from: str,
              normalize: bool, divide_by: str) -> MergedChunks:
-    """The MagPruned task vectors (whole: ranks and masks need them) and the merge they define, a chunk at a time."""
+    """The MagPruned task vectors (their masks drawn whole, kept as rank codes: :class:`~.ops.MagPrunedDeltas`) and the merge
+    they define, a chunk at a time."""
     base = require_base(base, "della")
-    dropped = magprune_deltas(tensors, base, density, epsilon, generator, rescale, "della")
+    dropped = MagPrunedDeltas(tensors, base, density, epsilon, generator, rescale, "della")
     return MergedChunks(dropped, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
                         normalize=normalize, divide_by=divide_by)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import MergedChunks, divides_by_plain_weight_sum, magprune_deltas, model_weights, require_base
+from .ops import MagPrunedDeltas, MergedChunks, divides_by_plain_weight_sum, model_weights, require_base
 from .params import DellaDensity, DellaEpsilon, Normalize, Rescale, Scale
 from .registry import Param, register
 
@@ -41,7 +41,8 @@ def della_linear(
 
 def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weights: Sequence[float] | None, generator: torch.Generator | None,
              density: float | Sequence[float], epsilon: float | Sequence[float], scale: float, rescale: str, normalize: bool) -> MergedChunks:
-    """The MagPruned task vectors (whole: ranks and masks need them) and their weighted sum, a chunk at a time."""
+    """The MagPruned task vectors (their masks drawn whole, kept as rank codes: :class:`~.ops.MagPrunedDeltas`) and their
+    weighted sum, a chunk at a time."""
     base = require_base(base, "della_linear")
-    dropped = magprune_deltas(tensors, base, density, epsilon, generator, rescale, "della_linear")
+    dropped = MagPrunedDeltas(tensors, base, density, epsilon, generator, rescale, "della_linear")
     return MergedChunks(dropped, model_weights(weights, len(tensors)), base, scale, normalize=normalize)
