@@ -462,8 +462,8 @@ class MagPrunedDeltas:
     chunk is rebuilt from the inputs: the delta (:meth:`_DeltaRows.flat`) divided by its keep probability, looked up from
     the code in a table of every rank's made by the same float32 steps (:func:`_probabilities_of_ranks`), +inf for a
     dropped entry: the bits of the whole path's (delta * mask) / p, a dropped zero's sign included (``rescale: none``:
-    times the mask, code != row length). Elementwise, so any chunking gives them. Held whole as before (float32) where that is needed or
-    no smaller: ``rescale: l1`` (its norms are the whole result's) and rows of 2^15 entries or more.
+    times the mask, code != row length). Elementwise, so any chunking gives them. Held whole as before (float32) where
+    that is needed or no smaller: ``rescale: l1`` (its norms are the whole result's) and rows of 2^15 entries or more.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor, density: float | Sequence[float],
@@ -493,7 +493,7 @@ class MagPrunedDeltas:
     def _draw(delta: _DeltaRows, density: float, epsilon: float, generator: torch.Generator | None, method: str,
               cols: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         """One model's codes, drawn block by block as :func:`_drop_by_magnitude` draws its masks, and its table of keep
-        probabilities by rank (the row length's entry: rank 0's)."""
+        probabilities by rank (+inf at the row length: the dropped)."""
         _check_magprune(density, epsilon, method)
         codes = torch.empty(delta.theta.shape, dtype=torch.int16)
         for r, shape_block in _row_blocks(delta.theta):
