@@ -436,6 +436,29 @@ def test_bracketed_kth_largest_is_exact(kind):
         assert float(kth_largest(mag, k)) == float(torch.kthvalue(mag, n - k + 1).values), k
 
 
+def test_a_bracket_of_one_value_is_counted_not_gathered(monkeypatch):
+    """Half-precision task vectors often put a fifth or more of their magnitudes on one value (a delta of one ulp): the
+    bracket around the k-th largest then holds that value alone, and its entries are counted per chunk, never gathered
+    (np.compress fails here if called), with the exact value, the count above and the per-chunk ties of a brute force."""
+    import numpy as np
+
+    from modelsoup.methods import selection
+
+    g = torch.Generator().manual_seed(1)
+    n = 2_000_003
+    mag = torch.randint(0, 9, (n,), generator=g).float()
+    mag[torch.rand(n, generator=g) < 0.5] = 4.0  # the middle value holds more than half of the entries
+    monkeypatch.setattr(selection.np, "compress", lambda *a, **k: (_ for _ in ()).throw(AssertionError("gathered")))
+    src = selection.MagnitudeSource(mag)
+    for k in (n // 2, n // 3, 2 * n // 3):
+        kth = selection.kth_largest_magnitudes([src], [k])[0]
+        value = float(torch.sort(mag, descending=True).values[k - 1])
+        assert (kth.value, kth.greater) == (value, int((mag > value).sum()))
+        assert kth.equal == [int((mag[i:j] == value).sum()) for i, j in selection._spans(n)]
+    monkeypatch.setattr(selection.np, "compress", np.compress)
+    assert selection.kth_largest_magnitudes([src], [n // 20])[0].value == float(torch.sort(mag, descending=True).values[n // 20 - 1])
+
+
 def test_zero_weight_neither_votes_nor_counts():
     a, b = T(1.0, -1.0), T(-3.0, 2.0)
     got = call("ties", [a, b], base=T(0, 0), density=1.0, weights=[1.0, 0.0], divide_by="count")

@@ -92,6 +92,7 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
     if not srcs:
         return []
     n = srcs[0].n
+    _check_finite_once(srcs)
     unsure = [not src.finite_inputs for src in srcs]  # non-finite inputs may give NaN magnitudes, which have no rank
     found: list[Kth | None] = [None] * len(srcs)
     if n > BRACKET_ABOVE:
@@ -107,9 +108,12 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
                         _refuse_nan(mag)
                 over = np.greater(mag, hi, out=over_hi[: j - i])
                 above[s] += int(np.count_nonzero(over))
+                if lo == hi:  # a bracket of one value (heavy ties: half-precision task vectors): its count is the band
+                    bands[s].append(int(np.count_nonzero(np.equal(mag, lo, out=in_band[: j - i]))))
+                    continue
                 band = np.logical_xor(np.greater_equal(mag, lo, out=in_band[: j - i]), over, out=in_band[: j - i])  # lo <= mag <= hi
                 bands[s].append(np.compress(band, mag))  # a copy: buf is reused
-        found = [_kth_in_band(b, k, a) for b, k, a in zip(bands, ks, above)]
+        found = [_kth_in_band(b, k, a, lo) for b, k, a, (lo, _) in zip(bands, ks, above, brackets)]
     return [kth if kth is not None else _kth_of_all(src, k) for kth, src, k in zip(found, srcs, ks)]
 
 
@@ -123,8 +127,27 @@ def _bracket(src: MagnitudeSource, k: int) -> tuple[float, float]:
     return float(sample[max(0, int(pos - margin))]), float(sample[min(m - 1, int(pos + margin))])
 
 
-def _kth_in_band(bands: list[np.ndarray], k: int, above: int) -> Kth | None:
-    """The k-th largest magnitude from the in-bracket magnitudes of each chunk, or None if the bracket missed."""
+def _check_finite_once(srcs: Sequence[MagnitudeSource]) -> None:
+    """Settle each source's :attr:`~MagnitudeSource.finite_inputs`, summing a tensor shared by several (the base) once."""
+    seen: dict[tuple[int, int, torch.dtype], bool] = {}
+    for src in srcs:
+        if src._finite is None:
+            ok = True
+            for t in (src.theta, src.base):
+                if t is not None and t.numel():
+                    key = (t.data_ptr(), t.numel(), t.dtype)
+                    if key not in seen:
+                        seen[key] = math.isfinite(float(t.sum()))
+                    ok = ok and seen[key]
+            src._finite = ok
+
+
+def _kth_in_band(bands: list[np.ndarray] | list[int], k: int, above: int, lo: float) -> Kth | None:
+    """The k-th largest magnitude from the in-bracket magnitudes of each chunk (or, for a bracket of one value ``lo``,
+    their counts), or None if the bracket missed."""
+    if bands and isinstance(bands[0], int):  # every in-bracket magnitude is lo
+        counts = [int(c) for c in bands]
+        return Kth(lo, above, counts) if 0 < k - above <= sum(counts) else None
     band = np.concatenate(bands)
     r = k - above  # the answer is the r-th largest inside the band
     if not 0 < r <= band.size:
