@@ -459,6 +459,31 @@ def test_a_bracket_of_one_value_is_counted_not_gathered(monkeypatch):
     assert selection.kth_largest_magnitudes([src], [n // 20])[0].value == float(torch.sort(mag, descending=True).values[n // 20 - 1])
 
 
+def test_a_bracket_with_heavy_ends_counts_them_and_gathers_only_between():
+    """Where the k-th largest sits at the edge between two heavy tie values, the bracket spans both: the sweep counts the
+    entries at lo and at hi and gathers only those strictly between, with the brute force's value, count above and
+    per-chunk ties on either side of the edge."""
+    from modelsoup.methods import selection
+
+    g = torch.Generator().manual_seed(2)
+    n = 2_000_003
+    mag = torch.randint(0, 40, (n,), generator=g).float() / 4
+    u = torch.rand(n, generator=g)
+    mag[u < 0.3], mag[(u >= 0.3) & (u < 0.6)] = 4.0, 5.0  # two heavy values, next to each other in rank
+    src = selection.MagnitudeSource(mag)
+    edge = int((mag > 5.0).sum()) + int((mag == 5.0).sum())  # the last entry at 5.0, in descending order
+    desc = torch.sort(mag, descending=True).values
+    modes = set()
+    for k in (edge - 300, edge, edge + 1, edge + 300):
+        lo, hi, heavy = selection._bracket(src, k)
+        modes.add(selection._Band(lo, hi, heavy).mode)
+        kth = selection.kth_largest_magnitudes([src], [k])[0]
+        value = float(desc[k - 1])
+        assert (kth.value, kth.greater) == (value, int((mag > value).sum())), k
+        assert kth.equal == [int((mag[i:j] == value).sum()) for i, j in selection._spans(n)], k
+    assert "ends" in modes
+
+
 def test_zero_weight_neither_votes_nor_counts():
     a, b = T(1.0, -1.0), T(-3.0, 2.0)
     got = call("ties", [a, b], base=T(0, 0), density=1.0, weights=[1.0, 0.0], divide_by="count")

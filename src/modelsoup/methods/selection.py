@@ -96,35 +96,93 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
     unsure = [not src.finite_inputs for src in srcs]  # non-finite inputs may give NaN magnitudes, which have no rank
     found: list[Kth | None] = [None] * len(srcs)
     if n > BRACKET_ABOVE:
-        brackets = [_bracket(src, k) for src, k in zip(srcs, ks)]
-        above, bands = [0] * len(srcs), [[] for _ in srcs]
+        bands = [_Band(*_bracket(src, k)) for src, k in zip(srcs, ks)]
+        above = [0] * len(srcs)
         buf = torch.empty(CHUNK, dtype=srcs[0].dtype)
-        over_hi, in_band = np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool)
+        over_hi, scratch = np.empty(CHUNK, dtype=bool), (np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool))
         for i, j in _spans(n):
-            for s, (src, (lo, hi)) in enumerate(zip(srcs, brackets)):
+            for s, (src, band) in enumerate(zip(srcs, bands)):
                 if s == 0 or src is not srcs[s - 1]:  # a source listed twice in a row (two k of one tensor) is read once
                     mag = src.magnitude(i, j, buf[: j - i]).numpy()
                     if unsure[s]:
                         _refuse_nan(mag)
-                over = np.greater(mag, hi, out=over_hi[: j - i])
+                over = np.greater(mag, band.hi, out=over_hi[: j - i])
                 above[s] += int(np.count_nonzero(over))
-                if lo == hi:  # a bracket of one value (heavy ties: half-precision task vectors): its count is the band
-                    bands[s].append(int(np.count_nonzero(np.equal(mag, lo, out=in_band[: j - i]))))
-                    continue
-                band = np.logical_xor(np.greater_equal(mag, lo, out=in_band[: j - i]), over, out=in_band[: j - i])  # lo <= mag <= hi
-                bands[s].append(np.compress(band, mag))  # a copy: buf is reused
-        found = [_kth_in_band(b, k, a, lo) for b, k, a, (lo, _) in zip(bands, ks, above, brackets)]
+                band.add(mag, over, scratch)
+        found = [band.kth(k, a) for band, k, a in zip(bands, ks, above)]
     return [kth if kth is not None else _kth_of_all(src, k) for kth, src, k in zip(found, srcs, ks)]
 
 
-def _bracket(src: MagnitudeSource, k: int) -> tuple[float, float]:
-    """Two magnitudes that enclose the k-th largest with high probability, from a strided sample."""
+def _bracket(src: MagnitudeSource, k: int) -> tuple[float, float, bool]:
+    """Two magnitudes that enclose the k-th largest with high probability, from a strided sample, and whether the sample
+    puts many entries on either of them (heavy ties: :class:`_Band` then counts those instead of gathering them)."""
     n = src.n
     sample = np.sort(src.sample(n // SAMPLE).numpy())  # values only: 2.5x faster than torch.sort, which makes indices too
     m = sample.size
     pos = (1 - k / n) * m
     margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 64
-    return float(sample[max(0, int(pos - margin))]), float(sample[min(m - 1, int(pos + margin))])
+    lo, hi = sample[max(0, int(pos - margin))], sample[min(m - 1, int(pos + margin))]
+    heavy = lo != hi and int(np.count_nonzero(sample == lo)) + int(np.count_nonzero(sample == hi)) >= margin
+    return float(lo), float(hi), heavy
+
+
+class _Band:
+    """What the sweep keeps of one source's magnitudes in its bracket [lo, hi], chunk by chunk, to place the k-th largest.
+
+    Plain: the in-bracket magnitudes of each chunk, gathered. Heavy ties (half-precision task vectors often put a fifth or
+    more of their entries on one value, a delta of one ulp) would make that a large share of the tensor, gathered and
+    sorted: a bracket of one value is counted per chunk instead, and one whose ends the sample shows heavy keeps the
+    counts at lo and at hi and gathers only the magnitudes strictly between. Every mode gives the plain mode's answer:
+    the r-th largest in the bracket, the count above it and its ties per chunk.
+    """
+
+    def __init__(self, lo: float, hi: float, heavy: bool) -> None:
+        self.lo, self.hi = lo, hi
+        self.mode = "one" if lo == hi else "ends" if heavy else "plain"
+        self.inside: list[np.ndarray] = []  # per chunk: the gathered magnitudes (strictly inside, for "ends")
+        self.at_lo: list[int] = []
+        self.at_hi: list[int] = []
+
+    def add(self, mag: np.ndarray, over: np.ndarray, scratch: tuple[np.ndarray, np.ndarray]) -> None:
+        """Take one chunk's magnitudes; ``over`` is mag > hi."""
+        a, b = scratch[0][: mag.size], scratch[1][: mag.size]
+        if self.mode == "one":
+            self.at_lo.append(int(np.count_nonzero(np.equal(mag, self.lo, out=a))))
+        elif self.mode == "ends":
+            self.at_lo.append(int(np.count_nonzero(np.equal(mag, self.lo, out=a))))
+            self.at_hi.append(int(np.count_nonzero(np.equal(mag, self.hi, out=a))))
+            inside = np.logical_and(np.greater(mag, self.lo, out=a), np.less(mag, self.hi, out=b), out=a)
+            self.inside.append(np.compress(inside, mag))  # a copy: the chunk's buffer is reused
+        else:
+            band = np.logical_xor(np.greater_equal(mag, self.lo, out=a), over, out=a)  # lo <= mag <= hi
+            self.inside.append(np.compress(band, mag))
+
+    def kth(self, k: int, above: int) -> Kth | None:
+        """The k-th largest magnitude, given the count above hi, or None if the bracket missed."""
+        r = k - above  # the answer is the r-th largest in the bracket
+        if self.mode == "one":
+            return Kth(self.lo, above, self.at_lo) if 0 < r <= sum(self.at_lo) else None
+        if self.mode == "ends":
+            n_hi, n_lo = sum(self.at_hi), sum(self.at_lo)
+            if 0 < r <= n_hi:
+                return Kth(self.hi, above, self.at_hi)
+            n_in = sum(x.size for x in self.inside)
+            if n_hi + n_in < r <= n_hi + n_in + n_lo:
+                return Kth(self.lo, above + n_hi + n_in, self.at_lo)
+            if not n_hi < r <= n_hi + n_in:
+                return None
+            return _kth_of(self.inside, r - n_hi, above + n_hi)
+        return _kth_of(self.inside, r, above) if r > 0 else None
+
+
+def _kth_of(parts: list[np.ndarray], r: int, greater: int) -> Kth | None:
+    """The r-th largest of the gathered magnitudes (``greater`` of the tensor's above them), with the counts that place
+    it; None if there are fewer than r."""
+    band = np.concatenate(parts)
+    if not 0 < r <= band.size:
+        return None
+    kth = np.sort(band)[band.size - r]  # not np.partition: its AVX-512 select is ~10x slower than a sort on many ties
+    return Kth(float(kth), greater + int(np.count_nonzero(band > kth)), [int(np.count_nonzero(b == kth)) for b in parts])
 
 
 def _check_finite_once(srcs: Sequence[MagnitudeSource]) -> None:
@@ -142,20 +200,6 @@ def _check_finite_once(srcs: Sequence[MagnitudeSource]) -> None:
             src._finite = ok
 
 
-def _kth_in_band(bands: list[np.ndarray] | list[int], k: int, above: int, lo: float) -> Kth | None:
-    """The k-th largest magnitude from the in-bracket magnitudes of each chunk (or, for a bracket of one value ``lo``,
-    their counts), or None if the bracket missed."""
-    if bands and isinstance(bands[0], int):  # every in-bracket magnitude is lo
-        counts = [int(c) for c in bands]
-        return Kth(lo, above, counts) if 0 < k - above <= sum(counts) else None
-    band = np.concatenate(bands)
-    r = k - above  # the answer is the r-th largest inside the band
-    if not 0 < r <= band.size:
-        return None
-    kth = np.sort(band)[band.size - r]  # not np.partition: its AVX-512 select is ~10x slower than a sort on many ties
-    return Kth(float(kth), above + int(np.count_nonzero(band > kth)), [int(np.count_nonzero(b == kth)) for b in bands])
-
-
 def _refuse_nan(mag: np.ndarray) -> None:
     if np.isnan(mag).any():
         raise MethodError(f"{int(np.isnan(mag).sum())} task-vector entries are NaN (from NaN or infinite weights): the method keeps "
@@ -167,7 +211,7 @@ def _kth_of_all(src: MagnitudeSource, k: int) -> Kth:
     mag = src.magnitude(0, src.n).numpy()
     if not src.finite_inputs:
         _refuse_nan(mag)
-    kth = np.sort(mag)[src.n - k]  # a sorted copy (the counts below need flat order), not a partition: see _kth_in_band
+    kth = np.sort(mag)[src.n - k]  # a sorted copy (the counts below need flat order), not a partition: see _kth_of
     return Kth(float(kth), int(np.count_nonzero(mag > kth)), [int(np.count_nonzero(mag[i:j] == kth)) for i, j in _spans(src.n)])
 
 
