@@ -484,6 +484,17 @@ def test_a_bracket_with_heavy_ends_counts_them_and_gathers_only_between():
     assert "ends" in modes
 
 
+def test_finite_check_shared_by_views_is_per_view_not_per_start():
+    """The finite check of a base shared by every task vector is summed once; two views that start at one address (x[::2]
+    and x[:n]) are still checked each, so a NaN in one is refused by name, not ranked."""
+    n = 1000
+    x = torch.randn(2 * n, generator=torch.Generator().manual_seed(0))
+    x[1] = float("nan")  # in x[:n], the base; not in x[::2], the model
+    for name in ("ties", "breadcrumbs"):
+        with pytest.raises(MethodError, match="task-vector entries are NaN"):
+            call(name, [x[::2]], base=x[:n], density=0.5)
+
+
 def test_zero_weight_neither_votes_nor_counts():
     a, b = T(1.0, -1.0), T(-3.0, 2.0)
     got = call("ties", [a, b], base=T(0, 0), density=1.0, weights=[1.0, 0.0], divide_by="count")

@@ -122,7 +122,7 @@ def _bracket(src: MagnitudeSource, k: int) -> tuple[float, float, bool]:
     pos = (1 - k / n) * m
     margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 64
     lo, hi = sample[max(0, int(pos - margin))], sample[min(m - 1, int(pos + margin))]
-    heavy = lo != hi and int(np.count_nonzero(sample == lo)) + int(np.count_nonzero(sample == hi)) >= margin
+    heavy = bool(lo != hi and int(np.count_nonzero(sample == lo)) + int(np.count_nonzero(sample == hi)) >= margin)
     return float(lo), float(hi), heavy
 
 
@@ -187,13 +187,13 @@ def _kth_of(parts: list[np.ndarray], r: int, greater: int) -> Kth | None:
 
 def _check_finite_once(srcs: Sequence[MagnitudeSource]) -> None:
     """Settle each source's :attr:`~MagnitudeSource.finite_inputs`, summing a tensor shared by several (the base) once."""
-    seen: dict[tuple[int, int, torch.dtype], bool] = {}
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], bool] = {}
     for src in srcs:
         if src._finite is None:
             ok = True
             for t in (src.theta, src.base):
                 if t is not None and t.numel():
-                    key = (t.data_ptr(), t.numel(), t.dtype)
+                    key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)  # one view of memory, not merely one start
                     if key not in seen:
                         seen[key] = math.isfinite(float(t.sum()))
                     ok = ok and seen[key]
