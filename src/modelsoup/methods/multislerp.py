@@ -23,7 +23,7 @@ from .ops import model_weights, normalizing_sum
 from .registry import Param, Reduction, register
 from . import reduce
 
-# Entries per slice of the sums (part of the numerics): the slices' sums are added in float64, in order.
+# Entries per slice of the sums (part of the numerics): the slices' sums are added as Python floats, in order.
 SLICE = 1 << 20
 
 

@@ -6,7 +6,7 @@ With a base the interpolation runs on the task vectors and the result is added b
 i.e. vectors along dim 0) is interpolated on its own. Nearly colinear vectors (1 - cos^2 <= eps^2)
 are interpolated linearly.
 
-Flattened, the angle comes from float64 sums of |v0|^2, |v1|^2 and <v0, v1> over slices (as slerp's), so the engine
+Flattened, the angle comes from sums of |v0|^2, |v1|^2 and <v0, v1> over slices (slerp's, :func:`~.reduce.gram`), so the engine
 streams the tensor in two passes. mergekit takes it from a float32 sum of u0 * u1, which on a large tensor of nearly
 parallel task vectors can exceed 1 (1.00009 for a cosine of 0.9999 over 4M entries; 1.0115 over a 65M-entry
 embedding), is clamped and interpolates linearly: there the two differ by that (up to a few 1e-5 relative).
@@ -63,7 +63,7 @@ def _deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> tuple
 
 def _partials(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, weights: Sequence[float] | None = None,
               **_: Any) -> tuple[float, float, float]:
-    """(|v0|^2, |v1|^2, <v0, v1>) of one slice, in float64 (the engine's first pass; :func:`~.slerp.gram64` over the whole)."""
+    """(|v0|^2, |v1|^2, <v0, v1>) of one slice (the engine's first pass; :func:`~.slerp.gram64` over the whole)."""
     return gram_slice(*_deltas(tensors, base))
 
 

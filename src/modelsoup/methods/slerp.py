@@ -20,11 +20,11 @@ from . import reduce
 from .registry import Param, Reduction, register
 
 _CHUNK = 1 << 20
-GRAM_SLICE = _CHUNK  # elements per slice of gram64's float64 sums: part of the numerics of every method that uses them
+GRAM_SLICE = _CHUNK  # elements per slice of gram64's sums: part of the numerics of every method that uses them
 
 
 def gram64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """(<a, a>, <b, b>, <a, b>) of two flattened tensors in float64: the sums of each slice of ``_CHUNK`` elements
+    """(<a, a>, <b, b>, <a, b>) of two flattened tensors: the sums of each slice of ``_CHUNK`` elements
     (:func:`gram_slice`), added in order. The engine streams slerp with the same slices (:func:`_partials`), so both give
     the same bits, and each slice's sums are :func:`~.reduce.gram`'s: the same on any thread count and alignment.
     """
@@ -87,7 +87,7 @@ def _interpolate(gram: tuple[float, float, float], tensors: Sequence[torch.Tenso
     max_models=2,
     takes_weights=False,
     reduction=Reduction(chunk=_CHUNK, partial=_partials, apply=_interpolate),
-    takes_half=True,  # the sums widen each slice to float64, the interpolation to float32
+    takes_half=True,  # the sums and the interpolation widen each slice to float32 (exactly)
 )
 def slerp(
     tensors: Sequence[torch.Tensor],
