@@ -44,10 +44,6 @@ def _work(k: int, like: torch.Tensor) -> torch.Tensor:
     return _buffers(like.dtype, 2)[-(k + 1)][: like.numel()]
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return reduce.dot(a, b)
-
-
 def _vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> list[torch.Tensor]:
     """v_i = theta_i - base (theta_i without a base) of one flat slice in float32 (float64 for float64 inputs): half
     precision (given as stored) is widened first, into this thread's buffers; a theta of that width without a base is
@@ -86,7 +82,7 @@ def _mean(vs: list[torch.Tensor], norms: Sequence[float], w: Sequence[float], ep
 
 def _norms(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None, **_: Any) -> tuple[float, ...]:
     """Pass 1: |v_i|^2 of each model."""
-    return tuple(_dot(v, v) for v in _vectors(tensors, base))
+    return tuple(reduce.dot(v, v) for v in _vectors(tensors, base))
 
 
 def _mean_norm(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None,
@@ -94,7 +90,7 @@ def _mean_norm(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, base
     """Pass 2: |sum_i w_i u_i|^2."""
     k = len(tensors)
     mean = _mean(_vectors(tensors, base), [math.sqrt(x) for x in sums[:k]], _unit_weights(weights, k, normalize_weights), eps)
-    return (_dot(mean, mean),)
+    return (reduce.dot(mean, mean),)
 
 
 def _combine(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None,

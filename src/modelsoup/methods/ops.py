@@ -499,11 +499,11 @@ class MagPrunedDeltas:
         for r, shape_block in _row_blocks(delta.theta):
             stop = r + len(shape_block)
             block = delta.block(r, stop)
-            ranks = _int_ranks(block).to(torch.float32) if cols > 1 else torch.zeros(block.shape)
-            keep = bernoulli_mask(block, _probabilities_of_ranks(ranks if cols > 1 else None, cols, density, epsilon, block.shape), generator)
+            ranks = _int_ranks(block).to(torch.float32) if cols > 1 else None  # a row of one entry has rank 0
+            keep = bernoulli_mask(block, _probabilities_of_ranks(ranks, cols, density, epsilon, block.shape), generator)
             # the rank where kept, cols where dropped: keep * (rank - cols) + cols, exact in float32 (integers below 2^15),
             # 15x faster than a masked fill
-            codes[r:stop] = ranks.sub_(cols).mul_(keep).add_(cols)
+            codes[r:stop] = (ranks if ranks is not None else torch.zeros(block.shape)).sub_(cols).mul_(keep).add_(cols)
         # the ranks (float32 integers) and their probabilities, by the same steps; a dropped entry divides by +inf, which
         # gives the zero of (delta * 0) / p, its sign the delta's (and NaN for an infinite delta, as inf * 0 / p)
         table = _probabilities_of_ranks(torch.arange(cols).to(torch.float32) if cols > 1 else None, cols, density, epsilon, (max(cols, 1),))

@@ -52,7 +52,8 @@ class MagnitudeSource:
     def finite_inputs(self) -> bool:
         """Whether theta and base hold only finite values, so no magnitude is NaN (one fast sum each, taken once)."""
         if self._finite is None:
-            self._finite = all(math.isfinite(float(t.sum())) for t in (self.theta, self.base) if t is not None and t.numel())
+            _check_finite_once([self])
+        assert self._finite is not None
         return self._finite
 
     def delta(self, i: int, j: int, out: torch.Tensor | None = None) -> torch.Tensor:
