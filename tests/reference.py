@@ -618,10 +618,12 @@ def dot_by_rows(x, y, exact=False):
     return math.fsum(parts)
 
 
-def karcher_whole_float32(tensors, weights=None, *, max_iter=10, tol=1e-5):
-    """:func:`karcher`'s steps as whole-tensor torch operations on float32 copies, each step a fresh tensor in the
-    textbook order (u_i - dot * m; cos|t| m + (sin|t| / |t|) t), dots and norms as :func:`dot_by_rows` takes them: the
-    bits modelsoup's in-place, block-at-a-time karcher must reproduce."""
+def karcher_tensor_steps(tensors, weights=None, *, max_iter=10, tol=1e-5):
+    """:func:`karcher`'s steps as whole-tensor torch operations (float32 copies of the inputs, float64 ones kept), each
+    step a fresh tensor in the textbook order (u_i - dot * m; cos|t| m + (sin|t| / |t|) t), dots and norms as
+    :func:`dot_by_rows` takes them. On float64 copies, the truth modelsoup's karcher (the same iteration on the
+    coefficients of the mean, from the inputs' Gram matrix) is measured against; on float32 ones, what iterating on
+    float32 tensors (mergekit's way) gives."""
     dot = dot_by_rows
 
     flat = [t.reshape(-1).to(torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]

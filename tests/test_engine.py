@@ -353,6 +353,8 @@ _POINTWISE_CASES = {
     "slerp with a base": ({"parameters": {"t": 0.7}}, True, 1),
     "multislerp": ({"weights": [1.0, 2.5, 0.5]}, False, 3),
     "multislerp with a base": ({"parameters": {"normalize_weights": False}}, True, 2),
+    "karcher": ({"weights": [1.0, 2.5, 0.5]}, False, 3),
+    "karcher with a tol": ({"parameters": {"tol": 1e-2, "max_iter": 3}}, False, 2),
 }
 
 

@@ -729,23 +729,65 @@ def test_multislerp_of_a_nan_input_is_nan_not_a_degenerate_mean():
 
 @pytest.mark.parametrize("n", [5, (1 << 20) + 12345, 3 << 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_karcher_in_place_blocks_have_the_whole_tensor_steps_bits(n, dtype):
-    """karcher runs in place on a mean and a tangent, making each unit vector a block at a time (half precision widened
-    there): bit for bit the whole-tensor float32 (or float64) steps, a fresh tensor per step, across block edges, with
-    weights, antipodes, a model without a direction, a capped and a wide tol."""
+def test_karcher_on_the_gram_matrix_is_the_tensor_iteration_in_float64_to_float32_rounding(n, dtype):
+    """karcher iterates on the k coefficients of the mean, from the inputs' Gram matrix, and writes the result as one
+    combination of the inputs: within float32 rounding (of the largest entry) of the whole-tensor iteration run in float64,
+    across slice edges, with weights, a model and its opposite beside a third, a model without a direction, a capped and a
+    wide tol."""
     g = torch.Generator().manual_seed(n % 97)
     ts = [(torch.randn(n, generator=g) * (1 + i)).to(dtype) for i in range(3)]
     cases = [(ts, {}), (ts, {"weights": [1.0, 0.5, 2.0]}), (ts, {"max_iter": 1}), (ts, {"tol": 1e-2}), ([ts[0], -ts[0], ts[1]], {}),
-             ([ts[0], -ts[0]], {}), ([torch.zeros(n, dtype=dtype), *ts[1:]], {}), ([ts[0], (ts[0].double() * 1.01 + 1e-3).to(dtype)], {})]
+             ([torch.zeros(n, dtype=dtype), *ts[1:]], {}), ([ts[0], (ts[0].double() * 1.01 + 1e-3).to(dtype)], {})]
     for tensors, kw in cases:
         got = call("karcher", tensors, **kw)
-        want = ref.karcher_whole_float32(tensors, **kw)
-        assert got.dtype == want.dtype and torch.equal(got, want), kw
+        truth = ref.karcher_tensor_steps([t.double() for t in tensors], **kw)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), kw
+        err = float((got.double() - truth).abs().max()) / max(float(truth.abs().max()), 1e-30)
+        assert err < (1e-12 if dtype == torch.float64 else 1e-6), (kw, err)
+
+
+def test_karcher_refuses_opposite_directions_where_the_tensor_iteration_answers_wrongly():
+    """Two opposite directions have no unique Karcher mean. With equal weights their mean cancels; with weights 2 and 1
+    the iteration starts at x, where the opposite model's log map has no direction, and the tensor steps (mergekit's)
+    stop there: x, the worst point on the sphere's great circle through x, not a mean. Both are refused by name."""
+    x, y = T(1, 0), T(0, 1)
+    with pytest.raises(MethodError, match=r"^karcher: the models' directions nearly cancel \(their weighted mean has length 0, below 0.032\)"):
+        call("karcher", [x, -x])
+    with pytest.raises(MethodError, match=r"^karcher: model 2's direction is 180.0 degrees from the models' mean \(more than 160\)"):
+        call("karcher", [x, -x], weights=[2, 1])
+    stuck = ref.karcher_tensor_steps([x, -x], [2, 1])
+    close(stuck / stuck.norm(), x)
+
+    def cost(m):  # sum_i a_i d(m, u_i)^2 for u = x (a = 2/3), -x (a = 1/3)
+        d = math.acos(max(-1.0, min(1.0, float(m @ x))))
+        return 2 / 3 * d**2 + 1 / 3 * (math.pi - d) ** 2
+
+    assert cost(math.cos(math.pi / 3) * x + math.sin(math.pi / 3) * y) < cost(x) - 1
+    # a model 150 degrees from the other two's mean is merged
+    far = T(math.cos(math.radians(150)), math.sin(math.radians(150)))
+    assert torch.isfinite(call("karcher", [x, x, far])).all()
+
+
+def test_multislerp_refuses_directions_that_nearly_cancel():
+    """A weighted mean of the unit vectors shorter than 0.032 of the longest it could be is decided by rounding in a Gram
+    matrix of float32 rows: refused, naming the ratio. Exact antipodes (a mean under eps) keep the two-model fallback."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    for gap, fails in ((0.2, False), (0.01, True)):
+        other = -(x + gap * y * x.norm() / y.norm())
+        if fails:
+            with pytest.raises(MethodError, match=r"^multislerp: the models' directions nearly cancel \(their weighted mean is 0.005 of the "
+                               r"longest it could be, below 0.032\), so rounding would decide the result; change the weights, or merge with linear$"):
+                call("multislerp", [x, other])
+        else:
+            truth = call("multislerp", [x.double(), other.double()])
+            torch.testing.assert_close(call("multislerp", [x, other]).double(), truth, rtol=0, atol=1e-5 * float(truth.abs().max()))
+    assert torch.equal(call("multislerp", [x, -x]), torch.zeros_like(x))
 
 
 def test_karcher_half_inputs_as_stored_through_the_engine(tmp_path):
-    """The engine hands karcher bfloat16 inputs as stored (no float32 copy of each): the file holds the bits of the
-    float32 copies' merge, rounded once to bfloat16."""
+    """The engine hands karcher bfloat16 inputs as stored (no float32 copy of each) and streams it: the file holds the
+    bits of the float32 copies' whole-tensor merge, rounded once to bfloat16."""
     from safetensors.torch import load_file, save_file
 
     from modelsoup.api import merge
@@ -759,5 +801,5 @@ def test_karcher_half_inputs_as_stored_through_the_engine(tmp_path):
     merge({"method": "karcher", "models": [{"path": str(p)} for p in paths]}, tmp_path / "o", progress=False, hash_files=False)
     out = load_file(tmp_path / "o" / "model.safetensors")
     for name in ("w", "b"):
-        want = ref.karcher_whole_float32([load_file(p)[name].float() for p in paths]).bfloat16()
+        want = call("karcher", [load_file(p)[name].float() for p in paths]).bfloat16()
         assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], want), name

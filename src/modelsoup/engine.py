@@ -287,12 +287,14 @@ class MergeRun:
         if merging and plan.method.prepare is not None:
             return self._prepared(job, emit, out_buf)
         half = merging and plan.method.takes_half
-        checked = not (merging and plan.method.carries_nonfinite)  # else the result chunk's check covers its inputs
+        reduction = plan.method.streamed_reduction(job.params) if merging else None
+        # unchecked where the result chunk's check covers the inputs, or where a reduction's first pass has checked
+        # every entry of every input already (this pass reads the same entries again)
+        checked = not (merging and (plan.method.carries_nonfinite or reduction is not None))
         readers = [self._chunks(s, k, pool, upcast=merging, half=half, checked=checked) for k, s in enumerate(job.sources)]
         base = self._chunks(job.base_source, -1, pool, upcast=True, half=half, checked=checked) if merging and job.base_source is not None else None
         method: Callable[..., torch.Tensor] = plan.method
         kernel = plan.method.chunk_kernel if merging else None
-        reduction = plan.method.streamed_reduction(job.params) if merging else None
         try:
             if reduction is not None:  # first pass: the method's sums over its own slices, in order
                 size = reduction.chunk

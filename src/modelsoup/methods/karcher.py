@@ -6,90 +6,126 @@ shorter than ``tol`` or ``max_iter`` steps; the result is scaled by the weighted
 Models whose norm is at most ``tol`` have no direction: they do not vote on it (their norm still enters
 the scale). If no model has a direction the result is zero. mergekit weights every model equally.
 
-Memory: the inputs (half precision as stored), the mean and the tangent; the unit vectors are made a block at a time.
-Bits: those of the whole-tensor float32 steps (``tests/reference.py: karcher_whole_float32``).
+How: every step stays in the span of the unit vectors u_i (the mean starts as their combination; a log map adds
+u_i - <u_i, m> m; the exp map combines m and the tangent), so the iteration runs on the k coefficients of m in the u_i,
+with the k x k Gram matrix of the inputs for every dot and norm (<sum_i a_i u_i, sum_j b_j u_j> = a^T U b). One pass
+over the inputs takes the Gram matrix (float32 rows added exactly, :func:`~.reduce.gram_matrix`), the steps run in
+float64 on k numbers, and a second pass writes the result as a linear combination of the inputs. The same iteration as
+mergekit's whole-tensor float32 steps, without their rounding: a float32 result is the float64 one to float32 rounding
+(the tensor steps were up to 1e-5 off), and the engine streams it (:data:`REDUCTION`), holding no tensor-sized buffer.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
-from .ops import model_weights, normalizing_sum
-from .registry import Param, register
-from .reduce import ROW, dot_parts, fsum, norm
+from ..errors import MethodError
+from .multislerp import CANCEL
+from .ops import linear_combination, model_weights, normalizing_sum
+from .reduce import fsum, gram_from_upper, gram_upper
+from .registry import Param, Reduction, register
 
-# Entries per block of the unit vectors (whole rows of the reductions, see :mod:`.reduce`): each u_i is made a block at a
-# time into one reused buffer, never whole.
-BLOCK = 1024 * ROW
+# A model further than this from the running mean is refused: the log map's direction at a near-antipode is decided by
+# rounding (in the Gram matrix's coefficients as in float32 tensors), and such directions have no unique Karcher mean.
+FAR = math.radians(160)
+
+# Entries per slice of the Gram pass (part of the numerics): the slices' sums are added as Python floats, in order.
+SLICE = 1 << 20
 
 
-def _work_dtype(flat: Sequence[torch.Tensor]) -> torch.dtype:
-    """float64 if an input is, else float32 (half-precision inputs are widened slice by slice)."""
-    return torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
+def _alphas(weights: Sequence[float] | None, k: int) -> list[float]:
+    w = model_weights(weights, k)
+    total = normalizing_sum(w, option=None)
+    return [x / total for x in w]
 
 
-class _Units:
-    """u_i = theta_i / |theta_i|, a block of :data:`BLOCK` entries at a time into one reused buffer: the bits of dividing
-    the whole (widened) tensor, without holding it. Blocks are whole rows of :mod:`.reduce`'s sums, so the dots gathered a
-    block at a time here are :func:`~.reduce.dot`'s of the whole tensors."""
+def coefficients(gram: list[list[float]], alphas: Sequence[float], max_iter: int, tol: float) -> list[float]:
+    """b_i with result = sum_i b_i theta_i, from the Gram matrix of the theta_i: the Karcher iteration on the mean's
+    coefficients c (m = sum_i c_i u_i), b_i = c_i (sum_j a_j |theta_j|) / |theta_i|; all zero if no model has a direction."""
+    k = len(alphas)
+    norms = [math.sqrt(gram[i][i]) for i in range(k)]
+    valid = [i for i in range(k) if norms[i] > tol]
+    if not valid:
+        return [0.0] * k
+    u = {(i, j): gram[i][j] / (norms[i] * norms[j]) for i in valid for j in valid}  # <u_i, u_j>
 
-    def __init__(self, flat: Sequence[torch.Tensor], dtype: torch.dtype) -> None:
-        self.flat = flat
-        self.n = flat[0].numel()
-        size = min(BLOCK, self.n)
-        self.u = torch.empty(size, dtype=dtype, device=flat[0].device)
-        self.t = torch.empty(size, dtype=dtype, device=flat[0].device)
-        self.spans = [(a, min(a + BLOCK, self.n)) for a in range(0, self.n, BLOCK)]
-        self.norms = [math.sqrt(fsum(self._square_sums(i))) for i in range(len(flat))]
+    def dot_u(i: int, c: Sequence[float]) -> float:  # <u_i, sum_j c_j u_j>
+        return fsum(u[(i, j)] * c[j] for j in valid)
 
-    def _square_sums(self, i: int) -> list[float]:
-        out = []
-        for a, b in self.spans:
-            x = self._widened(i, a, b)
-            out.extend(dot_parts(x, x))
-        return out
+    def norm(c: Sequence[float]) -> float:  # |sum_i c_i u_i|
+        return math.sqrt(max(fsum(c[i] * u[(i, j)] * c[j] for i in valid for j in valid), 0.0))
 
-    def _widened(self, i: int, a: int, b: int) -> torch.Tensor:
-        """Entries [a, b) of theta_i in the work dtype: the input itself, or widened exactly into the shared buffer."""
-        x = self.flat[i][a:b]
-        return x if x.dtype == self.u.dtype else self.u[: b - a].copy_(x)
+    vsum = sum(alphas[i] for i in valid)
+    c = [alphas[i] / vsum if i in valid else 0.0 for i in range(k)]
+    mn = norm(c)
+    if mn * mn < CANCEL * sum(abs(x) for x in c) ** 2 or mn < tol:
+        raise MethodError(f"karcher: the models' directions nearly cancel (their weighted mean has length {mn:.2g}, below "
+                          f"{math.sqrt(CANCEL):.2g}): antipodal models with balancing weights have no unique Karcher mean; "
+                          "change the weights, or merge with linear")
+    c = [x / mn for x in c]
+    for _ in range(max_iter):
+        t = [0.0] * k  # the tangent: sum_i a_i theta_i / sin(theta_i) (u_i - cos(theta_i) m)
+        for i in valid:
+            dot = max(-1.0, min(1.0, dot_u(i, c)))
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            if theta > FAR:
+                raise MethodError(f"karcher: model {i + 1}'s direction is {math.degrees(theta):.1f} degrees from the models' mean "
+                                  f"(more than {math.degrees(FAR):.0f}): nearly opposite directions have no well-defined Karcher "
+                                  "mean; drop that model, or merge with linear")
+            s = alphas[i] / vsum * theta / math.sin(theta)
+            t[i] += s
+            for j in valid:
+                t[j] -= s * dot * c[j]
+        tn = norm(t)
+        if tn < tol:
+            break
+        c = [math.cos(tn) * x + (math.sin(tn) / tn) * y for x, y in zip(c, t)]
+        un = norm(c)
+        if un > tol:
+            c = [x / un for x in c]
+    scale = sum(a * n for a, n in zip(alphas, norms))
+    return [c[i] * scale / norms[i] if i in valid else 0.0 for i in range(k)]
 
-    def block(self, i: int, a: int, b: int) -> torch.Tensor:
-        """Entries [a, b) of u_i, in the shared buffer (valid until the next call)."""
-        return torch.div(self._widened(i, a, b), self.norms[i], out=self.u[: b - a])
 
-    def dot(self, i: int, mean: torch.Tensor) -> float:
-        """<mean, u_i> as :func:`~.reduce.dot` takes it."""
-        parts: list[float] = []
-        for a, b in self.spans:
-            parts.extend(dot_parts(mean[a:b], self.block(i, a, b)))
-        return fsum(parts)
+@functools.lru_cache(maxsize=64)
+def _coefficients_cached(sums: tuple[float, ...], alphas: tuple[float, ...], max_iter: int, tol: float) -> list[float]:
+    """:func:`coefficients` of a tensor's sums, computed once for all of its slices."""
+    return coefficients(gram_from_upper(sums, len(alphas)), alphas, max_iter, tol)
 
-    def add_to(self, acc: torch.Tensor, i: int, alpha: float, mean: torch.Tensor | None = None, dot: float = 0.0) -> None:
-        """acc += alpha * u_i; with ``mean``, acc += alpha * (u_i - dot * mean) (the log map's direction)."""
-        for a, b in self.spans:
-            u = self.block(i, a, b)
-            if mean is not None:
-                u.sub_(torch.mul(mean[a:b], dot, out=self.t[: b - a]))
-            acc[a:b].add_(u, alpha=alpha)
 
-    def copy_to(self, out: torch.Tensor, i: int) -> None:
-        """out = u_i."""
-        for a, b in self.spans:
-            out[a:b].copy_(self.block(i, a, b))
+def _gram(tensors: Sequence[torch.Tensor], **_: Any) -> tuple[float, ...]:
+    """The one pass: <theta_i, theta_j> for every pair (the upper triangle)."""
+    return gram_upper(tensors)
+
+
+def _combine(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None,
+             max_iter: int = 10, tol: float = 1e-5, **_: Any) -> torch.Tensor:
+    """The result on one slice: sum_i b_i theta_i (:func:`coefficients`), float32 (float64 for float64 inputs)."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1).to(dtype, copy=True)
+    b = _coefficients_cached(sums, tuple(_alphas(weights, len(tensors))), max_iter, tol)
+    return linear_combination(tensors, b, None, dtype)
+
+
+REDUCTION = Reduction(chunk=SLICE, partial=_gram, apply=_combine)
 
 
 @register(
     "karcher",
     summary="iterative Riemannian mean of the models' directions on the sphere, scaled by the weighted mean norm",
     paper="Karcher 1977, Riemannian center of mass; for model merging as in mergekit (arXiv 2603.04972)",
-    # holds the mean and the tangent beside its inputs (the engine's two buffers besides the inputs), no buffer per model
-    workspace=0,
+    workspace=0,  # a slice-sized buffer per model for the Gram pass, no tensor-sized one
     divides_by_weight_sum=lambda p: True,
+    reduction=REDUCTION,
+    takes_half=True,  # each slice is widened exactly first (the Gram pass, the combination)
     whole_half=True,
 )
 def karcher(
@@ -103,48 +139,8 @@ def karcher(
     """m = argmin_m sum_i a_i d(m, u_i)^2 on the sphere (u_i = theta_i / |theta_i|), theta = m sum_i a_i |theta_i|, a_i = w_i / sum w.
 
     Raises:
-        MethodError: weights summing to zero.
+        MethodError: weights summing to zero; directions that nearly cancel (their weighted mean shorter than
+            sqrt(CANCEL)), or a model more than FAR (160 degrees) from the running mean.
     """
-    flat = [t.reshape(-1) for t in tensors]
-    dtype = _work_dtype(flat)
-    if len(tensors) == 1:
-        return tensors[0].to(dtype, copy=True)
-    w = model_weights(weights, len(tensors))
-    total = normalizing_sum(w, option=None)
-    alphas = [x / total for x in w]
-    units = _Units(flat, dtype)
-    norms = units.norms  # reduce.dot's sums: float32 rows added exactly (a float32 dot of millions of entries is off in its 4th digit)
-    valid = [i for i, n in enumerate(norms) if n > tol]
-    if not valid:
-        return torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
-    # Every step below runs in place on two tensor-sized buffers (the mean and the tangent) with the operations, in the
-    # order, of the textbook steps (u_i - dot * mean, cos * mean + (sin / |v|) * v, ...): their bits, without a fresh
-    # tensor per step.
-    vsum = sum(alphas[i] for i in valid)
-    a = {i: alphas[i] / vsum for i in valid}
-    mean = torch.zeros(units.n, dtype=dtype, device=tensors[0].device)
-    for i in valid:
-        units.add_to(mean, i, a[i])
-    mn = norm(mean)
-    if mn < tol:
-        units.copy_to(mean, valid[0])
-    else:
-        mean.div_(mn)
-    tangent = torch.empty_like(mean)
-    for _ in range(max_iter):
-        tangent.zero_()
-        for i in valid:
-            dot = max(-1.0, min(1.0, units.dot(i, mean)))
-            theta = math.acos(dot)
-            if theta < tol:
-                continue
-            units.add_to(tangent, i, a[i] * theta / math.sin(theta), mean, dot)
-        tn = norm(tangent)
-        if tn < tol:
-            break
-        mean.mul_(math.cos(tn)).add_(tangent.mul_(math.sin(tn) / tn))
-        un = norm(mean)
-        if un > tol:
-            mean.div_(un)
-    scale = sum(ai * n for ai, n in zip(alphas, norms))
-    return mean.mul_(scale).reshape(tensors[0].shape)
+    _alphas(weights, len(tensors))  # weights summing to zero fail before any pass
+    return REDUCTION.whole(tensors, base=None, weights=weights, max_iter=max_iter, tol=tol)

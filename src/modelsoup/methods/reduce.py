@@ -8,11 +8,11 @@ part and then adds the parts, so a merge run on 2 and on 16 cores would differ (
 Here a tensor (flattened) is cut into fixed rows of :data:`ROW` consecutive entries; torch reduces the rows of a 2-D view
 independently, each row by one thread, so each row's sum has one value wherever it runs; and the row sums are added with
 ``math.fsum``, which rounds the exact total once and so gives the same result in any order. A sum gathered piece by
-piece, from pieces that start at multiples of ROW (the engine's chunks, karcher's blocks), is therefore the whole
+piece, from pieces that start at multiples of ROW (the engine's chunks, a reduction's slices), is therefore the whole
 tensor's sum, bit for bit.
 
-Two widths: :func:`dot`, :func:`norm` and :func:`gram` (the sphere methods, which take them over every tensor, some
-many times) multiply and sum the rows in float32 (products of half-precision entries are exact there), accurate to
+Two widths: :func:`dot`, :func:`norm`, :func:`gram` and :func:`gram_matrix` (the sphere methods, which take them over
+every tensor) multiply and sum the rows in float32 (products of half-precision entries are exact there), accurate to
 about 1e-7; :func:`dot64`, :func:`sum64` and :func:`abs_sum64` (sums taken once per tensor) widen to float64 first, where
 products of float32 entries are exact, accurate to about 1e-16. Float64 inputs are float64 throughout.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -135,18 +135,54 @@ def norm(a: torch.Tensor) -> float:
 
 def gram(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """(<a, a>, <b, b>, <a, b>), each as :func:`dot` takes it, each input widened (if it must be) once per piece."""
-    fa, fb = _flat_pair(a, b, "Gram sums")
-    dtype = work_dtype(fa, fb)
-    aa: list[float] = []
-    bb: list[float] = []
-    ab: list[float] = []
-    for i, j in _pieces(fa.numel()):
-        x, y = _widened(fa[i:j], dtype, 0), _widened(fb[i:j], dtype, 1)
-        prod = _scratch(j - i, fa.device, 2, dtype)
-        aa.extend(_product_rows(x, x, prod))
-        bb.extend(_product_rows(y, y, prod))
-        ab.extend(_product_rows(x, y, prod))
-    return fsum(aa), fsum(bb), fsum(ab)
+    g = gram_matrix([a, b])
+    return g[0][0], g[1][1], g[0][1]
+
+
+def gram_matrix(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> list[list[float]]:
+    """G[i][j] = <v_i, v_j> for every pair, v_i = t_i - base (t_i without a base; flattened, one size), each as
+    :func:`dot` takes it, so G[i][j] is G[j][i] and G[i][i] is ``dot(v_i, v_i)``, bit for bit. Each input is widened (if
+    it must be) once per piece, exactly, and the difference taken in the work dtype (a half-precision difference would
+    round). The tensors may be pieces of longer ones that start at a multiple of ROW in them, as for :func:`dot_parts`."""
+    flat = [t.reshape(-1) for t in tensors]
+    fb = base.reshape(-1) if base is not None else None
+    for f in flat[1:] + ([fb] if fb is not None else []):
+        _flat_pair(flat[0], f, "Gram sums")
+    k = len(flat)
+    if not k:
+        return []
+    dtype = work_dtype(*flat, *([fb] if fb is not None else []))
+    parts: dict[tuple[int, int], list[float]] = {(a, b): [] for a in range(k) for b in range(a, k)}
+    for i, j in _pieces(flat[0].numel()):
+        b = _widened(fb[i:j], dtype, 4) if fb is not None else None  # buffers 4, 5, ...: 0-3 are the other sums'
+        xs = []
+        for m, f in enumerate(flat):
+            x = _widened(f[i:j], dtype, 5 + m)
+            xs.append(x if b is None else torch.sub(x, b, out=_scratch(j - i, f.device, 5 + m, dtype)))
+        prod = _scratch(j - i, flat[0].device, 2, dtype)
+        for a, c in parts:
+            parts[(a, c)].extend(_product_rows(xs[a], xs[c], prod))
+    g = [[0.0] * k for _ in range(k)]
+    for (a, c), rows in parts.items():
+        g[a][c] = g[c][a] = fsum(rows)
+    return g
+
+
+def gram_upper(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> tuple[float, ...]:
+    """:func:`gram_matrix`'s upper triangle, row by row: (G00, G01, ..., G11, G12, ...), the sums a pass of the sphere
+    means returns for a slice (:func:`gram_from_upper` undoes it)."""
+    g = gram_matrix(tensors, base)
+    return tuple(g[i][j] for i in range(len(g)) for j in range(i, len(g)))
+
+
+def gram_from_upper(upper: Sequence[float], k: int) -> list[list[float]]:
+    """The k x k symmetric matrix of :func:`gram_upper`'s triangle."""
+    g = [[0.0] * k for _ in range(k)]
+    it = iter(upper)
+    for i in range(k):
+        for j in range(i, k):
+            g[i][j] = g[j][i] = next(it)
+    return g
 
 
 # ------------------------------------------------------------------ one-off sums: float64, products exact

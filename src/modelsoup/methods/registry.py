@@ -206,7 +206,7 @@ class Reduction:
             ts, b = slices(i, min(i + self.chunk, n))
             part = self.apply(sums, ts, base=b, weights=weights, **params)
             if out is None:
-                out = torch.empty(n, dtype=part.dtype)
+                out = torch.empty(n, dtype=part.dtype, device=part.device)
             out[i : i + part.numel()] = part
         if out is None:  # no entries
             out = self.apply(sums, [t[:0] for t in flat], base=None if flat_base is None else flat_base[:0], weights=weights, **params)
@@ -240,7 +240,7 @@ class MergeMethod:
             instead of their float32 copies (the same values, one pass and, for whole inputs, a fresh copy fewer).
             Its whole-tensor path still gets float32 (unless ``whole_half``).
         whole_half: the whole-tensor path, too, takes float16 and bfloat16 inputs as stored and widens them exactly
-            itself (karcher: a block at a time), so the engine makes no float32 copy of each input (half the memory).
+            itself (karcher: a slice at a time), so the engine makes no float32 copy of each input (half the memory).
         chunk_kernel: for a pointwise method, the same arithmetic on one chunk into buffers the engine reuses:
             ``chunk_kernel(tensors, *, base=, weights=, buffer=, **params)``, where ``buffer(role, dtype)`` is a flat
             buffer of the chunk's length that this thread gets back, unchanged in size, for every chunk (its contents
