@@ -69,6 +69,46 @@ def test_a_sum_gathered_in_row_aligned_pieces_is_the_whole_sum():
     assert reduce.gram(a, b) == (reduce.dot(a, a), reduce.dot(b, b), whole)
 
 
+@pytest.mark.parametrize("n", [1, 1023, 1025, (1 << 20) + 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gram_matrix_is_every_pairwise_dot(n, dtype):
+    """G[i][j] is dot(v_i, v_j) bit for bit, symmetric, with v_i = t_i - base taken in the work dtype (a bfloat16
+    difference would round); the upper triangle round-trips; a row whose float32 products overflow is summed in float64."""
+    g = torch.Generator().manual_seed(n % 89)
+    ts = [(torch.randn(n, generator=g) * (i + 1)).to(dtype) for i in range(3)]
+    base = torch.randn(n, generator=g).to(dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for b in (None, base):
+        vs = [t.to(wide) - (b.to(wide) if b is not None else 0) for t in ts]
+        got = reduce.gram_matrix(ts, b)
+        assert [[bits(x) for x in row] for row in got] == [[bits(reduce.dot(x, y)) for y in vs] for x in vs]
+        assert reduce.gram_from_upper(reduce.gram_upper(ts, b), 3) == got
+    if dtype == torch.float32 and n > 1:
+        big = [t * 1e20 for t in ts]
+        got = reduce.gram_matrix(big)
+        assert all(math.isfinite(x) for row in got for x in row)
+        assert got[0][1] == pytest.approx(1e40 * reduce.dot64(ts[0], ts[1]), rel=1e-5, abs=1e40 * 1e-6 * n)
+    assert reduce.gram_matrix([]) == []
+    with pytest.raises(ValueError, match="Gram sums of tensors of 3 and 4 entries"):
+        reduce.gram_matrix([torch.ones(3), torch.ones(4)])
+
+
+def test_linear_combination_closed_forms():
+    """base + sum_i c_i (t_i - base), term by term; half precision widened exactly; c_i = 0 left out (no -0 from 0 * -x)."""
+    from modelsoup.methods.ops import linear_combination
+
+    a, b, base = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([3.0, 4.0, -0.0]), torch.tensor([0.5, 0.5, 0.0])
+    assert torch.equal(linear_combination([a, b], [2.0, 0.5], None, torch.float32), torch.tensor([3.5, -2.0, 0.0]))
+    assert torch.equal(linear_combination([a, b], [1.0, 1.0], base, torch.float32), torch.tensor([3.5, 1.5, 0.0]))
+    zero = linear_combination([-a, b], [0.0, 0.0], None, torch.float32)
+    assert torch.equal(zero, torch.zeros(3)) and not torch.signbit(zero).any()
+    half = torch.tensor([1.0 + 2**-7, 3.0], dtype=torch.bfloat16)  # 1 + 2^-7 - 1 is exact only once widened
+    got = linear_combination([half], [1.0], torch.tensor([1.0, 3.0], dtype=torch.bfloat16), torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.tensor([1.0 + 2**-7, 3.0]))
+    d = linear_combination([a.double(), b.double()], [1 / 3, 1 / 3], None, torch.float64)
+    assert d.dtype == torch.float64 and torch.equal(d, a.double() * (1 / 3) + b.double() * (1 / 3))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_dot_is_accurate_against_exact_rational_arithmetic(dtype):
     """The exact dot (fractions) against ours: dot64's float32 and narrower products are exact in float64, so only its row
