@@ -729,9 +729,9 @@ def test_multislerp_of_a_nan_input_is_nan_not_a_degenerate_mean():
 
 @pytest.mark.parametrize("n", [5, (1 << 20) + 12345, 3 << 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_karcher_on_the_gram_matrix_is_the_tensor_iteration_in_float64_to_float32_rounding(n, dtype):
-    """karcher iterates on the k coefficients of the mean, from the inputs' Gram matrix, and writes the result as one
-    combination of the inputs: within float32 rounding (of the largest entry) of the whole-tensor iteration run in float64,
+def test_karcher_on_its_coefficients_is_the_tensor_iteration_in_float64_to_float32_rounding(n, dtype):
+    """karcher iterates on the k coefficients of the mean, with the unit vectors' cosines from one pass of sums, and
+    writes the result as one combination of the inputs: within float32 rounding (of the largest entry) of the whole-tensor iteration run in float64,
     across slice edges, with weights, a model and its opposite beside a third, a model without a direction, a capped and a
     wide tol."""
     g = torch.Generator().manual_seed(n % 97)
@@ -751,9 +751,9 @@ def test_karcher_refuses_opposite_directions_where_the_tensor_iteration_answers_
     the iteration starts at x, where the opposite model's log map has no direction, and the tensor steps (mergekit's)
     stop there: x, the worst point on the sphere's great circle through x, not a mean. Both are refused by name."""
     x, y = T(1, 0), T(0, 1)
-    with pytest.raises(MethodError, match=r"^karcher: the models' directions nearly cancel \(their weighted mean has length 0, below 0.032\)"):
+    with pytest.raises(MethodError, match=r"^karcher: the models' directions nearly cancel \(their weighted mean has length 0, below 0.1\)"):
         call("karcher", [x, -x])
-    with pytest.raises(MethodError, match=r"^karcher: model 2's direction is 180.0 degrees from the models' mean \(more than 160\)"):
+    with pytest.raises(MethodError, match=r"^karcher: model 2's direction is 180.0 degrees from the running mean \(more than 179\)"):
         call("karcher", [x, -x], weights=[2, 1])
     stuck = ref.karcher_tensor_steps([x, -x], [2, 1])
     close(stuck / stuck.norm(), x)
@@ -766,6 +766,43 @@ def test_karcher_refuses_opposite_directions_where_the_tensor_iteration_answers_
     # a model 150 degrees from the other two's mean is merged
     far = T(math.cos(math.radians(150)), math.sin(math.radians(150)))
     assert torch.isfinite(call("karcher", [x, x, far])).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_karcher_of_nearly_parallel_float32_fine_tunes_keeps_their_angles(seed):
+    """Four float32 fine-tunes 5e-5 apart (cosines 1 - 1e-9): from a Gram matrix of float32 rows their angles are noise,
+    so models were dropped from the tangent as "closer than tol" and the result moved 1e-5 (a fifth of the models'
+    differences; the float32 tensor steps do so too). From the differences' sums it is the float64 iteration's to
+    float32 rounding."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(20_000, generator=g, dtype=torch.float64)
+    ts = [(b + 5e-5 * torch.randn(20_000, generator=g, dtype=torch.float64)).float() for _ in range(4)]
+    w = [1.0, 1.3, 1.6, 1.9]
+    truth = ref.karcher_tensor_steps([t.double() for t in ts], w)
+    err = float((call("karcher", ts, weights=w).double() - truth).abs().max() / truth.abs().max())
+    assert err < 3e-7, err
+
+
+def test_karcher_edge_cases_by_hand():
+    """One-entry tensors take the weighted majority sign (mergekit's answer, the mean of the two-point sphere); a model
+    of weight 0 never blocks the merge; a model 165 degrees away with a tenth of the weight is merged (the mean is 150
+    degrees from it); a tol above the mean's length starts at the first model, as mergekit; directions whose weights sum
+    to zero are refused by name."""
+    scalars = [torch.tensor([0.5]), torch.tensor([0.7]), torch.tensor([-0.2])]
+    close(call("karcher", scalars), torch.tensor([1.4 / 3]))
+    close(call("karcher", scalars, weights=[1, 1, 5]), torch.tensor([-(0.5 + 0.7 + 5 * 0.2) / 7]))
+    close(call("karcher", [torch.tensor(2.0), torch.tensor(-2.0)]), torch.tensor(2.0))  # balanced: the first model's sign
+    x, y = T(1, 0), T(0, 1)
+    close(call("karcher", [x, -x], weights=[1, 0]), x)
+    far = T(math.cos(math.radians(165)), math.sin(math.radians(165)))
+    got = call("karcher", [x, far], weights=[10, 1])
+    close(got / got.norm(), T(math.cos(math.radians(15)), math.sin(math.radians(15))))
+    g = torch.Generator().manual_seed(0)
+    five = [torch.randn(1000, generator=g) for _ in range(5)]
+    truth = ref.karcher_tensor_steps([t.double() for t in five], tol=0.5)
+    torch.testing.assert_close(call("karcher", five, tol=0.5).double(), truth, rtol=0, atol=1e-6 * float(truth.abs().max()))
+    with pytest.raises(MethodError, match=r"^karcher: the weights of the models that have a direction \(a norm above tol\) sum to zero; change the weights$"):
+        call("karcher", [x, y, T(0, 0)], weights=[1, -1, 1])
 
 
 def test_multislerp_refuses_directions_that_nearly_cancel():

@@ -77,7 +77,7 @@ def _combine(sums: tuple[float, ...], tensors: Sequence[torch.Tensor], *, base: 
              weights: Sequence[float] | None = None, normalize_weights: bool = True, eps: float = 1e-8, **_: Any) -> torch.Tensor:
     """The result on one slice, given the Gram matrix: a linear combination of the inputs."""
     k = len(tensors)
-    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32  # float64 stays float64 (direct calls)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32  # float64 stays float64 (direct calls)
     if k == 1 or tensors[0].numel() == 0:  # one model is itself; an empty tensor has no direction to refuse
         return tensors[0].reshape(-1).to(torch.promote_types(tensors[0].dtype, torch.float32), copy=True)
     w = _unit_weights(weights, k, normalize_weights)

@@ -185,6 +185,36 @@ def gram_from_upper(upper: Sequence[float], k: int) -> list[list[float]]:
     return g
 
 
+# A slice shorter than this is summed in float64 by difference_sums (a float32 row of few entries is off by 1e-7 of it,
+# where many rows' errors average out).
+SHORT = 1 << 16
+
+
+def difference_sums(tensors: Sequence[torch.Tensor]) -> tuple[list[float], dict[tuple[int, int], float]]:
+    """|t_i|^2 for each tensor and |t_i - t_j|^2 for each pair i < j, each as :func:`dot` takes it (float32 rows added
+    exactly, float64 for float64 inputs and for fewer than :data:`SHORT` entries; half precision widened exactly first):
+    what the angle between two tensors needs when they are nearly parallel. 1 - cos from <t_i, t_j> in float32 rows is
+    noise below about 1e-7; from the difference (exact in float32 where entries are within a factor 2 of each other,
+    Sterbenz) it keeps its accuracy relative to |t_i - t_j|."""
+    flat = [t.reshape(-1) for t in tensors]
+    for f in flat[1:]:
+        _flat_pair(flat[0], f, "difference sums")
+    k = len(flat)
+    n = flat[0].numel() if flat else 0
+    dtype = torch.float64 if n < SHORT else work_dtype(*flat) if flat else torch.float32
+    squares: list[list[float]] = [[] for _ in range(k)]
+    pairs: dict[tuple[int, int], list[float]] = {(a, b): [] for a in range(k) for b in range(a + 1, k)}
+    for i, j in _pieces(n):
+        xs = [_widened(f[i:j], dtype, 5 + m) for m, f in enumerate(flat)]  # buffers 5, ...: 0-4 are the other sums'
+        prod, diff = _scratch(j - i, flat[0].device, 2, dtype), _scratch(j - i, flat[0].device, 3, dtype)
+        for a, x in enumerate(xs):
+            squares[a].extend(_product_rows(x, x, prod))
+        for (a, b), rows in pairs.items():
+            d = torch.sub(xs[a], xs[b], out=diff)
+            rows.extend(_product_rows(d, d, prod))
+    return [fsum(r) for r in squares], {ab: fsum(rows) for ab, rows in pairs.items()}
+
+
 # ------------------------------------------------------------------ one-off sums: float64, products exact
 
 
