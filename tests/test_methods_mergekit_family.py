@@ -787,7 +787,7 @@ def test_karcher_edge_cases_by_hand():
     """One-entry tensors take the weighted majority sign (mergekit's answer, the mean of the two-point sphere); a model
     of weight 0 never blocks the merge; a model 165 degrees away with a tenth of the weight is merged (the mean is 150
     degrees from it); a tol above the mean's length starts at the first model, as mergekit; directions whose weights sum
-    to zero are refused by name."""
+    to zero are refused by name; NaN and Inf give NaN."""
     scalars = [torch.tensor([0.5]), torch.tensor([0.7]), torch.tensor([-0.2])]
     close(call("karcher", scalars), torch.tensor([1.4 / 3]))
     close(call("karcher", scalars, weights=[1, 1, 5]), torch.tensor([-(0.5 + 0.7 + 5 * 0.2) / 7]))
@@ -803,6 +803,8 @@ def test_karcher_edge_cases_by_hand():
     torch.testing.assert_close(call("karcher", five, tol=0.5).double(), truth, rtol=0, atol=1e-6 * float(truth.abs().max()))
     with pytest.raises(MethodError, match=r"^karcher: the weights of the models that have a direction \(a norm above tol\) sum to zero; change the weights$"):
         call("karcher", [x, y, T(0, 0)], weights=[1, -1, 1])
+    nan = T(math.nan, 1.0)  # allowed NaN inputs give NaN (a NaN norm is no "norm below tol": never zeros)
+    assert torch.isnan(call("karcher", [nan, nan])).all() and torch.isnan(call("karcher", [x, T(math.inf, 0)])).all()
 
 
 def test_multislerp_refuses_directions_that_nearly_cancel():

@@ -71,7 +71,8 @@ def unit_cosines(squares: Sequence[float], pairs: dict[tuple[int, int], float]) 
 def coefficients(norms: Sequence[float], cos: list[list[float]], alphas: Sequence[float], max_iter: int, tol: float,
                  entries: int) -> list[float]:
     """b_i with result = sum_i b_i theta_i: the Karcher iteration on the mean's coefficients c (m = sum_i c_i u_i),
-    b_i = c_i (sum_j a_j |theta_j|) / |theta_i|; all zero if no model has a direction. A tensor of one entry (the sphere is
+    b_i = c_i (sum_j a_j |theta_j|) / |theta_i|; all zero if no model has a direction, all NaN if a norm is not finite
+    (NaN or Inf inputs, where allowed). A tensor of one entry (the sphere is
     two points) takes the sign of the weighted majority of the models' signs, as the iteration does (the first model's
     where they balance: both points are then means).
 
@@ -80,6 +81,8 @@ def coefficients(norms: Sequence[float], cos: list[list[float]], alphas: Sequenc
             than sqrt(CANCEL)); a model further than NEAR_PI from the running mean, or than FAR from the mean found.
     """
     k = len(alphas)
+    if not all(math.isfinite(n) for n in norms):  # NaN or Inf inputs (allowed): a non-finite result, never a finite guess
+        return [math.nan] * k
     valid = [i for i in range(k) if norms[i] > tol]
     if not valid:
         return [0.0] * k
