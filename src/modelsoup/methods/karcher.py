@@ -34,7 +34,8 @@ from .registry import Param, Reduction, register
 # The Karcher mean's coefficients come from cosines accurate to about 1e-7 (float32 rows). The iteration is refused where
 # that cannot give a float32 answer: a weighted mean of the unit vectors shorter than sqrt(CANCEL) (its coefficients grow
 # as 1 / length, their errors as its square), a model more than NEAR_PI from the running mean (its log map divides a
-# difference of length sin(theta) by sin(theta): by 57 at 179 degrees), or one more than FAR from the mean found. Directions that far apart seldom have a unique Karcher mean anyway.
+# difference of length sin(theta) by sin(theta): by 57 at 179 degrees), or one more than FAR from the mean found.
+# Directions that far apart seldom have a unique Karcher mean anyway.
 CANCEL = 1e-2
 NEAR_PI = math.radians(179)
 FAR = math.radians(160)
@@ -72,8 +73,7 @@ def coefficients(norms: Sequence[float], cos: list[list[float]], alphas: Sequenc
                  entries: int) -> list[float]:
     """b_i with result = sum_i b_i theta_i: the Karcher iteration on the mean's coefficients c (m = sum_i c_i u_i),
     b_i = c_i (sum_j a_j |theta_j|) / |theta_i|; all zero if no model has a direction, all NaN if a norm is not finite
-    (NaN or Inf inputs, where allowed). A tensor of one entry (the sphere is
-    two points) takes the sign of the weighted majority of the models' signs, as the iteration does (the first model's
+    (NaN or Inf inputs, where allowed). A tensor of one entry (the sphere is two points) takes the sign of the weighted majority of the models' signs, as the iteration does (the first model's
     where they balance: both points are then means).
 
     Raises:

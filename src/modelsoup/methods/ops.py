@@ -15,7 +15,6 @@ slower than float kernels, so masks here are float 0/1 tensors written with ``ou
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -24,7 +23,7 @@ import torch
 
 from ..errors import MethodError
 from . import selection
-from .reduce import abs_sum64
+from .reduce import abs_sum64, scratch
 from .selection import MagnitudeSource, RankWindow, TopKTrim
 
 
@@ -630,26 +629,16 @@ def sorted_window_mask(magnitude: torch.Tensor, first: int, stop: int) -> torch.
 # ----------------------------------------------------------------------------------------- combine
 
 
-_WORK = threading.local()
-WORK_SLICE = 1 << 20  # entries of each thread's reused work buffer of linear_combination
-
-
 def linear_combination(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], base: torch.Tensor | None,
                        dtype: torch.dtype) -> torch.Tensor:
     """base + sum_i c_i (theta_i - base) (sum_i c_i theta_i without a base) of flat tensors of one size, in ``dtype``
     (float32, or float64 for float64 inputs), term by term in model order into a fresh tensor; half-precision inputs
     widened exactly first (into this thread's buffer), each difference taken in ``dtype``. Terms with c_i = 0 are left out
     (they add nothing, and 0 * -x would turn a +0 sum into -0). The results of the sphere means (multislerp, karcher),
-    given the coefficients their Gram matrices give."""
+    given the coefficients their passes of sums give."""
     n, device = tensors[0].numel(), tensors[0].device
     out = torch.zeros(n, dtype=dtype, device=device)
-    bufs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = _WORK.__dict__.setdefault("bufs", {})
-    if n > WORK_SLICE:
-        work = torch.empty(n, dtype=dtype, device=device)
-    else:
-        if (device, dtype) not in bufs:
-            bufs[(device, dtype)] = torch.empty(WORK_SLICE, dtype=dtype, device=device)
-        work = bufs[(device, dtype)][:n]
+    work = scratch(n, device, -1, dtype)
     flat_base = base.reshape(-1) if base is not None else None
     for t, c in zip(tensors, coefficients):
         if c == 0:
@@ -661,7 +650,6 @@ def linear_combination(tensors: Sequence[torch.Tensor], coefficients: Sequence[f
             v = torch.sub(v, flat_base, out=work)
         out.add_(v, alpha=c)
     return out.add_(flat_base) if flat_base is not None else out
-
 
 
 class DeltaChunks(Protocol):

@@ -34,8 +34,9 @@ PIECE = 1 << 20  # entries widened at a time into this thread's buffers (a multi
 _SCRATCH = threading.local()
 
 
-def _scratch(n: int, device: torch.device, k: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """This thread's buffer ``k`` of ``dtype`` and ``n`` (at most PIECE) entries on ``device``, made once."""
+def scratch(n: int, device: torch.device, k: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """This thread's buffer ``k`` of ``dtype`` and ``n`` entries on ``device``, made once (and again when a longer one is
+    asked for). Keys 0-4 and 5 + m are this module's sums'; other modules take negative keys."""
     bufs: dict[tuple[torch.device, int, torch.dtype], torch.Tensor] = _SCRATCH.__dict__.setdefault("bufs", {})
     buf = bufs.get((device, k, dtype))
     if buf is None or buf.numel() < n:
@@ -99,7 +100,7 @@ def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def _widened(x: torch.Tensor, dtype: torch.dtype, k: int) -> torch.Tensor:
     """``x`` in ``dtype``: itself, or widened exactly into this thread's buffer ``k``."""
-    return x if x.dtype == dtype else _scratch(x.numel(), x.device, k, dtype).copy_(x)
+    return x if x.dtype == dtype else scratch(x.numel(), x.device, k, dtype).copy_(x)
 
 
 # ------------------------------------------------------------------ the sphere methods' sums: float32 rows, added exactly
@@ -116,7 +117,7 @@ def dot_parts(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     for i, j in _pieces(fa.numel()):
         x = _widened(fa[i:j], dtype, 0)
         y = x if same else _widened(fb[i:j], dtype, 1)
-        parts.extend(_product_rows(x, y, _scratch(j - i, fa.device, 2, dtype)))
+        parts.extend(_product_rows(x, y, scratch(j - i, fa.device, 2, dtype)))
     return parts
 
 
@@ -158,8 +159,8 @@ def gram_matrix(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = Non
         xs = []
         for m, f in enumerate(flat):
             x = _widened(f[i:j], dtype, 5 + m)
-            xs.append(x if b is None else torch.sub(x, b, out=_scratch(j - i, f.device, 5 + m, dtype)))
-        prod = _scratch(j - i, flat[0].device, 2, dtype)
+            xs.append(x if b is None else torch.sub(x, b, out=scratch(j - i, f.device, 5 + m, dtype)))
+        prod = scratch(j - i, flat[0].device, 2, dtype)
         for a, c in parts:
             parts[(a, c)].extend(_product_rows(xs[a], xs[c], prod))
     g = [[0.0] * k for _ in range(k)]
@@ -206,7 +207,7 @@ def difference_sums(tensors: Sequence[torch.Tensor]) -> tuple[list[float], dict[
     pairs: dict[tuple[int, int], list[float]] = {(a, b): [] for a in range(k) for b in range(a + 1, k)}
     for i, j in _pieces(n):
         xs = [_widened(f[i:j], dtype, 5 + m) for m, f in enumerate(flat)]  # buffers 5, ...: 0-4 are the other sums'
-        prod, diff = _scratch(j - i, flat[0].device, 2, dtype), _scratch(j - i, flat[0].device, 3, dtype)
+        prod, diff = scratch(j - i, flat[0].device, 2, dtype), scratch(j - i, flat[0].device, 3, dtype)
         for a, x in enumerate(xs):
             squares[a].extend(_product_rows(x, x, prod))
         for (a, b), rows in pairs.items():
@@ -224,7 +225,7 @@ def _exact_parts(a: torch.Tensor, b: torch.Tensor | None = None, absolute: bool 
     fb = _flat_pair(a, b, "dot")[1] if b is not None else None
     parts: list[float] = []
     for i, j in _pieces(fa.numel()):
-        w = _scratch(j - i, fa.device, 3).copy_(fa[i:j])
+        w = scratch(j - i, fa.device, 3).copy_(fa[i:j])
         if fb is not None:
             w.mul_(fb[i:j])  # fb promoted to float64 inside the kernel: exact products of float32 and narrower
         parts.extend(row_sums(w.abs_() if absolute else w))
