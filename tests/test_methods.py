@@ -674,6 +674,51 @@ def test_della_ranks_are_the_double_argsorts():
     assert torch.equal(p, (0.3 + ranks / 128 * 0.4))
 
 
+def _stable_ranks(rows):
+    order = rows.abs().argsort(dim=1, stable=True)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).view(1, -1, *[1] * (rows.dim() - 2)).expand_as(order))
+
+
+def test_della_int32_and_int64_rank_keys_give_the_stable_argsorts_ranks(monkeypatch):
+    """_int_ranks sorts int32 keys (magnitude bits above the column, low bits dropped) where few entries have low bits,
+    re-sorting with int64 keys the rows whose low bits tie them out of order; int64 keys elsewhere. Either way: the
+    stable argsort's ranks, int16 below 2^15 columns."""
+    from modelsoup.methods import ops
+
+    calls = {"int32": 0, "rows again": 0}
+    wide, narrow = ops._order_int64, ops._order_int32
+
+    def count_narrow(bits, shift):
+        calls["int32"] += 1
+        return narrow(bits, shift)
+
+    def count_wide(bits, shift):
+        calls["rows again"] += bits.shape[0] if calls["in int32"] else 0
+        return wide(bits, shift)
+
+    monkeypatch.setattr(ops, "_order_int32", count_narrow)
+    monkeypatch.setattr(ops, "_order_int64", count_wide)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 2048, generator=g).to(torch.bfloat16).float()
+    half = (x + 1e-2 * torch.randn(24, 2048, generator=g)).to(torch.bfloat16).float() - x  # a bfloat16 fine-tune's task vector
+    out_of_order = torch.full((5, 2048), 0.5)
+    out_of_order[1:3, 100] = 0.5 + 2**-24  # low bits differ, high bits tie: (high bits, column) order is wrong here
+    out_of_order[1:3, 50] = 0.5 + 2**-23
+    out_of_order[4, 7] = 0.5 + 2**-23
+    out_of_order[4, 9] = 0.5 + 2**-24
+    ties = torch.randint(-3, 4, (9, 700), generator=g).float() * -0.0  # +0 and -0
+    odd = torch.tensor([[float("inf"), 0.5, float("nan"), -float("inf"), 0.5, 1e-45, 0.0, -float("nan")]])
+    cases = {"bfloat16 task vector": (half, 1, 0), "out of order": (out_of_order, 1, 3), "zeros": (ties, 1, 0),
+             "wide rows": (half.reshape(1, -1)[:, :40_000].contiguous(), 1, 1), "nonfinite": (odd, 0, 0),
+             "float32": (torch.randn(24, 2048, generator=g), 0, 0), "float64": (half.double(), 0, 0), "3-d": (half.reshape(24, 64, 32), 0, 0)}
+    for name, (rows, int32_calls, again) in cases.items():
+        calls.update({"int32": 0, "rows again": 0, "in int32": int32_calls})
+        got = ops._int_ranks(rows)
+        assert got.dtype == (torch.int16 if rows.shape[1] < 1 << 15 else torch.int64), name
+        assert torch.equal(got.long(), _stable_ranks(rows)), name
+        assert (calls["int32"], calls["rows again"]) == (int32_calls, again), (name, calls)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_breadcrumbs_linear_time_trim_keeps_the_stable_sorts_entries(seed):
     """trim_outliers' index-order ties (a partition and the tie groups at both cuts) against the stable-sort reference."""

@@ -382,28 +382,57 @@ def _int_ranks(rows: torch.Tensor) -> torch.Tensor:
     """The rank of each entry of |rows| along dim 1, ties in index order, as integers (int16 for rows shorter than 2^15,
     else int64).
 
-    Float32 rows (the usual case) sort one int64 key per entry, the magnitude's bits above the column index: keys are
+    Float32 rows (the usual case) sort one integer key per entry, the magnitude's bits above the column index: keys are
     unique and order as (magnitude, index) do (non-negative floats order as their bits; NaN's bits sort after +Inf, as
     torch sorts NaN last), so numpy's unstable sort of the keys gives the stable order, and their low bits the columns:
-    about 3x faster than torch's stable argsort (rows of 2048: 20 ms against 65 ms per 1M entries).
+    about 3x faster than torch's stable argsort (rows of 2048: 20 ms against 65 ms per 1M entries). Where few entries
+    have bits below the column field (task vectors of half-precision models: 0.03-0.1% of a bfloat16 Llama's) the keys
+    are int32, 2x faster to sort (:func:`_order_int32`). The inverse permutation is torch's ``scatter_``.
     """
     n = rows.shape[1]
-    small = n < 1 << 15
+    kind = torch.int16 if n < 1 << 15 else torch.int64
     if rows.dim() != 2 or rows.dtype != torch.float32 or n > 1 << 32:
         order = rows.abs().argsort(dim=1, stable=True)
-        positions = torch.arange(n).view(1, n, *[1] * (rows.dim() - 2)).expand_as(order)
-        ranks_t = torch.empty_like(order).scatter_(1, order, positions)  # the inverse permutation, without a second sort
-        return ranks_t.to(torch.int16) if small else ranks_t
-    shift = max(1, (n - 1).bit_length())
-    keys = rows.abs().numpy().view(np.int32).astype(np.int64)
+    else:
+        shift = max(1, (n - 1).bit_length())
+        bits = rows.abs().numpy().view(np.int32)
+        if np.count_nonzero(np.bitwise_and(bits, (1 << shift) - 1)) * 64 <= bits.size:
+            order = _order_int32(bits, shift)
+        else:
+            order = _order_int64(bits, shift)
+    positions = torch.arange(n, dtype=kind).view(1, n, *[1] * (rows.dim() - 2)).expand(order.shape)
+    return torch.empty(order.shape, dtype=kind).scatter_(1, order, positions)  # the inverse permutation, without a second sort
+
+
+def _order_int64(bits: np.ndarray, shift: int) -> torch.Tensor:
+    """The columns of each row of non-negative float bits in ascending (bits, column) order: one int64 key per entry,
+    bits << shift | column, sorted (``shift``: the columns' bit length)."""
+    keys = bits.astype(np.int64)
     np.left_shift(keys, shift, out=keys)
-    np.bitwise_or(keys, np.arange(n, dtype=np.int64), out=keys)
+    np.bitwise_or(keys, np.arange(bits.shape[1], dtype=np.int64), out=keys)
     keys.sort(axis=1)
     np.bitwise_and(keys, (1 << shift) - 1, out=keys)  # the column at each rank
-    kind = np.int16 if small else np.int64
-    ranks = np.empty(keys.shape, dtype=kind)
-    np.put_along_axis(ranks, keys, np.arange(n, dtype=kind)[None, :], axis=1)
-    return torch.from_numpy(ranks)
+    return torch.from_numpy(keys)
+
+
+def _order_int32(bits: np.ndarray, shift: int) -> torch.Tensor:
+    """:func:`_order_int64`'s order, sorting int32 keys: the bits with their low ``shift`` replaced by the column.
+
+    That sorts by (high bits, column). A row whose full bits come out non-decreasing in that order is in (bits, column)
+    order: entries of equal bits have equal high bits, so their columns ascend. The rows that are not (entries whose
+    high bits tie and low bits differ, in the wrong column order) are sorted again by :func:`_order_int64`.
+    """
+    low = (1 << shift) - 1
+    keys = np.bitwise_and(bits, ~low)
+    np.bitwise_or(keys, np.arange(bits.shape[1], dtype=np.int32), out=keys)
+    keys.sort(axis=1)
+    np.bitwise_and(keys, low, out=keys)
+    order = torch.from_numpy(keys).to(torch.int64)
+    full = torch.gather(torch.from_numpy(bits), 1, order)
+    wrong = torch.nonzero(torch.lt(full[:, 1:], full[:, :-1]).any(dim=1)).view(-1)
+    if wrong.numel():
+        order[wrong] = _order_int64(bits[wrong.numpy()], shift)
+    return order
 
 
 def magprune_deltas(
