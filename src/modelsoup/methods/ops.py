@@ -200,6 +200,7 @@ class TrimmedDeltas:
         self.srcs, self.trims = list(srcs), list(trims)
         self.shape = base.shape
         self.dtype = self.srcs[0].dtype if self.srcs else torch.float32  # float32, or float64 for float64 inputs (as the cuts)
+        self.wide = selection.WideBase(self.srcs)
 
     def __len__(self) -> int:
         return len(self.srcs)
@@ -210,8 +211,9 @@ class TrimmedDeltas:
         return any(t.tied_at_cut for t in self.trims)
 
     def fill(self, i: int, j: int, rows: torch.Tensor) -> None:
+        base = self.wide.chunk(i, j)
         for trim, src, row in zip(self.trims, self.srcs, rows):
-            trim.apply_(src.delta(i, j, row), i)
+            trim.apply_(src.delta(i, j, row, base), i)
 
 
 def top_k_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, densities: Sequence[float], *, at_least_one: bool = False) -> TrimmedDeltas:
@@ -288,13 +290,15 @@ class MaskedDeltas:
         self.keep = [None if m is None else m.reshape(-1) for m in masks]
         self.divisors = list(divisors) if divisors is not None else [None] * len(self.srcs)
         self._mask = torch.empty(max(1, min(self.srcs[0].n, selection.CHUNK)), dtype=self.dtype)
+        self.wide = selection.WideBase(self.srcs)
 
     def __len__(self) -> int:
         return len(self.srcs)
 
     def fill(self, i: int, j: int, rows: torch.Tensor) -> None:
+        base = self.wide.chunk(i, j)
         for src, keep, divisor, row in zip(self.srcs, self.keep, self.divisors, rows):
-            kept = src.delta(i, j, row)
+            kept = src.delta(i, j, row, base)
             if keep is not None:
                 kept.mul_(self._mask[: j - i].copy_(keep[i:j]))
             if divisor is not None:
