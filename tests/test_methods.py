@@ -903,6 +903,38 @@ def test_magprune_of_half_inputs_as_stored_has_the_float32_copies_bits(monkeypat
             assert torch.equal(ga.get_state(), gb.get_state())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "dare_ties", "dare_linear"])
+def test_a_half_precision_base_widened_once_per_chunk_gives_the_float32_copies_bits(monkeypatch, dtype, method):
+    """The TIES family widens a half-precision base shared by the models once per chunk (selection.WideBase), in the
+    threshold sweep and in every chunk of the merge: the float32 copies' bits, the base's zeros included."""
+    from modelsoup.methods import selection
+
+    monkeypatch.setattr(selection, "BRACKET_ABOVE", 256)  # the bracketed sweep, in several chunks
+    monkeypatch.setattr(selection, "SAMPLE", 64)
+    monkeypatch.setattr(selection, "CHUNK", 128)
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(40, 33, generator=g).to(dtype)
+    base.view(-1)[::97] = 0.0
+    models = [(base.float() + 0.1 * torch.randn(40, 33, generator=g)).to(dtype) for _ in range(3)]
+    models[1].view(-1)[5] = base.view(-1)[5]  # a zero delta entry
+    params = {"seed": 0} if method.startswith("dare") else {}
+    m = get_method(method)
+    assert m.takes_half
+    for weights in (None, [0.5, 1.0, 0.25]):
+        got = m.fn(models, base=base, weights=weights, **_generators(params))
+        want = m.fn([t.float() for t in models], base=base.float(), weights=weights, **_generators(params))
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), weights
+        widened = selection.WideBase([selection.MagnitudeSource(t, base) for t in models])
+        assert widened.base is not None and torch.equal(widened.chunk(3, 50), base.reshape(-1)[3:50].float())
+    assert selection.WideBase([selection.MagnitudeSource(models[0], base)]).base is None  # one model: nothing to share
+    assert selection.WideBase([selection.MagnitudeSource(t.float(), base.float()) for t in models]).base is None
+
+
+def _generators(params):
+    return {"generator": torch.Generator().manual_seed(params["seed"])} if "seed" in params else {}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_magpruned_codes_rebuild_magprune_deltas_bits_in_any_chunks(monkeypatch, dtype):
     """DELLA's streamed task vectors hold a rank code an entry (int16), not the float32 result: every chunk rebuilt from
