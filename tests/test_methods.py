@@ -708,8 +708,11 @@ def test_della_int32_and_int64_rank_keys_give_the_stable_argsorts_ranks(monkeypa
     out_of_order[4, 9] = 0.5 + 2**-24
     ties = torch.randint(-3, 4, (9, 700), generator=g).float() * -0.0  # +0 and -0
     odd = torch.tensor([[float("inf"), 0.5, float("nan"), -float("inf"), 0.5, 1e-45, 0.0, -float("nan")]])
+    half_odd = half.clone()
+    half_odd[0, [3, 70]], half_odd[1, [9, 2]] = float("nan"), float("inf")  # NaN sorts after +inf, as torch sorts it
+    half_odd[2, 5] = -float("nan")
     cases = {"bfloat16 task vector": (half, 1, 0), "out of order": (out_of_order, 1, 3), "zeros": (ties, 1, 0),
-             "wide rows": (half.reshape(1, -1)[:, :40_000].contiguous(), 1, 1), "nonfinite": (odd, 0, 0),
+             "wide rows": (half.reshape(1, -1)[:, :40_000].contiguous(), 1, 1), "nonfinite": (odd, 0, 0), "bfloat16 with NaN and inf": (half_odd, 1, 0),
              "float32": (torch.randn(24, 2048, generator=g), 0, 0), "float64": (half.double(), 0, 0), "3-d": (half.reshape(24, 64, 32), 0, 0)}
     for name, (rows, int32_calls, again) in cases.items():
         calls.update({"int32": 0, "rows again": 0, "in int32": int32_calls})
