@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from .errors import MethodError, NonFiniteError
 from .io import Checkpoint
 from .io.formats import tensor_nbytes
+from .methods import kernels
 from .methods.ops import all_finite
 from .plan import MergePlan, Source, TensorJob
 from .progress import progress_on
@@ -479,6 +480,8 @@ def run_jobs(
     by :func:`default_workers` (one for a streamed job: chunks are too small to split).
     """
     run = MergeRun(plan, device)
+    if plan.method.prepare is not None and run.device.type == "cpu":
+        kernels.warm_up()  # the TIES family's chunks run on them
     jobs = computed_jobs(plan)
     if order is not None:
         rank = {n: i for i, n in enumerate(order)}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import MethodError
-from . import selection
+from . import kernels, selection
 from .reduce import abs_sum64, scratch
 from .selection import MagnitudeSource, RankWindow, TopKTrim
 
@@ -851,9 +851,12 @@ class MergedChunks:
                                                                    normalize=normalize, divide_by=divide_by, dtype=dtype)
         self.rows = torch.empty(len(self.deltas), size, dtype=dtype)
         self.out = torch.empty(size, dtype=dtype)
+        self.fused = _fused_merge(self.deltas, self.elect, self.weights, self.base, scale, self.divisor, dtype)
 
     def chunk(self, i: int, j: int) -> torch.Tensor:
         """Entries [i, j) of the flat result (at most ``selection.CHUNK`` of them)."""
+        if self.fused is not None:  # the same operations, compiled and fused
+            return self.fused(i, j, self.rows, self.out[: j - i], self.deltas.fill)
         rows, out = self.rows[:, : j - i], self.out[: j - i]
         self.deltas.fill(i, j, rows)
         if self.elect is not None:
@@ -874,6 +877,44 @@ class MergedChunks:
             j = min(i + selection.CHUNK, self.n)
             out[i:j] = self.chunk(i, j)
         return out.view(self.shape)
+
+
+def _fused_merge(deltas: DeltaChunks, elect: ElectedMean | None, weights: Sequence[float], base: torch.Tensor, scale: float,
+                 divisor: float | None, dtype: torch.dtype) -> kernels.FusedMerge | None:
+    """The compiled kernel for a :class:`MergedChunks`, or None where it does not apply (no numba, turned off, a device,
+    float64 or float16 tensor): the torch path then runs. Trimmed deltas of models of one dtype are taken and trimmed in
+    the kernel; other deltas (random drops, models of several dtypes) are filled by torch first."""
+    if dtype != torch.float32 or not kernels.takes(base) or not kernels.enabled():
+        return None
+    models = len(deltas)
+    thetas = trims = bounds = None
+    if isinstance(deltas, TrimmedDeltas) and deltas.trims and all(isinstance(t, (TopKTrim, RankWindow)) for t in deltas.trims):
+        tensors = [s.theta for s in deltas.srcs]
+        if (all(s.base is not None and _same_tensor(s.base, base) for s in deltas.srcs) and kernels.takes(*tensors)
+                and len({t.dtype for t in tensors}) == 1):
+            thetas = tensors
+            codes = [t.kernel_codes() for t in deltas.trims]
+            trims = np.array([c for c, _ in codes], np.int64).reshape(-1, 5)
+            bounds = np.array([b for _, b in codes], np.float32).reshape(-1, 6)
+    if elect is None:  # combine's plain weighted sum: every model, then the division by the weights' sum
+        voters = list(range(models))
+        alphas = np.array([(0.0, w, 0.0) for w in weights], np.float32).reshape(-1, 3)
+        flipped = np.zeros(models, np.bool_)
+        flags = np.array([0, 0, divisor is not None, 0, scale != 1.0], np.int64)
+    else:
+        voters = [i for i, _ in elect.voters]
+        alphas = np.array([(va, w, da) for (_, w), va, da in zip(elect.voters, elect.vote_alpha, elect.divisor_alpha)],
+                          np.float32).reshape(-1, 3)
+        flipped = np.array([i in elect.flipped for i in voters], np.bool_)
+        mode = 0 if elect.divisor_is_zero_or_large else 1 if elect.floor_divisor else 2
+        flags = np.array([1, int(elect.count_signs), int(elect.normalize), mode, scale != 1.0], np.int64)
+    scalars = np.array([DIVISOR_FLOOR, scale, divisor if divisor is not None else 1.0], np.float32)
+    return kernels.FusedMerge(base=base, thetas=thetas, trims=trims, lambdas=bounds, voters=voters, alphas=alphas, flipped=flipped,
+                              flags=flags, scalars=scalars, models=models)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.numel() == b.numel()
 
 
 def _whole(deltas: DeltaChunks) -> list[torch.Tensor]:

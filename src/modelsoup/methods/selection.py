@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import MethodError
+from . import kernels
 
 # Tensors larger than this find their k-th magnitude by bracketing it from a strided sample first,
 # of about SAMPLE elements.
@@ -132,19 +133,30 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
     if n > BRACKET_ABOVE:
         bands = [_Band(*_bracket(src, k)) for src, k in zip(srcs, ks)]
         above = [0] * len(srcs)
-        buf = torch.empty(CHUNK, dtype=srcs[0].dtype)
-        over_hi, scratch = np.empty(CHUNK, dtype=bool), (np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool))
-        wide = WideBase(srcs)
-        for i, j in _spans(n):
-            base = wide.chunk(i, j)
-            for s, (src, band) in enumerate(zip(srcs, bands)):
-                if s == 0 or src is not srcs[s - 1]:  # a source listed twice in a row (two k of one tensor) is read once
-                    mag = src.magnitude(i, j, buf[: j - i], base).numpy()
-                    if unsure[s]:
-                        _refuse_nan(mag)
-                over = np.greater(mag, band.hi, out=over_hi[: j - i])
-                above[s] += int(np.count_nonzero(over))
-                band.add(mag, over, scratch)
+        sweep = (kernels.BandSweep([s.theta for s in srcs], [s.base for s in srcs], CHUNK)  # type: ignore[misc]
+                 if all(s.dtype == torch.float32 and kernels.takes(s.theta, s.base) for s in srcs) and kernels.enabled() else None)
+        if sweep is not None:  # the numpy steps below, compiled and fused
+            for i, j in _spans(n):
+                for s, band in enumerate(bands):
+                    over, at_lo, at_hi, nan, inside = sweep(s, i, j, band.lo, band.hi, band.mode)
+                    if nan and unsure[s]:
+                        raise _nan_error(nan)
+                    above[s] += over
+                    band.add_counts(at_lo, at_hi, inside)
+        else:
+            buf = torch.empty(CHUNK, dtype=srcs[0].dtype)
+            over_hi, scratch = np.empty(CHUNK, dtype=bool), (np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool))
+            wide = WideBase(srcs)
+            for i, j in _spans(n):
+                base = wide.chunk(i, j)
+                for s, (src, band) in enumerate(zip(srcs, bands)):
+                    if s == 0 or src is not srcs[s - 1]:  # a source listed twice in a row (two k of one tensor) is read once
+                        mag = src.magnitude(i, j, buf[: j - i], base).numpy()
+                        if unsure[s]:
+                            _refuse_nan(mag)
+                    over = np.greater(mag, band.hi, out=over_hi[: j - i])
+                    above[s] += int(np.count_nonzero(over))
+                    band.add(mag, over, scratch)
         found = [band.kth(k, a) for band, k, a in zip(bands, ks, above)]
     return [kth if kth is not None else _kth_of_all(src, k) for kth, src, k in zip(found, srcs, ks)]
 
@@ -193,6 +205,15 @@ class _Band:
             band = np.logical_xor(np.greater_equal(mag, self.lo, out=a), over, out=a)  # lo <= mag <= hi
             self.inside.append(np.compress(band, mag))
 
+    def add_counts(self, at_lo: int, at_hi: int, inside: np.ndarray) -> None:
+        """Take one chunk's counts and gathered magnitudes as :meth:`add` would find them (``inside`` is copied)."""
+        if self.mode in ("one", "ends"):
+            self.at_lo.append(at_lo)
+        if self.mode == "ends":
+            self.at_hi.append(at_hi)
+        if self.mode != "one":
+            self.inside.append(inside.copy())
+
     def kth(self, k: int, above: int) -> Kth | None:
         """The k-th largest magnitude, given the count above hi, or None if the bracket missed."""
         r = k - above  # the answer is the r-th largest in the bracket
@@ -238,9 +259,13 @@ def _check_finite_once(srcs: Sequence[MagnitudeSource]) -> None:
 
 def _refuse_nan(mag: np.ndarray) -> None:
     if np.isnan(mag).any():
-        raise MethodError(f"{int(np.isnan(mag).sum())} task-vector entries are NaN (from NaN or infinite weights): the method keeps "
-                          "entries by the rank of their magnitude, and NaN has none. Fix the checkpoint (allow_nonfinite cannot "
-                          "merge NaN with a method that ranks magnitudes)")
+        raise _nan_error(int(np.isnan(mag).sum()))
+
+
+def _nan_error(count: int) -> MethodError:
+    return MethodError(f"{count} task-vector entries are NaN (from NaN or infinite weights): the method keeps "
+                       "entries by the rank of their magnitude, and NaN has none. Fix the checkpoint (allow_nonfinite cannot "
+                       "merge NaN with a method that ranks magnitudes)")
 
 
 def _kth_of_all(src: MagnitudeSource, k: int) -> Kth:
@@ -292,6 +317,12 @@ class TopKTrim:
         todo = [s for s, (src, k) in enumerate(zip(srcs, ks)) if 0 < k < src.n]
         kths = dict(zip(todo, kth_largest_magnitudes([srcs[s] for s in todo], [ks[s] for s in todo])))
         return [cls(src, p, kths.get(s), at_least_one=at_least_one) for s, (src, p) in enumerate(zip(srcs, densities))]
+
+    def kernel_codes(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """This trim as the compiled kernels read it (:mod:`._numba_kernels`): (mode, cut, 0, 0, 0), (kth_or_equal, kth, 0...)."""
+        if self.all or self.none:
+            return (0 if self.all else 1, 0, 0, 0, 0), (0.0,) * 6
+        return (2, self.cut, 0, 0, 0), (self.kth_or_equal, self.kth, 0.0, 0.0, 0.0, 0.0)
 
     def apply_(self, d: torch.Tensor, start: int) -> torch.Tensor:
         """Trim in place a flat chunk ``d`` of deltas holding entries [start, start + len(d)); return it."""
@@ -368,6 +399,15 @@ class RankWindow:
         kths = kth_largest_magnitudes([srcs[s] for s in todo for _ in range(2)], ks)
         found = {s: (kths[2 * t], kths[2 * t + 1]) for t, s in enumerate(todo)}
         return [cls(src, first, stop, found.get(s)) for s, (src, (first, stop)) in enumerate(zip(srcs, windows))]
+
+    def kernel_codes(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """This window as the compiled kernels read it (:mod:`._numba_kernels`): (mode, 0, cut_lo, cut_hi, hi_unbounded),
+        (0, 0, lo, lo_or_equal, hi, hi_or_equal)."""
+        if self.all or self.none:
+            return (0 if self.all else 1, 0, 0, 0, 0), (0.0,) * 6
+        unbounded = self.hi_or_equal is None
+        return (3, 0, self.cut_lo, self.cut_hi, int(unbounded)), (0.0, 0.0, self.lo, self.lo_or_equal, self.hi,
+                                                                   0.0 if self.hi_or_equal is None else self.hi_or_equal)
 
     def apply_(self, d: torch.Tensor, start: int) -> torch.Tensor:
         """Zero in place the entries of a flat chunk ``d`` (entries [start, start + len(d))) outside the window; return it."""

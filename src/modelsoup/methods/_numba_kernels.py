@@ -1,0 +1,315 @@
+"""The numba kernels behind :mod:`.kernels` (importing this module imports numba; :mod:`.kernels` does it on first use).
+
+Each inner loop is one simple pass over an L1-sized block, so LLVM vectorizes it; the order of operations is the torch
+path's (:class:`ops.ElectedMean`, :class:`ops.MergedChunks`, :meth:`selection.TopKTrim.apply_`), see :mod:`.kernels`.
+
+flags: [elect, count_signs, normalize, divisor_mode, scaled]; elect 0 is combine's plain weighted sum (normalize then
+means: divide by scalars[2]); divisor_mode 0 clamps the divisor to the floor, 1 replaces divisors below the floor in
+magnitude by 1, 2 clamps it to 1. scalars: [floor, scale, plain divisor]. alphas: per voter (vote, weight, divisor).
+trims: per model (mode, cut, cut_lo, cut_hi, hi_unbounded), lambdas: (kth_or_equal, kth, lo, lo_or_equal, hi,
+hi_or_equal); mode 0 keeps all, 1 none, 2 is a TopKTrim (hardshrink by kth_or_equal before cut, by kth from it on), 3 a
+RankWindow (lo < |d| < hi, the bounds moved by one float where ties are kept; no upper bound before cut_hi where
+hi_unbounded).
+"""
+
+from __future__ import annotations
+
+import llvmlite.ir as ir
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+
+
+BLOCK = 2048  # entries per block: a few float32 rows of it stay in L1 (a constant of the compiled code, hence here)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """a * b + c with one rounding (torch's ``add_(x, alpha=w)`` on the CPU)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_to_float(typingctx, u):  # type: ignore[no-untyped-def]
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+def widen(x):  # type: ignore[no-untyped-def]
+    """A stored entry as float32: bfloat16 (its raw uint16 bits) widened exactly, float32 as is."""
+    raise NotImplementedError("compiled only")
+
+
+@overload(widen)
+def _widen(x):  # type: ignore[no-untyped-def]
+    if x == types.uint16:
+        return lambda x: _bits_to_float(np.uint32(x) << np.uint32(16))
+    if x == types.float32:
+        return lambda x: x
+    return None
+
+
+@njit(nogil=True, cache=True)
+def _delta(theta, base, r):  # type: ignore[no-untyped-def]
+    for j in range(r.shape[0]):
+        r[j] = widen(theta[j]) - widen(base[j])
+
+
+@njit(nogil=True, cache=True)
+def _hardshrink(r, lam):  # type: ignore[no-untyped-def]
+    for j in range(r.shape[0]):
+        x = r[j]
+        r[j] = np.float32(0.0) if (x >= -lam and x <= lam) else x
+
+
+@njit(nogil=True, cache=True)
+def _signs(r, t):  # type: ignore[no-untyped-def]
+    for j in range(r.shape[0]):
+        x = r[j]
+        t[j] = np.float32((x > 0) - (x < 0))  # torch.sign: NaN gives 0
+
+
+@njit(nogil=True, cache=True)
+def _scaled(r, a, v):  # type: ignore[no-untyped-def]
+    for j in range(r.shape[0]):
+        v[j] = r[j] * a
+
+
+@njit(nogil=True, cache=True)
+def _fma_into(r, a, v):  # type: ignore[no-untyped-def]
+    for j in range(r.shape[0]):
+        v[j] = _fma(a, r[j], v[j])
+
+
+@njit(nogil=True, cache=True)
+def _agree(r, vote, o, w, flipped):  # type: ignore[no-untyped-def]
+    """o += w * (r where r has the elected sign (the opposite one if flipped), else r * 0); the agreement (0/1) into r."""
+    for j in range(r.shape[0]):
+        d = r[j]
+        p = d * (np.float32(1.0) if vote[j] >= 0 else np.float32(-1.0))
+        ag = np.float32(1.0) if ((p < 0) if flipped else (p > 0)) else np.float32(0.0)
+        o[j] = _fma(w, d * ag, o[j])
+        r[j] = ag
+
+
+@njit(nogil=True, cache=True)
+def _divide(o, div, floor, mode):  # type: ignore[no-untyped-def]
+    if mode == 0:
+        for j in range(o.shape[0]):
+            x = div[j]
+            o[j] = o[j] / (x if x >= floor else floor)
+    elif mode == 1:
+        for j in range(o.shape[0]):
+            x = div[j]
+            o[j] = o[j] / (x if abs(x) >= floor else np.float32(1.0))
+    else:
+        for j in range(o.shape[0]):
+            x = div[j]
+            o[j] = o[j] / (x if x >= 1.0 else np.float32(1.0))
+
+
+@njit(nogil=True, cache=True)
+def _combine_block(rows, b0, b1, base, voters, alphas, flipped, flags, scalars, vote, div, out):  # type: ignore[no-untyped-def]
+    """Entries [b0, b1) of out from rows[:, b0:b1] (the rows are overwritten)."""
+    w = b1 - b0
+    o = out[b0:b1]
+    o[:] = 0.0
+    nv = voters.shape[0]
+    if flags[0] == 0:  # plain weighted sum
+        for k in range(nv):
+            _fma_into(rows[voters[k], b0:b1], alphas[k, 1], o)
+        if flags[2]:
+            d = scalars[2]
+            for j in range(w):
+                o[j] = o[j] / d
+    elif nv > 0:
+        v = vote[:w]
+        for k in range(nv):
+            r = rows[voters[k], b0:b1]
+            if flags[1]:  # count signs
+                t = div[:w]
+                _signs(r, t)
+                r = t
+            if k == 0:
+                _scaled(r, alphas[k, 0], v)
+            else:
+                _fma_into(r, alphas[k, 0], v)
+        for k in range(nv):
+            _agree(rows[voters[k], b0:b1], v, o, alphas[k, 1], flipped[k])  # leaves the agreement in the row
+        if flags[2]:
+            dv = div[:w]
+            for k in range(nv):
+                if k == 0:
+                    _scaled(rows[voters[k], b0:b1], alphas[k, 2], dv)
+                else:
+                    _fma_into(rows[voters[k], b0:b1], alphas[k, 2], dv)
+            _divide(o, dv, scalars[0], flags[3])
+    if flags[4]:
+        s = scalars[1]
+        for j in range(w):
+            o[j] = o[j] * s
+    bs = base[b0:b1]
+    for j in range(w):
+        o[j] = o[j] + widen(bs[j])
+
+
+@njit(nogil=True, cache=True)
+def merge_rows(rows, base, voters, alphas, flipped, flags, scalars, vote, div, out):  # type: ignore[no-untyped-def]
+    """out = base + scale * combine(rows[:, :n]) for n = len(out); the rows are overwritten."""
+    n = out.shape[0]
+    for b0 in range(0, n, BLOCK):
+        _combine_block(rows, b0, min(b0 + BLOCK, n), base, voters, alphas, flipped, flags, scalars, vote, div, out)
+
+
+@njit(nogil=True, cache=True)
+def _window(r, lo, hi, bounded):  # type: ignore[no-untyped-def]
+    """r * (lo < |r| (< hi if bounded)), as RankWindow.apply_ computes it (0/1 factors: an infinite r outside gives NaN)."""
+    if bounded:
+        for j in range(r.shape[0]):
+            x = r[j]
+            a = abs(x)
+            r[j] = x * (np.float32(1.0 if a > lo else 0.0) * np.float32(1.0 if a < hi else 0.0))
+    else:
+        for j in range(r.shape[0]):
+            x = r[j]
+            r[j] = x * np.float32(1.0 if abs(x) > lo else 0.0)
+
+
+@njit(nogil=True, cache=True)
+def _trim(r, first, i, trims, lambdas):  # type: ignore[no-untyped-def]
+    """Model i's trim of the deltas r (entries [first, first + len(r)) of the tensor), in place."""
+    w = r.shape[0]
+    mode = trims[i, 0]
+    if mode == 2:  # TopKTrim: ties at the threshold kept before the cut
+        split = min(max(trims[i, 1] - first, 0), w)
+        if split > 0:
+            _hardshrink(r[:split], lambdas[i, 0])
+        if split < w:
+            _hardshrink(r[split:], lambdas[i, 1])
+    elif mode == 3:  # RankWindow: ties at lo kept from cut_lo on, ties at hi before cut_hi
+        cut_lo = min(max(trims[i, 2] - first, 0), w)
+        cut_hi = min(max(trims[i, 3] - first, 0), w)
+        a = 0
+        while a < w:  # the pieces between the cuts
+            b = w
+            if a < cut_lo < b:
+                b = cut_lo
+            if a < cut_hi < b:
+                b = cut_hi
+            lo = lambdas[i, 3] if a >= cut_lo else lambdas[i, 2]
+            if a < cut_hi:
+                _window(r[a:b], lo, lambdas[i, 5], trims[i, 4] == 0)
+            else:
+                _window(r[a:b], lo, lambdas[i, 4], True)
+            a = b
+
+
+@njit(nogil=True, cache=True)
+def merge_trimmed(thetas, base, start, trims, lambdas, voters, alphas, flipped, flags, scalars, scratch, vote, div, out):  # type: ignore[no-untyped-def]
+    """As merge_rows, the rows being theta_i - base trimmed (TopKTrim.apply_, RankWindow.apply_) on entries
+    [start, start + len(out))."""
+    n = out.shape[0]
+    m = len(thetas)
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        w = b1 - b0
+        bs = base[b0:b1]
+        for i in range(m):
+            r = scratch[i, :w]
+            if trims[i, 0] == 1:
+                r[:] = 0.0
+                continue
+            _delta(thetas[i][b0:b1], bs, r)
+            _trim(r, start + b0, i, trims, lambdas)
+        _combine_block(scratch, 0, w, bs, voters, alphas, flipped, flags, scalars, vote, div, out[b0:b1])
+
+
+@njit(nogil=True, cache=True)
+def _magnitude(theta, base, r):  # type: ignore[no-untyped-def]
+    for j in range(r.shape[0]):
+        r[j] = abs(widen(theta[j]) - widen(base[j]))
+
+
+@njit(nogil=True, cache=True)
+def _count_above(r, hi):  # type: ignore[no-untyped-def]
+    c = 0
+    for j in range(r.shape[0]):
+        c += r[j] > hi
+    return c
+
+
+@njit(nogil=True, cache=True)
+def _count_equal(r, v):  # type: ignore[no-untyped-def]
+    c = 0
+    for j in range(r.shape[0]):
+        c += r[j] == v
+    return c
+
+
+@njit(nogil=True, cache=True)
+def _count_nan(r):  # type: ignore[no-untyped-def]
+    c = 0
+    for j in range(r.shape[0]):
+        c += r[j] != r[j]
+    return c
+
+
+@njit(nogil=True, cache=True)
+def _gather(r, lo, hi, closed, out, c):  # type: ignore[no-untyped-def]
+    """Append the entries in [lo, hi] (closed) or (lo, hi) to out from place c, in index order; the new count."""
+    if closed:
+        for j in range(r.shape[0]):
+            x = r[j]
+            out[c] = x
+            c += (x >= lo) & (x <= hi)
+    else:
+        for j in range(r.shape[0]):
+            x = r[j]
+            out[c] = x
+            c += (x > lo) & (x < hi)
+    return c
+
+
+@njit(nogil=True, cache=True)
+def band_sweep(theta, base, lo, hi, mode, scratch, gathered, counts):  # type: ignore[no-untyped-def]
+    """One chunk of one source's magnitudes |theta - base| against its bracket [lo, hi] (selection._Band): counts[0] the
+    entries above hi, [1] and [2] those equal to lo and to hi (modes 1 "one" and 2 "ends"), [3] the NaN; the magnitudes
+    in [lo, hi] (mode 0 "plain") or strictly inside (mode 2) gathered, in index order, into ``gathered`` (as long as the
+    chunk plus one); returns how many."""
+    n = theta.shape[0]
+    above = 0
+    at_lo = 0
+    at_hi = 0
+    nan = 0
+    c = 0
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        r = scratch[: b1 - b0]
+        _magnitude(theta[b0:b1], base[b0:b1], r)
+        above += _count_above(r, hi)
+        nan += _count_nan(r)
+        if mode == 0:
+            c = _gather(r, lo, hi, True, gathered, c)
+        else:
+            at_lo += _count_equal(r, lo)
+            if mode == 2:
+                at_hi += _count_equal(r, hi)
+                c = _gather(r, lo, hi, False, gathered, c)
+    counts[0] = above
+    counts[1] = at_lo
+    counts[2] = at_hi
+    counts[3] = nan
+    return c

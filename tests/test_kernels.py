@@ -1,0 +1,198 @@
+"""The compiled chunk kernels (methods.kernels) give the torch path's bits, on every option of the merges that use them."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from modelsoup.methods import get_method, kernels, selection
+from modelsoup.methods.ops import MergedChunks, top_k_deltas
+from modelsoup.errors import MethodError
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba is not installed (pip install 'modelsoup[fast]')")
+
+
+def _models(seed: int, n: int, dtype: torch.dtype, k: int = 3, special: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    models = [base + 0.01 * torch.randn(n, generator=g) for _ in range(k)]
+    if special:  # ties at the cut, zero deltas, signed zeros, infinities (NaN: ranking methods refuse it)
+        for m in models:
+            idx = torch.randint(0, n, (max(1, n // 50),), generator=g)
+            m[idx] = base[idx]
+        models[0][: n // 7] = base[: n // 7] + 0.0625
+        models[1][3] = float("inf")
+        models[2][5] = float("-inf")
+        base[17] = -0.0
+        models[0][17] = 0.0
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+def _both(monkeypatch: pytest.MonkeyPatch, fn) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """fn() on the kernels and on the torch path (checking that the kernels ran, and then did not)."""
+    calls = []
+    run = kernels.FusedMerge.__call__
+    monkeypatch.setattr(kernels.FusedMerge, "__call__", lambda self, *a: calls.append(1) or run(self, *a))
+    fused = fn()
+    assert calls, "the kernels did not run"
+    monkeypatch.setenv(kernels.DISABLE_ENV, "torch")
+    calls.clear()
+    plain = fn()
+    assert not calls
+    monkeypatch.delenv(kernels.DISABLE_ENV)
+    return fused, plain
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    ai, bi = a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)
+    bad = (ai != bi).nonzero().view(-1)
+    assert bad.numel() == 0, f"{bad.numel()} entries differ, first at {bad[:5].tolist()}: {a[bad[:5]].tolist()} vs {b[bad[:5]].tolist()}"
+
+
+ELECTIONS = [
+    {"sign_method": "sum", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"},
+    {"sign_method": "sum", "sign_from": "unweighted", "normalize": True, "divide_by": "count"},
+    {"sign_method": "count", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"},
+    {"sign_method": "count", "sign_from": "unweighted", "normalize": False, "divide_by": "count"},
+    {"sign_method": "sum", "sign_from": "weighted", "normalize": False, "divide_by": "weight_sum"},
+    {"sign_method": "none", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"},
+    {"sign_method": "none", "sign_from": "weighted", "normalize": False, "divide_by": "weight_sum"},
+]
+WEIGHTS = [[1.0, 1.0, 1.0], [0.3, -0.5, 0.9], [0.0, 1e-9, 2.0], [0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("special", [False, True])
+@pytest.mark.parametrize("election", ELECTIONS, ids=lambda e: f"{e['sign_method']}-{e['sign_from']}-{e['normalize']}-{e['divide_by']}")
+def test_fused_ties_chunks_give_the_torch_paths_bits(monkeypatch, dtype, special, election):
+    n = (1 << 18) + 2 * 2048 + 37  # two chunks, the second with a partial block
+    base, models = _models(1, n, dtype, special=special)
+    for weights, scale, dens in itertools.product(WEIGHTS, (1.0, 0.7), ([0.5, 0.2, 1.0], [0.0, 0.3, 0.9])):
+        if election["sign_method"] == "none" and election["normalize"] and sum(weights) == 0:
+            continue  # refused (a zero weight sum), on both paths
+
+        def merge(weights=weights, scale=scale, dens=dens):  # type: ignore[no-untyped-def]
+            chunks = MergedChunks(top_k_deltas(models, base, dens), weights, base, scale, **election)
+            assert (chunks.fused is not None) == kernels.enabled()
+            return chunks.whole()
+
+        fused, plain = _both(monkeypatch, merge)
+        _same_bits(fused, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.4}),
+    ("ties", {"density": [0.2, 0.9, 0.5], "sign_from": "unweighted", "divide_by": "count"}),
+    ("dare_ties", {"density": 0.5, "seed": 3}),
+    ("dare_linear", {"density": 0.5, "seed": 3}),
+    ("breadcrumbs", {}),
+    ("breadcrumbs_ties", {}),
+    ("della", {"density": 0.6, "epsilon": 0.1, "seed": 1}),
+    ("della_linear", {"density": 0.6, "epsilon": 0.1, "seed": 1}),
+])
+def test_methods_on_the_kernels_give_the_torch_paths_bits(monkeypatch, dtype, method, params):
+    base, models = _models(2, (1 << 20) + 4099, dtype, special=True)  # above selection.BRACKET_ABOVE: the compiled sweep
+    fn = get_method(method)
+    params = dict(params)
+    seed = params.pop("seed", None)
+
+    def merge():  # type: ignore[no-untyped-def]
+        kw = {"generator": torch.Generator().manual_seed(seed)} if seed is not None else {}
+        return fn(models, base=base, weights=[0.6, 1.0, 0.8], **params, **kw)
+
+    fused, plain = _both(monkeypatch, merge)
+    _same_bits(fused.float(), plain.float())
+
+
+@pytest.mark.parametrize("election", ELECTIONS, ids=lambda e: f"{e['sign_method']}-{e['sign_from']}-{e['normalize']}-{e['divide_by']}")
+def test_fused_merge_of_given_deltas_with_nan_and_inf_gives_the_torch_paths_bits(monkeypatch, election):
+    base, models = _models(4, 70_000, torch.float32)
+    deltas = [m - base for m in models]
+    deltas[0][::5] = float("nan")
+    deltas[1][1::7] = float("inf")
+    deltas[2][2::9] = float("-inf")
+    deltas[2][3::11] = 0.0
+    deltas[1][4::13] = -0.0
+    for weights in WEIGHTS[:3]:
+        fused, plain = _both(monkeypatch, lambda w=weights: MergedChunks(deltas, w, base.to(torch.bfloat16), 0.5, **election).whole())
+        _same_bits(fused, plain)
+
+
+def test_kernels_are_not_used_where_they_do_not_apply(monkeypatch):
+    base, models = _models(3, 5000, torch.float16)
+    assert MergedChunks(top_k_deltas(models, base, [0.5] * 3), [1.0] * 3, base, 1.0, sign_method="sum").fused is None  # float16
+    base, models = _models(3, 5000, torch.float64)
+    assert MergedChunks(top_k_deltas(models, base, [0.5] * 3), [1.0] * 3, base, 1.0, sign_method="sum").fused is None  # float64 sums
+    base, models = _models(3, 5000, torch.float32)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "torch")
+    assert MergedChunks(top_k_deltas(models, base, [0.5] * 3), [1.0] * 3, base, 1.0, sign_method="sum").fused is None
+    monkeypatch.delenv(kernels.DISABLE_ENV)
+    mixed = [models[0], models[1].to(torch.bfloat16), models[2]]  # models of two dtypes: rows filled by torch, then the kernel
+    chunks = MergedChunks(top_k_deltas(mixed, base, [0.5] * 3), [1.0] * 3, base, 1.0, sign_method="sum")
+    assert chunks.fused is not None and chunks.fused.thetas is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_threshold_sweep_finds_the_numpy_steps_thresholds_in_every_bracket_mode(monkeypatch, dtype):
+    n = (1 << 20) + 777
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(n, generator=g).to(dtype)
+    # a spread task vector (plain brackets), one of a few values (bfloat16: brackets of one value, or heavy ends)
+    models = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype),
+              (base.float() + torch.randint(-2, 3, (n,), generator=g).float() * 2 ** -6).to(dtype),
+              (base.float() + torch.randint(0, 2, (n,), generator=g).float() * 2 ** -4 * torch.rand(n, generator=g).round()).to(dtype)]
+    srcs = [selection.MagnitudeSource(m, base) for m in models]
+    ks = [n // 2, n // 5, n // 3, n - 1, 1, n // 9]
+    srcs6 = [srcs[0], srcs[1], srcs[2], srcs[0], srcs[1], srcs[2]]
+    modes = {selection._Band(*selection._bracket(src, k)).mode for src, k in zip(srcs6, ks)}
+    calls = []
+    run = kernels.BandSweep.__call__
+    monkeypatch.setattr(kernels.BandSweep, "__call__", lambda self, *a: calls.append(1) or run(self, *a))
+    runs = []
+    for env in (None, "torch"):
+        if env:
+            monkeypatch.setenv(kernels.DISABLE_ENV, env)
+        calls.clear()
+        runs.append(selection.kth_largest_magnitudes([selection.MagnitudeSource(m, base) for m in (*models, *models)], ks))
+        assert bool(calls) == (env is None)
+    assert runs[0] == runs[1]
+    # and chunk by chunk, each bracket's counts and gathered magnitudes (a wrong band would only make the bracket miss,
+    # which the full selection then hides)
+    import numpy as np
+
+    sweep = kernels.BandSweep([s.theta for s in srcs6], [s.base for s in srcs6], selection.CHUNK)
+    for s, (src, k) in enumerate(zip(srcs6, ks)):
+        compiled, steps = selection._Band(*selection._bracket(src, k)), selection._Band(*selection._bracket(src, k))
+        above = [0, 0]
+        scratch = (np.empty(selection.CHUNK, dtype=bool), np.empty(selection.CHUNK, dtype=bool))
+        for i, j in selection._spans(n):
+            over, at_lo, at_hi, nan, inside = sweep(s, i, j, compiled.lo, compiled.hi, compiled.mode)
+            compiled.add_counts(at_lo, at_hi, inside)
+            mag = src.magnitude(i, j).numpy()
+            steps.add(mag, mag > steps.hi, scratch)
+            above[0] += over
+            above[1] += int((mag > steps.hi).sum())
+            assert nan == 0
+        assert above[0] == above[1] and compiled.at_lo == steps.at_lo and compiled.at_hi == steps.at_hi
+        assert len(compiled.inside) == len(steps.inside) and all(np.array_equal(a, b) for a, b in zip(compiled.inside, steps.inside))
+    assert modes >= ({"one", "ends"} if dtype == torch.bfloat16 else {"plain"}), modes
+
+
+def test_compiled_threshold_sweep_refuses_nan_magnitudes_as_the_numpy_steps_do(monkeypatch):
+    n = (1 << 20) + 5
+    base = torch.zeros(n)
+    model = torch.randn(n, generator=torch.Generator().manual_seed(6))
+    model[n // 2] = float("inf")
+    base[n // 2] = float("inf")  # inf - inf: a NaN task-vector entry
+    messages = []
+    for env in (None, "torch"):
+        if env:
+            monkeypatch.setenv(kernels.DISABLE_ENV, env)
+        with pytest.raises(MethodError, match="NaN") as err:
+            selection.kth_largest_magnitudes([selection.MagnitudeSource(model, base)], [n // 2])
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and messages[0].startswith("1 task-vector")
