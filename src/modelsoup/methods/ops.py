@@ -884,7 +884,7 @@ def _fused_merge(deltas: DeltaChunks, elect: ElectedMean | None, weights: Sequen
     """The compiled kernel for a :class:`MergedChunks`, or None where it does not apply (no numba, turned off, a device,
     float64 or float16 tensor): the torch path then runs. Trimmed deltas of models of one dtype are taken and trimmed in
     the kernel; other deltas (random drops, models of several dtypes) are filled by torch first."""
-    if dtype != torch.float32 or not kernels.takes(base) or not kernels.enabled():
+    if dtype != torch.float32 or not kernels.takes(base) or not kernels.enabled(base):
         return None
     models = len(deltas)
     thetas = trims = bounds = None

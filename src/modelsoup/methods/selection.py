@@ -134,7 +134,8 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
         bands = [_Band(*_bracket(src, k)) for src, k in zip(srcs, ks)]
         above = [0] * len(srcs)
         sweep = (kernels.BandSweep([s.theta for s in srcs], [s.base for s in srcs], CHUNK)  # type: ignore[misc]
-                 if all(s.dtype == torch.float32 and kernels.takes(s.theta, s.base) for s in srcs) and kernels.enabled() else None)
+                 if all(s.dtype == torch.float32 and kernels.takes(s.theta, s.base) for s in srcs)
+                 and kernels.enabled(*(s.base for s in srcs)) else None)
         if sweep is not None:  # the numpy steps below, compiled and fused
             for i, j in _spans(n):
                 for s, band in enumerate(bands):
