@@ -206,3 +206,26 @@ def test_compiled_threshold_sweep_refuses_nan_magnitudes_as_the_numpy_steps_do(m
             selection.kth_largest_magnitudes([selection.MagnitudeSource(model, base)], [n // 2])
         messages.append(str(err.value))
     assert messages[0] == messages[1] and messages[0].startswith("1 task-vector")
+
+
+def test_kernels_that_cannot_be_built_leave_the_torch_path_with_a_warning(monkeypatch, caplog):
+    import sys
+    import types
+
+    broken = types.ModuleType("modelsoup.methods._numba_kernels")
+
+    def fail(*args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("cannot cache function 'band_sweep': no locator available")
+
+    broken.BLOCK, broken.band_sweep, broken.merge_rows = 2048, fail, fail  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "modelsoup.methods._numba_kernels", broken)
+    monkeypatch.setattr(kernels, "_compiled", None)
+    base, models = _models(7, 3000, torch.bfloat16)
+    with caplog.at_level("WARNING"):
+        chunks = MergedChunks(top_k_deltas(models, base, [0.5] * 3), [1.0] * 3, base, 1.0, sign_method="sum")
+    assert chunks.fused is None and not kernels.enabled()
+    assert "compiled merge kernels unavailable (RuntimeError: cannot cache function" in caplog.text
+    monkeypatch.setitem(sys.modules, "modelsoup.methods._numba_kernels", None)  # numba missing: an ImportError, no warning
+    monkeypatch.setattr(kernels, "_compiled", None)
+    caplog.clear()
+    assert not kernels.enabled() and "unavailable" not in caplog.text

@@ -23,6 +23,7 @@ and input dtypes: the first merge of a kind pays ~2 s of compiling, later proces
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -81,8 +82,11 @@ def _load() -> Any:
     """The kernels' module, each kernel run once on a few entries (numba's first call loads its code, or compiles and
     caches it); False where numba is missing or a kernel cannot be built or cached (then the torch path runs)."""
     try:
-        from . import _numba_kernels as k
-    except ImportError:
+        k = importlib.import_module(f"{__package__}._numba_kernels")
+    except ImportError:  # numba is not installed: the torch path, silently
+        return False
+    except Exception as e:  # e.g. no cache folder numba can write to (it checks when a kernel is defined)
+        logging.getLogger(__name__).warning("compiled merge kernels unavailable (%s: %s); merging with torch", type(e).__name__, e)
         return False
     try:
         z, block = np.zeros(4, np.float32), k.BLOCK
