@@ -229,3 +229,63 @@ def test_kernels_that_cannot_be_built_leave_the_torch_path_with_a_warning(monkey
     monkeypatch.setattr(kernels, "_compiled", None)
     caplog.clear()
     assert not kernels.enabled() and "unavailable" not in caplog.text
+
+
+def test_kernels_are_off_where_torch_rounds_a_multiply_add_twice(monkeypatch):
+    """torch's portable CPU kernels (no AVX2) round w * x before adding it; the compiled kernels fuse it, as AVX2 does."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert not kernels.enabled()
+    import subprocess
+    import sys
+
+    code = ("import os, torch\nfrom modelsoup.methods import get_method, kernels\n"
+            "g = torch.Generator().manual_seed(0)\nb = torch.randn(5000, generator=g)\n"
+            "ms = [(b + 0.01 * torch.randn(5000, generator=g)).bfloat16() for _ in range(3)]\n"
+            "out = []\nfor env in ('', 'torch'):\n    os.environ['MODELSOUP_KERNELS'] = env\n"
+            "    out.append(get_method('ties')(ms, base=b.bfloat16(), weights=[0.3, 0.7, 0.9], density=0.5))\n"
+            "print(kernels.enabled(), torch.equal(out[0].view(torch.int16), out[1].view(torch.int16)))\n")
+    env = {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "default"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"], r.stdout
+
+
+def test_a_kernel_failing_mid_merge_redoes_the_step_on_torch(monkeypatch, caplog):
+    k = kernels._kernels()
+    n = (1 << 20) + 4099  # the compiled sweep too
+    base, models = _models(8, n, torch.bfloat16)
+    want_monkey = pytest.MonkeyPatch()
+    want_monkey.setenv(kernels.DISABLE_ENV, "torch")
+    want = get_method("ties")(models, base=base, weights=[0.5, 1.0, 0.7], density=0.4)
+    want_monkey.undo()
+    for name in ("band_sweep", "merge_trimmed"):
+        calls = []
+        real = getattr(k, name)
+
+        def flaky(*args, real=real, calls=calls):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) == 3:  # a new signature's cached code unreadable, say
+                raise OSError(28, "No space left on device")
+            return real(*args)
+
+        monkeypatch.setattr(k, name, flaky)
+        monkeypatch.setattr(kernels, "_broken", False)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            got = get_method("ties")(models, base=base, weights=[0.5, 1.0, 0.7], density=0.4)
+        _same_bits(got.float(), want.float())
+        assert len(calls) == 3 and "compiled merge kernels failed (OSError" in caplog.text
+        assert not kernels.enabled()  # off for the rest of the process
+        monkeypatch.setattr(k, name, real)
+    monkeypatch.setattr(kernels, "_broken", False)
+
+
+def test_a_weight_beyond_float32_is_refused_as_the_torch_path_refuses_it(monkeypatch):
+    base, models = _models(9, 3000, torch.bfloat16)
+    errors = []
+    for env in ("all", "torch"):
+        monkeypatch.setenv(kernels.DISABLE_ENV, env)
+        with pytest.raises(RuntimeError) as err:
+            get_method("ties")(models, base=base, weights=[1e39, 3e38, 1.0], density=0.5)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]

@@ -39,6 +39,7 @@ _lock = threading.Lock()
 _compiled: Any = None  # the module of kernels once loaded; False where numba is missing or they could not be built
 _warming: threading.Thread | None = None
 _warming_lock = threading.Lock()  # not _lock, which the loading holds
+_broken = False  # a kernel failed in this process (see KernelFailed)
 
 
 def enabled(*stored: torch.Tensor | None) -> bool:
@@ -47,11 +48,30 @@ def enabled(*stored: torch.Tensor | None) -> bool:
     a whole TIES merge measured no faster (1.05x the torch path's wall time: the torch steps are cheaper on float32, and
     loading numba costs ~0.6 s of CPU), against 0.80x for bfloat16 ones. Without tensors: whether they are available."""
     setting = _setting()
-    if setting == "torch":
+    if setting == "torch" or _broken or not _fused_cpu():
         return False
     if stored and setting != "all" and not any(t is not None and t.dtype == torch.bfloat16 for t in stored):
         return False
     return _kernels() is not None
+
+
+def _fused_cpu() -> bool:
+    """Whether torch's CPU kernels fuse ``add_(x, alpha=w)`` into one rounding, as the compiled kernels do: its AVX2 and
+    AVX-512 kernels do; its portable ones (``ATEN_CPU_CAPABILITY=default``, CPUs without AVX2, other architectures)
+    round the product first, so the kernels would give other bits there and are not used."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+class KernelFailed(Exception):
+    """A compiled kernel failed to build, load or cache its code (a full disk, a damaged cache file): the caller redoes the
+    step on the torch path, and the kernels are off for the rest of the process."""
+
+
+def _failed(e: Exception) -> KernelFailed:
+    global _broken
+    _broken = True
+    logging.getLogger(__name__).warning("compiled merge kernels failed (%s: %s); merging with torch", type(e).__name__, e)
+    return KernelFailed(str(e))
 
 
 def _setting() -> str:
@@ -144,12 +164,15 @@ class FusedMerge:
         scratch, vote, div = self._buffers()
         o = out.numpy()
         b = self.base[i:j]
-        if self.thetas is None:
-            fill(i, j, rows[:, : j - i])
-            self.k.merge_rows(rows.numpy(), b, self.voters, self.alphas, self.flipped, self.flags, self.scalars, vote, div, o)
-        else:
-            self.k.merge_trimmed(tuple(t[i:j] for t in self.thetas), b, i, self.trims, self.lambdas, self.voters, self.alphas,
-                                 self.flipped, self.flags, self.scalars, scratch, vote, div, o)
+        try:
+            if self.thetas is None:
+                fill(i, j, rows[:, : j - i])
+                self.k.merge_rows(rows.numpy(), b, self.voters, self.alphas, self.flipped, self.flags, self.scalars, vote, div, o)
+            else:
+                self.k.merge_trimmed(tuple(t[i:j] for t in self.thetas), b, i, self.trims, self.lambdas, self.voters, self.alphas,
+                                     self.flipped, self.flags, self.scalars, scratch, vote, div, o)
+        except Exception as e:  # a new signature compiled or loaded here: I/O and pickle errors of numba's cache
+            raise _failed(e) from e
         return out
 
 
@@ -170,8 +193,11 @@ class BandSweep:
 
     def __call__(self, s: int, i: int, j: int, lo: float, hi: float, mode: str) -> tuple[int, int, int, int, np.ndarray]:
         """(above hi, equal to lo, equal to hi, NaN, the gathered magnitudes: a view the next call overwrites)."""
-        c = self.k.band_sweep(self.thetas[s][i:j], self.bases[s][i:j], np.float32(lo), np.float32(hi), self.MODES[mode],
-                              self.scratch, self.gathered, self.counts)
+        try:
+            c = self.k.band_sweep(self.thetas[s][i:j], self.bases[s][i:j], np.float32(lo), np.float32(hi), self.MODES[mode],
+                                  self.scratch, self.gathered, self.counts)
+        except Exception as e:  # as FusedMerge.__call__
+            raise _failed(e) from e
         above, at_lo, at_hi, nan = (int(x) for x in self.counts)
         return above, at_lo, at_hi, nan, self.gathered[:c]
 

@@ -856,7 +856,10 @@ class MergedChunks:
     def chunk(self, i: int, j: int) -> torch.Tensor:
         """Entries [i, j) of the flat result (at most ``selection.CHUNK`` of them)."""
         if self.fused is not None:  # the same operations, compiled and fused
-            return self.fused(i, j, self.rows, self.out[: j - i], self.deltas.fill)
+            try:
+                return self.fused(i, j, self.rows, self.out[: j - i], self.deltas.fill)
+            except kernels.KernelFailed:
+                self.fused = None  # this chunk and the rest on torch (the kernel's partial writes are all overwritten)
         rows, out = self.rows[:, : j - i], self.out[: j - i]
         self.deltas.fill(i, j, rows)
         if self.elect is not None:
@@ -898,17 +901,21 @@ def _fused_merge(deltas: DeltaChunks, elect: ElectedMean | None, weights: Sequen
             bounds = np.array([b for _, b in codes], np.float32).reshape(-1, 6)
     if elect is None:  # combine's plain weighted sum: every model, then the division by the weights' sum
         voters = list(range(models))
-        alphas = np.array([(0.0, w, 0.0) for w in weights], np.float32).reshape(-1, 3)
+        alphas = np.array([(0.0, w, 0.0) for w in weights], np.float64).reshape(-1, 3)
         flipped = np.zeros(models, np.bool_)
         flags = np.array([0, 0, divisor is not None, 0, scale != 1.0], np.int64)
     else:
         voters = [i for i, _ in elect.voters]
         alphas = np.array([(va, w, da) for (_, w), va, da in zip(elect.voters, elect.vote_alpha, elect.divisor_alpha)],
-                          np.float32).reshape(-1, 3)
+                          np.float64).reshape(-1, 3)
         flipped = np.array([i in elect.flipped for i in voters], np.bool_)
         mode = 0 if elect.divisor_is_zero_or_large else 1 if elect.floor_divisor else 2
         flags = np.array([1, int(elect.count_signs), int(elect.normalize), mode, scale != 1.0], np.int64)
-    scalars = np.array([DIVISOR_FLOOR, scale, divisor if divisor is not None else 1.0], np.float32)
+    with np.errstate(over="ignore"):
+        scalars = np.array([DIVISOR_FLOOR, scale, divisor if divisor is not None else 1.0], np.float32)
+        alphas = alphas.astype(np.float32)  # as torch takes a Python float for a float32 tensor
+        if not (np.isfinite(alphas).all() and np.isfinite(scalars).all()):
+            return None  # a weight beyond float32's range: torch refuses it (a float32 scalar cannot hold it)
     return kernels.FusedMerge(base=base, thetas=thetas, trims=trims, lambdas=bounds, voters=voters, alphas=alphas, flipped=flipped,
                               flags=flags, scalars=scalars, models=models)
 

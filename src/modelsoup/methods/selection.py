@@ -137,14 +137,19 @@ def kth_largest_magnitudes(srcs: Sequence[MagnitudeSource], ks: Sequence[int]) -
                  if all(s.dtype == torch.float32 and kernels.takes(s.theta, s.base) for s in srcs)
                  and kernels.enabled(*(s.base for s in srcs)) else None)
         if sweep is not None:  # the numpy steps below, compiled and fused
-            for i, j in _spans(n):
-                for s, band in enumerate(bands):
-                    over, at_lo, at_hi, nan, inside = sweep(s, i, j, band.lo, band.hi, band.mode)
-                    if nan and unsure[s]:
-                        raise _nan_error(nan)
-                    above[s] += over
-                    band.add_counts(at_lo, at_hi, inside)
-        else:
+            try:
+                for i, j in _spans(n):
+                    for s, band in enumerate(bands):
+                        over, at_lo, at_hi, nan, inside = sweep(s, i, j, band.lo, band.hi, band.mode)
+                        if nan and unsure[s]:
+                            raise _nan_error(nan)
+                        above[s] += over
+                        band.add_counts(at_lo, at_hi, inside)
+            except kernels.KernelFailed:  # start the sweep again on numpy
+                sweep = None
+                bands = [_Band(*_bracket(src, k)) for src, k in zip(srcs, ks)]
+                above = [0] * len(srcs)
+        if sweep is None:
             buf = torch.empty(CHUNK, dtype=srcs[0].dtype)
             over_hi, scratch = np.empty(CHUNK, dtype=bool), (np.empty(CHUNK, dtype=bool), np.empty(CHUNK, dtype=bool))
             wide = WideBase(srcs)
