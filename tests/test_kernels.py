@@ -235,6 +235,10 @@ def test_kernels_are_off_where_torch_rounds_a_multiply_add_twice(monkeypatch):
     """torch's portable CPU kernels (no AVX2) round w * x before adding it; the compiled kernels fuse it, as AVX2 does."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert not kernels.enabled()
+    monkeypatch.setattr(kernels, "_compiled", None)
+    monkeypatch.setattr(kernels, "_warming", None)
+    kernels.warm_up()  # nor is numba loaded there for nothing
+    assert kernels._warming is None
     import subprocess
     import sys
 

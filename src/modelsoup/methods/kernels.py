@@ -82,7 +82,7 @@ def warm_up() -> None:
     """Start loading the kernels in a background thread, where they will be used: importing numba and loading compiled
     code take ~0.6 s, which then overlap the first tensors' reading instead of delaying their merge."""
     global _warming
-    if _compiled is None and _warming is None and _setting() != "torch":
+    if _compiled is None and _warming is None and _setting() != "torch" and _fused_cpu():  # not where they would not run
         with _warming_lock:
             if _warming is None:
                 _warming = threading.Thread(target=_kernels, name="modelsoup-kernels", daemon=True)

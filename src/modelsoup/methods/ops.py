@@ -893,7 +893,7 @@ def _fused_merge(deltas: DeltaChunks, elect: ElectedMean | None, weights: Sequen
     thetas = trims = bounds = None
     if isinstance(deltas, TrimmedDeltas) and deltas.trims and all(isinstance(t, (TopKTrim, RankWindow)) for t in deltas.trims):
         tensors = [s.theta for s in deltas.srcs]
-        if (all(s.base is not None and _same_tensor(s.base, base) for s in deltas.srcs) and kernels.takes(*tensors)
+        if (all(s.base is not None and selection.same_view(s.base, base) for s in deltas.srcs) and kernels.takes(*tensors)
                 and len({t.dtype for t in tensors}) == 1):
             thetas = tensors
             codes = [t.kernel_codes() for t in deltas.trims]
@@ -918,10 +918,6 @@ def _fused_merge(deltas: DeltaChunks, elect: ElectedMean | None, weights: Sequen
             return None  # a weight beyond float32's range: torch refuses it (a float32 scalar cannot hold it)
     return kernels.FusedMerge(base=base, thetas=thetas, trims=trims, lambdas=bounds, voters=voters, alphas=alphas, flipped=flipped,
                               flags=flags, scalars=scalars, models=models)
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.numel() == b.numel()
 
 
 def _whole(deltas: DeltaChunks) -> list[torch.Tensor]:

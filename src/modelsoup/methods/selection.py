@@ -91,7 +91,7 @@ class WideBase:
         bases = [src.base for src in srcs]
         first = bases[0] if bases else None
         self.base = first if (first is not None and len(srcs) > 1 and first.dtype in (torch.float16, torch.bfloat16)
-                              and all(b is not None and _same_view(b, first) for b in bases)
+                              and all(b is not None and same_view(b, first) for b in bases)
                               and all(src.dtype == torch.float32 for src in srcs)) else None
         self._buf: torch.Tensor | None = None
 
@@ -104,7 +104,8 @@ class WideBase:
         return self._buf[: j - i].copy_(self.base[i:j])
 
 
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are one view of one memory (start, shape, strides, dtype), not merely two tensors starting alike."""
     return (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(), b.dtype)
 
 
@@ -413,7 +414,7 @@ class RankWindow:
             return (0 if self.all else 1, 0, 0, 0, 0), (0.0,) * 6
         unbounded = self.hi_or_equal is None
         return (3, 0, self.cut_lo, self.cut_hi, int(unbounded)), (0.0, 0.0, self.lo, self.lo_or_equal, self.hi,
-                                                                   0.0 if self.hi_or_equal is None else self.hi_or_equal)
+                                                                   0.0 if unbounded else self.hi_or_equal)
 
     def apply_(self, d: torch.Tensor, start: int) -> torch.Tensor:
         """Zero in place the entries of a flat chunk ``d`` (entries [start, start + len(d))) outside the window; return it."""
