@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from modelsoup.methods import get_method, kernels, selection
+from modelsoup.methods import get_method, kernels, reduce, selection
 from modelsoup.methods.ops import MergedChunks, top_k_deltas
 from modelsoup.errors import MethodError
 
@@ -36,11 +36,12 @@ def _models(seed: int, n: int, dtype: torch.dtype, k: int = 3, special: bool = F
     return base.to(dtype), [m.to(dtype) for m in models]
 
 
-def _both(monkeypatch: pytest.MonkeyPatch, fn) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
-    """fn() on the kernels and on the torch path (checking that the kernels ran, and then did not)."""
+def _both(monkeypatch: pytest.MonkeyPatch, fn, watched=((kernels.FusedMerge, "__call__"),)):  # type: ignore[no-untyped-def]
+    """fn() on the kernels and on the torch path (checking that one of the ``watched`` kernels ran, and then none did)."""
     calls = []
-    run = kernels.FusedMerge.__call__
-    monkeypatch.setattr(kernels.FusedMerge, "__call__", lambda self, *a: calls.append(1) or run(self, *a))
+    for owner, name in watched:
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, real=real: calls.append(1) or real(*a))
     fused = fn()
     assert calls, "the kernels did not run"
     monkeypatch.setenv(kernels.DISABLE_ENV, "torch")
@@ -293,3 +294,142 @@ def test_a_weight_beyond_float32_is_refused_as_the_torch_path_refuses_it(monkeyp
             get_method("ties")(models, base=base, weights=[1e39, 3e38, 1.0], density=0.5)
         errors.append(str(err.value))
     assert errors[0] == errors[1]
+
+
+# ------------------------------------------------------------------ the sphere methods' sums and combinations
+
+
+def _sphere_both(monkeypatch: pytest.MonkeyPatch, fn):  # type: ignore[no-untyped-def]
+    """:func:`_both`, watching the sphere methods' kernels."""
+    return _both(monkeypatch, fn, ((kernels, "pair_sums"), (kernels, "combination")))
+
+
+def _same_floats(a, b) -> None:  # type: ignore[no-untyped-def]
+    """Python floats (nested lists, dicts, tuples) equal bit for bit (NaN included)."""
+    import struct
+
+    def flat(x):  # type: ignore[no-untyped-def]
+        if isinstance(x, dict):
+            return [v for k in sorted(x) for v in flat(x[k])]
+        if isinstance(x, (list, tuple)):
+            return [v for y in x for v in flat(y)]
+        return [struct.pack("<d", x)]
+
+    assert flat(a) == flat(b)
+
+
+def _sphere_inputs(seed: int, n: int, dtype: torch.dtype, k: int, special: bool) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    models = [base + 0.05 * torch.randn(n, generator=g) for _ in range(k)]
+    if special:  # rows whose float32 squares overflow though every entry is finite, signed zeros, a far model
+        models[0][5] = 3e38
+        models[-1][n // 2] = -2e38
+        models[0][1030:1040] = -0.0
+        models[-1][2048:4096] = 0.0
+    return [m.to(dtype) for m in models]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1 << 20, (1 << 20) + 1000, 3 * 1024 + 5, (1 << 21) + 77, 70000, 1024])
+@pytest.mark.parametrize("special", [False, True])
+def test_compiled_sums_of_the_sphere_methods_give_the_torch_paths_bits(monkeypatch, dtype, n, special):
+
+    ts = _sphere_inputs(n + special, n, dtype, 4, special)
+    base = _sphere_inputs(n + 7, n, dtype, 1, False)[0]
+    for args in ((ts,), (ts, base), (ts[:1],), (ts[:2], base.float())):
+        got, want = _sphere_both(monkeypatch, lambda: reduce.gram_matrix(*args))
+        _same_floats(got, want)
+    if n >= reduce.SHORT:  # shorter ones are summed in float64 on torch
+        got, want = _sphere_both(monkeypatch, lambda: reduce.difference_sums(ts))
+        _same_floats(got, want)
+
+
+def test_compiled_sums_with_nan_and_inf_entries_give_the_torch_paths_bits(monkeypatch):
+
+    ts = _sphere_inputs(3, (1 << 17) + 9, torch.bfloat16, 3, False)
+    ts[0][100] = float("nan")
+    ts[1][5000] = float("inf")
+    ts[2][5000] = float("inf")  # inf - inf in the difference: NaN
+    ts[2][70000] = float("-inf")
+    for fn in (lambda: reduce.gram_matrix(ts), lambda: reduce.gram_matrix(ts[1:], ts[0]), lambda: reduce.difference_sums(ts)):
+        got, want = _sphere_both(monkeypatch, fn)
+        _same_floats(got, want)
+
+
+COEFFICIENTS = [[0.3, -1.1, 0.0, 1e-50], [0.3, -1.1, 2.0, 0.5], [1.0, 0.0, 0.0, 0.0], [-0.0, 7e-39, 3.3e38, 1e-45]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("coefficients", COEFFICIENTS)
+def test_compiled_linear_combination_gives_the_torch_paths_bits(monkeypatch, dtype, coefficients):
+    from modelsoup.methods.ops import linear_combination
+
+    ts = _sphere_inputs(11, 2 * 2048 + 37, dtype, 4, True)
+    ts[1][9] = float("inf")  # times a coefficient that rounds to 0 in float32: NaN on torch, so not on the kernel
+    ts[3][9] = float("inf")
+    base = _sphere_inputs(12, 2 * 2048 + 37, dtype, 1, False)[0]
+    for b in (None, base, base.float()):
+        if any(c and float(torch.tensor(c, dtype=torch.float32)) == 0 for c in coefficients):
+            monkeypatch.setenv(kernels.DISABLE_ENV, "torch")
+            want = linear_combination(ts, coefficients, b, torch.float32)
+            monkeypatch.setenv(kernels.DISABLE_ENV, "all")
+            got = linear_combination(ts, coefficients, b, torch.float32)  # on torch: the kernel would skip the term
+        else:
+            got, want = _sphere_both(monkeypatch, lambda: linear_combination(ts, coefficients, b, torch.float32))
+        _same_bits(got, want)
+
+
+def test_a_coefficient_beyond_float32_stays_on_torch_which_refuses_it(monkeypatch):
+    from modelsoup.methods.ops import linear_combination
+
+    ts = _sphere_inputs(13, 3000, torch.bfloat16, 2, False)
+    errors = []
+    for env in ("all", "torch"):
+        monkeypatch.setenv(kernels.DISABLE_ENV, env)
+        with pytest.raises(RuntimeError) as err:
+            linear_combination(ts, [1e39, 1.0], None, torch.float32)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method,params,with_base", [
+    ("multislerp", {}, False), ("multislerp", {"weights": [0.2, 0.5, 1.0]}, True), ("karcher", {}, False),
+    ("karcher", {"weights": [3.0, 1.0, 1.0], "max_iter": 50}, False), ("slerp", {"t": 0.3}, False), ("nuslerp", {}, False),
+])
+def test_sphere_methods_on_the_kernels_give_the_torch_paths_bits(monkeypatch, dtype, method, params, with_base):
+    n = (1 << 20) + 3 * 1024 + 11  # two slices, a partial row
+    ts = _sphere_inputs(21, n, dtype, 2 if method in ("slerp", "nuslerp") else 3, False)
+    base = _sphere_inputs(22, n, dtype, 1, False)[0] if with_base else None
+    kw = {**params, **({"base": base} if with_base else {})}
+    got, want = _sphere_both(monkeypatch, lambda: get_method(method)(ts, **kw))
+    _same_bits(got.float(), want.float())
+
+
+def test_a_sum_kernel_failing_mid_reduction_redoes_the_piece_on_torch(monkeypatch, caplog):
+
+    k = kernels._kernels()
+    ts = _sphere_inputs(31, 3 * (1 << 20) + 5, torch.bfloat16, 3, False)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "torch")
+    want = reduce.gram_matrix(ts), reduce.difference_sums(ts)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "all")
+    for fn, i in ((reduce.gram_matrix, 0), (reduce.difference_sums, 1)):
+        calls = []
+        real = k.pair_sums
+
+        def flaky(*args, real=real, calls=calls):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            return real(*args)
+
+        monkeypatch.setattr(k, "pair_sums", flaky)
+        monkeypatch.setattr(kernels, "_broken", False)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            got = fn(ts)
+        _same_floats(got, want[i])
+        assert len(calls) == 2 and "compiled merge kernels failed (OSError" in caplog.text and not kernels.enabled()
+        monkeypatch.setattr(k, "pair_sums", real)
+    monkeypatch.setattr(kernels, "_broken", False)

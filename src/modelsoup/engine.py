@@ -480,8 +480,9 @@ def run_jobs(
     by :func:`default_workers` (one for a streamed job: chunks are too small to split).
     """
     run = MergeRun(plan, device)
-    if plan.method.prepare is not None and run.device.type == "cpu" and any(j.dtype == torch.bfloat16 for j in plan.jobs):
-        kernels.warm_up()  # the TIES family's chunks of bfloat16 models run on them
+    if ((plan.method.prepare is not None or plan.method.reduction is not None) and run.device.type == "cpu"
+            and any(j.dtype == torch.bfloat16 for j in plan.jobs)):
+        kernels.warm_up()  # the TIES family's chunks and the sphere methods' passes of bfloat16 models run on them
     jobs = computed_jobs(plan)
     if order is not None:
         rank = {n: i for i, n in enumerate(order)}

@@ -313,3 +313,109 @@ def band_sweep(theta, base, lo, hi, mode, scratch, gathered, counts):  # type: i
     counts[2] = at_hi
     counts[3] = nan
     return c
+
+
+# ------------------------------------------------------------------ the sphere methods' sums and combinations (reduce, ops)
+
+ROW = 1 << 10  # reduce.ROW: entries per row sum
+LANES, VECTORS = 8, 4  # torch's float32 row sum keeps 4 (its ILP factor) vectors of 8 lanes (AVX2; its AVX-512 build sums alike)
+LEVEL = 16  # rows of 4 vectors added into one level of its cascade before the level is folded into the next
+
+
+def _row_total(kind):  # type: ignore[no-untyped-def]
+    """An intrinsic ``f(a, b, at)``: the float32 sum of the ROW products a[at + j] * b[at + j] (kind 0) or squared
+    differences (a[at + j] - b[at + j])^2 (kind 1), j < ROW, in the order torch's CPU kernel sums a contiguous float32
+    row of ROW entries: entry j goes to slot j % 32 (4 vectors of 8 lanes); each slot adds its entries in order, 16 at a
+    time into a partial that starts at 0 and is then added to the slot's total; the 4 vectors are added vector-wise, and
+    their 8 lanes in order into 0. Written as vector IR, since LLVM does not vectorize the loop form of it (the
+    accumulators may alias the inputs for all it knows), and the operations are then plain float32 multiplies and adds
+    in exactly this order (no fma, no reassociation)."""
+
+    @intrinsic
+    def row_total(typingctx, a, b, at):  # type: ignore[no-untyped-def]
+        sig = types.float32(a, b, types.intp)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            f32 = ir.FloatType()
+            vec = ir.VectorType(f32, LANES)
+            i64 = ir.IntType(64)
+            pa, pb = (builder.gep(context.make_array(t)(context, builder, x).data, [args[2]]) for t, x in zip(signature.args[:2], args[:2]))
+            zero = ir.Constant(vec, [0.0] * LANES)
+            total = [zero] * VECTORS
+            for h in range(0, ROW, LEVEL * LANES * VECTORS):
+                acc = [zero] * VECTORS
+                for j in range(h, h + LEVEL * LANES * VECTORS, LANES):
+                    at = ir.Constant(i64, j)
+                    x, y = (builder.load(builder.bitcast(builder.gep(p, [at]), vec.as_pointer()), align=4) for p in (pa, pb))
+                    if kind:
+                        x = y = builder.fsub(x, y)
+                    q = (j // LANES) % VECTORS
+                    acc[q] = builder.fadd(acc[q], builder.fmul(x, y))
+                total = [builder.fadd(t, c) for t, c in zip(total, acc)]
+            v = total[0]
+            for t in total[1:]:
+                v = builder.fadd(v, t)
+            out = ir.Constant(f32, 0.0)
+            for lane in range(LANES):
+                out = builder.fadd(out, builder.extract_element(v, ir.Constant(ir.IntType(32), lane)))
+            return out
+
+        return sig, codegen
+
+    return row_total
+
+
+_row_dot = _row_total(0)
+_row_difference = _row_total(1)
+
+
+@njit(nogil=True, cache=True)
+def pair_sums(xs, base, has_base, pairs, scratch, out):  # type: ignore[no-untyped-def]
+    """out[p, r] = the float32 row sum (:func:`_row_total`) of row r of v_a * v_b or (v_a - v_b)^2 for pairs[p] = (a, b,
+    kind), v_m = xs[m] widened (minus the widened base where has_base), for each of the out.shape[1] full rows of ROW
+    entries: reduce.gram_matrix's and reduce.difference_sums's rows."""
+    m = len(xs)
+    for r in range(out.shape[1]):
+        o = r * ROW
+        bs = base[o:o + ROW]
+        for k in range(m):
+            x = xs[k][o:o + ROW]
+            s = scratch[k]
+            if has_base:
+                for j in range(ROW):
+                    s[j] = widen(x[j]) - widen(bs[j])
+            else:
+                for j in range(ROW):
+                    s[j] = widen(x[j])
+        for p in range(pairs.shape[0]):
+            a = scratch[pairs[p, 0]]
+            b = scratch[pairs[p, 1]]
+            out[p, r] = _row_dot(a, b, 0) if pairs[p, 2] == 0 else _row_difference(a, b, 0)
+
+
+@njit(nogil=True, cache=True)
+def combination(xs, coefficients, base, has_base, out):  # type: ignore[no-untyped-def]
+    """out = sum_i c_i v_i (+ base where has_base), v_i = xs[i] widened (minus the widened base), term by term in model
+    order from 0, each term one fused multiply-add (ops.linear_combination's add_(v, alpha=c)); models with c_i = 0
+    left out, as there."""
+    n = out.shape[0]
+    m = len(xs)
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        o = out[b0:b1]
+        o[:] = 0.0
+        bs = base[b0:b1]
+        for k in range(m):
+            c = coefficients[k]
+            if c == 0:
+                continue
+            x = xs[k][b0:b1]
+            if has_base:
+                for j in range(b1 - b0):
+                    o[j] = _fma(widen(x[j]) - widen(bs[j]), c, o[j])
+            else:
+                for j in range(b1 - b0):
+                    o[j] = _fma(widen(x[j]), c, o[j])
+        if has_base:
+            for j in range(b1 - b0):
+                o[j] = o[j] + widen(bs[j])

@@ -1,7 +1,10 @@
-"""Compiled, fused chunk kernels for the TIES family's merges (ties, dare, breadcrumbs, della), where numba is installed.
+"""Compiled, fused chunk kernels for the TIES family's merges (ties, dare, breadcrumbs, della) and the sphere methods'
+passes (slerp, nuslerp, multislerp, karcher), where numba is installed.
 
-Two steps run here: the threshold sweep of :func:`selection.kth_largest_magnitudes` (magnitudes, counts and the
-bracket's entries of each chunk: 0.23 against 0.56 ns a magnitude for bfloat16), and the merge of each chunk.
+Four steps run here: the threshold sweep of :func:`selection.kth_largest_magnitudes` (magnitudes, counts and the
+bracket's entries of each chunk: 0.23 against 0.56 ns a magnitude for bfloat16), the merge of each chunk; and the
+sphere methods' row sums (:func:`pair_sums`: every pair's products of a slice in one pass, each row summed in the
+order of torch's own CPU kernel, so the sums are torch's bit for bit) and their linear combination (:func:`combination`).
 :class:`ops.MergedChunks` computes a chunk of ``base + scale * combine(deltas)`` as ~25 torch passes over chunk-sized
 buffers (delta, trim, vote, sign, agreement, products, sums, divisor, division, base); each pass is fast, but they
 add up to ~4.5 ns an output entry for three bfloat16 models. Here the same operations run as one compiled loop
@@ -15,7 +18,9 @@ The bits are the torch path's, operation for operation, and tests compare the tw
   * torch's ``add_(x, alpha=w)`` is a fused multiply-add on the CPU (one rounding): here ``llvm.fma``, never a
     separate multiply and add; numba's defaults do not reassociate or contract (no fastmath);
   * half precision is widened exactly (a bfloat16's bits shifted into a float32's), as torch widens it;
-  * comparisons are IEEE's (false for NaN), as torch's, and ``torch.sign`` of NaN is 0.
+  * comparisons are IEEE's (false for NaN), as torch's, and ``torch.sign`` of NaN is 0;
+  * a float32 row sum adds its entries in the order torch's AVX2 kernel does (8 lanes, 4 vectors, a 16-step cascade:
+    ``_numba_kernels._row_total``; its AVX-512 build sums these rows in the same order, checked).
 
 Compiled code is cached on disk by numba (next to this module, or in numba's user cache), once per model count
 and input dtypes: the first merge of a kind pays ~2 s of compiling, later processes ~0.3 s of loading.
@@ -113,6 +118,9 @@ def _load() -> Any:
         k.band_sweep(z, z, np.float32(0), np.float32(1), 0, np.empty(block, np.float32), np.empty(5, np.float32), np.zeros(4, np.int64))
         k.merge_rows(np.zeros((1, 4), np.float32), z, np.zeros(1, np.int64), np.zeros((1, 3), np.float32), np.zeros(1, np.bool_),
                      np.zeros(5, np.int64), np.ones(3, np.float32), np.empty(block, np.float32), np.empty(block, np.float32), z.copy())
+        h = np.zeros(k.ROW, np.uint16)  # the sphere methods' kernels, on bfloat16 models
+        k.pair_sums((h, h), h, False, np.zeros((1, 3), np.int64), np.empty((2, k.ROW), np.float32), np.empty((1, 1), np.float32))
+        k.combination((h, h), np.zeros(2, np.float32), h, False, np.empty(k.ROW, np.float32))
     except Exception as e:  # e.g. no writable cache folder; numba's own errors have no common base
         logging.getLogger(__name__).warning("compiled merge kernels unavailable (%s: %s); merging with torch", type(e).__name__, e)
         return False
@@ -200,6 +208,36 @@ class BandSweep:
             raise _failed(e) from e
         above, at_lo, at_hi, nan = (int(x) for x in self.counts)
         return above, at_lo, at_hi, nan, self.gathered[:c]
+
+
+def pair_sums(xs: Sequence[torch.Tensor], base: torch.Tensor | None, pairs: Sequence[tuple[int, int, int]], rows: int) -> np.ndarray:
+    """The float32 row sums of :func:`reduce.gram_matrix` and :func:`reduce.difference_sums` over ``rows`` whole rows of
+    ROW entries: a (len(pairs), rows) array, entry (p, r) the sum of row r of v_a * v_b (pairs[p] = (a, b, 0)) or of
+    (v_a - v_b)^2 (kind 1), v_m = xs[m] minus base, each widened to float32 exactly. Each row is summed in the order
+    of torch's CPU kernel (:func:`._numba_kernels._row_total`), so the sums are torch's, bit for bit."""
+    k = _kernels()
+    arrays = tuple(_as_numpy(x.reshape(-1)) for x in xs)
+    b = _as_numpy(base.reshape(-1)) if base is not None else arrays[0]
+    out = np.empty((len(pairs), rows), np.float32)
+    try:
+        k.pair_sums(arrays, b, base is not None, np.asarray(pairs, np.int64).reshape(-1, 3), np.empty((len(arrays), k.ROW), np.float32), out)
+    except Exception as e:  # as FusedMerge.__call__
+        raise _failed(e) from e
+    return out
+
+
+def combination(xs: Sequence[torch.Tensor], coefficients: Sequence[float], base: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """:func:`ops.linear_combination` into ``out`` (float32, flat, the inputs' size): sum_i c_i (x_i - base) + base, term by
+    term in model order, each a fused multiply-add by c_i rounded to float32 (torch's ``add_(v, alpha=c)``); c_i = 0
+    left out. The caller checks that every c_i is finite and within float32's range (torch refuses the others)."""
+    k = _kernels()
+    arrays = tuple(_as_numpy(x.reshape(-1)) for x in xs)
+    b = _as_numpy(base.reshape(-1)) if base is not None else arrays[0]
+    try:
+        k.combination(arrays, np.asarray(coefficients, np.float32), b, base is not None, out.numpy())
+    except Exception as e:  # as FusedMerge.__call__
+        raise _failed(e) from e
+    return out
 
 
 def takes(*tensors: torch.Tensor | None) -> bool:

@@ -670,6 +670,11 @@ def linear_combination(tensors: Sequence[torch.Tensor], coefficients: Sequence[f
     (they add nothing, and 0 * -x would turn a +0 sum into -0). The results of the sphere means (multislerp, karcher),
     given the coefficients their passes of sums give."""
     n, device = tensors[0].numel(), tensors[0].device
+    if _fused_combination(tensors, coefficients, base, dtype):
+        try:
+            return kernels.combination(tensors, coefficients, base, torch.empty(n, dtype=dtype))
+        except kernels.KernelFailed:  # on torch, as below
+            pass
     out = torch.zeros(n, dtype=dtype, device=device)
     work = scratch(n, device, -1, dtype)
     flat_base = base.reshape(-1) if base is not None else None
@@ -683,6 +688,21 @@ def linear_combination(tensors: Sequence[torch.Tensor], coefficients: Sequence[f
             v = torch.sub(v, flat_base, out=work)
         out.add_(v, alpha=c)
     return out.add_(flat_base) if flat_base is not None else out
+
+
+def _fused_combination(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], base: torch.Tensor | None,
+                       dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_combination` runs on the compiled kernel (:func:`kernels.combination`): a float32 result,
+    inputs of one dtype the kernels take (a base of either), by default one of them bfloat16 (:func:`kernels.enabled`),
+    and coefficients torch would take as float32 alphas (finite, within float32's range: torch refuses larger ones) that
+    are zero there only where they are zero (one that rounds to 0 is still a term on torch: inf * 0 is NaN)."""
+    stored = [*tensors, *([base] if base is not None else [])]
+    return (dtype == torch.float32 and len({t.dtype for t in tensors}) == 1 and kernels.takes(*stored)
+            and all(math.isfinite(c) and abs(c) <= _FLOAT32_MAX and (c == 0) == (np.float32(c) == 0) for c in coefficients)
+            and kernels.enabled(*stored))
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class DeltaChunks(Protocol):

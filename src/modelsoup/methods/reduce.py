@@ -26,7 +26,10 @@ import math
 import threading
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
+
+from . import kernels
 
 ROW = 1 << 10  # entries per row: part of the numerics of every method that uses these sums
 PIECE = 1 << 20  # entries widened at a time into this thread's buffers (a multiple of ROW)
@@ -144,7 +147,8 @@ def gram_matrix(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = Non
     """G[i][j] = <v_i, v_j> for every pair, v_i = t_i - base (t_i without a base; flattened, one size), each as
     :func:`dot` takes it, so G[i][j] is G[j][i] and G[i][i] is ``dot(v_i, v_i)``, bit for bit. Each input is widened (if
     it must be) once per piece, exactly, and the difference taken in the work dtype (a half-precision difference would
-    round). The tensors may be pieces of longer ones that start at a multiple of ROW in them, as for :func:`dot_parts`."""
+    round). The tensors may be pieces of longer ones that start at a multiple of ROW in them, as for :func:`dot_parts`.
+    Where the compiled kernels run (:func:`_fused`), each piece's full rows are summed by one of them, in torch's order."""
     flat = [t.reshape(-1) for t in tensors]
     fb = base.reshape(-1) if base is not None else None
     for f in flat[1:] + ([fb] if fb is not None else []):
@@ -153,8 +157,17 @@ def gram_matrix(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = Non
     if not k:
         return []
     dtype = work_dtype(*flat, *([fb] if fb is not None else []))
-    parts: dict[tuple[int, int], list[float]] = {(a, b): [] for a in range(k) for b in range(a, k)}
+    pairs = [(a, b, 0) for a in range(k) for b in range(a, k)]
+    parts: dict[tuple[int, int], list[float]] = {(a, b): [] for a, b, _ in pairs}
+    fused = dtype == torch.float32 and _fused(flat, fb)
     for i, j in _pieces(flat[0].numel()):
+        if fused:
+            try:
+                i = _fused_rows(flat, fb, pairs, i, j, [parts[(a, b)] for a, b, _ in pairs])
+            except kernels.KernelFailed:  # this piece, and the rest, on torch
+                fused = False
+            if i == j:
+                continue
         b = _widened(fb[i:j], dtype, 4) if fb is not None else None  # buffers 4, 5, ...: 0-3 are the other sums'
         xs = []
         for m, f in enumerate(flat):
@@ -167,6 +180,44 @@ def gram_matrix(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = Non
     for (a, c), rows in parts.items():
         g[a][c] = g[c][a] = fsum(rows)
     return g
+
+
+def _fused(flat: Sequence[torch.Tensor], base: torch.Tensor | None) -> bool:
+    """Whether the compiled kernels sum these inputs' rows (:func:`kernels.pair_sums`): numba there, the tensors on the CPU,
+    contiguous, float32 or bfloat16 (the inputs of one dtype), and by default one of them bfloat16 (:func:`kernels.enabled`)."""
+    stored = [*flat, *([base] if base is not None else [])]
+    return len({f.dtype for f in flat}) == 1 and kernels.takes(*stored) and kernels.enabled(*stored)
+
+
+def _fused_rows(flat: Sequence[torch.Tensor], base: torch.Tensor | None, pairs: Sequence[tuple[int, int, int]], i: int, j: int,
+                parts: Sequence[list[float]]) -> int:
+    """The row sums of entries [i, i + whole rows) by the compiled kernel, appended to ``parts`` (one list per pair
+    (a, b, kind): kind 0 sums v_a * v_b, kind 1 (v_a - v_b)^2); returns where the rows end (j, or the start of a last
+    row shorter than ROW, which torch sums). A row whose float32 sum is not finite is summed again in float64, as
+    :func:`_product_rows` does."""
+    end = i + (j - i) // ROW * ROW
+    if end == i:
+        return i
+    sums = kernels.pair_sums([f[i:end] for f in flat], base[i:end] if base is not None else None, pairs, (end - i) // ROW)
+    bad = ~np.isfinite(sums)
+    rows = sums.tolist()
+    if bad.any():
+        for p, r in zip(*np.nonzero(bad)):
+            a, b, kind = pairs[p]
+            lo, hi = i + r * ROW, i + (r + 1) * ROW
+            x, y = (_difference(f[lo:hi], base[lo:hi] if base is not None else None) for f in (flat[a], flat[b]))
+            if kind == 1:
+                x = y = x - y
+            rows[p][r] = float((x.to(torch.float64) * y.to(torch.float64)).sum())
+    for out, r in zip(parts, rows):
+        out.extend(r)
+    return end
+
+
+def _difference(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """x widened to float32 (minus the widened base): a row's v as the torch path takes it."""
+    x = x.to(torch.float32)
+    return x if base is None else x - base.to(torch.float32)
 
 
 def gram_upper(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> tuple[float, ...]:
@@ -205,7 +256,16 @@ def difference_sums(tensors: Sequence[torch.Tensor]) -> tuple[list[float], dict[
     dtype = torch.float64 if n < SHORT else work_dtype(*flat) if flat else torch.float32
     squares: list[list[float]] = [[] for _ in range(k)]
     pairs: dict[tuple[int, int], list[float]] = {(a, b): [] for a in range(k) for b in range(a + 1, k)}
+    codes = [(a, a, 0) for a in range(k)] + [(a, b, 1) for a, b in pairs]
+    fused = dtype == torch.float32 and _fused(flat, None)
     for i, j in _pieces(n):
+        if fused:
+            try:
+                i = _fused_rows(flat, None, codes, i, j, [*squares, *pairs.values()])
+            except kernels.KernelFailed:  # this piece, and the rest, on torch
+                fused = False
+            if i == j:
+                continue
         xs = [_widened(f[i:j], dtype, 5 + m) for m, f in enumerate(flat)]  # buffers 5, ...: 0-4 are the other sums'
         prod, diff = scratch(j - i, flat[0].device, 2, dtype), scratch(j - i, flat[0].device, 3, dtype)
         for a, x in enumerate(xs):
