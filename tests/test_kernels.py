@@ -433,3 +433,91 @@ def test_a_sum_kernel_failing_mid_reduction_redoes_the_piece_on_torch(monkeypatc
         assert len(calls) == 2 and "compiled merge kernels failed (OSError" in caplog.text and not kernels.enabled()
         monkeypatch.setattr(k, "pair_sums", real)
     monkeypatch.setattr(kernels, "_broken", False)
+
+
+# ------------------------------------------------------------------ the random draws (DARE, DELLA)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**40 + 7])
+def test_compiled_uniforms_are_torch_rands_and_leave_the_generator_as_torch_does(seed):
+    ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for n in (1, 622, 623, 624, 625, 1247, 1248, 1249, 3, 100_003, 0, 5000):  # across new states, at and around them
+        _same_bits(kernels.uniforms(ours, torch.empty(n)), torch.rand(n, generator=theirs))
+        assert torch.equal(ours.get_state(), theirs.get_state())
+    for p in (0.0, 1.0, 0.5, 0.3, 1e-8, 0.9999999, 0.6):
+        keep = torch.empty(7001, dtype=torch.bool)
+        assert torch.equal(kernels.uniforms(ours, None, p, keep), torch.rand(7001, generator=theirs) < p)
+    assert torch.equal(ours.get_state(), theirs.get_state())
+    torch.randn(5, generator=ours), torch.randn(5, generator=theirs)  # a normal draw (its cache in the state) between
+    _same_bits(kernels.uniforms(ours, torch.empty(999)), torch.rand(999, generator=theirs))
+    _same_bits(torch.rand(10, generator=ours), torch.rand(10, generator=theirs))  # and torch goes on from our state
+
+
+@pytest.mark.parametrize("method,params", [
+    ("dare_ties", {"density": 0.4}), ("dare_linear", {"density": 0.7}), ("della", {"density": 0.6, "epsilon": 0.1}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.2}),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_random_methods_on_the_compiled_draws_give_the_torch_paths_bits(monkeypatch, method, params, dtype):
+    base, models = _models(41, (1 << 18) + 3 * 2048 + 5, dtype)
+
+    def run():  # type: ignore[no-untyped-def]
+        return get_method(method)(models, base=base, weights=[0.5, 1.0, 0.7], generator=torch.Generator().manual_seed(3), **params)
+
+    got, want = _both(monkeypatch, run, ((kernels, "uniforms"),))
+    _same_bits(got.float(), want.float())
+
+
+def test_streamed_dare_masks_on_the_compiled_draws_give_the_torch_paths_bits(monkeypatch):
+    from modelsoup.methods.ops import DroppedDeltas
+
+    base, models = _models(42, 3 * (1 << 18) + 11, torch.bfloat16)
+
+    def masks():  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(9)
+        d = DroppedDeltas(models, base, [0.3, 0.5, 0.9], g, "density")
+        return torch.stack(d.keep).float(), g.get_state()
+
+    (got, gs), (want, ws) = _both(monkeypatch, masks, ((kernels, "uniforms"),))
+    _same_bits(got, want)
+    assert torch.equal(gs, ws)
+
+
+def test_compiled_draws_are_not_used_where_they_would_not_be_torchs(monkeypatch):
+    """A generator state of another layout (another torch), or draws that the check at first use finds differ."""
+    monkeypatch.setattr(kernels, "_rand_checked", None)
+    k = kernels._kernels()
+    real = k.uniforms
+
+    def off_by_one(state, pos, p, out, keep):  # type: ignore[no-untyped-def]
+        real(state, pos, p, out, keep)
+        if out.size:
+            out[0] += 1e-3
+
+    monkeypatch.setattr(k, "uniforms", off_by_one)
+    assert not kernels.draws_uniforms(torch.Generator())
+    monkeypatch.setattr(k, "uniforms", real)
+    monkeypatch.setattr(kernels, "_rand_checked", None)
+    assert kernels.draws_uniforms(torch.Generator())
+    monkeypatch.setattr(kernels, "_STATE_BYTES", 5057)
+    monkeypatch.setattr(kernels, "_rand_checked", None)
+    assert not kernels.draws_uniforms(torch.Generator())
+    monkeypatch.setattr(kernels, "_rand_checked", None)
+
+
+def test_a_failing_compiled_draw_leaves_the_generator_as_it_was_and_torch_draws(monkeypatch, caplog):
+    from modelsoup.methods.ops import bernoulli_mask
+
+    k = kernels._kernels()
+
+    def fail(*args):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    want = bernoulli_mask(torch.empty(5000), 0.4, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(k, "uniforms", fail)
+    monkeypatch.setattr(kernels, "_broken", False)
+    with caplog.at_level("WARNING"):
+        got = bernoulli_mask(torch.empty(5000), 0.4, torch.Generator().manual_seed(5))
+    _same_bits(got, want)
+    assert "compiled merge kernels failed (OSError" in caplog.text and not kernels.enabled()
+    monkeypatch.setattr(kernels, "_broken", False)

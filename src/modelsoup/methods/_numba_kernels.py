@@ -419,3 +419,66 @@ def combination(xs, coefficients, base, has_base, out):  # type: ignore[no-untyp
         if has_base:
             for j in range(b1 - b0):
                 o[j] = o[j] + widen(bs[j])
+
+
+# ------------------------------------------------------------------ torch's CPU uniforms (MT19937), for DARE's and DELLA's draws
+
+MT_N, MT_M = 624, 397
+
+
+@njit(nogil=True, cache=True)
+def _twist(s):  # type: ignore[no-untyped-def]
+    """MT19937's next state, in place (torch's ``mt19937_engine::next_state``)."""
+    upper, lower, matrix = np.uint32(0x80000000), np.uint32(0x7FFFFFFF), np.uint32(0x9908B0DF)
+    one = np.uint32(1)
+    for k in range(MT_N - MT_M):
+        v = s[k + 1]
+        s[k] = s[k + MT_M] ^ (((s[k] & upper) | (v & lower)) >> one) ^ ((np.uint32(0) - (v & one)) & matrix)
+    for k in range(MT_N - MT_M, MT_N - 1):
+        v = s[k + 1]
+        s[k] = s[k + MT_M - MT_N] ^ (((s[k] & upper) | (v & lower)) >> one) ^ ((np.uint32(0) - (v & one)) & matrix)
+    v = s[0]
+    s[MT_N - 1] = s[MT_M - 1] ^ (((s[MT_N - 1] & upper) | (v & lower)) >> one) ^ ((np.uint32(0) - (v & one)) & matrix)
+
+
+@njit(nogil=True, cache=True)
+def _tempered(y):  # type: ignore[no-untyped-def]
+    y ^= y >> np.uint32(11)
+    y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+    y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+    y ^= y >> np.uint32(18)
+    return y
+
+
+@njit(nogil=True, cache=True)
+def uniforms(state, pos, p, out, keep):  # type: ignore[no-untyped-def]
+    """The next len(out) (or len(keep)) float32 uniforms of torch's CPU generator, as ``torch.rand`` draws them: one
+    MT19937 output each, its low 24 bits times 2^-24, in order. Into ``out`` where p < 0, else ``keep = u < p`` (p a
+    float32, as torch compares a float32 tensor with a Python number). ``state`` (624 words) and ``pos`` (left, next: the
+    engine's counters) are advanced as torch advances them."""
+    n = out.shape[0] if p < 0 else keep.shape[0]
+    left = pos[0]
+    nxt = pos[1]
+    scale = np.float32(1.0 / (1 << 24))
+    mask = np.uint32(0xFFFFFF)
+    i = 0
+    while i < n:
+        if left == 1:  # the next draw makes a new state
+            _twist(state)
+            left = MT_N + 1
+            nxt = 0
+        run = min(n - i, left - 1)
+        words = state[nxt:nxt + run]
+        if p < 0:
+            dst = out[i:i + run]
+            for t in range(run):
+                dst[t] = np.float32(_tempered(words[t]) & mask) * scale
+        else:
+            flags = keep[i:i + run]
+            for t in range(run):
+                flags[t] = np.float32(_tempered(words[t]) & mask) * scale < p
+        i += run
+        nxt += run
+        left -= run
+    pos[0] = left
+    pos[1] = nxt

@@ -231,6 +231,19 @@ def outlier_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, densitie
     return TrimmedDeltas(srcs, RankWindow.for_sources(srcs, windows), base)
 
 
+def rand(shape: Sequence[int], generator: torch.Generator | None) -> torch.Tensor:
+    """``torch.rand(shape, generator=generator)`` (float32): drawn by the compiled generator where it stands in for
+    torch's (:func:`kernels.draws_uniforms`: the same values, the generator left in the same state), else by torch."""
+    if generator is not None and kernels.draws_uniforms(generator):
+        u = torch.empty(shape, dtype=torch.float32)
+        try:
+            kernels.uniforms(generator, u.view(-1))
+            return u
+        except kernels.KernelFailed:  # the generator is as it was: a failed draw does not set its state
+            pass
+    return torch.rand(shape, generator=generator, dtype=torch.float32)
+
+
 def bernoulli_mask(like: torch.Tensor, p: float | torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """A 0/1 mask shaped (and typed) like ``like``, each entry 1 with probability ``p`` (a float or a tensor of ``like``'s shape).
 
@@ -238,7 +251,7 @@ def bernoulli_mask(like: torch.Tensor, p: float | torch.Tensor, generator: torch
     kernel draws one ``torch.rand`` value per entry, in order, and keeps it if below ``p`` (pinned by
     tests/test_methods.py). Drawn this way it takes a third of the time.
     """
-    u = torch.rand(like.shape, generator=generator, dtype=torch.float32)
+    u = rand(like.shape, generator)
     keep = torch.lt(u, p, out=torch.empty(like.shape, dtype=torch.bool))
     return u.copy_(keep) if like.dtype == torch.float32 else keep.to(like.dtype)  # the uniforms' memory holds the mask
 
@@ -322,6 +335,12 @@ class DroppedDeltas(MaskedDeltas):
         masks = []
         for p in densities:
             keep = torch.empty(n, dtype=torch.bool)
+            if generator is not None and kernels.draws_uniforms(generator):
+                try:
+                    masks.append(kernels.uniforms(generator, None, p, keep))  # the whole mask in one compiled pass
+                    continue
+                except kernels.KernelFailed:  # the generator is as it was: a failed draw does not set its state
+                    pass
             for i in range(0, n, selection.CHUNK):
                 j = min(i + selection.CHUNK, n)
                 torch.lt(torch.rand(j - i, generator=generator, out=uniforms[: j - i]), p, out=keep[i:j])
