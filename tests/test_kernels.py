@@ -489,8 +489,8 @@ def test_compiled_draws_are_not_used_where_they_would_not_be_torchs(monkeypatch)
     k = kernels._kernels()
     real = k.uniforms
 
-    def off_by_one(state, pos, p, out, keep):  # type: ignore[no-untyped-def]
-        real(state, pos, p, out, keep)
+    def off_by_one(state, pos, masked, p, out, keep):  # type: ignore[no-untyped-def]
+        real(state, pos, masked, p, out, keep)
         if out.size:
             out[0] += 1e-3
 
@@ -521,3 +521,111 @@ def test_a_failing_compiled_draw_leaves_the_generator_as_it_was_and_torch_draws(
     _same_bits(got, want)
     assert "compiled merge kernels failed (OSError" in caplog.text and not kernels.enabled()
     monkeypatch.setattr(kernels, "_broken", False)
+
+
+def test_draws_made_on_a_device_are_torchs(monkeypatch):
+    """A method run on a device (engine.on_device) makes its buffers there: torch draws into them, not the kernel."""
+    from modelsoup.engine import on_device
+    from modelsoup.methods.ops import bernoulli_mask, rand
+
+    assert kernels.draws_uniforms(torch.Generator())  # checked on the CPU first
+    calls = []
+    real = kernels.uniforms
+    monkeypatch.setattr(kernels, "uniforms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with on_device(torch.device("meta")):
+        assert rand((10,), torch.Generator().manual_seed(1)).device.type == "meta"
+        assert bernoulli_mask(torch.empty(3000), 0.5, torch.Generator().manual_seed(1)).device.type == "meta"
+    assert not calls
+
+
+def test_threads_sharing_a_generator_never_draw_the_same_numbers():
+    import threading
+
+    from modelsoup.methods.ops import rand
+
+    n, shared, ref = 200_000, torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    got: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: got.append(rand((n,), shared))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = [torch.rand(n, generator=ref) for _ in range(4)]  # the same four pieces of torch's stream, in some order
+    assert sorted(float(g[:4].sum()) for g in got) == sorted(float(w[:4].sum()) for w in want)
+    assert all(any(torch.equal(g, w) for w in want) for g in got) and torch.equal(shared.get_state(), ref.get_state())
+
+
+def test_a_mask_below_zero_is_torchs_all_false_mask(monkeypatch):
+    from modelsoup.methods.ops import DroppedDeltas
+
+    base, models = _models(44, 5000, torch.bfloat16, k=2)
+
+    def masks():  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(1)
+        return torch.stack(DroppedDeltas(models, base, [-0.5, 0.5], g, "none").keep).float(), g.get_state()
+
+    (got, gs), (want, ws) = _both(monkeypatch, masks, ((kernels, "uniforms"),))
+    _same_bits(got, want)
+    assert torch.equal(gs, ws) and not got[0].any()
+
+
+def test_row_sums_that_are_not_torchs_here_leave_the_sums_to_torch(monkeypatch, caplog):
+    import numpy as np
+
+    k = kernels._kernels()
+    real = k.pair_sums
+
+    def off(xs, base, has_base, pairs, scratch, out):  # type: ignore[no-untyped-def]
+        real(xs, base, has_base, pairs, scratch, out)
+        out[0, 0] = np.nextafter(out[0, 0], np.float32(np.inf))
+
+    monkeypatch.setattr(k, "pair_sums", off)
+    monkeypatch.setattr(kernels, "_sums_checked", None)
+    ts = _sphere_inputs(45, 5000, torch.bfloat16, 2, False)
+    calls = []
+    monkeypatch.setattr(kernels, "pair_sums", lambda *a, real=kernels.pair_sums: calls.append(1) or real(*a))
+    with caplog.at_level("INFO"):
+        assert not kernels.sums_like_torch()
+    calls.clear()
+    got = reduce.gram_matrix(ts)
+    assert not calls and "compiled row sums differ" in caplog.text
+    monkeypatch.setenv(kernels.DISABLE_ENV, "torch")
+    _same_floats(got, reduce.gram_matrix(ts))
+    monkeypatch.setattr(kernels, "_sums_checked", None)
+
+
+def test_a_combination_of_mismatched_sizes_is_refused_as_torch_refuses_it(monkeypatch):
+    from modelsoup.methods.ops import linear_combination
+
+    ts = _sphere_inputs(46, 5000, torch.bfloat16, 3, False)
+    base = _sphere_inputs(47, 3000, torch.bfloat16, 1, False)[0]
+    errors = []
+    for env in ("all", "torch"):
+        monkeypatch.setenv(kernels.DISABLE_ENV, env)
+        with pytest.raises(RuntimeError) as err:
+            linear_combination(ts, [1.0, 1.0, 1.0], base, torch.float32)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cols", [2, 7, 2048, 5632])
+def test_streamed_della_codes_on_the_compiled_pass_give_the_torch_paths_bits(monkeypatch, dtype, cols):
+    from modelsoup.methods.ops import MagPrunedDeltas
+
+    g = torch.Generator().manual_seed(cols)
+    base = torch.randn(max(3, (1 << 17) // cols), cols, generator=g)
+    models = [base + 0.01 * torch.randn(base.shape, generator=g) for _ in range(3)]
+    models[0][1] = base[1]  # a row of ties (zero deltas)
+    models[1][2, : cols // 2] = base[2, : cols // 2] + 2.0 ** -10  # ties of one magnitude
+    models[2][0, 0] = float("inf")  # (inputs allowed to be non-finite)
+    models = [m.to(dtype) for m in models]
+
+    def codes():  # type: ignore[no-untyped-def]
+        gen = torch.Generator().manual_seed(2)
+        d = MagPrunedDeltas(models, base.to(dtype), [0.6, 0.3, 0.5], [0.1, 0.2, 0.05], gen, "density", "della")
+        return torch.stack([c[0] for c in d.codes]).float(), gen.get_state()
+
+    (got, gs), (want, ws) = _both(monkeypatch, codes, ((kernels, "magprune_codes"),))
+    _same_bits(got, want)
+    assert torch.equal(gs, ws)

@@ -451,12 +451,12 @@ def _tempered(y):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def uniforms(state, pos, p, out, keep):  # type: ignore[no-untyped-def]
+def uniforms(state, pos, masked, p, out, keep):  # type: ignore[no-untyped-def]
     """The next len(out) (or len(keep)) float32 uniforms of torch's CPU generator, as ``torch.rand`` draws them: one
-    MT19937 output each, its low 24 bits times 2^-24, in order. Into ``out`` where p < 0, else ``keep = u < p`` (p a
+    MT19937 output each, its low 24 bits times 2^-24, in order. Into ``out``, or where ``masked`` ``keep = u < p`` (p a
     float32, as torch compares a float32 tensor with a Python number). ``state`` (624 words) and ``pos`` (left, next: the
     engine's counters) are advanced as torch advances them."""
-    n = out.shape[0] if p < 0 else keep.shape[0]
+    n = keep.shape[0] if masked else out.shape[0]
     left = pos[0]
     nxt = pos[1]
     scale = np.float32(1.0 / (1 << 24))
@@ -469,7 +469,7 @@ def uniforms(state, pos, p, out, keep):  # type: ignore[no-untyped-def]
             nxt = 0
         run = min(n - i, left - 1)
         words = state[nxt:nxt + run]
-        if p < 0:
+        if not masked:
             dst = out[i:i + run]
             for t in range(run):
                 dst[t] = np.float32(_tempered(words[t]) & mask) * scale
@@ -482,3 +482,24 @@ def uniforms(state, pos, p, out, keep):  # type: ignore[no-untyped-def]
         left -= run
     pos[0] = left
     pos[1] = nxt
+
+
+# ------------------------------------------------------------------ DELLA's MagPrune codes (ops.MagPrunedDeltas._draw)
+
+@njit(nogil=True, cache=True)
+def magprune_codes(order, low, span, denom, state, pos, uniform, codes):  # type: ignore[no-untyped-def]
+    """DELLA's codes of a block of rows (rows x cols), given each row's columns in ascending (|delta|, column) order:
+    the entry at place q of its row's order has rank q, keep probability low + (q / denom) * span (float32, as
+    ops._probabilities_of_ranks: denom = cols - 1, span = 2 epsilon, low = density - epsilon), and is kept where its
+    uniform of torch's generator (drawn for the block in row-major order, as torch.rand(block.shape)) is below that; the
+    code is the rank where kept, cols where dropped."""
+    rows, cols = order.shape
+    uniforms(state, pos, False, np.float32(0.0), uniform, np.empty(0, np.bool_))
+    for r in range(rows):
+        o = order[r]
+        u = uniform[r * cols:(r + 1) * cols]
+        c = codes[r]
+        for q in range(cols):
+            j = o[q]
+            p = low + (np.float32(q) / denom) * span
+            c[j] = q if u[j] < p else cols

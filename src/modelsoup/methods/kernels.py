@@ -7,8 +7,11 @@ sphere methods' row sums (:func:`pair_sums`: every pair's products of a slice in
 order of torch's own CPU kernel, so the sums are torch's bit for bit) and their linear combination (:func:`combination`).
 And DARE's and DELLA's uniforms (:func:`uniforms`): torch's CPU generator is MT19937, ``torch.rand`` takes the low 24
 bits of one output per entry, serially (2.3-2.6 ns an entry); compiled, the same draws take 0.24 ns, read from and
-written back to the generator's state. These run for models of every dtype (the draws cost the same on each), the
-other kernels by default where models are bfloat16.
+written back to the generator's state, under one lock (threads may share a generator); DELLA's MagPrune codes of a
+block of rows (:func:`magprune_codes`: ranks from the sorted order, probabilities, draws, codes in one pass). These run
+for models of every dtype (the draws cost the same on each), the other kernels by default where models are bfloat16.
+Two once-per-process checks keep a kernel off where it would not be torch's: the draws against ``torch.rand``, the row
+sums against torch's (whose summation order they copy, and a future torch could change).
 :class:`ops.MergedChunks` computes a chunk of ``base + scale * combine(deltas)`` as ~25 torch passes over chunk-sized
 buffers (delta, trim, vote, sign, agreement, products, sums, divisor, division, base); each pass is fast, but they
 add up to ~4.5 ns an output entry for three bfloat16 models. Here the same operations run as one compiled loop
@@ -220,14 +223,42 @@ def pair_sums(xs: Sequence[torch.Tensor], base: torch.Tensor | None, pairs: Sequ
     (v_a - v_b)^2 (kind 1), v_m = xs[m] minus base, each widened to float32 exactly. Each row is summed in the order
     of torch's CPU kernel (:func:`._numba_kernels._row_total`), so the sums are torch's, bit for bit."""
     k = _kernels()
-    arrays = tuple(_as_numpy(x.reshape(-1)) for x in xs)
-    b = _as_numpy(base.reshape(-1)) if base is not None else arrays[0]
     out = np.empty((len(pairs), rows), np.float32)
     try:
+        arrays = tuple(_as_numpy(x.reshape(-1)) for x in xs)
+        b = _as_numpy(base.reshape(-1)) if base is not None else arrays[0]
         k.pair_sums(arrays, b, base is not None, np.asarray(pairs, np.int64).reshape(-1, 3), np.empty((len(arrays), k.ROW), np.float32), out)
     except Exception as e:  # as FusedMerge.__call__
         raise _failed(e) from e
     return out
+
+
+_sums_checked: bool | None = None
+
+
+def sums_like_torch() -> bool:
+    """Whether :func:`pair_sums` gives torch's row sums on this machine and torch (the kernel copies the order of torch's
+    CPU reduction, which a future torch could change): checked once per process on random rows (products, squared
+    differences, a base, bfloat16 and float32), against torch's own sums."""
+    global _sums_checked
+    if _sums_checked is None:
+        try:
+            g = torch.Generator().manual_seed(20261203)
+            x, y, b = (torch.randn(8 * 1024, generator=g, device="cpu") * 10 ** float(e) for e in (-3, 0, 2))
+            ok = True
+            for dt in KERNEL_DTYPES:
+                xs = [x.to(dt), y.to(dt)]
+                got = pair_sums(xs, b.to(dt), [(0, 1, 0), (0, 1, 1), (1, 1, 0)], 8)
+                v = [t.to(torch.float32) - b.to(dt).to(torch.float32) for t in xs]
+                want = [(v[0] * v[1]).view(-1, 1024).sum(dim=1), (v[0] - v[1]).mul_(v[0] - v[1]).view(-1, 1024).sum(dim=1),
+                        (v[1] * v[1]).view(-1, 1024).sum(dim=1)]
+                ok = ok and all(np.array_equal(got[p].view(np.int32), w.numpy().view(np.int32)) for p, w in enumerate(want))
+            _sums_checked = ok
+        except KernelFailed:
+            _sums_checked = False
+        if not _sums_checked:
+            logging.getLogger(__name__).info("compiled row sums differ from this torch's; summing with torch")
+    return _sums_checked
 
 
 def combination(xs: Sequence[torch.Tensor], coefficients: Sequence[float], base: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -235,9 +266,9 @@ def combination(xs: Sequence[torch.Tensor], coefficients: Sequence[float], base:
     term in model order, each a fused multiply-add by c_i rounded to float32 (torch's ``add_(v, alpha=c)``); c_i = 0
     left out. The caller checks that every c_i is finite and within float32's range (torch refuses the others)."""
     k = _kernels()
-    arrays = tuple(_as_numpy(x.reshape(-1)) for x in xs)
-    b = _as_numpy(base.reshape(-1)) if base is not None else arrays[0]
     try:
+        arrays = tuple(_as_numpy(x.reshape(-1)) for x in xs)
+        b = _as_numpy(base.reshape(-1)) if base is not None else arrays[0]
         k.combination(arrays, np.asarray(coefficients, np.float32), b, base is not None, out.numpy())
     except Exception as e:  # as FusedMerge.__call__
         raise _failed(e) from e
@@ -268,42 +299,74 @@ def _check_uniforms() -> bool:
         ours, theirs = torch.Generator().manual_seed(20261203), torch.Generator().manual_seed(20261203)
         if ours.get_state().numel() != _STATE_BYTES:
             return False
-        got = [uniforms(ours, torch.empty(n)) for n in (5, 1000, 1)]
-        want = [torch.rand(n, generator=theirs) for n in (5, 1000, 1)]
-        keep = torch.empty(700, dtype=torch.bool)
+        got = [uniforms(ours, torch.empty(n, device="cpu")) for n in (5, 1000, 1)]
+        want = [torch.rand(n, generator=theirs, device="cpu") for n in (5, 1000, 1)]
+        keep = torch.empty(700, dtype=torch.bool, device="cpu")
         uniforms(ours, None, 0.3, keep)
-        same = all(torch.equal(a, b) for a, b in zip(got, want)) and torch.equal(keep, torch.rand(700, generator=theirs) < 0.3)
+        same = all(torch.equal(a, b) for a, b in zip(got, want)) and torch.equal(keep, torch.rand(700, generator=theirs, device="cpu") < 0.3)
         return same and torch.equal(ours.get_state(), theirs.get_state())
     except (KernelFailed, RuntimeError):
         return False
 
 
-def uniforms(generator: torch.Generator, out: torch.Tensor | None, below: float | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """``torch.rand(n, generator=generator, out=out)`` (float32, flat, contiguous), or with ``below`` the mask
-    ``torch.rand(n, generator=generator) < below`` into ``keep`` (bool, flat), drawn by the compiled MT19937: the same
-    values, and the generator left in the state torch leaves it in (read and set through get_state/set_state). The
-    caller checks :func:`draws_uniforms` first."""
+_draw_lock = threading.Lock()  # a generator's state is read, advanced and set as one step (threads may share one)
+
+
+def _draw(generator: torch.Generator, run: Callable[[Any, np.ndarray, np.ndarray], None]) -> None:
+    """``run(kernels, words, pos)`` on the generator's MT19937 state (624 words; left, next), then the state set back:
+    under one lock, so threads sharing a generator draw one after the other, never the same numbers."""
     k = _kernels()
-    state = generator.get_state()
-    raw = state.numpy()
-    left = int(raw[8:12].view(np.int32)[0])
-    nxt = int(raw[16:24].view(np.uint64)[0])
-    words = raw[24:24 + 8 * k.MT_N].view(np.uint64).astype(np.uint32)
-    pos = np.array([left, nxt], np.int64)
+    with _draw_lock:
+        state = generator.get_state()
+        raw = state.numpy()
+        words = raw[24:24 + 8 * k.MT_N].view(np.uint64).astype(np.uint32)
+        pos = np.array([int(raw[8:12].view(np.int32)[0]), int(raw[16:24].view(np.uint64)[0])], np.int64)
+        try:
+            run(k, words, pos)
+        except Exception as e:  # as FusedMerge.__call__; the generator is left as it was
+            raise _failed(e) from e
+        raw[8:12].view(np.int32)[0] = pos[0]
+        raw[16:24].view(np.uint64)[0] = pos[1]
+        raw[24:24 + 8 * k.MT_N].view(np.uint64)[:] = words
+        generator.set_state(state)
+
+
+def uniforms(generator: torch.Generator, out: torch.Tensor | None, below: float | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.rand(n, generator=generator, out=out)`` (float32, flat, contiguous, on the CPU), or with ``below`` the
+    mask ``torch.rand(n, generator=generator) < below`` into ``keep`` (bool, flat, on the CPU), drawn by the compiled
+    MT19937: the same values, and the generator left in the state torch leaves it in (read and set through
+    get_state/set_state). The caller checks :func:`draws_uniforms` first."""
     target = keep if below is not None else out
-    assert target is not None
-    try:
-        k.uniforms(words, pos, np.float32(-1.0 if below is None else below), np.empty(0, np.float32) if below is not None else target.numpy(),
-                   target.numpy() if below is not None else np.empty(0, np.bool_))
-    except Exception as e:  # as FusedMerge.__call__
-        raise _failed(e) from e
-    raw[8:12].view(np.int32)[0] = pos[0]
-    raw[16:24].view(np.uint64)[0] = pos[1]
-    raw[24:24 + 8 * k.MT_N].view(np.uint64)[:] = words
-    generator.set_state(state)
+    assert target is not None and target.device.type == "cpu"
+    empty_f, empty_b = np.empty(0, np.float32), np.empty(0, np.bool_)
+    masked = below is not None
+
+    def run(k: Any, words: np.ndarray, pos: np.ndarray) -> None:
+        t = target.numpy()
+        k.uniforms(words, pos, masked, np.float32(below if masked else 0.0), empty_f if masked else t, t if masked else empty_b)
+
+    _draw(generator, run)
     return target
 
 
+def magprune_codes(order: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, codes: torch.Tensor) -> torch.Tensor:
+    """The rest of :meth:`ops.MagPrunedDeltas._draw` on one block of rows, given each row's stable order by magnitude
+    (int64, rows x cols, 1 < cols < 2^15, on the CPU): the ranks, keep probabilities, draws (torch's generator, advanced
+    as torch.rand(order.shape) advances it) and codes (int16, on the CPU, into ``codes``) in one compiled pass. The
+    caller checks :func:`draws_uniforms` first."""
+    assert order.device.type == "cpu" and codes.device.type == "cpu"
+    rows, cols = order.shape
+
+    def run(k: Any, words: np.ndarray, pos: np.ndarray) -> None:
+        k.magprune_codes(order.numpy(), np.float32(density - epsilon), np.float32(2 * epsilon), np.float32(cols - 1), words, pos,
+                         np.empty(rows * cols, np.float32), codes.numpy())
+
+    _draw(generator, run)
+    return codes
+
+
 def takes(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels can read these tensors as they are: CPU, contiguous, float32 or bfloat16."""
-    return all(t is not None and t.device.type == "cpu" and t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors)
+    """Whether the kernels can read these tensors as they are: CPU, contiguous, float32 or bfloat16, plain memory (not a
+    lazily negated or conjugated view, not tracking gradients: torch will not hand those to numpy)."""
+    return all(t is not None and t.device.type == "cpu" and t.dtype in KERNEL_DTYPES and t.is_contiguous() and not t.is_neg()
+               and not t.is_conj() and not t.requires_grad for t in tensors)

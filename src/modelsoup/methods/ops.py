@@ -237,8 +237,9 @@ def rand(shape: Sequence[int], generator: torch.Generator | None) -> torch.Tenso
     if generator is not None and kernels.draws_uniforms(generator):
         u = torch.empty(shape, dtype=torch.float32)
         try:
-            kernels.uniforms(generator, u.view(-1))
-            return u
+            if u.device.type == "cpu":  # (a method run on a device makes its buffers there: torch draws)
+                kernels.uniforms(generator, u.view(-1))
+                return u
         except kernels.KernelFailed:  # the generator is as it was: a failed draw does not set its state
             pass
     return torch.rand(shape, generator=generator, dtype=torch.float32)
@@ -335,7 +336,7 @@ class DroppedDeltas(MaskedDeltas):
         masks = []
         for p in densities:
             keep = torch.empty(n, dtype=torch.bool)
-            if generator is not None and kernels.draws_uniforms(generator):
+            if generator is not None and keep.device.type == "cpu" and kernels.draws_uniforms(generator):
                 try:
                     masks.append(kernels.uniforms(generator, None, p, keep))  # the whole mask in one compiled pass
                     continue
@@ -414,17 +415,22 @@ def _int_ranks(rows: torch.Tensor) -> torch.Tensor:
     """
     n = rows.shape[1]
     kind = torch.int16 if n < 1 << 15 else torch.int64
-    if rows.dim() != 2 or rows.dtype != torch.float32 or n > 1 << 32:
-        order = rows.abs().argsort(dim=1, stable=True)
-    else:
-        shift = max(1, (n - 1).bit_length())
-        bits = rows.abs().numpy().view(np.int32)
-        if np.count_nonzero(np.bitwise_and(bits, (1 << shift) - 1)) * 64 <= bits.size:
-            order = _order_int32(bits, shift)
-        else:
-            order = _order_int64(bits, shift)
+    order = _stable_order(rows)
     positions = torch.arange(n, dtype=kind).view(1, n, *[1] * (rows.dim() - 2)).expand(order.shape)
     return torch.empty(order.shape, dtype=kind).scatter_(1, order, positions)  # the inverse permutation, without a second sort
+
+
+def _stable_order(rows: torch.Tensor) -> torch.Tensor:
+    """The columns of each row of |rows| (dim 1) in ascending (magnitude, column) order, int64: ``argsort(stable=True)``,
+    by sorted integer keys for float32 rows (see :func:`_int_ranks`)."""
+    n = rows.shape[1]
+    if rows.dim() != 2 or rows.dtype != torch.float32 or n > 1 << 32:
+        return rows.abs().argsort(dim=1, stable=True)
+    shift = max(1, (n - 1).bit_length())
+    bits = rows.abs().numpy().view(np.int32)
+    if np.count_nonzero(np.bitwise_and(bits, (1 << shift) - 1)) * 64 <= bits.size:
+        return _order_int32(bits, shift)
+    return _order_int64(bits, shift)
 
 
 def _order_int64(bits: np.ndarray, shift: int) -> torch.Tensor:
@@ -548,9 +554,16 @@ class MagPrunedDeltas:
         probabilities by rank (+inf at the row length: the dropped)."""
         _check_magprune(density, epsilon, method)
         codes = torch.empty(delta.theta.shape, dtype=torch.int16)
+        fused = generator is not None and delta.theta.dim() == 2 and 1 < cols < 1 << 15 and kernels.draws_uniforms(generator)
         for r, shape_block in _row_blocks(delta.theta):
             stop = r + len(shape_block)
             block = delta.block(r, stop)
+            if fused and block.dtype == torch.float32 and block.is_contiguous() and block.device.type == codes.device.type == "cpu":
+                try:  # the ranks, probabilities, draws and codes below, compiled and fused (the order sorted as there)
+                    kernels.magprune_codes(_stable_order(block), density, epsilon, generator, codes[r:stop])
+                    continue
+                except kernels.KernelFailed:  # this block and the rest on torch (the generator is as it was)
+                    fused = False
             ranks = _int_ranks(block).to(torch.float32) if cols > 1 else None  # a row of one entry has rank 0
             keep = bernoulli_mask(block, _probabilities_of_ranks(ranks, cols, density, epsilon, block.shape), generator)
             # the rank where kept, cols where dropped: keep * (rank - cols) + cols, exact in float32 (integers below 2^15),
@@ -716,7 +729,8 @@ def _fused_combination(tensors: Sequence[torch.Tensor], coefficients: Sequence[f
     and coefficients torch would take as float32 alphas (finite, within float32's range: torch refuses larger ones) that
     are zero there only where they are zero (one that rounds to 0 is still a term on torch: inf * 0 is NaN)."""
     stored = [*tensors, *([base] if base is not None else [])]
-    return (dtype == torch.float32 and len({t.dtype for t in tensors}) == 1 and kernels.takes(*stored)
+    return (dtype == torch.float32 and len({t.dtype for t in tensors}) == 1 and len(coefficients) == len(tensors)
+            and len({t.numel() for t in stored}) == 1 and kernels.takes(*stored)
             and all(math.isfinite(c) and abs(c) <= _FLOAT32_MAX and (c == 0) == (np.float32(c) == 0) for c in coefficients)
             and kernels.enabled(*stored))
 

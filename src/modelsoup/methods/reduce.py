@@ -184,9 +184,11 @@ def gram_matrix(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = Non
 
 def _fused(flat: Sequence[torch.Tensor], base: torch.Tensor | None) -> bool:
     """Whether the compiled kernels sum these inputs' rows (:func:`kernels.pair_sums`): numba there, the tensors on the CPU,
-    contiguous, float32 or bfloat16 (the inputs of one dtype), and by default one of them bfloat16 (:func:`kernels.enabled`)."""
+    contiguous, float32 or bfloat16 (the inputs of one dtype), by default one of them bfloat16 (:func:`kernels.enabled`), and
+    the kernel's sums found torch's on this machine (:func:`kernels.sums_like_torch`)."""
     stored = [*flat, *([base] if base is not None else [])]
-    return len({f.dtype for f in flat}) == 1 and kernels.takes(*stored) and kernels.enabled(*stored)
+    return (len({f.dtype for f in flat}) == 1 and kernels.takes(*stored) and kernels.enabled(*stored)
+            and kernels.sums_like_torch())
 
 
 def _fused_rows(flat: Sequence[torch.Tensor], base: torch.Tensor | None, pairs: Sequence[tuple[int, int, int]], i: int, j: int,
