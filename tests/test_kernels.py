@@ -499,7 +499,11 @@ def test_compiled_draws_are_not_used_where_they_would_not_be_torchs(monkeypatch)
     monkeypatch.setattr(k, "uniforms", real)
     monkeypatch.setattr(kernels, "_rand_checked", None)
     assert kernels.draws_uniforms(torch.Generator())
-    monkeypatch.setattr(kernels, "_STATE_BYTES", 5057)
+    monkeypatch.setattr(kernels, "_STATE_BYTES", 5057)  # a state of another size once the check passed: torch draws
+    from modelsoup.methods.ops import rand
+
+    _same_bits(rand((3000,), torch.Generator().manual_seed(4)), torch.rand(3000, generator=torch.Generator().manual_seed(4)))
+    assert kernels.enabled()  # and the kernels stay on
     monkeypatch.setattr(kernels, "_rand_checked", None)
     assert not kernels.draws_uniforms(torch.Generator())
     monkeypatch.setattr(kernels, "_rand_checked", None)

@@ -282,15 +282,15 @@ _rand_checked: bool | None = None
 
 
 def draws_uniforms(generator: torch.Generator | None) -> bool:
-    """Whether :func:`uniforms` can stand in for ``torch.rand`` on this generator: a CPU generator whose state has the
-    layout this module reads, and whose draws a check (once per process) found to be torch's, bit for bit, with the
-    state left as torch leaves it; the kernels available (:func:`enabled`)."""
+    """Whether :func:`uniforms` can stand in for ``torch.rand`` on this generator: a CPU generator, whose draws a check
+    (once per process) found to be torch's, bit for bit, with the state left as torch leaves it; the kernels available
+    (:func:`enabled`). (Each draw checks its generator's state size as it reads it: :func:`_draw`.)"""
     global _rand_checked
     if generator is None or generator.device.type != "cpu" or not enabled():
         return False
     if _rand_checked is None:
         _rand_checked = _check_uniforms()
-    return _rand_checked and generator.get_state().numel() == _STATE_BYTES
+    return _rand_checked
 
 
 def _check_uniforms() -> bool:
@@ -318,6 +318,8 @@ def _draw(generator: torch.Generator, run: Callable[[Any, np.ndarray, np.ndarray
     k = _kernels()
     with _draw_lock:
         state = generator.get_state()
+        if state.numel() != _STATE_BYTES:  # not the layout read here: torch draws (the kernels stay on)
+            raise KernelFailed(f"a generator state of {state.numel()} bytes, not {_STATE_BYTES}")
         raw = state.numpy()
         words = raw[24:24 + 8 * k.MT_N].view(np.uint64).astype(np.uint32)
         pos = np.array([int(raw[8:12].view(np.int32)[0]), int(raw[16:24].view(np.uint64)[0])], np.int64)

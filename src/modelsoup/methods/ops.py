@@ -704,7 +704,7 @@ def linear_combination(tensors: Sequence[torch.Tensor], coefficients: Sequence[f
     n, device = tensors[0].numel(), tensors[0].device
     if _fused_combination(tensors, coefficients, base, dtype):
         try:
-            return kernels.combination(tensors, coefficients, base, torch.empty(n, dtype=dtype))
+            return kernels.combination(tensors, coefficients, base, torch.empty(n, dtype=dtype, device=device))
         except kernels.KernelFailed:  # on torch, as below
             pass
     out = torch.zeros(n, dtype=dtype, device=device)
