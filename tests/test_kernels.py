@@ -633,3 +633,80 @@ def test_streamed_della_codes_on_the_compiled_pass_give_the_torch_paths_bits(mon
     (got, gs), (want, ws) = _both(monkeypatch, codes, ((kernels, "magprune_codes"),))
     _same_bits(got, want)
     assert torch.equal(gs, ws)
+
+
+def _della_rows(seed: int, rows: int, cols: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Models whose deltas are bfloat16-like (few distinct magnitudes, their float32 low bits zero), but for two rows
+    whose magnitudes tie in their high bits and differ below them out of column order: a few entries of row 1 (sorted in
+    place by the kernel) and every entry of row 2 (too many moves: sorted again by int64 keys). There theta = 2^-16 +
+    m 2^-23 (exact in bfloat16) and base 1, so |delta| = 1 - 2^-16 - m 2^-23: for m in 1..31 the same bits above 2^-18,
+    decreasing with m."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.zeros(rows, cols)
+    base[1:3] = 1.0
+    models = []
+    for _ in range(3):
+        theta = torch.randint(-8, 9, (rows, cols), generator=g) * 2.0 ** -8
+        theta[1:3] = 0.5
+        theta[1, 3:9] = 2.0 ** -16 + torch.arange(1, 7) * 2.0 ** -23  # m = 1..6, in column order: magnitudes decreasing
+        theta[2] = 2.0 ** -16 + (1 + torch.arange(cols) * 30 // (cols - 1)) * 2.0 ** -23
+        theta[3, 0] = float("inf")
+        theta[3, 1] = -0.0
+        models.append(theta.to(dtype))
+    return base.to(dtype), models
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block", [1 << 18, 300])
+def test_della_codes_where_high_bits_tie_out_of_order_give_the_torch_paths_bits(monkeypatch, dtype, block):
+    from modelsoup.methods.ops import MagPrunedDeltas
+
+    monkeypatch.setattr(kernels, "MAGPRUNE_BLOCK", block)  # one block, or several (the keys of later ones int64 once wide)
+    base, models = _della_rows(50, 4096 if dtype == torch.bfloat16 else 64, 64, dtype)
+
+    def codes():  # type: ignore[no-untyped-def]
+        gen = torch.Generator().manual_seed(3)
+        d = MagPrunedDeltas(models, base, 0.5, 0.2, gen, "density", "della")
+        return torch.stack([c[0] for c in d.codes]).float(), gen.get_state()
+
+    (got, gs), (want, ws) = _both(monkeypatch, codes, ((kernels, "magprune_codes"),))
+    _same_bits(got, want)
+    assert torch.equal(gs, ws)
+
+
+def test_della_rows_out_of_order_take_each_way_of_sorting_them():
+    import numpy as np
+
+    k = kernels._kernels()
+    base, models = _della_rows(51, 4096, 64, torch.bfloat16)
+    t, b = kernels._as_numpy(models[0]), kernels._as_numpy(base)
+    keys = np.empty((4096, 64), np.int32)
+    assert k.magprune_keys(t, b, 6, False, keys) * 64 <= keys.size  # the int32 keys
+    keys.sort(axis=1)
+    wrong = np.empty(4096, np.int64)
+    assert wrong[: k.magprune_columns(keys, t, b, 6, True, wrong)].tolist() == [2]  # row 1 sorted in place, row 2 again
+    mags = (models[0].float() - base.float()).abs().numpy().view(np.int32)
+    order = np.argsort(mags[1], kind="stable")
+    assert np.array_equal(keys[1], order) and not np.array_equal(keys[2], np.argsort(mags[2], kind="stable"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rescale", ["density", "none"])
+def test_della_chunks_filled_by_the_compiled_pass_give_the_torch_paths_bits(monkeypatch, dtype, rescale):
+    from modelsoup.methods.ops import MagPrunedDeltas
+
+    base, models = _della_rows(52, 300, 64, dtype)
+    models[0][5, :4] = torch.tensor([float("nan"), float("-inf"), -0.0, 0.0]).to(dtype)
+
+    def chunks():  # type: ignore[no-untyped-def]
+        d = MagPrunedDeltas(models, base, [0.5, 0.7, 0.3], 0.2, torch.Generator().manual_seed(4), rescale, "della")
+        rows = torch.empty(3, 5000)
+        parts = []
+        for i in range(0, base.numel(), 5000):  # chunks that do not start at a row
+            j = min(base.numel(), i + 5000)
+            d.fill(i, j, rows[:, : j - i])
+            parts.append(rows[:, : j - i].clone())
+        return torch.cat(parts, dim=1)
+
+    got, want = _both(monkeypatch, chunks, ((kernels, "magprune_fill"),))
+    _same_bits(got, want)

@@ -486,20 +486,139 @@ def uniforms(state, pos, masked, p, out, keep):  # type: ignore[no-untyped-def]
 
 # ------------------------------------------------------------------ DELLA's MagPrune codes (ops.MagPrunedDeltas._draw)
 
+@intrinsic
+def _float_bits(typingctx, f):  # type: ignore[no-untyped-def]
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True)
-def magprune_codes(order, low, span, denom, state, pos, uniform, codes):  # type: ignore[no-untyped-def]
-    """DELLA's codes of a block of rows (rows x cols), given each row's columns in ascending (|delta|, column) order:
-    the entry at place q of its row's order has rank q, keep probability low + (q / denom) * span (float32, as
-    ops._probabilities_of_ranks: denom = cols - 1, span = 2 epsilon, low = density - epsilon), and is kept where its
-    uniform of torch's generator (drawn for the block in row-major order, as torch.rand(block.shape)) is below that; the
-    code is the rank where kept, cols where dropped."""
+def _magnitude_bits(t, b):  # type: ignore[no-untyped-def]
+    """The bits of |widen(t) - widen(b)| (torch's float32 delta and its abs: the sign bit cleared, NaN's payload kept),
+    a non-negative int64."""
+    return np.int64(_float_bits(widen(t) - widen(b)) & np.uint32(0x7FFFFFFF))
+
+
+@njit(nogil=True, cache=True)
+def magprune_keys(theta, base, shift, wide, keys):  # type: ignore[no-untyped-def]
+    """The sort keys of a block of rows (rows x cols) of |theta - base|, as ops._order_int32 and ops._order_int64 make
+    them from the delta block's abs bits: int32 keys (the bits with their low ``shift`` replaced by the column) or, where
+    ``wide`` (int64 keys), bits << shift | column. Returns how many entries have any of those low bits set (ops._stable_order
+    picks the int32 keys where at most 1 in 64 does)."""
+    rows, cols = keys.shape
+    low = np.int64((1 << shift) - 1)
+    set_low = 0
+    for r in range(rows):
+        t = theta[r]
+        b = base[r]
+        k = keys[r]
+        for j in range(cols):
+            bits = _magnitude_bits(t[j], b[j])
+            set_low += np.int64((bits & low) != 0)
+            if wide:
+                k[j] = (bits << shift) | j
+            else:
+                k[j] = (bits & ~low) | j
+    return set_low
+
+
+@njit(nogil=True, cache=True)
+def magprune_columns(keys, theta, base, shift, checked, wrong):  # type: ignore[no-untyped-def]
+    """The columns of a block of rows' sorted keys (:func:`magprune_keys`, each row sorted ascending), in place: key &
+    (2^shift - 1), so each row lists its columns in ascending (|delta|, column) order.
+
+    Where ``checked`` (int32 keys, sorted by (high bits, column)), entries whose high bits tie may be out of order by
+    their low bits: each row is insertion-sorted by its full magnitudes, moving an entry only past greater ones (stable:
+    entries of equal magnitude, which have equal high bits, keep their ascending columns), which gives the (magnitude,
+    column) order; a row that would need more than 8 moves an entry is left listed in ``wrong`` (their count returned),
+    to be sorted again by int64 keys, as ops._order_int32 sorts its rows out of order."""
+    rows, cols = keys.shape
+    mask = (1 << shift) - 1
+    n = 0
+    mags = np.empty(cols if checked else 0, np.int64)
+    for r in range(rows):
+        k = keys[r]
+        if not checked:
+            for q in range(cols):
+                k[q] = k[q] & mask
+            continue
+        t = theta[r]
+        b = base[r]
+        for q in range(cols):
+            col = k[q] & mask
+            k[q] = col
+            mags[q] = _magnitude_bits(t[col], b[col])
+        budget = 8 * cols
+        for q in range(1, cols):
+            m = mags[q]
+            if m >= mags[q - 1]:
+                continue
+            col = k[q]
+            p = q
+            while p > 0 and mags[p - 1] > m:
+                mags[p] = mags[p - 1]
+                k[p] = k[p - 1]
+                p -= 1
+            mags[p] = m
+            k[p] = col
+            budget -= q - p
+            if budget < 0:
+                wrong[n] = r
+                n += 1
+                break
+    return n
+
+
+@njit(nogil=True, cache=True)
+def magprune_codes(order, probs, state, pos, uniform, codes):  # type: ignore[no-untyped-def]
+    """DELLA's codes of a block of rows (rows x cols), given each row's columns in ascending (|delta|, column) order
+    (int32 or int64): the entry at place q of its row's order has rank q and keep probability probs[q] (float32:
+    :func:`magprune_probabilities`), and is kept where its uniform of torch's generator (drawn for the block in
+    row-major order, as torch.rand(block.shape)) is below that; the code is the rank where kept, cols where dropped."""
     rows, cols = order.shape
-    uniforms(state, pos, False, np.float32(0.0), uniform, np.empty(0, np.bool_))
+    u = uniform[: rows * cols]
+    uniforms(state, pos, False, np.float32(0.0), u, np.empty(0, np.bool_))
     for r in range(rows):
         o = order[r]
-        u = uniform[r * cols:(r + 1) * cols]
+        ur = u[r * cols:(r + 1) * cols]
         c = codes[r]
         for q in range(cols):
             j = o[q]
-            p = low + (np.float32(q) / denom) * span
-            c[j] = q if u[j] < p else cols
+            c[j] = q if ur[j] < probs[q] else cols
+
+
+@njit(nogil=True, cache=True)
+def magprune_probabilities(low, span, denom, probs):  # type: ignore[no-untyped-def]
+    """The keep probability of each rank q: low + (q / denom) * span in float32, as ops._probabilities_of_ranks
+    computes it from float32 ranks (denom = cols - 1, span = 2 epsilon, low = density - epsilon)."""
+    for q in range(probs.shape[0]):
+        probs[q] = low + (np.float32(q) / denom) * span
+
+
+@njit(nogil=True, cache=True)
+def magprune_fill(theta, base, code, table, rescaled, out):  # type: ignore[no-untyped-def]
+    """A chunk of DELLA's rescaled task vector from its codes (ops.MagPrunedDeltas.fill): the float32 delta divided by
+    table[code] (``rescaled``; +inf for the dropped), else times (code != the row length: the table's last index). A
+    block's divisors are looked up first, so the arithmetic loop vectorizes."""
+    dropped = table.shape[0] - 1
+    n = out.shape[0]
+    d = np.empty(BLOCK, np.float32)
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        c = code[b0:b1]
+        t = theta[b0:b1]
+        b = base[b0:b1]
+        o = out[b0:b1]
+        m = b1 - b0
+        if rescaled:
+            for j in range(m):
+                d[j] = table[c[j]]
+            for j in range(m):
+                o[j] = (widen(t[j]) - widen(b[j])) / d[j]
+        else:
+            for j in range(m):
+                o[j] = (widen(t[j]) - widen(b[j])) * np.float32(c[j] != dropped)

@@ -7,8 +7,9 @@ sphere methods' row sums (:func:`pair_sums`: every pair's products of a slice in
 order of torch's own CPU kernel, so the sums are torch's bit for bit) and their linear combination (:func:`combination`).
 And DARE's and DELLA's uniforms (:func:`uniforms`): torch's CPU generator is MT19937, ``torch.rand`` takes the low 24
 bits of one output per entry, serially (2.3-2.6 ns an entry); compiled, the same draws take 0.24 ns, read from and
-written back to the generator's state, under one lock (threads may share a generator); DELLA's MagPrune codes of a
-block of rows (:func:`magprune_codes`: ranks from the sorted order, probabilities, draws, codes in one pass). These run
+written back to the generator's state, under its lock (threads may share a generator); DELLA's MagPrune codes of a
+task vector (:func:`magprune_codes`: the sort keys of a block of rows in one pass, numpy's sort of each row, the order
+checked and the codes drawn in two more) and its chunks rebuilt from them (:func:`magprune_fill`). These run
 for models of every dtype (the draws cost the same on each), the other kernels by default where models are bfloat16.
 Two once-per-process checks keep a kernel off where it would not be torch's: the draws against ``torch.rand``, the row
 sums against torch's (whose summation order they copy, and a future torch could change).
@@ -39,7 +40,7 @@ import importlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -309,14 +310,16 @@ def _check_uniforms() -> bool:
         return False
 
 
-_draw_lock = threading.Lock()  # a generator's state is read, advanced and set as one step (threads may share one)
+# a generator's state is read, advanced and set as one step, under its lock (threads may share a generator); one of a
+# fixed set by the generator's identity, so that draws of different generators (one per tensor) seldom wait on each other
+_draw_locks = tuple(threading.Lock() for _ in range(61))
 
 
 def _draw(generator: torch.Generator, run: Callable[[Any, np.ndarray, np.ndarray], None]) -> None:
     """``run(kernels, words, pos)`` on the generator's MT19937 state (624 words; left, next), then the state set back:
-    under one lock, so threads sharing a generator draw one after the other, never the same numbers."""
+    under the generator's lock, so threads sharing a generator draw one after the other, never the same numbers."""
     k = _kernels()
-    with _draw_lock:
+    with _draw_locks[id(generator) % len(_draw_locks)]:
         state = generator.get_state()
         if state.numel() != _STATE_BYTES:  # not the layout read here: torch draws (the kernels stay on)
             raise KernelFailed(f"a generator state of {state.numel()} bytes, not {_STATE_BYTES}")
@@ -351,20 +354,65 @@ def uniforms(generator: torch.Generator, out: torch.Tensor | None, below: float 
     return target
 
 
-def magprune_codes(order: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, codes: torch.Tensor) -> torch.Tensor:
-    """The rest of :meth:`ops.MagPrunedDeltas._draw` on one block of rows, given each row's stable order by magnitude
-    (int64, rows x cols, 1 < cols < 2^15, on the CPU): the ranks, keep probabilities, draws (torch's generator, advanced
-    as torch.rand(order.shape) advances it) and codes (int16, on the CPU, into ``codes``) in one compiled pass. The
-    caller checks :func:`draws_uniforms` first."""
-    assert order.device.type == "cpu" and codes.device.type == "cpu"
-    rows, cols = order.shape
+MAGPRUNE_BLOCK = 1 << 18  # entries of a block of rows whose keys are made, sorted and coded together (:func:`magprune_codes`)
+
+
+def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+                   codes: torch.Tensor) -> torch.Tensor:
+    """:meth:`ops.MagPrunedDeltas._draw`'s codes of one model, theta - base (rows x cols, 1 < cols < 2^15, both of one
+    kernel dtype: :func:`takes`), into ``codes`` (int16, rows x cols, on the CPU), a block of rows at a time: the sort
+    keys of the delta's magnitudes (``ops._stable_order``'s: int32 where at most 1 entry in 64 has bits below the
+    column's, else int64, and int64 from then on) in one compiled pass, each row sorted by numpy (as there), then the
+    order checked (:func:`._numba_kernels.magprune_columns`; rows out of order sorted again by int64 keys, by numpy, as
+    there), then ranks, probabilities, draws and codes in one more (:func:`._numba_kernels.magprune_codes`). The
+    generator is advanced as torch.rand of each block advances it (its state read once and set once, under its lock).
+    The caller checks :func:`draws_uniforms` first."""
+    assert codes.device.type == "cpu" and codes.dtype == torch.int16 and codes.shape == theta.shape == base.shape
+    rows, cols = theta.shape
+    shift = max(1, (cols - 1).bit_length())
+    t, b, c = _as_numpy(theta), _as_numpy(base), codes.numpy()
+    per = max(1, MAGPRUNE_BLOCK // cols)
+    n = min(per, rows)
+    narrow, uniform, wrong = np.empty((n, cols), np.int32), np.empty(n * cols, np.float32), np.empty(n, np.int64)
+    wide: np.ndarray | None = None
+    probs = np.empty(cols, np.float32)
 
     def run(k: Any, words: np.ndarray, pos: np.ndarray) -> None:
-        k.magprune_codes(order.numpy(), np.float32(density - epsilon), np.float32(2 * epsilon), np.float32(cols - 1), words, pos,
-                         np.empty(rows * cols, np.float32), codes.numpy())
+        nonlocal wide
+        k.magprune_probabilities(np.float32(density - epsilon), np.float32(2 * epsilon), np.float32(cols - 1), probs)
+        for r in range(0, rows, per):
+            s = min(rows, r + per)
+            tb, bb = t[r:s], b[r:s]
+            keys = narrow[: s - r]
+            if wide is not None or k.magprune_keys(tb, bb, shift, False, keys) * 64 > keys.size:
+                if wide is None:
+                    wide = np.empty((n, cols), np.int64)
+                keys = wide[: s - r]
+                k.magprune_keys(tb, bb, shift, True, keys)
+            keys.sort(axis=1)
+            redo = wrong[: k.magprune_columns(keys, tb, bb, shift, keys.dtype == np.int32, wrong)]
+            if redo.size:  # (high bits, column) is not (bits, column) order in these rows: their int64 keys, sorted
+                exact = np.empty((redo.size, cols), np.int64)
+                k.magprune_keys(tb[redo], bb[redo], shift, True, exact)
+                exact.sort(axis=1)
+                keys[redo] = np.bitwise_and(exact, (1 << shift) - 1)
+            k.magprune_codes(keys, probs, words, pos, uniform, c[r:s])
 
     _draw(generator, run)
     return codes
+
+
+def magprune_fill(theta: torch.Tensor, base: torch.Tensor, code: torch.Tensor, table: torch.Tensor, rescaled: bool,
+                  out: torch.Tensor) -> torch.Tensor:
+    """:meth:`ops.MagPrunedDeltas.fill`'s chunk of one model (theta, base of one kernel dtype, flat; ``code`` int16,
+    ``table`` float32 with the row length's +inf last; ``out`` float32): (theta - base) / table[code] where ``rescaled``,
+    else (theta - base) * (code != row length), in float32 as there."""
+    k = _kernels()
+    try:
+        k.magprune_fill(_as_numpy(theta), _as_numpy(base), code.numpy(), table.numpy(), rescaled, out.numpy())
+    except Exception as e:  # as FusedMerge.__call__
+        raise _failed(e) from e
+    return out
 
 
 def takes(*tensors: torch.Tensor | None) -> bool:

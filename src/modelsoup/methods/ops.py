@@ -332,7 +332,7 @@ class DroppedDeltas(MaskedDeltas):
         if rescale not in ("density", "none"):
             raise ValueError(f"DroppedDeltas rescales by density or not at all, not {rescale!r}")
         n = base.numel()
-        uniforms = torch.empty(max(1, min(n, selection.CHUNK)), dtype=torch.float32)
+        uniforms: torch.Tensor | None = None  # torch's draws, a chunk at a time (made where the kernel does not draw)
         masks = []
         for p in densities:
             keep = torch.empty(n, dtype=torch.bool)
@@ -342,6 +342,8 @@ class DroppedDeltas(MaskedDeltas):
                     continue
                 except kernels.KernelFailed:  # the generator is as it was: a failed draw does not set its state
                     pass
+            if uniforms is None:
+                uniforms = torch.empty(max(1, min(n, selection.CHUNK)), dtype=torch.float32)
             for i in range(0, n, selection.CHUNK):
                 j = min(i + selection.CHUNK, n)
                 torch.lt(torch.rand(j - i, generator=generator, out=uniforms[: j - i]), p, out=keep[i:j])
@@ -554,21 +556,26 @@ class MagPrunedDeltas:
         probabilities by rank (+inf at the row length: the dropped)."""
         _check_magprune(density, epsilon, method)
         codes = torch.empty(delta.theta.shape, dtype=torch.int16)
-        fused = generator is not None and delta.theta.dim() == 2 and 1 < cols < 1 << 15 and kernels.draws_uniforms(generator)
+        rows = delta.theta.dim() == 2 and 1 < cols < 1 << 15 and codes.device.type == "cpu"
+        if rows and delta.base is not None and delta.theta.dtype == delta.base.dtype and kernels.takes(delta.theta, delta.base) \
+                and kernels.draws_uniforms(generator):
+            try:  # the keys, order, ranks, probabilities, draws and codes below, compiled (the rows sorted as there)
+                kernels.magprune_codes(delta.theta, delta.base, density, epsilon, generator, codes)
+                return MagPrunedDeltas._coded(codes, cols, density, epsilon)
+            except kernels.KernelFailed:  # on torch (the generator is as it was)
+                pass
         for r, shape_block in _row_blocks(delta.theta):
             stop = r + len(shape_block)
             block = delta.block(r, stop)
-            if fused and block.dtype == torch.float32 and block.is_contiguous() and block.device.type == codes.device.type == "cpu":
-                try:  # the ranks, probabilities, draws and codes below, compiled and fused (the order sorted as there)
-                    kernels.magprune_codes(_stable_order(block), density, epsilon, generator, codes[r:stop])
-                    continue
-                except kernels.KernelFailed:  # this block and the rest on torch (the generator is as it was)
-                    fused = False
             ranks = _int_ranks(block).to(torch.float32) if cols > 1 else None  # a row of one entry has rank 0
             keep = bernoulli_mask(block, _probabilities_of_ranks(ranks, cols, density, epsilon, block.shape), generator)
             # the rank where kept, cols where dropped: keep * (rank - cols) + cols, exact in float32 (integers below 2^15),
             # 15x faster than a masked fill
             codes[r:stop] = (ranks if ranks is not None else torch.zeros(block.shape)).sub_(cols).mul_(keep).add_(cols)
+        return MagPrunedDeltas._coded(codes, cols, density, epsilon)
+
+    @staticmethod
+    def _coded(codes: torch.Tensor, cols: int, density: float, epsilon: float) -> tuple[torch.Tensor, int, torch.Tensor]:
         # the ranks (float32 integers) and their probabilities, by the same steps; a dropped entry divides by +inf, which
         # gives the zero of (delta * 0) / p, its sign the delta's (and NaN for an infinite delta, as inf * 0 / p)
         table = _probabilities_of_ranks(torch.arange(cols).to(torch.float32) if cols > 1 else None, cols, density, epsilon, (max(cols, 1),))
@@ -583,6 +590,12 @@ class MagPrunedDeltas:
             buf = self._bufs[(role, dtype)] = torch.empty(max(m, min(math.prod(self.shape), selection.CHUNK)), dtype=dtype)
         return buf[:m]
 
+    @staticmethod
+    def _fused(delta: _DeltaRows, row: torch.Tensor) -> bool:
+        """Whether the compiled fill takes this model's chunk: theta and base of one kernel dtype, a float32 row."""
+        return (delta.base is not None and delta.theta.dtype == delta.base.dtype and row.dtype == torch.float32
+                and kernels.enabled() and kernels.takes(delta.theta, delta.base, row))
+
     def fill(self, i: int, j: int, rows: torch.Tensor) -> None:
         m = j - i
         for delta, held, codes, dtype, row in zip(self.deltas, self.held, self.codes, self.dtypes, rows):
@@ -590,6 +603,13 @@ class MagPrunedDeltas:
                 row.copy_(held.reshape(-1)[i:j])
                 continue
             direct = row.dtype == delta.dtype == dtype
+            if codes is not None and direct and self._fused(delta, row):
+                try:  # the steps below in one compiled pass
+                    kernels.magprune_fill(delta.theta.reshape(-1)[i:j], delta.base.reshape(-1)[i:j], codes[0][i:j], codes[2],
+                                          self.rescale == "density", row)
+                    continue
+                except kernels.KernelFailed:  # this chunk and the rest on torch
+                    pass
             kept = delta.flat(i, j, row if direct else self._buf("delta", delta.dtype, m))
             if codes is not None:
                 code, cols, table = codes
