@@ -201,3 +201,28 @@ def test_disk_needed_counts_the_files_the_output_copies_not_a_git_clones_lfs_obj
         folders.append(f)
     est = merge({"method": "linear", "models": [str(f) for f in folders]}, tmp_path / "out", dry_run=True, progress=False)
     assert est.disk_needed < 1 << 20, est.disk_needed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_prepared_merge_costs_its_inputs_as_held_and_what_its_method_keeps(dtype):
+    # the TIES family holds its whole inputs (half precision as stored: mapped, not widened), per model what its prepared
+    # form keeps (TIES nothing tensor-sized, DARE a boolean mask, DELLA int16 codes; with rescale: l1 whole float32
+    # deltas), and chunk buffers
+    shapes = {"w": (4096, 512), "wide": (2, 1 << 15)}
+    cks = [VirtualCheckpoint(shapes, seed=s, dtype=dtype) for s in range(4)]
+    numel = 4096 * 512
+    held = 4 * numel * dtype.itemsize
+    chunks = 4 * CHUNK * (2 * (4 + 2) + 2)
+
+    def cost(method: str, name: str = "w", **params) -> int:  # type: ignore[no-untyped-def]
+        recipe = {"method": method, "base": {"source": {}}, "models": [{"source": {}} for _ in cks[1:]], "parameters": params, "seed": 0}
+        plan = plan_merge(recipe_from_dict(recipe), cks[1:], cks[0])
+        return job_cost(plan, next(j for j in plan.jobs if j.name == name))
+
+    assert cost("ties", density=0.5) == held + chunks
+    assert cost("dare_ties", density=0.5) == held + 3 * numel + chunks  # one byte an entry
+    assert cost("dare_ties", density=0.5, rescale="l1") == held + 3 * 2 * 4 * numel + chunks
+    assert cost("della", density=0.6, epsilon=0.1) == held + 3 * 2 * numel + chunks
+    assert cost("della", density=0.6, epsilon=0.1, rescale="l1") == held + 3 * 2 * 4 * numel + chunks
+    small_chunks = 4 * (1 << 16) * (2 * (4 + 2) + 2)  # a tensor smaller than a chunk: its own size
+    assert cost("della", "wide", density=0.6, epsilon=0.1) == 4 * (1 << 16) * dtype.itemsize + 3 * 2 * 4 * (1 << 16) + small_chunks

@@ -422,13 +422,25 @@ def job_cost(plan: MergePlan, job: TensorJob, device: torch.device | None = None
         held = sum(tensor_nbytes(*plan.inputs[s[0]].meta(s[1])) for s in job.statistic_sources)
         return f32 * buffers + 2 * held
     numel = math.prod(job.shape)
-    if job.action == "merge" and plan.method.prepare is not None:  # whole float32 inputs, the method's chunk buffers, no result
-        return f32 * (readers + plan.method.workspace * len(job.sources))
+    if job.action == "merge" and plan.method.prepare is not None:
+        # whole inputs (float32, or as stored where the method takes half precision: mapped from the page cache), what
+        # the prepared form holds per model, and its chunk buffers; no tensor-sized result
+        held = sum(_held_input_bytes(plan, s) for s in (*job.sources, *([job.base_source] if job.base_source else [])))
+        chunk_buffers = 4 * min(numel, CHUNK) * (2 * (readers + 2) + 2)  # a row per input, the result, temporaries
+        return held + int(f32 * plan.method.prepared_buffers(job.params, job.shape)) * len(job.sources) + chunk_buffers
     reduction = plan.method.streamed_reduction(job.params) if job.action == "merge" else None
     chunk = max(CHUNK, reduction.chunk) if reduction is not None else CHUNK
     whole = sum(tensor_nbytes(*plan.inputs[s[0]].meta(s[1])) for s in (*job.sources, *([job.base_source] if job.base_source else []))
                 if not hasattr(plan.inputs[s[0]], "read_range"))
     return f32 * min(numel, chunk) // numel * (2 * buffers + 2) + whole
+
+
+def _held_input_bytes(plan: MergePlan, src: Source) -> int:
+    """Bytes of one whole input of a prepared merge as :meth:`MergeRun._inputs` holds it: float16 and bfloat16 as stored
+    where the method takes half precision, any other floating input in float32 (as it is widened)."""
+    dtype, shape = plan.inputs[src[0]].meta(src[1])
+    kept = plan.method.takes_half and dtype in (torch.float16, torch.bfloat16)
+    return math.prod(shape) * (dtype.itemsize if kept or not dtype.is_floating_point else 4)
 
 
 def peak_in_flight(plan: MergePlan, *, workers: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import MergedChunks, dare_deltas, divides_by_plain_weight_sum, model_weights, require_base
+from .ops import MergedChunks, dare_deltas, dare_held, divides_by_plain_weight_sum, model_weights, require_base
 from .params import Density, Normalize, Rescale, Scale
 from .registry import Param, register
 
@@ -18,6 +18,7 @@ from .registry import Param, register
     paper="Yu et al. 2024, Language models are Super Mario (DARE) (arXiv 2311.03099)",
     base="required",
     workspace=1,
+    prepared_workspace=lambda params, shape: dare_held(params["rescale"]),
     divides_by_weight_sum=divides_by_plain_weight_sum,
     prepare=lambda tensors, **kw: _prepare(tensors, **kw),
     takes_half=True,

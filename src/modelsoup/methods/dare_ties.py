@@ -10,7 +10,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import MergedChunks, dare_deltas, model_weights, require_base
+from .ops import MergedChunks, dare_deltas, dare_held, model_weights, require_base
 from .params import Density, DivideBy, Normalize, Rescale, Scale, SignFrom, SignMethod
 from .registry import Param, register
 
@@ -21,6 +21,7 @@ from .registry import Param, register
     paper="Yu et al. 2024, Language models are Super Mario (DARE) (arXiv 2311.03099); Yadav et al. 2023 (TIES)",
     base="required",
     workspace=1,
+    prepared_workspace=lambda params, shape: dare_held(params["rescale"]),
     prepare=lambda tensors, **kw: _prepare(tensors, **kw),
     takes_half=True,
 )

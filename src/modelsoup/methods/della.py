@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import MagPrunedDeltas, MergedChunks, model_weights, require_base
+from .ops import MagPrunedDeltas, MergedChunks, della_held, model_weights, require_base
 from .params import DellaDensity, DellaEpsilon, DivideBy, Normalize, Rescale, Scale, SignFrom, SignMethod
 from .registry import Param, register
 
@@ -18,6 +18,7 @@ from .registry import Param, register
     paper="Deep et al. 2024, DELLA-Merging: reducing interference with magnitude-based sampling (arXiv 2406.11617)",
     base="required",
     workspace=2,
+    prepared_workspace=lambda params, shape: della_held(params["rescale"], shape),
     prepare=lambda tensors, **kw: _prepare(tensors, **kw),
     takes_half=True,  # each block of rows is widened to float32 before it is subtracted (magprune_deltas)
 )

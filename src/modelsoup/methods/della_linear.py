@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import MagPrunedDeltas, MergedChunks, divides_by_plain_weight_sum, model_weights, require_base
+from .ops import MagPrunedDeltas, MergedChunks, della_held, divides_by_plain_weight_sum, model_weights, require_base
 from .params import DellaDensity, DellaEpsilon, Normalize, Rescale, Scale
 from .registry import Param, register
 
@@ -18,6 +18,7 @@ from .registry import Param, register
     paper="Deep et al. 2024, DELLA-Merging (arXiv 2406.11617), linear variant as in mergekit",
     base="required",
     workspace=1,
+    prepared_workspace=lambda params, shape: della_held(params["rescale"], shape),
     divides_by_weight_sum=divides_by_plain_weight_sum,
     prepare=lambda tensors, **kw: _prepare(tensors, **kw),
     takes_half=True,  # each block of rows is widened to float32 before it is subtracted (magprune_deltas)

@@ -286,6 +286,12 @@ def dare_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: fl
     return [drop_random(task_vector(t, base), p, generator, rescale) for t, p in zip(tensors, dens)]
 
 
+def dare_held(rescale: str) -> float:
+    """Tensor-sized float32 buffers that DARE's prepared deltas (:func:`dare_deltas`) hold per model: a boolean mask
+    (a quarter), or with ``rescale: l1`` the dropped delta itself, and the delta it is made from while it is made."""
+    return 2.0 if rescale == "l1" else 0.25
+
+
 class MaskedDeltas:
     """Task vectors times 0/1 masks (each divided by its own number, or not), as :class:`DeltaChunks`.
 
@@ -511,6 +517,13 @@ class _DeltaRows:
             return out.copy_(x)
         b = self.base.reshape(-1)[i:j]
         return out.copy_(x).sub_(b) if x.dtype != self.dtype else torch.sub(x, b, out=out)
+
+
+def della_held(rescale: str, shape: tuple[int, ...]) -> float:
+    """Tensor-sized float32 buffers that :class:`MagPrunedDeltas` holds per model: its int16 codes (a half), or, where it
+    holds the result whole (``rescale: l1``, rows of 2^15 entries or more), that and the delta it is made from."""
+    cols = shape[1] if len(shape) >= 2 else math.prod(shape)
+    return 2.0 if rescale == "l1" or cols >= 1 << 15 else 0.5
 
 
 class MagPrunedDeltas:

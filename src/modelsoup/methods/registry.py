@@ -269,6 +269,7 @@ class MergeMethod:
     pointwise: bool = False
     reduction: Reduction | None = None
     prepare: Callable[..., Any] | None = None
+    prepared_workspace: Callable[[Mapping[str, Any], tuple[int, ...]], float] | None = None
     takes_half: bool = False
     whole_half: bool = False
     statistic: Statistic | None = None
@@ -280,6 +281,13 @@ class MergeMethod:
         if self.reduction is None:
             return None
         return self.reduction if self.reduction.streams({p.name: p.default for p in self.params} | dict(params)) else None
+
+    def prepared_buffers(self, params: Mapping[str, Any], shape: tuple[int, ...]) -> float:
+        """Tensor-sized float32 buffers' worth of bytes the prepared form of a merge with these hyperparameters holds per
+        ingredient, for a tensor of this shape (the engine counts it against its memory budget)."""
+        if self.prepared_workspace is None:
+            return float(self.workspace)
+        return self.prepared_workspace({p.name: p.default for p in self.params} | dict(params), shape)
 
     def keeps_identical(self, params: Mapping[str, Any]) -> bool:
         """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the
@@ -352,6 +360,7 @@ def register(
     pointwise: bool = False,
     reduction: Reduction | None = None,
     prepare: Callable[..., Any] | None = None,
+    prepared_workspace: Callable[[Mapping[str, Any], tuple[int, ...]], float] | None = None,
     takes_half: bool = False,
     whole_half: bool = False,
     statistic: Statistic | None = None,
@@ -378,6 +387,9 @@ def register(
             chunks of each tensor (bit-identical to one call on the whole tensor; tests check each such method).
         reduction: streams a reduce-then-combine method in two passes (:class:`Reduction`); tests check it as pointwise.
         prepare: streams the result of a method that needs its whole inputs (:attr:`MergeMethod.prepare`).
+        prepared_workspace: what the prepared form holds per ingredient, in tensor-sized float32 buffers, given the
+            hyperparameters (defaults filled in) and the tensor's shape (e.g. 0.25 for a boolean mask each); None:
+            ``workspace`` (see :meth:`MergeMethod.prepared_buffers`).
         takes_half: half-precision inputs may reach the method as stored (:attr:`MergeMethod.takes_half`).
         whole_half: and on its whole-tensor path (:attr:`MergeMethod.whole_half`).
         statistic: the per-model statistic the method weighs its inputs by (``fisher`` or ``gram``); the function then
@@ -422,6 +434,7 @@ def register(
             pointwise=pointwise,
             reduction=reduction,
             prepare=prepare,
+            prepared_workspace=prepared_workspace,
             takes_half=takes_half,
             whole_half=whole_half,
             statistic=statistic,
