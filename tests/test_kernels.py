@@ -643,7 +643,7 @@ def _della_rows(seed: int, rows: int, cols: int, dtype: torch.dtype) -> tuple[to
     decreasing with m."""
     g = torch.Generator().manual_seed(seed)
     base = torch.zeros(rows, cols)
-    base[1:3] = 1.0
+    base[1:3] = base[4] = 1.0
     models = []
     for _ in range(3):
         theta = torch.randint(-8, 9, (rows, cols), generator=g) * 2.0 ** -8
@@ -652,6 +652,8 @@ def _della_rows(seed: int, rows: int, cols: int, dtype: torch.dtype) -> tuple[to
         theta[2] = 2.0 ** -16 + (1 + torch.arange(cols) * 30 // (cols - 1)) * 2.0 ** -23
         theta[3, 0] = float("inf")
         theta[3, 1] = -0.0
+        theta[4, :2] = torch.tensor([2.0 ** -16 + 2.0 ** -23, 2.0 ** -16 + 2.0 ** -18])  # m = 1 and 32 (no low bits), one high part
+        theta[4, 2:] = 0.5
         models.append(theta.to(dtype))
     return base.to(dtype), models
 
@@ -680,14 +682,16 @@ def test_della_rows_out_of_order_take_each_way_of_sorting_them():
     k = kernels._kernels()
     base, models = _della_rows(51, 4096, 64, torch.bfloat16)
     t, b = kernels._as_numpy(models[0]), kernels._as_numpy(base)
-    keys = np.empty((4096, 64), np.int32)
-    assert k.magprune_keys(t, b, 6, False, keys) * 64 <= keys.size  # the int32 keys
+    keys = np.empty((4096, 64), np.uint32)
+    assert k.magprune_keys(t, b, 6, False, keys) * 64 <= keys.size  # the 32-bit keys
     keys.sort(axis=1)
     wrong = np.empty(4096, np.int64)
-    assert wrong[: k.magprune_columns(keys, t, b, 6, True, wrong)].tolist() == [2]  # row 1 sorted in place, row 2 again
+    # row 4 in order by its keys' flag, row 1 sorted in place, row 2 sorted again
+    assert wrong[: k.magprune_columns(keys, t, b, 6, True, wrong)].tolist() == [2]
     mags = (models[0].float() - base.float()).abs().numpy().view(np.int32)
-    order = np.argsort(mags[1], kind="stable")
-    assert np.array_equal(keys[1], order) and not np.array_equal(keys[2], np.argsort(mags[2], kind="stable"))
+    for r in (0, 1, 3, 4):
+        assert np.array_equal(keys[r], np.argsort(mags[r], kind="stable")), r
+    assert keys[4][-2:].tolist() == [1, 0] and not np.array_equal(keys[2], np.argsort(mags[2], kind="stable"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -505,10 +505,12 @@ def _magnitude_bits(t, b):  # type: ignore[no-untyped-def]
 
 @njit(nogil=True, cache=True)
 def magprune_keys(theta, base, shift, wide, keys):  # type: ignore[no-untyped-def]
-    """The sort keys of a block of rows (rows x cols) of |theta - base|, as ops._order_int32 and ops._order_int64 make
-    them from the delta block's abs bits: int32 keys (the bits with their low ``shift`` replaced by the column) or, where
-    ``wide`` (int64 keys), bits << shift | column. Returns how many entries have any of those low bits set (ops._stable_order
-    picks the int32 keys where at most 1 in 64 does)."""
+    """The sort keys of a block of rows (rows x cols) of |theta - base| (the bits of the float32 delta's abs, as
+    ops._stable_order takes them): where ``wide`` (int64 keys), bits << shift | column, which sort in (bits, column)
+    order; else uint32 keys high << (shift + 1) | flag << shift | column, high = bits >> shift and flag whether any bit
+    below it is set, which sort by (high, flag, column) (the magnitude's sign bit is always clear, so there is room for
+    the flag; see :func:`magprune_columns`). Returns how many entries have any low bit set (int32-sized keys are used
+    where at most 1 in 64 does, as ops._stable_order picks them)."""
     rows, cols = keys.shape
     low = np.int64((1 << shift) - 1)
     set_low = 0
@@ -522,7 +524,7 @@ def magprune_keys(theta, base, shift, wide, keys):  # type: ignore[no-untyped-de
             if wide:
                 k[j] = (bits << shift) | j
             else:
-                k[j] = (bits & ~low) | j
+                k[j] = ((bits >> shift) << (shift + 1)) | (np.int64((bits & low) != 0) << shift) | j
     return set_low
 
 
@@ -531,11 +533,15 @@ def magprune_columns(keys, theta, base, shift, checked, wrong):  # type: ignore[
     """The columns of a block of rows' sorted keys (:func:`magprune_keys`, each row sorted ascending), in place: key &
     (2^shift - 1), so each row lists its columns in ascending (|delta|, column) order.
 
-    Where ``checked`` (int32 keys, sorted by (high bits, column)), entries whose high bits tie may be out of order by
-    their low bits: each row is insertion-sorted by its full magnitudes, moving an entry only past greater ones (stable:
-    entries of equal magnitude, which have equal high bits, keep their ascending columns), which gives the (magnitude,
-    column) order; a row that would need more than 8 moves an entry is left listed in ``wrong`` (their count returned),
-    to be sorted again by int64 keys, as ops._order_int32 sorts its rows out of order."""
+    Where ``checked`` (uint32 keys, sorted by (high, flag, column)), a row is in (magnitude, column) order unless two
+    entries with low bits set share a high part: within one high part, the entries without low bits have its smallest
+    magnitude (the high part itself) and come first, by column; those with low bits come after them, by column, so
+    they are in order where there is at most one of them, and otherwise maybe not. Such a row (seen in the same
+    sequential pass that takes out the columns) is insertion-sorted by its full magnitudes, moving an entry only past
+    greater ones (stable: entries of equal magnitude, which have equal keys but for the column, keep their ascending
+    columns), which gives the (magnitude, column) order; a row that would need more than 8 moves an entry is left
+    listed in ``wrong`` (their count returned), to be sorted again by int64 keys, as ops._order_int32 sorts its rows
+    out of order."""
     rows, cols = keys.shape
     mask = (1 << shift) - 1
     n = 0
@@ -546,12 +552,20 @@ def magprune_columns(keys, theta, base, shift, checked, wrong):  # type: ignore[
             for q in range(cols):
                 k[q] = k[q] & mask
             continue
+        shared = False
+        prev = np.int64(-1)
+        for q in range(cols):
+            key = np.int64(k[q])
+            top = key >> shift  # high << 1 | flag
+            shared |= ((top & 1) == 1) & (top == prev)
+            prev = top
+            k[q] = key & mask
+        if not shared:
+            continue
         t = theta[r]
         b = base[r]
         for q in range(cols):
-            col = k[q] & mask
-            k[q] = col
-            mags[q] = _magnitude_bits(t[col], b[col])
+            mags[q] = _magnitude_bits(t[k[q]], b[k[q]])
         budget = 8 * cols
         for q in range(1, cols):
             m = mags[q]

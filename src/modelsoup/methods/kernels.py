@@ -361,10 +361,10 @@ def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsi
                    codes: torch.Tensor) -> torch.Tensor:
     """:meth:`ops.MagPrunedDeltas._draw`'s codes of one model, theta - base (rows x cols, 1 < cols < 2^15, both of one
     kernel dtype: :func:`takes`), into ``codes`` (int16, rows x cols, on the CPU), a block of rows at a time: the sort
-    keys of the delta's magnitudes (``ops._stable_order``'s: int32 where at most 1 entry in 64 has bits below the
-    column's, else int64, and int64 from then on) in one compiled pass, each row sorted by numpy (as there), then the
-    order checked (:func:`._numba_kernels.magprune_columns`; rows out of order sorted again by int64 keys, by numpy, as
-    there), then ranks, probabilities, draws and codes in one more (:func:`._numba_kernels.magprune_codes`). The
+    keys of the delta's magnitudes (uint32 where at most 1 entry in 64 has bits below the column's: the bits above
+    them, a flag for those, the column; else int64, as ``ops._stable_order``'s, and int64 from then on) in one compiled
+    pass, each row sorted by numpy (as there), then the order completed (:func:`._numba_kernels.magprune_columns`; rows
+    it cannot cheaply put in order sorted again by int64 keys, by numpy, as there), then ranks, probabilities, draws and codes in one more (:func:`._numba_kernels.magprune_codes`). The
     generator is advanced as torch.rand of each block advances it (its state read once and set once, under its lock).
     The caller checks :func:`draws_uniforms` first."""
     assert codes.device.type == "cpu" and codes.dtype == torch.int16 and codes.shape == theta.shape == base.shape
@@ -373,7 +373,7 @@ def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsi
     t, b, c = _as_numpy(theta), _as_numpy(base), codes.numpy()
     per = max(1, MAGPRUNE_BLOCK // cols)
     n = min(per, rows)
-    narrow, uniform, wrong = np.empty((n, cols), np.int32), np.empty(n * cols, np.float32), np.empty(n, np.int64)
+    narrow, uniform, wrong = np.empty((n, cols), np.uint32), np.empty(n * cols, np.float32), np.empty(n, np.int64)
     wide: np.ndarray | None = None
     probs = np.empty(cols, np.float32)
 
@@ -390,8 +390,8 @@ def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsi
                 keys = wide[: s - r]
                 k.magprune_keys(tb, bb, shift, True, keys)
             keys.sort(axis=1)
-            redo = wrong[: k.magprune_columns(keys, tb, bb, shift, keys.dtype == np.int32, wrong)]
-            if redo.size:  # (high bits, column) is not (bits, column) order in these rows: their int64 keys, sorted
+            redo = wrong[: k.magprune_columns(keys, tb, bb, shift, keys.dtype == np.uint32, wrong)]
+            if redo.size:  # rows the kernel did not put in (bits, column) order: their int64 keys, sorted
                 exact = np.empty((redo.size, cols), np.int64)
                 k.magprune_keys(tb[redo], bb[redo], shift, True, exact)
                 exact.sort(axis=1)
