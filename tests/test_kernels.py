@@ -692,25 +692,3 @@ def test_della_rows_out_of_order_take_each_way_of_sorting_them():
     for r in (0, 1, 3, 4):
         assert np.array_equal(keys[r], np.argsort(mags[r], kind="stable")), r
     assert keys[4][-2:].tolist() == [1, 0] and not np.array_equal(keys[2], np.argsort(mags[2], kind="stable"))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rescale", ["density", "none"])
-def test_della_chunks_filled_by_the_compiled_pass_give_the_torch_paths_bits(monkeypatch, dtype, rescale):
-    from modelsoup.methods.ops import MagPrunedDeltas
-
-    base, models = _della_rows(52, 300, 64, dtype)
-    models[0][5, :4] = torch.tensor([float("nan"), float("-inf"), -0.0, 0.0]).to(dtype)
-
-    def chunks():  # type: ignore[no-untyped-def]
-        d = MagPrunedDeltas(models, base, [0.5, 0.7, 0.3], 0.2, torch.Generator().manual_seed(4), rescale, "della")
-        rows = torch.empty(3, 5000)
-        parts = []
-        for i in range(0, base.numel(), 5000):  # chunks that do not start at a row
-            j = min(base.numel(), i + 5000)
-            d.fill(i, j, rows[:, : j - i])
-            parts.append(rows[:, : j - i].clone())
-        return torch.cat(parts, dim=1)
-
-    got, want = _both(monkeypatch, chunks, ((kernels, "magprune_fill"),))
-    _same_bits(got, want)

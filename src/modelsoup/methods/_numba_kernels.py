@@ -611,28 +611,3 @@ def magprune_probabilities(low, span, denom, probs):  # type: ignore[no-untyped-
     computes it from float32 ranks (denom = cols - 1, span = 2 epsilon, low = density - epsilon)."""
     for q in range(probs.shape[0]):
         probs[q] = low + (np.float32(q) / denom) * span
-
-
-@njit(nogil=True, cache=True)
-def magprune_fill(theta, base, code, table, rescaled, out):  # type: ignore[no-untyped-def]
-    """A chunk of DELLA's rescaled task vector from its codes (ops.MagPrunedDeltas.fill): the float32 delta divided by
-    table[code] (``rescaled``; +inf for the dropped), else times (code != the row length: the table's last index). A
-    block's divisors are looked up first, so the arithmetic loop vectorizes."""
-    dropped = table.shape[0] - 1
-    n = out.shape[0]
-    d = np.empty(BLOCK, np.float32)
-    for b0 in range(0, n, BLOCK):
-        b1 = min(b0 + BLOCK, n)
-        c = code[b0:b1]
-        t = theta[b0:b1]
-        b = base[b0:b1]
-        o = out[b0:b1]
-        m = b1 - b0
-        if rescaled:
-            for j in range(m):
-                d[j] = table[c[j]]
-            for j in range(m):
-                o[j] = (widen(t[j]) - widen(b[j])) / d[j]
-        else:
-            for j in range(m):
-                o[j] = (widen(t[j]) - widen(b[j])) * np.float32(c[j] != dropped)

@@ -9,7 +9,7 @@ And DARE's and DELLA's uniforms (:func:`uniforms`): torch's CPU generator is MT1
 bits of one output per entry, serially (2.3-2.6 ns an entry); compiled, the same draws take 0.24 ns, read from and
 written back to the generator's state, under its lock (threads may share a generator); DELLA's MagPrune codes of a
 task vector (:func:`magprune_codes`: the sort keys of a block of rows in one pass, numpy's sort of each row, the order
-checked and the codes drawn in two more) and its chunks rebuilt from them (:func:`magprune_fill`). These run
+checked and the codes drawn in two more). These run
 for models of every dtype (the draws cost the same on each), the other kernels by default where models are bfloat16.
 Two once-per-process checks keep a kernel off where it would not be torch's: the draws against ``torch.rand``, the row
 sums against torch's (whose summation order they copy, and a future torch could change).
@@ -400,19 +400,6 @@ def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsi
 
     _draw(generator, run)
     return codes
-
-
-def magprune_fill(theta: torch.Tensor, base: torch.Tensor, code: torch.Tensor, table: torch.Tensor, rescaled: bool,
-                  out: torch.Tensor) -> torch.Tensor:
-    """:meth:`ops.MagPrunedDeltas.fill`'s chunk of one model (theta, base of one kernel dtype, flat; ``code`` int16,
-    ``table`` float32 with the row length's +inf last; ``out`` float32): (theta - base) / table[code] where ``rescaled``,
-    else (theta - base) * (code != row length), in float32 as there."""
-    k = _kernels()
-    try:
-        k.magprune_fill(_as_numpy(theta), _as_numpy(base), code.numpy(), table.numpy(), rescaled, out.numpy())
-    except Exception as e:  # as FusedMerge.__call__
-        raise _failed(e) from e
-    return out
 
 
 def takes(*tensors: torch.Tensor | None) -> bool:

@@ -603,12 +603,6 @@ class MagPrunedDeltas:
             buf = self._bufs[(role, dtype)] = torch.empty(max(m, min(math.prod(self.shape), selection.CHUNK)), dtype=dtype)
         return buf[:m]
 
-    @staticmethod
-    def _fused(delta: _DeltaRows, row: torch.Tensor) -> bool:
-        """Whether the compiled fill takes this model's chunk: theta and base of one kernel dtype, a float32 row."""
-        return (delta.base is not None and delta.theta.dtype == delta.base.dtype and row.dtype == torch.float32
-                and kernels.enabled() and kernels.takes(delta.theta, delta.base, row))
-
     def fill(self, i: int, j: int, rows: torch.Tensor) -> None:
         m = j - i
         for delta, held, codes, dtype, row in zip(self.deltas, self.held, self.codes, self.dtypes, rows):
@@ -616,13 +610,6 @@ class MagPrunedDeltas:
                 row.copy_(held.reshape(-1)[i:j])
                 continue
             direct = row.dtype == delta.dtype == dtype
-            if codes is not None and direct and self._fused(delta, row):
-                try:  # the steps below in one compiled pass
-                    kernels.magprune_fill(delta.theta.reshape(-1)[i:j], delta.base.reshape(-1)[i:j], codes[0][i:j], codes[2],
-                                          self.rescale == "density", row)
-                    continue
-                except kernels.KernelFailed:  # this chunk and the rest on torch
-                    pass
             kept = delta.flat(i, j, row if direct else self._buf("delta", delta.dtype, m))
             if codes is not None:
                 code, cols, table = codes
