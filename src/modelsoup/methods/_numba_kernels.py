@@ -594,11 +594,11 @@ def magprune_codes(order, probs, state, pos, uniform, codes):  # type: ignore[no
     :func:`magprune_probabilities`), and is kept where its uniform of torch's generator (drawn for the block in
     row-major order, as torch.rand(block.shape)) is below that; the code is the rank where kept, cols where dropped."""
     rows, cols = order.shape
-    u = uniform[: rows * cols]
-    uniforms(state, pos, False, np.float32(0.0), u, np.empty(0, np.bool_))
-    for r in range(rows):
+    ur = uniform[:cols]
+    none = np.empty(0, np.bool_)
+    for r in range(rows):  # each row's uniforms drawn just before they are used (in row-major order, as for the block)
+        uniforms(state, pos, False, np.float32(0.0), ur, none)
         o = order[r]
-        ur = u[r * cols:(r + 1) * cols]
         c = codes[r]
         for q in range(cols):
             j = o[q]

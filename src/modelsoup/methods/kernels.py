@@ -373,7 +373,7 @@ def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsi
     t, b, c = _as_numpy(theta), _as_numpy(base), codes.numpy()
     per = max(1, MAGPRUNE_BLOCK // cols)
     n = min(per, rows)
-    narrow, uniform, wrong = np.empty((n, cols), np.uint32), np.empty(n * cols, np.float32), np.empty(n, np.int64)
+    narrow, uniform, wrong = np.empty((n, cols), np.uint32), np.empty(cols, np.float32), np.empty(n, np.int64)
     wide: np.ndarray | None = None
     probs = np.empty(cols, np.float32)
 
