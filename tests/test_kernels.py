@@ -71,18 +71,31 @@ ELECTIONS = [
 WEIGHTS = [[1.0, 1.0, 1.0], [0.3, -0.5, 0.9], [0.0, 1e-9, 2.0], [0.0, 0.0, 0.0]]
 
 
+# per kind of deltas, the options looped over: TIES's densities, or the masked deltas' divisors (DARE's drops)
+OPTIONS = {"top-k": ([0.5, 0.2, 1.0], [0.0, 0.3, 0.9]), "masked": ([None, 0.3, 0.8], None, [1e-30, 0.5, 3.0])}
+
+
+@pytest.mark.parametrize("kind", list(OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("special", [False, True])
 @pytest.mark.parametrize("election", ELECTIONS, ids=lambda e: f"{e['sign_method']}-{e['sign_from']}-{e['normalize']}-{e['divide_by']}")
-def test_fused_ties_chunks_give_the_torch_paths_bits(monkeypatch, dtype, special, election):
+def test_fused_chunks_give_the_torch_paths_bits(monkeypatch, kind, dtype, special, election):
+    """Deltas taken and trimmed (top-k), or masked by booleans (or not) and divided (or not), in the kernel."""
+    from modelsoup.methods.ops import MaskedDeltas
+
     n = (1 << 18) + 2 * 2048 + 37  # two chunks, the second with a partial block
     base, models = _models(1, n, dtype, special=special)
-    for weights, scale, dens in itertools.product(WEIGHTS, (1.0, 0.7), ([0.5, 0.2, 1.0], [0.0, 0.3, 0.9])):
+    g = torch.Generator().manual_seed(5)
+    masks = [None, torch.rand(n, generator=g) < 0.3, torch.rand(n, generator=g) < 0.8]
+    for weights, scale, option in itertools.product(WEIGHTS, (1.0, 0.7), OPTIONS[kind]):
         if election["sign_method"] == "none" and election["normalize"] and sum(weights) == 0:
             continue  # refused (a zero weight sum), on both paths
 
-        def merge(weights=weights, scale=scale, dens=dens):  # type: ignore[no-untyped-def]
-            chunks = MergedChunks(top_k_deltas(models, base, dens), weights, base, scale, **election)
+        def merge(weights=weights, scale=scale, option=option):  # type: ignore[no-untyped-def]
+            deltas = top_k_deltas(models, base, option) if kind == "top-k" else MaskedDeltas(models, base, masks, option)
+            chunks = MergedChunks(deltas, weights, base, scale, **election)
+            mode = 2 if kind == "top-k" else 4  # a TopKTrim (density 1 or 0: mode 0 or 1), or the masked form
+            assert chunks.fused is None or set(chunks.fused.trims[:, 0].tolist()) <= {mode, 0, 1}
             return chunks.whole()
 
         fused, plain = _both(monkeypatch, merge)

@@ -9,7 +9,7 @@ magnitude by 1, 2 clamps it to 1. scalars: [floor, scale, plain divisor]. alphas
 trims: per model (mode, cut, cut_lo, cut_hi, hi_unbounded), lambdas: (kth_or_equal, kth, lo, lo_or_equal, hi,
 hi_or_equal); mode 0 keeps all, 1 none, 2 is a TopKTrim (hardshrink by kth_or_equal before cut, by kth from it on), 3 a
 RankWindow (lo < |d| < hi, the bounds moved by one float where ties are kept; no upper bound before cut_hi where
-hi_unbounded).
+hi_unbounded), 4 a mask and divisor (mode, masked, divided, -, -: MaskedDeltas, DARE's drops).
 """
 
 from __future__ import annotations
@@ -218,9 +218,21 @@ def _trim(r, first, i, trims, lambdas):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def merge_trimmed(thetas, base, start, trims, lambdas, voters, alphas, flipped, flags, scalars, scratch, vote, div, out):  # type: ignore[no-untyped-def]
+def _masked(r, mask, masked, divided, d):  # type: ignore[no-untyped-def]
+    """r * mask (as a float 0/1) where ``masked``, then / d where ``divided``: ops.MaskedDeltas.fill's steps."""
+    if masked:
+        for j in range(r.shape[0]):
+            r[j] = r[j] * np.float32(mask[j])
+    if divided:
+        for j in range(r.shape[0]):
+            r[j] = r[j] / d
+
+
+@njit(nogil=True, cache=True)
+def merge_trimmed(thetas, base, start, trims, lambdas, masks, divisors, voters, alphas, flipped, flags, scalars, scratch, vote, div, out):  # type: ignore[no-untyped-def]
     """As merge_rows, the rows being theta_i - base trimmed (TopKTrim.apply_, RankWindow.apply_) on entries
-    [start, start + len(out))."""
+    [start, start + len(out)), or, for trim mode 4, times masks[i] (entries as thetas[i]'s; where trims[i, 1]) and
+    divided by divisors[i] (where trims[i, 2])."""
     n = out.shape[0]
     m = len(thetas)
     for b0 in range(0, n, BLOCK):
@@ -233,7 +245,10 @@ def merge_trimmed(thetas, base, start, trims, lambdas, voters, alphas, flipped, 
                 r[:] = 0.0
                 continue
             _delta(thetas[i][b0:b1], bs, r)
-            _trim(r, start + b0, i, trims, lambdas)
+            if trims[i, 0] == 4:
+                _masked(r, masks[i][b0:b1], trims[i, 1] != 0, trims[i, 2] != 0, divisors[i])
+            else:
+                _trim(r, start + b0, i, trims, lambdas)
         _combine_block(scratch, 0, w, bs, voters, alphas, flipped, flags, scalars, vote, div, out[b0:b1])
 
 

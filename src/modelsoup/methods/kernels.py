@@ -146,18 +146,28 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 class FusedMerge:
     """One chunk of ``base + scale * combine(deltas)`` (see :class:`ops.MergedChunks`) by the compiled kernel.
 
-    Built by ``ops._fused_merge``, which decides whether the kernel applies. Two forms: ``thetas`` given (a top-k trim
-    or a rank window: deltas taken and trimmed inside the kernel, block by block), or ``thetas`` None (random drops,
+    Built by ``ops._fused_merge``, which decides whether the kernel applies. Three forms: ``thetas`` given (a top-k trim
+    or a rank window: deltas taken and trimmed inside the kernel, block by block), with ``masks`` (random drops kept as
+    boolean masks, DARE's: the deltas taken, masked and divided inside the kernel), or ``thetas`` None (DELLA's codes,
     models of several dtypes: the rows are filled by torch first and the kernel does the rest). The parameter arrays
     are described in :mod:`._numba_kernels`.
     """
 
     def __init__(self, *, base: torch.Tensor, thetas: Sequence[torch.Tensor] | None, trims: np.ndarray | None,
                  lambdas: np.ndarray | None, voters: Sequence[int], alphas: np.ndarray, flipped: np.ndarray, flags: np.ndarray,
-                 scalars: np.ndarray, models: int) -> None:
+                 scalars: np.ndarray, models: int, masks: Sequence[torch.Tensor | None] | None = None,
+                 divisors: Sequence[float | None] | None = None) -> None:
         self.k = _kernels()
         self.base = _as_numpy(base.reshape(-1))
         self.thetas = None if thetas is None else tuple(_as_numpy(t.reshape(-1)) for t in thetas)
+        self.masks: tuple[np.ndarray, ...] = tuple(np.zeros(0, np.bool_) for _ in range(models))  # none: mode 4 only
+        self.divisors = np.ones(models, np.float32)
+        if masks is not None:  # the masked form (trim mode 4): boolean masks (None keeps all), divisors (None: none)
+            ds = list(divisors) if divisors is not None else [None] * len(masks)
+            self.masks = tuple(np.zeros(0, np.bool_) if mk is None else mk.reshape(-1).numpy() for mk in masks)
+            trims = np.array([(4, mk is not None, d is not None, 0, 0) for mk, d in zip(masks, ds)], np.int64).reshape(-1, 5)
+            with np.errstate(over="ignore"):
+                self.divisors = np.array([1.0 if d is None else d for d in ds], np.float64).astype(np.float32)
         self.trims = trims if trims is not None else np.zeros((models, 5), np.int64)
         self.lambdas = lambdas if lambdas is not None else np.zeros((models, 6), np.float32)
         self.voters = np.asarray(voters, np.int64)
@@ -185,8 +195,9 @@ class FusedMerge:
                 fill(i, j, rows[:, : j - i])
                 self.k.merge_rows(rows.numpy(), b, self.voters, self.alphas, self.flipped, self.flags, self.scalars, vote, div, o)
             else:
-                self.k.merge_trimmed(tuple(t[i:j] for t in self.thetas), b, i, self.trims, self.lambdas, self.voters, self.alphas,
-                                     self.flipped, self.flags, self.scalars, scratch, vote, div, o)
+                self.k.merge_trimmed(tuple(t[i:j] for t in self.thetas), b, i, self.trims, self.lambdas,
+                                     tuple(mk[i:j] if mk.size else mk for mk in self.masks), self.divisors, self.voters,
+                                     self.alphas, self.flipped, self.flags, self.scalars, scratch, vote, div, o)
         except Exception as e:  # a new signature compiled or loaded here: I/O and pickle errors of numba's cache
             raise _failed(e) from e
         return out
@@ -364,9 +375,10 @@ def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsi
     keys of the delta's magnitudes (uint32 where at most 1 entry in 64 has bits below the column's: the bits above
     them, a flag for those, the column; else int64, as ``ops._stable_order``'s, and int64 from then on) in one compiled
     pass, each row sorted by numpy (as there), then the order completed (:func:`._numba_kernels.magprune_columns`; rows
-    it cannot cheaply put in order sorted again by int64 keys, by numpy, as there), then ranks, probabilities, draws and codes in one more (:func:`._numba_kernels.magprune_codes`). The
-    generator is advanced as torch.rand of each block advances it (its state read once and set once, under its lock).
-    The caller checks :func:`draws_uniforms` first."""
+    it cannot cheaply put in order sorted again by int64 keys, by numpy, as there), then the ranks, probabilities, draws
+    and codes in one more (:func:`._numba_kernels.magprune_codes`). The generator is advanced as torch.rand of each
+    block advances it (its state read once and set once, under its lock). The caller checks :func:`draws_uniforms`
+    first."""
     assert codes.device.type == "cpu" and codes.dtype == torch.int16 and codes.shape == theta.shape == base.shape
     rows, cols = theta.shape
     shift = max(1, (cols - 1).bit_length())
@@ -407,3 +419,8 @@ def takes(*tensors: torch.Tensor | None) -> bool:
     lazily negated or conjugated view, not tracking gradients: torch will not hand those to numpy)."""
     return all(t is not None and t.device.type == "cpu" and t.dtype in KERNEL_DTYPES and t.is_contiguous() and not t.is_neg()
                and not t.is_conj() and not t.requires_grad for t in tensors)
+
+
+def takes_mask(mask: torch.Tensor) -> bool:
+    """Whether the kernels can read this boolean mask as it is (CPU, contiguous, plain memory)."""
+    return mask.dtype == torch.bool and mask.device.type == "cpu" and mask.is_contiguous() and not mask.requires_grad

@@ -963,8 +963,13 @@ def _fused_merge(deltas: DeltaChunks, elect: ElectedMean | None, weights: Sequen
     if dtype != torch.float32 or not kernels.takes(base) or not kernels.enabled(base):
         return None
     models = len(deltas)
-    thetas = trims = bounds = None
-    if isinstance(deltas, TrimmedDeltas) and deltas.trims and all(isinstance(t, (TopKTrim, RankWindow)) for t in deltas.trims):
+    thetas = trims = bounds = masks = divisors = None
+    if isinstance(deltas, MaskedDeltas):
+        tensors = [s.theta for s in deltas.srcs]
+        if (all(s.base is not None and selection.same_view(s.base, base) for s in deltas.srcs) and kernels.takes(*tensors)
+                and len({t.dtype for t in tensors}) == 1 and all(m is None or kernels.takes_mask(m) for m in deltas.keep)):
+            thetas, masks, divisors = tensors, deltas.keep, deltas.divisors
+    elif isinstance(deltas, TrimmedDeltas) and deltas.trims and all(isinstance(t, (TopKTrim, RankWindow)) for t in deltas.trims):
         tensors = [s.theta for s in deltas.srcs]
         if (all(s.base is not None and selection.same_view(s.base, base) for s in deltas.srcs) and kernels.takes(*tensors)
                 and len({t.dtype for t in tensors}) == 1):
@@ -989,8 +994,12 @@ def _fused_merge(deltas: DeltaChunks, elect: ElectedMean | None, weights: Sequen
         alphas = alphas.astype(np.float32)  # as torch takes a Python float for a float32 tensor
         if not (np.isfinite(alphas).all() and np.isfinite(scalars).all()):
             return None  # a weight beyond float32's range: torch refuses it (a float32 scalar cannot hold it)
+    if divisors is not None:
+        with np.errstate(over="ignore"):
+            if not np.isfinite(np.array([1.0 if d is None else d for d in divisors], np.float64).astype(np.float32)).all():
+                return None  # a divisor beyond float32's range: torch's float32 scalar cannot hold it either
     return kernels.FusedMerge(base=base, thetas=thetas, trims=trims, lambdas=bounds, voters=voters, alphas=alphas, flipped=flipped,
-                              flags=flags, scalars=scalars, models=models)
+                              flags=flags, scalars=scalars, models=models, masks=masks, divisors=divisors)
 
 
 def _whole(deltas: DeltaChunks) -> list[torch.Tensor]:
