@@ -535,11 +535,12 @@ def magprune_keys(theta, base, shift, wide, keys):  # type: ignore[no-untyped-de
         k = keys[r]
         for j in range(cols):
             bits = _magnitude_bits(t[j], b[j])
-            set_low += np.int64((bits & low) != 0)
+            flag = np.int64((bits & low) != 0)
+            set_low += flag
             if wide:
                 k[j] = (bits << shift) | j
             else:
-                k[j] = ((bits >> shift) << (shift + 1)) | (np.int64((bits & low) != 0) << shift) | j
+                k[j] = ((bits >> shift) << (shift + 1)) | (flag << shift) | j
     return set_low
 
 
@@ -605,8 +606,8 @@ def magprune_columns(keys, theta, base, shift, checked, wrong):  # type: ignore[
 @njit(nogil=True, cache=True)
 def magprune_codes(order, probs, state, pos, uniform, codes):  # type: ignore[no-untyped-def]
     """DELLA's codes of a block of rows (rows x cols), given each row's columns in ascending (|delta|, column) order
-    (int32 or int64): the entry at place q of its row's order has rank q and keep probability probs[q] (float32:
-    :func:`magprune_probabilities`), and is kept where its uniform of torch's generator (drawn for the block in
+    (int32 or int64): the entry at place q of its row's order has rank q and keep probability probs[q] (float32, the
+    table of ops.MagPrunedDeltas), and is kept where its uniform of torch's generator (drawn for the block in
     row-major order, as torch.rand(block.shape)) is below that; the code is the rank where kept, cols where dropped."""
     rows, cols = order.shape
     ur = uniform[:cols]
@@ -618,11 +619,3 @@ def magprune_codes(order, probs, state, pos, uniform, codes):  # type: ignore[no
         for q in range(cols):
             j = o[q]
             c[j] = q if ur[j] < probs[q] else cols
-
-
-@njit(nogil=True, cache=True)
-def magprune_probabilities(low, span, denom, probs):  # type: ignore[no-untyped-def]
-    """The keep probability of each rank q: low + (q / denom) * span in float32, as ops._probabilities_of_ranks
-    computes it from float32 ranks (denom = cols - 1, span = 2 epsilon, low = density - epsilon)."""
-    for q in range(probs.shape[0]):
-        probs[q] = low + (np.float32(q) / denom) * span

@@ -368,10 +368,11 @@ def uniforms(generator: torch.Generator, out: torch.Tensor | None, below: float 
 MAGPRUNE_BLOCK = 1 << 18  # entries of a block of rows whose keys are made, sorted and coded together (:func:`magprune_codes`)
 
 
-def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsilon: float, generator: torch.Generator,
+def magprune_codes(theta: torch.Tensor, base: torch.Tensor, probs: torch.Tensor, generator: torch.Generator,
                    codes: torch.Tensor) -> torch.Tensor:
     """:meth:`ops.MagPrunedDeltas._draw`'s codes of one model, theta - base (rows x cols, 1 < cols < 2^15, both of one
-    kernel dtype: :func:`takes`), into ``codes`` (int16, rows x cols, on the CPU), a block of rows at a time: the sort
+    kernel dtype: :func:`takes`), given the keep probability of each rank (``probs``: float32, cols, on the CPU), into
+    ``codes`` (int16, rows x cols, on the CPU), a block of rows at a time: the sort
     keys of the delta's magnitudes (uint32 where at most 1 entry in 64 has bits below the column's: the bits above
     them, a flag for those, the column; else int64, as ``ops._stable_order``'s, and int64 from then on) in one compiled
     pass, each row sorted by numpy (as there), then the order completed (:func:`._numba_kernels.magprune_columns`; rows
@@ -381,17 +382,17 @@ def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsi
     first."""
     assert codes.device.type == "cpu" and codes.dtype == torch.int16 and codes.shape == theta.shape == base.shape
     rows, cols = theta.shape
+    assert probs.dtype == torch.float32 and probs.shape == (cols,) and probs.is_contiguous() and probs.device.type == "cpu"
     shift = max(1, (cols - 1).bit_length())
     t, b, c = _as_numpy(theta), _as_numpy(base), codes.numpy()
     per = max(1, MAGPRUNE_BLOCK // cols)
     n = min(per, rows)
     narrow, uniform, wrong = np.empty((n, cols), np.uint32), np.empty(cols, np.float32), np.empty(n, np.int64)
     wide: np.ndarray | None = None
-    probs = np.empty(cols, np.float32)
+    p = probs.numpy()
 
     def run(k: Any, words: np.ndarray, pos: np.ndarray) -> None:
         nonlocal wide
-        k.magprune_probabilities(np.float32(density - epsilon), np.float32(2 * epsilon), np.float32(cols - 1), probs)
         for r in range(0, rows, per):
             s = min(rows, r + per)
             tb, bb = t[r:s], b[r:s]
@@ -408,7 +409,7 @@ def magprune_codes(theta: torch.Tensor, base: torch.Tensor, density: float, epsi
                 k.magprune_keys(tb[redo], bb[redo], shift, True, exact)
                 exact.sort(axis=1)
                 keys[redo] = np.bitwise_and(exact, (1 << shift) - 1)
-            k.magprune_codes(keys, probs, words, pos, uniform, c[r:s])
+            k.magprune_codes(keys, p, words, pos, uniform, c[r:s])
 
     _draw(generator, run)
     return codes

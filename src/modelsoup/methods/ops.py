@@ -568,13 +568,17 @@ class MagPrunedDeltas:
         """One model's codes, drawn block by block as :func:`_drop_by_magnitude` draws its masks, and its table of keep
         probabilities by rank (+inf at the row length: the dropped)."""
         _check_magprune(density, epsilon, method)
+        # the ranks (float32 integers) and their probabilities, by the steps below; a dropped entry divides by +inf, which
+        # gives the zero of (delta * 0) / p, its sign the delta's (and NaN for an infinite delta, as inf * 0 / p)
+        table = _probabilities_of_ranks(torch.arange(cols).to(torch.float32) if cols > 1 else None, cols, density, epsilon, (max(cols, 1),))
+        coded = (cols, torch.cat([table[:cols], torch.tensor([math.inf])]))
         codes = torch.empty(delta.theta.shape, dtype=torch.int16)
-        rows = delta.theta.dim() == 2 and 1 < cols < 1 << 15 and codes.device.type == "cpu"
+        rows = delta.theta.dim() == 2 and 1 < cols < 1 << 15 and codes.device.type == "cpu" and table.device.type == "cpu"
         if rows and delta.base is not None and delta.theta.dtype == delta.base.dtype and kernels.takes(delta.theta, delta.base) \
                 and kernels.draws_uniforms(generator):
-            try:  # the keys, order, ranks, probabilities, draws and codes below, compiled (the rows sorted as there)
-                kernels.magprune_codes(delta.theta, delta.base, density, epsilon, generator, codes)
-                return MagPrunedDeltas._coded(codes, cols, density, epsilon)
+            try:  # the keys, order, ranks, draws and codes below, compiled (the rows sorted as there)
+                kernels.magprune_codes(delta.theta, delta.base, table, generator, codes)
+                return (codes.reshape(-1), *coded)
             except kernels.KernelFailed:  # on torch (the generator is as it was)
                 pass
         for r, shape_block in _row_blocks(delta.theta):
@@ -585,14 +589,7 @@ class MagPrunedDeltas:
             # the rank where kept, cols where dropped: keep * (rank - cols) + cols, exact in float32 (integers below 2^15),
             # 15x faster than a masked fill
             codes[r:stop] = (ranks if ranks is not None else torch.zeros(block.shape)).sub_(cols).mul_(keep).add_(cols)
-        return MagPrunedDeltas._coded(codes, cols, density, epsilon)
-
-    @staticmethod
-    def _coded(codes: torch.Tensor, cols: int, density: float, epsilon: float) -> tuple[torch.Tensor, int, torch.Tensor]:
-        # the ranks (float32 integers) and their probabilities, by the same steps; a dropped entry divides by +inf, which
-        # gives the zero of (delta * 0) / p, its sign the delta's (and NaN for an infinite delta, as inf * 0 / p)
-        table = _probabilities_of_ranks(torch.arange(cols).to(torch.float32) if cols > 1 else None, cols, density, epsilon, (max(cols, 1),))
-        return codes.reshape(-1), cols, torch.cat([table[:cols], torch.tensor([math.inf])])
+        return (codes.reshape(-1), *coded)
 
     def __len__(self) -> int:
         return len(self.deltas)
