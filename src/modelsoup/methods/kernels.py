@@ -156,18 +156,18 @@ class FusedMerge:
     def __init__(self, *, base: torch.Tensor, thetas: Sequence[torch.Tensor] | None, trims: np.ndarray | None,
                  lambdas: np.ndarray | None, voters: Sequence[int], alphas: np.ndarray, flipped: np.ndarray, flags: np.ndarray,
                  scalars: np.ndarray, models: int, masks: Sequence[torch.Tensor | None] | None = None,
-                 divisors: Sequence[float | None] | None = None) -> None:
+                 divisors: np.ndarray | None = None, divided: Sequence[bool] | None = None) -> None:
         self.k = _kernels()
         self.base = _as_numpy(base.reshape(-1))
         self.thetas = None if thetas is None else tuple(_as_numpy(t.reshape(-1)) for t in thetas)
         self.masks: tuple[np.ndarray, ...] = tuple(np.zeros(0, np.bool_) for _ in range(models))  # none: mode 4 only
         self.divisors = np.ones(models, np.float32)
-        if masks is not None:  # the masked form (trim mode 4): boolean masks (None keeps all), divisors (None: none)
-            ds = list(divisors) if divisors is not None else [None] * len(masks)
+        if masks is not None:  # the masked form (trim mode 4): boolean masks (None keeps all), float32 divisors where divided
             self.masks = tuple(np.zeros(0, np.bool_) if mk is None else mk.reshape(-1).numpy() for mk in masks)
-            trims = np.array([(4, mk is not None, d is not None, 0, 0) for mk, d in zip(masks, ds)], np.int64).reshape(-1, 5)
-            with np.errstate(over="ignore"):
-                self.divisors = np.array([1.0 if d is None else d for d in ds], np.float64).astype(np.float32)
+            each = divided if divided is not None else [False] * len(masks)
+            trims = np.array([(4, mk is not None, d, 0, 0) for mk, d in zip(masks, each)], np.int64).reshape(-1, 5)
+            if divisors is not None:
+                self.divisors = divisors
         self.trims = trims if trims is not None else np.zeros((models, 5), np.int64)
         self.lambdas = lambdas if lambdas is not None else np.zeros((models, 6), np.float32)
         self.voters = np.asarray(voters, np.int64)
@@ -196,7 +196,7 @@ class FusedMerge:
                 self.k.merge_rows(rows.numpy(), b, self.voters, self.alphas, self.flipped, self.flags, self.scalars, vote, div, o)
             else:
                 self.k.merge_trimmed(tuple(t[i:j] for t in self.thetas), b, i, self.trims, self.lambdas,
-                                     tuple(mk[i:j] if mk.size else mk for mk in self.masks), self.divisors, self.voters,
+                                     tuple(mk[i:j] for mk in self.masks), self.divisors, self.voters,
                                      self.alphas, self.flipped, self.flags, self.scalars, scratch, vote, div, o)
         except Exception as e:  # a new signature compiled or loaded here: I/O and pickle errors of numba's cache
             raise _failed(e) from e

@@ -989,14 +989,12 @@ def _fused_merge(deltas: DeltaChunks, elect: ElectedMean | None, weights: Sequen
     with np.errstate(over="ignore"):
         scalars = np.array([DIVISOR_FLOOR, scale, divisor if divisor is not None else 1.0], np.float32)
         alphas = alphas.astype(np.float32)  # as torch takes a Python float for a float32 tensor
-        if not (np.isfinite(alphas).all() and np.isfinite(scalars).all()):
-            return None  # a weight beyond float32's range: torch refuses it (a float32 scalar cannot hold it)
-    if divisors is not None:
-        with np.errstate(over="ignore"):
-            if not np.isfinite(np.array([1.0 if d is None else d for d in divisors], np.float64).astype(np.float32)).all():
-                return None  # a divisor beyond float32's range: torch's float32 scalar cannot hold it either
+        divisors32 = None if divisors is None else np.array([1.0 if d is None else d for d in divisors], np.float64).astype(np.float32)
+        if not (np.isfinite(alphas).all() and np.isfinite(scalars).all() and (divisors32 is None or np.isfinite(divisors32).all())):
+            return None  # a weight or divisor beyond float32's range: torch refuses it (a float32 scalar cannot hold it)
     return kernels.FusedMerge(base=base, thetas=thetas, trims=trims, lambdas=bounds, voters=voters, alphas=alphas, flipped=flipped,
-                              flags=flags, scalars=scalars, models=models, masks=masks, divisors=divisors)
+                              flags=flags, scalars=scalars, models=models, masks=masks, divisors=divisors32,
+                              divided=None if divisors is None else [d is not None for d in divisors])
 
 
 def _whole(deltas: DeltaChunks) -> list[torch.Tensor]:
