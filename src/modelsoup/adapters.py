@@ -183,9 +183,7 @@ def _resolve_method(method: str, parameters: Mapping[str, Any] | None) -> tuple[
     unknown = [k for k in given if m.param(k) is None]
     if unknown:
         raise OptionError(f"method '{m.name}' has no parameter {', '.join(map(repr, unknown))}; it takes: {', '.join(p.name for p in m.params) or 'none'}")
-    params = {p.name: p.default for p in m.params}
-    params.update({m.param(k).name: v for k, v in given.items()})  # type: ignore[union-attr]
-    return m, params
+    return m, m.filled({m.param(k).name: v for k, v in given.items()})  # type: ignore[union-attr]
 
 
 def merge_adapters(

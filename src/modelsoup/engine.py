@@ -328,7 +328,7 @@ class MergeRun:
         method needs its whole-tensor path for this tensor (the caller then runs :meth:`compute`)."""
         method = self.plan.method
         tensors, base = self._inputs(job, half=method.takes_half)  # a method that takes half widens each chunk itself
-        params = {p.name: p.default for p in method.params} | job.params  # as the method's signature fills them in
+        params = method.filled(job.params)
         if method.random:
             params["generator"] = self._generator(job)
         assert method.prepare is not None

@@ -276,18 +276,22 @@ class MergeMethod:
     chunk_kernel: Callable[..., torch.Tensor] | None = None
     carries_nonfinite: bool = False
 
+    def filled(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """These hyperparameters with the method's defaults filled in (as its signature fills them in)."""
+        return {p.name: p.default for p in self.params} | dict(params)
+
     def streamed_reduction(self, params: Mapping[str, Any]) -> Reduction | None:
         """The :class:`Reduction` that streams a merge with these hyperparameters (defaults filled in here), or None."""
         if self.reduction is None:
             return None
-        return self.reduction if self.reduction.streams({p.name: p.default for p in self.params} | dict(params)) else None
+        return self.reduction if self.reduction.streams(self.filled(params)) else None
 
     def prepared_buffers(self, params: Mapping[str, Any], shape: tuple[int, ...]) -> float:
         """Tensor-sized float32 buffers' worth of bytes the prepared form of a merge with these hyperparameters holds per
         ingredient, for a tensor of this shape (the engine counts it against its memory budget)."""
         if self.prepared_workspace is None:
             return float(self.workspace)
-        return self.prepared_workspace({p.name: p.default for p in self.params} | dict(params), shape)
+        return self.prepared_workspace(self.filled(params), shape)
 
     def keeps_identical(self, params: Mapping[str, Any]) -> bool:
         """Whether, with these hyperparameters, inputs that are all one tensor give that tensor back (the
