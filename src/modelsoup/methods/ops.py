@@ -522,8 +522,12 @@ class _DeltaRows:
 def della_held(rescale: str, shape: tuple[int, ...]) -> float:
     """Tensor-sized float32 buffers that :class:`MagPrunedDeltas` holds per model: its int16 codes (a half), or, where it
     holds the result whole (``rescale: l1``, rows of 2^15 entries or more), that and the delta it is made from."""
-    cols = shape[1] if len(shape) >= 2 else math.prod(shape)
-    return 2.0 if rescale == "l1" or cols >= 1 << 15 else 0.5
+    return 2.0 if _held_whole(rescale, shape[1] if len(shape) >= 2 else math.prod(shape)) else 0.5
+
+
+def _held_whole(rescale: str, cols: int) -> bool:
+    """Whether :class:`MagPrunedDeltas` holds a model's result whole (float32) rather than as codes, for rows of ``cols``."""
+    return rescale == "l1" or cols >= 1 << 15
 
 
 class MagPrunedDeltas:
@@ -550,7 +554,7 @@ class MagPrunedDeltas:
         self.dtypes: list[torch.dtype] = []
         for delta, p, e in zip(self.deltas, per_model(density, n, "density"), per_model(epsilon, n, "epsilon")):
             cols = delta.theta.shape[1]
-            if p < 1 and (rescale == "l1" or cols >= 1 << 15):
+            if p < 1 and _held_whole(rescale, cols):
                 held = _drop_by_magnitude(delta, p, e, generator, rescale, method)
                 self.held.append(held)
                 self.codes.append(None)
