@@ -705,3 +705,76 @@ def test_della_rows_out_of_order_take_each_way_of_sorting_them():
     for r in (0, 1, 3, 4):
         assert np.array_equal(keys[r], np.argsort(mags[r], kind="stable")), r
     assert keys[4][-2:].tolist() == [1, 0] and not np.array_equal(keys[2], np.argsort(mags[2], kind="stable"))
+
+
+# ------------------------------------------------------------ torch.sort's order of ties at a cut (tie_break: torch_sort)
+
+
+def _sorted_window(x: torch.Tensor, first: int, stop: int, descending: bool) -> torch.Tensor:
+    order = torch.sort(x, descending=descending).indices
+    keep = torch.zeros(x.numel(), dtype=torch.bool)
+    keep[order[first:stop]] = True
+    return keep
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 17, 18, 33, 1000, 70_001, 300_000])
+@pytest.mark.parametrize("levels", [1, 3, 300, 10**9])
+@pytest.mark.parametrize("descending", [True, False])
+def test_the_window_of_torchs_sort_is_found_without_sorting_it_all(n, levels, descending):
+    """Many ties (levels distinct magnitudes, NaNs among them: the comparators hold them equivalent, first when
+    descending, last ascending) and windows at each end, inside, empty and whole: torch.sort's own sets."""
+    g = torch.Generator().manual_seed(n * 7 + levels)
+    x = torch.randint(0, levels, (n,), generator=g).float() * 0.5
+    x[torch.randint(0, n, (n // 9,), generator=g)] = float("nan")
+    x[torch.randint(0, n, (n // 11,), generator=g)] = float("inf")
+    for first, stop in ((0, n // 2), (n // 3, n - n // 5), (0, 1), (n - 1, n), (0, n), (n // 2, n // 2), (0, 0)):
+        got = kernels.torch_order_window(x, first, stop, descending=descending)
+        assert got is not None and torch.equal(got, _sorted_window(x, first, stop, descending)), (first, stop)
+
+
+def test_the_window_of_torchs_sort_of_magnitudes_of_signed_values():
+    """absolute: the magnitudes of a delta, read from it (signed zeros, negative NaN): those of torch.sort(|delta|)."""
+    g = torch.Generator().manual_seed(5)
+    d = (torch.randn(50_000, generator=g) * 4).round() / 8
+    d[::97] = -0.0
+    d[::101] = -float("nan")
+    d[::103] = -float("inf")
+    k = 20_000
+    got = kernels.torch_order_window(d, 0, k, descending=True, absolute=True)
+    assert got is not None and torch.equal(got, _sorted_window(d.abs(), 0, k, True))
+    assert kernels.torch_order_window(d, 0, k, descending=True) is None  # negative magnitudes: keys cannot order them
+    assert kernels.torch_order_window(d.double(), 0, k, descending=True, absolute=True) is None  # float32 only
+
+
+def test_a_window_that_meets_introsorts_depth_limit_is_left_to_torch(monkeypatch):
+    """Where std::sort would heap-sort a range (its depth limit), the kernel declines, and the trim sorts with torch."""
+    from modelsoup.methods import ops
+
+    g = torch.Generator().manual_seed(3)
+    d = (torch.randn(4000, generator=g) * 4).round()
+    assert kernels._window(d, 0, 1500, True, True, depth=0) is None
+    assert kernels._window(d, 0, 1500, True, True, depth=2) is None
+    assert kernels._window(d, 0, 1500, True, True) is not None
+    want = ops.trim_top_k_torch_order(d, 0.375)
+    monkeypatch.setattr(kernels, "_window", lambda *a: None)
+    _same_bits(ops.trim_top_k_torch_order(d, 0.375), want)
+    _same_bits(want, d * _sorted_window(d.abs(), 0, 1500, True).float())
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.4, "tie_break": "torch_sort", "keep_at_least_one": True}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "tie_break": "torch_sort"}),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1, "tie_break": "torch_sort"}),
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_merges_in_torchs_order_of_ties_give_the_torch_sorts_bits(monkeypatch, method, params, dtype):
+    base, models = _models(11, 60_000, dtype, special=True)
+    for m in models:  # many ties at every cut
+        m.copy_(base + ((m - base) * 64).round() / 64)
+    fused, plain = _both(monkeypatch, lambda: get_method(method)(models, base=base, **params), ((kernels, "_window"),))
+    _same_bits(fused, plain)
+
+
+def test_torchs_sort_is_the_one_the_window_copies():
+    """This torch's CPU sort is std::sort (what the kernel copies); a torch where it is not sorts with torch itself."""
+    assert kernels.sorts_like_torch()

@@ -619,3 +619,141 @@ def magprune_codes(order, probs, state, pos, uniform, codes):  # type: ignore[no
         for q in range(cols):
             j = o[q]
             c[j] = q if ur[j] < probs[q] else cols
+
+
+# ------------------------------------------------ torch.sort's order of ties at a cut (mergekit's magnitude, outliers)
+# torch's CPU sort of a float32 vector (values and indices, not stable) is libstdc++'s std::sort (introsort) with
+# KeyValueCompAsc/KeyValueCompDesc; kernels.torch_order_window checks this once per process against torch itself.
+
+SORT_THRESHOLD = 16  # libstdc++'s _S_threshold: introsort leaves ranges of at most this many to the final insertion sort
+
+
+@njit(nogil=True, cache=True)
+def sort_keys(values, absolute, descending, keys):  # type: ignore[no-untyped-def]
+    """int32 keys of float32 magnitudes (of |values| where ``absolute``: the sign bit cleared, as torch.abs clears it)
+    whose ascending integer order is torch's comparator's order: ascending, NaN last (KeyValueCompAsc); descending,
+    NaN first (KeyValueCompDesc). A non-negative float's bits order as it does, -0 is 0, and every NaN is one key above
+    inf (the comparators hold NaNs equivalent). Returns the count of negative entries (other than -0): keys cannot
+    order those, and the caller sorts with torch."""
+    negative = 0
+    for i in range(values.size):
+        bits = np.int64(_float_bits(values[i]))
+        if absolute:
+            bits &= 0x7FFFFFFF
+        if bits >= 0x80000000:
+            if bits != 0x80000000 and (bits & 0x7FFFFFFF) <= 0x7F800000:
+                negative += 1
+            bits = 0 if bits == 0x80000000 else 0x7F800001
+        elif bits > 0x7F800000:
+            bits = 0x7F800001
+        keys[i] = np.int32(0x7F800001 - bits) if descending else np.int32(bits)
+    return negative
+
+
+@njit(nogil=True, cache=True)
+def _swap(keys, order, i, j):  # type: ignore[no-untyped-def]
+    k = keys[i]
+    keys[i] = keys[j]
+    keys[j] = k
+    o = order[i]
+    order[i] = order[j]
+    order[j] = o
+
+
+@njit(nogil=True, cache=True)
+def _median_to_first(keys, order, result, a, b, c):  # type: ignore[no-untyped-def]
+    """libstdc++'s __move_median_to_first."""
+    if keys[a] < keys[b]:
+        if keys[b] < keys[c]:
+            _swap(keys, order, result, b)
+        elif keys[a] < keys[c]:
+            _swap(keys, order, result, c)
+        else:
+            _swap(keys, order, result, a)
+    elif keys[a] < keys[c]:
+        _swap(keys, order, result, a)
+    elif keys[b] < keys[c]:
+        _swap(keys, order, result, c)
+    else:
+        _swap(keys, order, result, b)
+
+
+@njit(nogil=True, cache=True)
+def _partition(keys, order, first, last, pivot):  # type: ignore[no-untyped-def]
+    """libstdc++'s __unguarded_partition (the median of three at ``pivot`` bounds both scans)."""
+    p = keys[pivot]
+    while True:
+        while keys[first] < p:
+            first += 1
+        last -= 1
+        while p < keys[last]:
+            last -= 1
+        if not first < last:
+            return first
+        _swap(keys, order, first, last)
+        first += 1
+
+
+@njit(nogil=True, cache=True)
+def _straddled(bounds, first, last):  # type: ignore[no-untyped-def]
+    for b in bounds:
+        if first < b < last:
+            return True
+    return False
+
+
+@njit(nogil=True, cache=True)
+def _insertion_sort(keys, order, first, last):  # type: ignore[no-untyped-def]
+    """A stable insertion sort of [first, last) (libstdc++'s final insertion sort keeps equal keys in place)."""
+    for i in range(first + 1, last):
+        k = keys[i]
+        o = order[i]
+        j = i
+        while j > first and k < keys[j - 1]:
+            keys[j] = keys[j - 1]
+            order[j] = order[j - 1]
+            j -= 1
+        keys[j] = k
+        order[j] = o
+
+
+@njit(nogil=True, cache=True)
+def torch_order(keys, order, bounds, depth):  # type: ignore[no-untyped-def]
+    """Reorders ``keys`` (:func:`sort_keys`) and ``order`` (the indices 0..n-1, int32 or int64) as std::sort does, but
+    only where it decides which entries lie on each side of a place in ``bounds``: introsort's partitions are made on
+    the ranges that straddle one (the others are left as they are: nothing leaves a partitioned range), and the last
+    range of at most SORT_THRESHOLD entries around one is insertion-sorted, as std::sort's final pass sorts it. Then the
+    entries at places [a, b) between two bounds (or the ends) are those of ``torch.sort``. About 2n steps for one bound,
+    against n log n for the whole sort. ``depth``: introsort's limit, 2 floor(log2 n); returns False where a straddling
+    range reaches it (std::sort would heap-sort it: the caller sorts with torch)."""
+    n = keys.size
+    stack = np.empty((2 * 64 + 2, 3), np.int64)
+    top = 0
+    stack[0, 0], stack[0, 1], stack[0, 2] = 0, n, depth
+    top = 1
+    while top > 0:
+        top -= 1
+        first, last, d = stack[top, 0], stack[top, 1], stack[top, 2]
+        while last - first > SORT_THRESHOLD and _straddled(bounds, first, last):
+            if d == 0:
+                return False
+            d -= 1
+            mid = first + (last - first) // 2
+            _median_to_first(keys, order, first, first + 1, mid, last - 1)
+            cut = _partition(keys, order, first + 1, last, first)
+            if _straddled(bounds, cut, last):
+                if top == stack.shape[0]:
+                    return False
+                stack[top, 0], stack[top, 1], stack[top, 2] = cut, last, d
+                top += 1
+            last = cut
+        if last - first <= SORT_THRESHOLD and _straddled(bounds, first, last):
+            _insertion_sort(keys, order, first, last)
+    return True
+
+
+@njit(nogil=True, cache=True)
+def mark(order, first, stop, keep):  # type: ignore[no-untyped-def]
+    """keep[order[q]] = True for places q in [first, stop)."""
+    for q in range(first, stop):
+        keep[order[q]] = True

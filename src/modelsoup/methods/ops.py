@@ -175,8 +175,15 @@ def trim_top_k_torch_order(delta: torch.Tensor, density: float, *, at_least_one:
     k = selection.keep_count(density, n, at_least_one)
     if k >= n:
         return delta.clone()
-    keep = torch.zeros(n, dtype=delta.dtype)
-    keep[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:k]] = 1
+    flat = delta.reshape(-1)
+    if flat.dtype == torch.float32 and flat.device.type == "cpu":  # the kernel takes |delta| itself
+        mask = kernels.torch_order_window(flat, 0, k, descending=True, absolute=True)
+    else:
+        mask = kernels.torch_order_window(flat.abs().float(), 0, k, descending=True) if flat.device.type == "cpu" else None
+    if mask is not None:
+        return delta * mask.to(delta.dtype).view_as(delta)
+    keep = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    keep[torch.argsort(flat.abs().float(), descending=True)[:k]] = 1
     return delta * keep.view_as(delta)
 
 
@@ -706,8 +713,13 @@ def outlier_window(n: int, density: float, gamma: float) -> tuple[int, int] | No
 
 def sorted_window_mask(magnitude: torch.Tensor, first: int, stop: int) -> torch.Tensor:
     """The flat boolean mask of the entries at places [first, stop) of ``torch.sort(magnitude)`` (its order of ties)."""
-    order = torch.sort(magnitude.reshape(-1).float()).indices
-    keep = torch.zeros(magnitude.numel(), dtype=torch.bool)
+    flat = magnitude.reshape(-1).float()
+    if flat.device.type == "cpu":
+        mask = kernels.torch_order_window(flat, first, stop, descending=False)
+        if mask is not None:
+            return mask
+    order = torch.sort(flat).indices
+    keep = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
     keep[order[first:stop]] = True
     return keep
 
