@@ -206,7 +206,7 @@ def test_disk_needed_counts_the_files_the_output_copies_not_a_git_clones_lfs_obj
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_prepared_merge_costs_its_inputs_as_held_and_what_its_method_keeps(dtype):
     # the TIES family holds its whole inputs (half precision as stored: mapped, not widened), per model what its prepared
-    # form keeps (TIES nothing tensor-sized, DARE a boolean mask, DELLA int16 codes; with rescale: l1 whole float32
+    # form keeps (TIES nothing tensor-sized, or in torch's order of ties a boolean mask and the sort's buffers, DARE a boolean mask, DELLA int16 codes; with rescale: l1 whole float32
     # deltas), and chunk buffers
     shapes = {"w": (4096, 512), "wide": (2, 1 << 15)}
     cks = [VirtualCheckpoint(shapes, seed=s, dtype=dtype) for s in range(4)]
@@ -220,6 +220,8 @@ def test_a_prepared_merge_costs_its_inputs_as_held_and_what_its_method_keeps(dty
         return job_cost(plan, next(j for j in plan.jobs if j.name == name))
 
     assert cost("ties", density=0.5) == held + chunks
+    assert cost("ties", density=0.5, tie_break="torch_sort") == held + 3 * (numel + 8 * numel) + chunks  # a mask; keys, places
+    assert cost("ties", density=0.5, rescale="l1") == held + 3 * 4 * 4 * numel + chunks
     assert cost("dare_ties", density=0.5) == held + 3 * numel + chunks  # one byte an entry
     assert cost("dare_ties", density=0.5, rescale="l1") == held + 3 * 2 * 4 * numel + chunks
     assert cost("della", density=0.6, epsilon=0.1) == held + 3 * 2 * numel + chunks

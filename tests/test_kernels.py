@@ -746,6 +746,25 @@ def test_the_window_of_torchs_sort_of_magnitudes_of_signed_values():
     assert kernels.torch_order_window(d.double(), 0, k, descending=True, absolute=True) is None  # float32 only
 
 
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.bfloat16)])
+def test_the_window_of_torchs_sort_of_a_task_vectors_magnitudes_is_made_from_the_inputs(dtypes):
+    """With a base: the magnitudes of the float32 task vector (half precision widened first), read from theta and base
+    (ties, infinities, NaN from inf - inf): the sets of torch.sort(|task_vector(theta, base)|)."""
+    from modelsoup.methods.ops import task_vector
+
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(40_000, generator=g)
+    theta = base + (torch.randn(40_000, generator=g) * 8).round() / 256
+    theta[::89], base[::89] = float("inf"), float("inf")
+    theta[::97] = -float("inf")
+    theta, base = theta.to(dtypes[0]), base.to(dtypes[1])
+    m = task_vector(theta, base).abs()
+    for first, stop, descending in ((0, 17_000, True), (3000, 33_000, False)):
+        got = kernels.torch_order_window(theta, first, stop, descending=descending, base=base)
+        assert got is not None and torch.equal(got, _sorted_window(m, first, stop, descending))
+
+
 def test_a_window_that_meets_introsorts_depth_limit_is_left_to_torch(monkeypatch):
     """Where std::sort would heap-sort a range (its depth limit), the kernel declines, and the trim sorts with torch."""
     from modelsoup.methods import ops
@@ -778,3 +797,22 @@ def test_merges_in_torchs_order_of_ties_give_the_torch_sorts_bits(monkeypatch, m
 def test_torchs_sort_is_the_one_the_window_copies():
     """This torch's CPU sort is std::sort (what the kernel copies); a torch where it is not sorts with torch itself."""
     assert kernels.sorts_like_torch()
+
+
+@pytest.mark.parametrize("levels", [1, 2, 5, 1000, 2**30])
+def test_the_block_partition_makes_the_unguarded_partitions_swaps(levels):
+    """The block partition (branch-free lists of each side's stops) leaves the keys, the places and the cut exactly as
+    libstdc++'s unguarded partition does, on ranges of one block more or less than a multiple, and with many ties."""
+    import numpy as np
+
+    k = kernels._kernels()
+    rng = np.random.default_rng(levels)
+    block = k.PARTITION_BLOCK
+    for n in (4 * block + 1, 4 * block + 2, 7 * block - 1, 10_000, 100_003):
+        keys = rng.integers(0, levels, n).astype(np.int32)
+        order = np.arange(n, dtype=np.int32)
+        k._median_to_first(keys, order, 0, 1, n // 2, n - 1)
+        keys2, order2 = keys.copy(), order.copy()
+        cut = k._partition(keys, order, 1, n, 0)
+        assert k._partition_blocks(keys2, order2, 1, n, 0, np.empty(block, np.int64), np.empty(block, np.int64)) == cut
+        assert np.array_equal(keys, keys2) and np.array_equal(order, order2)

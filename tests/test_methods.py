@@ -817,6 +817,31 @@ def test_breadcrumbs_torch_sort_streams_where_no_ties_meet_a_cut_and_sorts_where
         assert torch.equal(prepared.whole(), want)
 
 
+def test_ties_torch_sort_streams_its_masks_where_ties_meet_a_cut():
+    """tie_break: torch_sort (mergekit's ties) keeps the entries torch.argsort(|delta|, descending=True)[:k] picks; where
+    ties meet a cut each model's mask is kept (MaskedDeltas) and the merge streams: the whole formula's bits."""
+    from modelsoup.methods.ops import MaskedDeltas, TrimmedDeltas, add_to_base, combine
+    from modelsoup.methods.ties import _prepare
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(5000, generator=g)
+    distinct = [base + torch.randn(5000, generator=g) for _ in range(3)]
+    tied = [base + torch.randint(-3, 4, (5000,), generator=g).float() * 0.25 for _ in range(3)]
+    weights = [1.0, 0.5, 2.0]
+    election = {"sign_method": "sum", "sign_from": "weighted", "normalize": True, "divide_by": "weight_sum"}
+    for models, kind in ((distinct, TrimmedDeltas), (tied, MaskedDeltas)):
+        prepared = _prepare(models, base=base, weights=weights, density=[0.5, 0.3, 0.7], scale=0.8, rescale="none",
+                            keep_at_least_one=True, tie_break="torch_sort", **election)
+        assert isinstance(prepared.deltas, kind)
+        deltas = []
+        for t, p in zip(models, [0.5, 0.3, 0.7]):
+            d = t - base
+            keep = torch.zeros(5000)
+            keep[torch.argsort(d.abs(), descending=True)[: int(p * 5000)]] = 1
+            deltas.append(d * keep)
+        assert torch.equal(prepared.whole(), add_to_base(base, combine(deltas, weights, **election), 0.8))
+
+
 def test_rank_trims_of_float64_inputs_cut_in_float64():
     """Cuts found in float64 are applied to float64 deltas: a float32 row would round the entries at a cut onto the
     float next to the cut (both dropped, or every tie kept)."""

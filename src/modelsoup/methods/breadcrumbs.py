@@ -59,8 +59,8 @@ def prepare_breadcrumbs(tensors: Sequence[torch.Tensor], *, base: torch.Tensor |
         trimmed = outlier_deltas(tensors, base, dens, gam)
         if tie_break != "index" and trimmed.tied_at_cut:  # with no ties at a cut, every tie-break keeps the same entries
             windows = [outlier_window(base.numel(), p, g) for p, g in zip(dens, gam)]
-            trimmed = MaskedDeltas(tensors, base, [None if w is None else sorted_window_mask(task_vector(t, base).abs_(), *w)
-                                                   for t, w in zip(tensors, windows)])  # |t - base| in one float32 buffer
+            trimmed = MaskedDeltas(tensors, base, [None if w is None else sorted_window_mask(t, *w, base=base)
+                                                   for t, w in zip(tensors, windows)])
     else:
         trimmed = []
         for t, p, g in zip(tensors, dens, gam):

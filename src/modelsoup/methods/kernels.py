@@ -427,21 +427,25 @@ def takes_mask(mask: torch.Tensor) -> bool:
     return mask.dtype == torch.bool and mask.device.type == "cpu" and mask.is_contiguous() and not mask.requires_grad
 
 
-def torch_order_window(values: torch.Tensor, first: int, stop: int, *, descending: bool, absolute: bool = False) -> torch.Tensor | None:
-    """The flat boolean mask of the entries at places [first, stop) of ``torch.sort(values.reshape(-1), descending=...)``
-    (the set torch's order of ties gives), of non-negative float32 magnitudes (of ``|values|`` where ``absolute``),
-    without the whole sort: the partitions of std::sort that decide the two cuts, then the short range around each
-    sorted (:func:`._numba_kernels.torch_order`: ~0.15 s against torch's 0.94 s for 11.5M bfloat16-valued magnitudes).
-    None where it cannot stand in for torch (the caller sorts with torch): the kernels unavailable (:func:`enabled`),
-    this torch's sort found to order ties otherwise (:func:`sorts_like_torch`), a negative value, or a range that meets
-    introsort's depth limit (std::sort heap-sorts it)."""
+def torch_order_window(values: torch.Tensor, first: int, stop: int, *, descending: bool, absolute: bool = False,
+                       base: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The flat boolean mask of the entries at places [first, stop) of ``torch.sort(m, descending=...)`` (the set torch's
+    order of ties gives) of float32 magnitudes m: ``values`` (non-negative float32), ``|values|`` where ``absolute``, or
+    with a ``base`` |values - base|, the float32 task vector's (either of a kernel dtype: :func:`takes`; made from the
+    inputs, no delta held). Without the whole sort: the partitions of std::sort that decide the two cuts, then the short
+    range around each sorted (:func:`._numba_kernels.torch_order`: 0.15 s against torch's 0.94 s for 11.5M
+    bfloat16-valued magnitudes; 8 bytes an entry while it runs). None where it cannot stand in for torch (the caller
+    sorts with torch): the kernels unavailable (:func:`enabled`), this torch's sort found to order ties otherwise
+    (:func:`sorts_like_torch`), a negative magnitude, or a range that meets introsort's depth limit (std::sort
+    heap-sorts it)."""
     n = values.numel()
-    if not (0 <= first <= stop <= n) or values.dtype != torch.float32 or not takes(values) or not enabled() or not sorts_like_torch():
+    readable = takes(values, base) and base.numel() == n if base is not None else takes(values) and values.dtype == torch.float32
+    if not (0 <= first <= stop <= n) or not readable or not enabled() or not sorts_like_torch():
         return None
-    return _window(values, first, stop, descending, absolute)
+    return _window(values, first, stop, descending, absolute, base)
 
 
-def _window(values: torch.Tensor, first: int, stop: int, descending: bool, absolute: bool,
+def _window(values: torch.Tensor, first: int, stop: int, descending: bool, absolute: bool, base: torch.Tensor | None = None,
             depth: int | None = None) -> torch.Tensor | None:
     k = _kernels()
     n = values.numel()
@@ -450,7 +454,9 @@ def _window(values: torch.Tensor, first: int, stop: int, descending: bool, absol
         return keep
     try:
         keys = np.empty(n, np.int32)
-        if k.sort_keys(values.reshape(-1).numpy(), absolute, descending, keys):
+        if base is not None:
+            k.delta_sort_keys(_as_numpy(values.reshape(-1)), _as_numpy(base.reshape(-1)), descending, keys)
+        elif k.sort_keys(values.reshape(-1).numpy(), absolute, descending, keys):
             return None
         order = np.arange(n, dtype=np.int32 if n <= np.iinfo(np.int32).max else np.int64)
         limit = 2 * (n.bit_length() - 1) if depth is None else depth  # std::sort's: 2 floor(log2 n)

@@ -171,20 +171,18 @@ def add_to_base(base: torch.Tensor, merged: torch.Tensor, scale: float) -> torch
 def trim_top_k_torch_order(delta: torch.Tensor, density: float, *, at_least_one: bool = False) -> torch.Tensor:
     """As :func:`trim_top_k`, but entries tied at the cut are chosen as ``torch.argsort(|delta|, descending=True)[:k]``
     chooses them (mergekit's ``magnitude``), not by index: the same recipe then keeps the same entries as mergekit."""
-    n = delta.numel()
+    mask = top_k_torch_order_mask(delta, density, at_least_one=at_least_one)
+    return delta.clone() if mask is None else delta * mask.to(delta.dtype).view_as(delta)
+
+
+def top_k_torch_order_mask(theta: torch.Tensor, density: float, *, at_least_one: bool = False,
+                           base: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The flat boolean mask of the k = floor(density * numel) entries (:func:`selection.keep_count`) of largest
+    |delta| that ``torch.argsort(|delta|.float(), descending=True)[:k]`` picks, delta = ``theta`` (or theta - base,
+    the float32 task vector, where a base is given); None where every entry is kept."""
+    n = theta.numel()
     k = selection.keep_count(density, n, at_least_one)
-    if k >= n:
-        return delta.clone()
-    flat = delta.reshape(-1)
-    if flat.dtype == torch.float32 and flat.device.type == "cpu":  # the kernel takes |delta| itself
-        mask = kernels.torch_order_window(flat, 0, k, descending=True, absolute=True)
-    else:
-        mask = kernels.torch_order_window(flat.abs().float(), 0, k, descending=True) if flat.device.type == "cpu" else None
-    if mask is not None:
-        return delta * mask.to(delta.dtype).view_as(delta)
-    keep = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    keep[torch.argsort(flat.abs().float(), descending=True)[:k]] = 1
-    return delta * keep.view_as(delta)
+    return None if k >= n else sorted_window_mask(theta, 0, k, descending=True, absolute=True, base=base)
 
 
 def trim_top_k(delta: torch.Tensor, density: float, *, at_least_one: bool = False) -> torch.Tensor:
@@ -291,6 +289,16 @@ def dare_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, density: fl
     if rescale != "l1":
         return DroppedDeltas(tensors, base, dens, generator, rescale)
     return [drop_random(task_vector(t, base), p, generator, rescale) for t, p in zip(tensors, dens)]
+
+
+def ties_held(rescale: str, tie_break: str) -> float:
+    """Tensor-sized float32 buffers that TIES' prepared form holds per model: nothing tensor-sized where its trims stream;
+    with ``tie_break: torch_sort`` a boolean mask (a quarter) and, while it is found, the sort's int32 keys and places (two,
+    counted for every model though they are made one model at a time); with ``rescale: l1`` (its whole path) each task
+    vector and its trimmed copy whole, and a trim's buffers."""
+    if rescale == "l1":
+        return 4.0
+    return 2.25 if tie_break == "torch_sort" else 0.0
 
 
 def dare_held(rescale: str) -> float:
@@ -711,15 +719,24 @@ def outlier_window(n: int, density: float, gamma: float) -> tuple[int, int] | No
     return n_bot, n - n_top
 
 
-def sorted_window_mask(magnitude: torch.Tensor, first: int, stop: int) -> torch.Tensor:
-    """The flat boolean mask of the entries at places [first, stop) of ``torch.sort(magnitude)`` (its order of ties)."""
-    flat = magnitude.reshape(-1).float()
-    if flat.device.type == "cpu":
-        mask = kernels.torch_order_window(flat, first, stop, descending=False)
+def sorted_window_mask(values: torch.Tensor, first: int, stop: int, *, descending: bool = False, absolute: bool = False,
+                       base: torch.Tensor | None = None) -> torch.Tensor:
+    """The flat boolean mask of the entries at places [first, stop) of ``torch.sort(m.reshape(-1).float(), descending)``
+    (its order of ties), of magnitudes m: ``values``, |values| where ``absolute``, or |values - base| (the task vector's,
+    :func:`task_vector`) where a base is given. Found without the whole sort where the kernel stands in for torch's
+    (:func:`kernels.torch_order_window`), else by sorting."""
+    if values.device.type == "cpu":
+        if base is not None and not kernels.takes(values, base):  # (float64, float16): the kernel reads the magnitudes
+            values, absolute, base = task_vector(values, base).abs_(), False, None
+        flat, plain = values.reshape(-1), absolute
+        if base is None and flat.dtype != torch.float32:  # the kernel reads float32 magnitudes
+            flat, plain = (flat.abs() if absolute else flat).float(), False
+        mask = kernels.torch_order_window(flat, first, stop, descending=descending, absolute=plain, base=base)
         if mask is not None:
             return mask
-    order = torch.sort(flat).indices
-    keep = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+    magnitude = task_vector(values, base).abs_() if base is not None else values.abs() if absolute else values
+    order = torch.sort(magnitude.reshape(-1).float(), descending=descending).indices
+    keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     keep[order[first:stop]] = True
     return keep
 
