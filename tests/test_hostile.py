@@ -535,7 +535,9 @@ def test_sigterm_and_sighup_leave_nothing(tmp_path, sig):
     paths = _slow_merge(tmp_path)
     out = tmp_path / "out" / "soup"
     env = {**os.environ, "PYTHONPATH": SRC}
-    script = ("import sys, time, modelsoup.engine as e\n"  # both paths slowed: whole tensors, and the chunks linear streams
+    script = ("import signal, sys, time, modelsoup.engine as e\n"  # both paths slowed: whole tensors, and the chunks linear streams
+              # a session's default SIGHUP, whatever this one has (under nohup it is ignored, and so, by design, is a merge's)
+              "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
               "orig, chunked = e.MergeRun.compute, e.MergeRun.compute_chunked\n"
               "def slow(self, job):\n    time.sleep(0.2)\n    return orig(self, job)\n"
               "def slow_chunks(self, job, emit):\n    time.sleep(0.2)\n    return chunked(self, job, emit)\n"
