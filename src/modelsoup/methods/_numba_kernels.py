@@ -792,7 +792,6 @@ def torch_order(keys, order, bounds, depth):  # type: ignore[no-untyped-def]
     left = np.empty(PARTITION_BLOCK, np.int64)
     right = np.empty(PARTITION_BLOCK, np.int64)
     stack = np.empty((2 * 64 + 2, 3), np.int64)
-    top = 0
     stack[0, 0], stack[0, 1], stack[0, 2] = 0, n, depth
     top = 1
     while top > 0:

@@ -449,9 +449,8 @@ def _window(values: torch.Tensor, first: int, stop: int, descending: bool, absol
             depth: int | None = None) -> torch.Tensor | None:
     k = _kernels()
     n = values.numel()
-    keep = torch.zeros(n, dtype=torch.bool)
     if first == stop:
-        return keep
+        return torch.zeros(n, dtype=torch.bool)
     try:
         keys = np.empty(n, np.int32)
         if base is not None:
@@ -463,6 +462,7 @@ def _window(values: torch.Tensor, first: int, stop: int, descending: bool, absol
         if not k.torch_order(keys, order, np.array([first, stop], np.int64), limit):
             return None
         del keys
+        keep = torch.zeros(n, dtype=torch.bool)
         k.mark(order, first, stop, keep.numpy())
     except Exception as e:  # as FusedMerge.__call__
         raise _failed(e) from e

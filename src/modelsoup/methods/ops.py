@@ -725,20 +725,25 @@ def sorted_window_mask(values: torch.Tensor, first: int, stop: int, *, descendin
     (its order of ties), of magnitudes m: ``values``, |values| where ``absolute``, or |values - base| (the task vector's,
     :func:`task_vector`) where a base is given. Found without the whole sort where the kernel stands in for torch's
     (:func:`kernels.torch_order_window`), else by sorting."""
+    as_given = kernels.takes(values, base) if base is not None else values.dtype == torch.float32  # what the kernel reads
+    magnitude = None if as_given else _sort_magnitudes(values, base, absolute)
     if values.device.type == "cpu":
-        if base is not None and not kernels.takes(values, base):  # (float64, float16): the kernel reads the magnitudes
-            values, absolute, base = task_vector(values, base).abs_(), False, None
-        flat, plain = values.reshape(-1), absolute
-        if base is None and flat.dtype != torch.float32:  # the kernel reads float32 magnitudes
-            flat, plain = (flat.abs() if absolute else flat).float(), False
-        mask = kernels.torch_order_window(flat, first, stop, descending=descending, absolute=plain, base=base)
+        mask = (kernels.torch_order_window(values.reshape(-1), first, stop, descending=descending, absolute=absolute, base=base)
+                if magnitude is None else kernels.torch_order_window(magnitude, first, stop, descending=descending))
         if mask is not None:
             return mask
-    magnitude = task_vector(values, base).abs_() if base is not None else values.abs() if absolute else values
-    order = torch.sort(magnitude.reshape(-1).float(), descending=descending).indices
+    if magnitude is None:
+        magnitude = _sort_magnitudes(values, base, absolute)
+    order = torch.sort(magnitude, descending=descending).indices
     keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     keep[order[first:stop]] = True
     return keep
+
+
+def _sort_magnitudes(values: torch.Tensor, base: torch.Tensor | None, absolute: bool) -> torch.Tensor:
+    """:func:`sorted_window_mask`'s magnitudes, flat float32."""
+    m = task_vector(values, base).abs_() if base is not None else values.abs() if absolute else values
+    return m.reshape(-1).float()
 
 
 # ----------------------------------------------------------------------------------------- combine

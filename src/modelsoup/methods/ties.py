@@ -15,7 +15,7 @@ from typing import Annotated
 
 import torch
 
-from .ops import MaskedDeltas, MergedChunks, add_to_base, combine, model_weights, per_model, require_base, rescale_l1, task_vectors, ties_held, top_k_deltas, top_k_torch_order_mask, trim_top_k, trim_top_k_torch_order
+from .ops import MaskedDeltas, MergedChunks, TrimmedDeltas, add_to_base, combine, model_weights, per_model, require_base, rescale_l1, task_vectors, ties_held, top_k_deltas, top_k_torch_order_mask, trim_top_k, trim_top_k_torch_order
 from .params import Density, DivideBy, Normalize, RescaleL1, Scale, SignFrom, SignMethod, TieBreak
 from .registry import Param, register
 
@@ -71,12 +71,13 @@ def _prepare(tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None, weig
     base = require_base(base, "ties")
     if rescale != "none":
         return None
-    chunked = top_k_deltas(tensors, base, per_model(density, len(tensors), "density"), at_least_one=keep_at_least_one)
-    if tie_break != "index" and chunked.tied_at_cut:  # with no ties at a cut, every tie-break keeps the same entries
+    densities = per_model(density, len(tensors), "density")
+    deltas: TrimmedDeltas | MaskedDeltas = top_k_deltas(tensors, base, densities, at_least_one=keep_at_least_one)
+    if tie_break != "index" and deltas.tied_at_cut:  # with no ties at a cut, every tie-break keeps the same entries
         # torch's order of the ties: each model's mask found from its whole |delta|, one model at a time, then kept
-        masked = MaskedDeltas(tensors, base, [top_k_torch_order_mask(t, p, at_least_one=keep_at_least_one, base=base)
-                                              for t, p in zip(tensors, per_model(density, len(tensors), "density"))])
-        return MergedChunks(masked, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
-                            normalize=normalize, divide_by=divide_by)
+        deltas = MaskedDeltas(tensors, base, [top_k_torch_order_mask(t, p, at_least_one=keep_at_least_one, base=base)
+                                              for t, p in zip(tensors, densities)])
+    return MergedChunks(deltas, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
+                        normalize=normalize, divide_by=divide_by)
     return MergedChunks(chunked, model_weights(weights, len(tensors)), base, scale, sign_method=sign_method, sign_from=sign_from,
                         normalize=normalize, divide_by=divide_by)
